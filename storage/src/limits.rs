@@ -1,0 +1,39 @@
+//! Every bound of the storage core, named in one place, with the relationships between them
+//! checked at compile time.
+
+/// The largest payload a single WAL record may carry. The broker's maximum packet size must stay
+/// below it; a larger append is refused with `Error::RecordTooLarge`, never split.
+pub const RECORD_PAYLOAD_BYTES_MAX: u32 = 64 << 20;
+
+/// The default segment size: a segment is rolled once the next record would not fit.
+pub const SEGMENT_SIZE_BYTES_DEFAULT: u64 = 64 << 20;
+
+/// The smallest segment size accepted; tests use small segments to exercise rolling.
+pub const SEGMENT_SIZE_BYTES_MIN: u64 = 4 << 10;
+
+/// The default bound on one group-commit batch (bytes written between two fdatasyncs).
+pub const BATCH_BYTES_MAX_DEFAULT: u64 = 4 << 20;
+
+/// The default bound on the number of records in one group-commit batch.
+pub const BATCH_RECORDS_MAX_DEFAULT: u32 = 8192;
+
+/// The default bound on bytes queued for the writer but not yet written. Appends beyond it wait
+/// (`Wal::append`) or fail with `Error::QueueFull` (`Wal::try_append`): law 5, bounded everything.
+pub const QUEUE_BYTES_MAX_DEFAULT: u64 = 64 << 20;
+
+/// Bytes between two entries of a segment's sparse in-memory index: a reader that starts at an
+/// arbitrary sequence number scans at most this many bytes to find it.
+pub const INDEX_INTERVAL_BYTES: u64 = 64 << 10;
+
+/// How often the writer re-reads the epoch file to notice that a newer instance took over the
+/// directory (it also checks on every segment roll).
+pub const EPOCH_CHECK_INTERVAL_MS: u64 = 1000;
+
+/// Bytes a reader fetches from a segment file at once.
+pub const READ_CHUNK_BYTES: usize = 256 << 10;
+
+const _: () = assert!(SEGMENT_SIZE_BYTES_MIN <= SEGMENT_SIZE_BYTES_DEFAULT);
+// A default segment always holds at least one maximal record, so rolling always makes progress.
+const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX as u64 <= SEGMENT_SIZE_BYTES_DEFAULT);
+const _: () = assert!(BATCH_BYTES_MAX_DEFAULT <= QUEUE_BYTES_MAX_DEFAULT);
+const _: () = assert!(INDEX_INTERVAL_BYTES <= SEGMENT_SIZE_BYTES_DEFAULT);

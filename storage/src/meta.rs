@@ -1,0 +1,198 @@
+//! [`Meta`]: the metadata store, on redb, for small state that changes often and must survive a
+//! restart: queue checkpoints first; sessions, retained messages, twins and identities later.
+//!
+//! Checkpoints are committed cheaply (`Commit::Deferred`, not fsynced) as consumers acknowledge,
+//! and made durable in batches (`Commit::Durable`, or `Meta::make_durable`). A crash loses at
+//! most the deferred ones, and a lost checkpoint only means a queue resumes a little earlier and
+//! redelivers: duplicates, never loss (law 2). Retention must only trust durable checkpoints,
+//! which is why `durable_checkpoints` reads them separately.
+
+use crate::{Error, Result};
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Mutex, PoisonError};
+
+/// queue name -> the highest sequence number up to which the queue's consumer acknowledged
+/// everything.
+const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkpoints");
+
+/// How a metadata write is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// Visible at once, durable with the next durable commit; a crash may lose it.
+    Deferred,
+    /// Fsynced before the call returns, with every deferred commit before it.
+    Durable,
+}
+
+/// The metadata store.
+#[derive(Debug)]
+pub struct Meta {
+    db: Database,
+    /// The checkpoints as of the last durable commit: what retention may trust.
+    durable: Mutex<BTreeMap<String, u64>>,
+}
+
+fn meta_error(context: &str, error: impl std::fmt::Display) -> Error {
+    Error::Meta(format!("failed to {context}: {error}"))
+}
+
+impl Meta {
+    /// Opens (creating if needed) the store at `path`. redb takes its own lock on the file, so a
+    /// second open fails too.
+    ///
+    /// # Errors
+    /// `Error::Meta` when the file cannot be opened or is damaged.
+    pub fn open(path: &Path) -> Result<Meta> {
+        let db = Database::create(path)
+            .map_err(|e| meta_error(&format!("open metadata store {}", path.display()), e))?;
+        let meta = Meta {
+            db,
+            durable: Mutex::new(BTreeMap::new()),
+        };
+        let checkpoints = meta.checkpoints()?;
+        *meta.durable.lock().unwrap_or_else(PoisonError::into_inner) = checkpoints;
+        Ok(meta)
+    }
+
+    /// Every queue's checkpoint, including deferred ones.
+    ///
+    /// # Errors
+    /// `Error::Meta`.
+    pub fn checkpoints(&self) -> Result<BTreeMap<String, u64>> {
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| meta_error("read checkpoints", e))?;
+        let table = match read.open_table(CHECKPOINTS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+            Err(e) => return Err(meta_error("open checkpoints", e)),
+        };
+        let mut checkpoints = BTreeMap::new();
+        for entry in table
+            .iter()
+            .map_err(|e| meta_error("read checkpoints", e))?
+        {
+            let (queue, seq) = entry.map_err(|e| meta_error("read checkpoints", e))?;
+            checkpoints.insert(queue.value().to_string(), seq.value());
+        }
+        Ok(checkpoints)
+    }
+
+    /// One queue's checkpoint, if it has one.
+    ///
+    /// # Errors
+    /// `Error::Meta`.
+    pub fn checkpoint(&self, queue: &str) -> Result<Option<u64>> {
+        Ok(self.checkpoints()?.get(queue).copied())
+    }
+
+    /// The checkpoints as of the last durable commit. Retention computes the lowest sequence
+    /// still needed from these, never from deferred ones.
+    #[must_use]
+    pub fn durable_checkpoints(&self) -> BTreeMap<String, u64> {
+        self.durable
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// The highest checkpoint of any queue (0 if none): the log must reach at least this far,
+    /// which is what `WalOptions::required_last_seq` checks at recovery.
+    ///
+    /// # Errors
+    /// `Error::Meta`.
+    pub fn highest_checkpoint(&self) -> Result<u64> {
+        Ok(self.checkpoints()?.into_values().max().unwrap_or(0))
+    }
+
+    /// Advances checkpoints. A checkpoint never moves backwards: that would redeliver messages
+    /// already acknowledged, so it is refused as a caller bug.
+    ///
+    /// # Errors
+    /// `Error::Meta`, or `CheckpointBackwards`.
+    pub fn set_checkpoints(&self, updates: &[(&str, u64)], commit: Commit) -> Result<()> {
+        let mut write = self
+            .db
+            .begin_write()
+            .map_err(|e| meta_error("begin checkpoint commit", e))?;
+        let durability = match commit {
+            Commit::Deferred => Durability::None,
+            Commit::Durable => Durability::Immediate,
+        };
+        write
+            .set_durability(durability)
+            .map_err(|e| meta_error("set durability", e))?;
+        {
+            let mut table = write
+                .open_table(CHECKPOINTS)
+                .map_err(|e| meta_error("open checkpoints", e))?;
+            for &(queue, seq) in updates {
+                let current = table
+                    .get(queue)
+                    .map_err(|e| meta_error("read checkpoint", e))?
+                    .map(|v| v.value());
+                if let Some(current) = current
+                    && seq < current
+                {
+                    return Err(Error::CheckpointBackwards {
+                        queue: queue.to_string(),
+                        from: current,
+                        to: seq,
+                    });
+                }
+                table
+                    .insert(queue, seq)
+                    .map_err(|e| meta_error("write checkpoint", e))?;
+            }
+        }
+        write
+            .commit()
+            .map_err(|e| meta_error("commit checkpoints", e))?;
+        if commit == Commit::Durable {
+            *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = self.checkpoints()?;
+        }
+        Ok(())
+    }
+
+    /// Removes a queue's checkpoint (the queue was deleted).
+    ///
+    /// # Errors
+    /// `Error::Meta`.
+    pub fn remove_checkpoint(&self, queue: &str, commit: Commit) -> Result<()> {
+        let mut write = self
+            .db
+            .begin_write()
+            .map_err(|e| meta_error("begin checkpoint commit", e))?;
+        if commit == Commit::Deferred {
+            write
+                .set_durability(Durability::None)
+                .map_err(|e| meta_error("set durability", e))?;
+        }
+        {
+            let mut table = write
+                .open_table(CHECKPOINTS)
+                .map_err(|e| meta_error("open checkpoints", e))?;
+            table
+                .remove(queue)
+                .map_err(|e| meta_error("remove checkpoint", e))?;
+        }
+        write
+            .commit()
+            .map_err(|e| meta_error("commit checkpoints", e))?;
+        if commit == Commit::Durable {
+            *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = self.checkpoints()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every deferred commit durable (one fsync).
+    ///
+    /// # Errors
+    /// `Error::Meta`.
+    pub fn make_durable(&self) -> Result<()> {
+        self.set_checkpoints(&[], Commit::Durable)
+    }
+}

@@ -1,0 +1,243 @@
+//! [`WalReader`]: iterates the log from any sequence number, across segments, while appends
+//! continue, and waits for new records without polling.
+//!
+//! A reader never goes past the durable watermark, so no consumer can be handed (and then
+//! acknowledge) a record that a power cut could still take away. Reads are small positional reads
+//! of page-cache-hot data; a reader is not meant to be shared between tasks.
+
+use crate::fs::{FileHandle, OpenMode};
+use crate::layout::{FrameCheck, KIND_USER_MASK, check_frame};
+use crate::limits::READ_CHUNK_BYTES;
+use crate::wal::Shared;
+use crate::{Error, Result};
+use bytes::Bytes;
+use std::io;
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError};
+use tokio::sync::watch;
+
+/// One record of the log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub seq: u64,
+    /// The caller's kind (the writer's own flag bit removed).
+    pub kind: u8,
+    pub payload: Bytes,
+}
+
+/// A position in the log and an open segment to read from.
+#[derive(Debug)]
+pub struct WalReader {
+    shared: Arc<Shared>,
+    durable: watch::Receiver<u64>,
+    next_seq: u64,
+    cursor: Option<Cursor>,
+}
+
+#[derive(Debug)]
+struct Cursor {
+    path: PathBuf,
+    file: Box<dyn FileHandle>,
+    /// The last sequence number the segment held when last looked up (it may grow).
+    last_seq: u64,
+    /// Bytes read from the file, starting at file offset `buffer_offset`.
+    buffer: Vec<u8>,
+    buffer_offset: u64,
+    /// Position of the next frame inside `buffer`.
+    position: usize,
+}
+
+impl WalReader {
+    pub(crate) fn new(shared: Arc<Shared>, from_seq: u64) -> Result<WalReader> {
+        assert!(from_seq > 0, "sequence numbers start at 1");
+        let durable = shared.durable.subscribe();
+        let first_seq = shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first_seq()
+            .expect("the log always has an active segment");
+        if from_seq < first_seq {
+            return Err(Error::SequenceRemoved {
+                requested: from_seq,
+                first_available: first_seq,
+            });
+        }
+        Ok(WalReader {
+            shared,
+            durable,
+            next_seq: from_seq,
+            cursor: None,
+        })
+    }
+
+    /// The sequence number the next record will have.
+    #[must_use]
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq
+    }
+
+    /// The next record if it is already durable, without waiting.
+    ///
+    /// # Errors
+    /// `SequenceRemoved` if retention removed it, `Corrupt` if it does not check out, `Io`.
+    pub fn try_next(&mut self) -> Result<Option<Record>> {
+        let durable = *self.durable.borrow_and_update();
+        if self.next_seq > durable {
+            return Ok(None);
+        }
+        let record = self.read_next()?;
+        assert_eq!(record.seq, self.next_seq);
+        self.next_seq += 1;
+        Ok(Some(record))
+    }
+
+    /// The next record, waiting until it is durable.
+    ///
+    /// # Errors
+    /// As [`WalReader::try_next`]; `Closed` once the log is closed (or failed) and every durable
+    /// record was read.
+    pub async fn next(&mut self) -> Result<Record> {
+        loop {
+            if let Some(record) = self.try_next()? {
+                return Ok(record);
+            }
+            if self.shared.is_stopped() && self.next_seq > *self.durable.borrow() {
+                return Err(Error::Closed);
+            }
+            // The sender lives in `Shared`, which this reader holds, so this cannot fail.
+            let _ = self.durable.changed().await;
+        }
+    }
+
+    fn read_next(&mut self) -> Result<Record> {
+        let seq = self.next_seq;
+        let in_cursor = self.cursor.as_ref().is_some_and(|c| seq <= c.last_seq);
+        if !in_cursor {
+            self.open_cursor(seq)?;
+        }
+        let cursor = self.cursor.as_mut().expect("opened above");
+        loop {
+            let (record, frame_bytes) = cursor.frame()?;
+            cursor.position += frame_bytes;
+            if record.seq == seq {
+                return Ok(record);
+            }
+            if record.seq > seq {
+                return Err(
+                    cursor.corrupt(format!("found sequence {} looking for {seq}", record.seq))
+                );
+            }
+        }
+    }
+
+    /// Opens the segment that holds `seq`, positioned at the indexed record at or before it.
+    fn open_cursor(&mut self, seq: u64) -> Result<()> {
+        let segments = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(segment) = segments.find(seq) else {
+            let first_available = segments.first_seq().unwrap_or(seq);
+            assert!(
+                seq < first_available,
+                "durable sequence {seq} is in no segment"
+            );
+            return Err(Error::SequenceRemoved {
+                requested: seq,
+                first_available,
+            });
+        };
+        let (path, last_seq) = (segment.path.clone(), segment.last_seq);
+        let (_, offset) = segment.seek_offset(seq);
+        let first_available = segments.first_seq().unwrap_or(seq);
+        drop(segments);
+        if let Some(cursor) = self.cursor.as_mut().filter(|c| c.path == path) {
+            // Still the same segment, which grew: carry on from where the cursor stands, which
+            // is `seq` because reading is sequential.
+            cursor.last_seq = last_seq;
+            return Ok(());
+        }
+        let file = match self.shared.fs.open(&path, OpenMode::Read) {
+            Ok(file) => file,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(Error::SequenceRemoved {
+                    requested: seq,
+                    first_available,
+                });
+            }
+            Err(e) => return Err(Error::io("open segment", &path, e)),
+        };
+        self.cursor = Some(Cursor {
+            path,
+            file,
+            last_seq,
+            buffer: Vec::new(),
+            buffer_offset: offset,
+            position: 0,
+        });
+        Ok(())
+    }
+}
+
+impl Cursor {
+    fn corrupt(&self, detail: String) -> Error {
+        Error::Corrupt {
+            path: self.path.clone(),
+            offset: self.buffer_offset + self.position as u64,
+            detail,
+        }
+    }
+
+    /// The frame at the current position and its size; reads more of the file as needed.
+    fn frame(&mut self) -> Result<(Record, usize)> {
+        loop {
+            match check_frame(&self.buffer[self.position..]) {
+                FrameCheck::Valid(frame) => {
+                    let start = self.position + crate::layout::FRAME_HEADER_BYTES as usize;
+                    let end = start + frame.len as usize;
+                    let record = Record {
+                        seq: frame.seq,
+                        kind: frame.kind & KIND_USER_MASK,
+                        payload: Bytes::copy_from_slice(&self.buffer[start..end]),
+                    };
+                    return Ok((record, end - self.position));
+                }
+                FrameCheck::Invalid(reason) => return Err(self.corrupt(reason.to_string())),
+                FrameCheck::Incomplete => {
+                    if !self.read_more()? {
+                        return Err(self.corrupt("durable record cut short".into()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Appends the next chunk of the file to the buffer; false at the end of the file.
+    fn read_more(&mut self) -> Result<bool> {
+        if self.position > 0 {
+            self.buffer.drain(..self.position);
+            self.buffer_offset += self.position as u64;
+            self.position = 0;
+        }
+        let filled = self.buffer.len();
+        self.buffer.resize(filled + READ_CHUNK_BYTES, 0);
+        let read = self
+            .file
+            .read_at(
+                &mut self.buffer[filled..],
+                self.buffer_offset + filled as u64,
+            )
+            .map_err(|e| Error::io("read segment", &self.path, e));
+        let read = match read {
+            Ok(read) => read,
+            Err(e) => {
+                self.buffer.truncate(filled);
+                return Err(e);
+            }
+        };
+        self.buffer.truncate(filled + read);
+        Ok(read > 0)
+    }
+}

@@ -1,0 +1,333 @@
+//! Recovery: rebuilding the picture of the log from the files on open, and repairing exactly what
+//! a crash may leave behind (law 6).
+
+use crate::fs::{self, FileSystem, OpenMode};
+use crate::layout::{
+    FrameCheck, KIND_BATCH_START, SEGMENT_HEADER_BYTES, SegmentHeader, TEMP_SUFFIX, check_frame,
+    parse_segment_file_name,
+};
+use crate::segment::{Segment, SegmentSet};
+use crate::{Error, Result};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// What recovery found and did; the broker logs it at start-up.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveryReport {
+    /// Segment files in the log after recovery.
+    pub segments: u64,
+    /// Records in the log after recovery.
+    pub records: u64,
+    /// The first sequence number in the log (the next one to be written if it is empty).
+    pub first_seq: u64,
+    /// The last sequence number in the log; `first_seq - 1` if it is empty.
+    pub last_seq: u64,
+    /// Bytes cut from the end of the last segment (a torn tail).
+    pub bytes_truncated: u64,
+    /// Whole records inside the cut tail: written by the last, unsynced write, never acknowledged.
+    pub unacknowledged_records_discarded: u64,
+    /// Whether a newest segment whose header never became durable was removed.
+    pub torn_segment_removed: bool,
+    /// Wall-clock time recovery took.
+    pub duration: Duration,
+}
+
+/// The result of recovery, for the writer to continue from.
+#[derive(Debug)]
+pub(crate) struct Recovered {
+    pub segments: SegmentSet,
+    /// The sequence number the next append gets.
+    pub next_seq: u64,
+    /// The highest epoch found in any segment header.
+    pub epoch_floor: u64,
+    pub report: RecoveryReport,
+}
+
+/// A repair that recovery decided on; applied only after every check passed.
+enum Repair {
+    Truncate { path: PathBuf, at: u64 },
+    RemoveSegment { path: PathBuf },
+}
+
+/// Recovers the log in `dir`.
+///
+/// The rules, one row per case; every file is checked, the last segment with the most care
+/// because only it can hold unsynced bytes (the writer fdatasyncs a segment before it rolls):
+///
+/// | case                                                      | action                          |
+/// |-----------------------------------------------------------|---------------------------------|
+/// | every segment parses to its end                           | clean                           |
+/// | last segment ends in an incomplete or invalid record, and  | torn tail: truncate to the last |
+/// |   no later record carries the batch-start flag             |   good record, fsync, report    |
+/// | a bad record that a batch-start record follows (it was     | refuse: `Corrupt{path, offset}` |
+/// |   fsynced before that later write began)                   |                                 |
+/// | a bad record, or a short file, in a segment before the last| refuse: `Corrupt{path, offset}` |
+/// | a record with a valid checksum but the wrong sequence     | refuse: `Corrupt{path, offset}` |
+/// | last segment's header torn and nothing valid after it      | remove the segment (it was     |
+/// |   (created, crashed before its header was durable)        |   never written to), report     |
+/// | a header that is invalid anywhere else, or names another  | refuse: `Corrupt{path, 0}`      |
+/// |   first sequence than its file name                        |                                 |
+/// | a segment's first sequence is past the previous one's end | refuse: `MissingSegment`        |
+/// | metadata needs a sequence past the recovered end           | refuse: `MetadataAhead`         |
+///
+/// Damage inside the very last write cannot be told from a torn write (nothing after it proves
+/// it was ever fsynced), so it is truncated as a torn tail; it is always reported, never silent.
+/// Repairs are applied only after the whole log has been checked, so a refused open changes
+/// nothing on disk.
+///
+/// # Errors
+/// The refusals above, or `Error::Io`.
+pub(crate) fn recover(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    required_last_seq: u64,
+) -> Result<Recovered> {
+    let started = Instant::now();
+    let mut names = fs.list_dir(dir).map_err(|e| Error::io("list", dir, e))?;
+    names.sort();
+    remove_stale_temp_files(fs, dir, &names)?;
+    let mut first_seqs: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_segment_file_name(n))
+        .collect();
+    first_seqs.sort_unstable();
+
+    let mut segments = SegmentSet::default();
+    let mut repairs = Vec::new();
+    let mut report = RecoveryReport::default();
+    let mut epoch_floor = 0;
+    let mut next_seq = 1;
+    for (position, &first_seq) in first_seqs.iter().enumerate() {
+        let is_last = position + 1 == first_seqs.len();
+        let path = crate::layout::segment_path(dir, first_seq);
+        let bytes = fs::read_file(fs, &path)?;
+        if let Some(previous) = segments.last_mut().map(|s| s.last_seq) {
+            check_contiguous(previous, first_seq, &path)?;
+        }
+        let scanned = match scan_segment(&path, first_seq, &bytes, is_last)? {
+            Scan::TornHeader => {
+                next_seq = first_seq;
+                repairs.push(Repair::RemoveSegment { path });
+                report.torn_segment_removed = true;
+                continue;
+            }
+            Scan::Segment(scanned) => scanned,
+        };
+        epoch_floor = epoch_floor.max(scanned.epoch);
+        if let Some(at) = scanned.truncate_at {
+            report.bytes_truncated = bytes.len() as u64 - at;
+            report.unacknowledged_records_discarded = scanned.discarded;
+            repairs.push(Repair::Truncate { path, at });
+        }
+        segments.push(scanned.segment);
+    }
+
+    if let Some(last) = segments.last_mut() {
+        next_seq = last.last_seq + 1;
+    }
+    let last_seq = next_seq - 1;
+    if required_last_seq > last_seq {
+        return Err(Error::MetadataAhead {
+            required: required_last_seq,
+            last_seq,
+        });
+    }
+    for repair in repairs {
+        apply(fs, dir, repair)?;
+    }
+    report.segments = segments.len() as u64;
+    report.first_seq = segments.first_seq().unwrap_or(next_seq);
+    report.last_seq = last_seq;
+    report.records = next_seq - report.first_seq;
+    report.duration = started.elapsed();
+    Ok(Recovered {
+        segments,
+        next_seq,
+        epoch_floor,
+        report,
+    })
+}
+
+fn check_contiguous(previous_last: u64, first_seq: u64, path: &Path) -> Result<()> {
+    if first_seq > previous_last + 1 {
+        return Err(Error::MissingSegment {
+            first_missing: previous_last + 1,
+            last_missing: first_seq - 1,
+            next_path: path.to_path_buf(),
+        });
+    }
+    if first_seq <= previous_last {
+        return Err(Error::Corrupt {
+            path: path.to_path_buf(),
+            offset: 0,
+            detail: format!("segment starts at {first_seq}, inside the previous segment"),
+        });
+    }
+    Ok(())
+}
+
+/// A staging file of `durable_replace` that a crash left behind; its rename never happened.
+fn remove_stale_temp_files(fs: &dyn FileSystem, dir: &Path, names: &[String]) -> Result<()> {
+    for name in names.iter().filter(|n| n.ends_with(TEMP_SUFFIX)) {
+        let path = dir.join(name);
+        fs.remove_file(&path)
+            .map_err(|e| Error::io("remove stale temporary file", &path, e))?;
+    }
+    Ok(())
+}
+
+enum Scan {
+    TornHeader,
+    Segment(ScannedSegment),
+}
+
+struct ScannedSegment {
+    segment: Segment,
+    epoch: u64,
+    /// Where to cut a torn tail, if there is one.
+    truncate_at: Option<u64>,
+    /// Whole records found inside the torn tail.
+    discarded: u64,
+}
+
+fn scan_segment(path: &Path, first_seq: u64, bytes: &[u8], is_last: bool) -> Result<Scan> {
+    let corrupt = |offset: u64, detail: String| Error::Corrupt {
+        path: path.to_path_buf(),
+        offset,
+        detail,
+    };
+    let header = match SegmentHeader::decode(bytes) {
+        Ok(header) => header,
+        Err(detail) => {
+            let after_header = bytes.get(SEGMENT_HEADER_BYTES as usize..).unwrap_or(&[]);
+            if is_last && find_valid_frame(after_header, 0, |_| true).is_none() {
+                return Ok(Scan::TornHeader);
+            }
+            return Err(corrupt(0, detail));
+        }
+    };
+    if header.first_seq != first_seq {
+        return Err(corrupt(
+            0,
+            format!("header says the segment starts at {}", header.first_seq),
+        ));
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let mut segment = Segment::empty(dir, first_seq);
+    let mut offset = SEGMENT_HEADER_BYTES as usize;
+    while offset < bytes.len() {
+        let detail = match check_frame(&bytes[offset..]) {
+            FrameCheck::Valid(frame) if frame.seq == segment.last_seq + 1 => {
+                segment.push_record(frame.seq, offset as u64, frame.total_bytes());
+                offset += usize::try_from(frame.total_bytes()).expect("frame fits in memory");
+                continue;
+            }
+            FrameCheck::Valid(frame) => {
+                let expected = segment.last_seq + 1;
+                return Err(corrupt(
+                    offset as u64,
+                    format!(
+                        "record has sequence {} where {expected} was expected",
+                        frame.seq
+                    ),
+                ));
+            }
+            FrameCheck::Incomplete => "record cut short".to_string(),
+            FrameCheck::Invalid(reason) => reason.to_string(),
+        };
+        return end_of_segment(path, segment, header.epoch, bytes, offset, detail, is_last);
+    }
+    Ok(Scan::Segment(ScannedSegment {
+        segment,
+        epoch: header.epoch,
+        truncate_at: None,
+        discarded: 0,
+    }))
+}
+
+/// Decides between "torn tail" and "corruption" for a bad record at `offset`.
+fn end_of_segment(
+    path: &Path,
+    segment: Segment,
+    epoch: u64,
+    bytes: &[u8],
+    offset: usize,
+    detail: String,
+    is_last: bool,
+) -> Result<Scan> {
+    let corrupt = |detail: String| Error::Corrupt {
+        path: path.to_path_buf(),
+        offset: offset as u64,
+        detail,
+    };
+    if !is_last {
+        return Err(corrupt(format!("{detail} in a sealed segment")));
+    }
+    let last_good = segment.last_seq;
+    let later_batch = find_valid_frame(bytes, offset + 1, |frame| {
+        frame.kind & KIND_BATCH_START != 0 && frame.seq > last_good
+    });
+    if let Some(found) = later_batch {
+        return Err(corrupt(format!(
+            "{detail}, followed by a valid record (sequence {}) written after it was synced",
+            found
+        )));
+    }
+    let mut discarded = 0;
+    let mut at = offset + 1;
+    while let Some((seq, next)) = find_valid_frame_at(bytes, at) {
+        if seq > last_good {
+            discarded += 1;
+        }
+        at = next;
+    }
+    Ok(Scan::Segment(ScannedSegment {
+        segment,
+        epoch,
+        truncate_at: Some(offset as u64),
+        discarded,
+    }))
+}
+
+/// The sequence number of the first valid frame at or after `from` that `accept`s.
+fn find_valid_frame(
+    bytes: &[u8],
+    from: usize,
+    accept: impl Fn(&crate::layout::Frame) -> bool,
+) -> Option<u64> {
+    (from..bytes.len()).find_map(|at| match check_frame(&bytes[at..]) {
+        FrameCheck::Valid(frame) if accept(&frame) => Some(frame.seq),
+        _ => None,
+    })
+}
+
+/// The first valid frame at or after `from`: its sequence and the offset just past it.
+fn find_valid_frame_at(bytes: &[u8], from: usize) -> Option<(u64, usize)> {
+    (from..bytes.len()).find_map(|at| match check_frame(&bytes[at..]) {
+        FrameCheck::Valid(frame) => Some((
+            frame.seq,
+            at + usize::try_from(frame.total_bytes()).expect("frame fits in memory"),
+        )),
+        _ => None,
+    })
+}
+
+fn apply(fs: &dyn FileSystem, dir: &Path, repair: Repair) -> Result<()> {
+    match repair {
+        Repair::Truncate { path, at } => {
+            let file = fs
+                .open(&path, OpenMode::ReadWrite)
+                .map_err(|e| Error::io("open", &path, e))?;
+            file.set_len(at)
+                .map_err(|e| Error::io("truncate torn tail of", &path, e))?;
+            file.sync_data().map_err(|e| Error::io("fsync", &path, e))?;
+        }
+        Repair::RemoveSegment { path } => {
+            fs.remove_file(&path)
+                .map_err(|e| Error::io("remove torn segment", &path, e))?;
+            fs.sync_dir(dir)
+                .map_err(|e| Error::io("fsync directory", dir, e))?;
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,474 @@
+//! [`Wal`]: the handle through which the hub appends, reads and trims the log.
+//!
+//! Appends are queued in sequence order under one mutex, written by one writer thread (see
+//! `writer.rs`) in batches with one fdatasync each, and resolved only once durable (law 1). The
+//! queue is bounded in bytes (law 5): `submit` waits for room, `try_submit` fails with
+//! `QueueFull`. Readers (`reader.rs`) see only durable records.
+
+use crate::fence::{self, DirLock};
+use crate::fs::{FileSystem, RealFs};
+use crate::layout::{FRAME_HEADER_BYTES, KIND_USER_MASK};
+use crate::options::WalOptions;
+use crate::reader::WalReader;
+use crate::recovery::{RecoveryReport, recover};
+use crate::segment::{Segment, SegmentSet, create_segment};
+use crate::writer::Writer;
+use crate::{Error, Result};
+use bytes::Bytes;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot, watch};
+
+/// State shared by the handle, the writer thread and the readers.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    pub fs: Arc<dyn FileSystem>,
+    pub dir: PathBuf,
+    pub options: WalOptions,
+    /// The epoch this writer holds.
+    pub epoch: u64,
+    pub queue: Mutex<Queue>,
+    /// Signalled when the queue gains an append or changes state.
+    pub queue_changed: Condvar,
+    /// Room in the queue, in bytes; an append holds its frame's worth until it is written.
+    pub queue_room: Arc<Semaphore>,
+    pub segments: RwLock<SegmentSet>,
+    /// The last durable sequence number; readers never go past it.
+    pub durable: watch::Sender<u64>,
+}
+
+/// The appends waiting for the writer, and what the log has promised so far.
+#[derive(Debug)]
+pub(crate) struct Queue {
+    pub pending: VecDeque<Submission>,
+    /// The sequence number the next submission gets. Invariant: pending sequence numbers are
+    /// consecutive and end at `next_seq - 1`.
+    pub next_seq: u64,
+    /// Bytes of all segment files plus queued frames; what the quota is checked against.
+    pub usage_bytes: u64,
+    pub state: QueueState,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) enum QueueState {
+    Open,
+    /// `close` was called: the writer drains what is queued, then exits.
+    Closing,
+    /// A write, fsync or fencing check failed; this error is returned from now on.
+    Failed(Error),
+}
+
+/// One queued append.
+#[derive(Debug)]
+pub(crate) struct Submission {
+    pub seq: u64,
+    pub kind: u8,
+    pub payload: Bytes,
+    pub done: oneshot::Sender<Result<u64>>,
+    /// Released once the record is written, making room for the next append.
+    pub _room: OwnedSemaphorePermit,
+}
+
+impl Shared {
+    pub fn lock_queue(&self) -> MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Stops the log for good after `error`: every queued append fails with it, and so does
+    /// every later one.
+    pub fn fail(&self, error: &Error) {
+        let pending = {
+            let mut queue = self.lock_queue();
+            queue.state = QueueState::Failed(error.clone());
+            std::mem::take(&mut queue.pending)
+        };
+        for submission in pending {
+            let _ = submission.done.send(Err(error.clone()));
+        }
+        self.queue_room.close();
+        self.queue_changed.notify_all();
+        self.durable.send_modify(|_| {});
+    }
+
+    /// Whether no more records will become durable (closed or failed).
+    pub fn is_stopped(&self) -> bool {
+        !matches!(self.lock_queue().state, QueueState::Open)
+    }
+}
+
+/// An append that is queued with its sequence number; await it for durability.
+#[derive(Debug)]
+pub struct PendingAppend {
+    seq: u64,
+    done: oneshot::Receiver<Result<u64>>,
+}
+
+impl PendingAppend {
+    /// The sequence number the record will have. It is not durable until this resolves.
+    #[must_use]
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+}
+
+impl Future for PendingAppend {
+    type Output = Result<u64>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<u64>> {
+        Pin::new(&mut self.done)
+            .poll(cx)
+            .map(|result| result.unwrap_or(Err(Error::Closed)))
+    }
+}
+
+/// What `remove_segments_below` freed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RetentionReport {
+    pub segments_removed: u64,
+    pub bytes_freed: u64,
+}
+
+/// The write-ahead log. Cheap to clone; the writer stops when the last clone is dropped or
+/// `close` is called.
+#[derive(Debug, Clone)]
+pub struct Wal {
+    owner: Arc<Owner>,
+}
+
+#[derive(Debug)]
+struct Owner {
+    shared: Arc<Shared>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    /// Serialises retention runs.
+    retention: Mutex<()>,
+    /// Held until the writer has stopped.
+    _lock: DirLock,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        self.stop_writer();
+    }
+}
+
+impl Owner {
+    fn stop_writer(&self) {
+        {
+            let mut queue = self.shared.lock_queue();
+            if matches!(queue.state, QueueState::Open) {
+                queue.state = QueueState::Closing;
+            }
+        }
+        self.shared.queue_changed.notify_all();
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(handle) = handle {
+            // A panic in the writer is a bug; it already failed every append (see writer.rs).
+            let _ = handle.join();
+        }
+    }
+}
+
+impl Wal {
+    /// Opens (creating if needed) the log in `dir` on the real file system, recovering it.
+    ///
+    /// # Errors
+    /// See [`Wal::open_with_fs`].
+    pub fn open(dir: &Path, options: WalOptions) -> Result<(Wal, RecoveryReport)> {
+        Wal::open_with_fs(Arc::new(RealFs), dir, options)
+    }
+
+    /// Opens the log in `dir` on `fs`: takes the lock, recovers (see `recovery::recover` for
+    /// the rules), bumps the epoch, and starts the writer.
+    ///
+    /// # Errors
+    /// `InvalidOptions`, `Locked`, the refusals of recovery (`Corrupt`, `MissingSegment`,
+    /// `MetadataAhead`), or `Io`.
+    pub fn open_with_fs(
+        fs: Arc<dyn FileSystem>,
+        dir: &Path,
+        options: WalOptions,
+    ) -> Result<(Wal, RecoveryReport)> {
+        options.validate()?;
+        fs.create_dir_all(dir)
+            .map_err(|e| Error::io("create directory", dir, e))?;
+        let lock = fence::lock_dir(fs.as_ref(), dir, options.lock)?;
+        let recovered = recover(fs.as_ref(), dir, options.required_last_seq)?;
+        let epoch = fence::bump_epoch(fs.as_ref(), dir, recovered.epoch_floor)?;
+        let mut segments = recovered.segments;
+        let next_seq = recovered.next_seq;
+        let active = match segments.last_mut() {
+            Some(last) => {
+                let file = fs
+                    .open(&last.path, crate::fs::OpenMode::ReadWrite)
+                    .map_err(|e| Error::io("open segment", &last.path, e))?;
+                (last.first_seq, file, last.bytes)
+            }
+            None => {
+                let file = create_segment(fs.as_ref(), dir, epoch, next_seq)?;
+                let segment = Segment::empty(dir, next_seq);
+                let bytes = segment.bytes;
+                segments.push(segment);
+                (next_seq, file, bytes)
+            }
+        };
+        let usage_bytes = segments.total_bytes();
+        let shared = Arc::new(Shared {
+            fs,
+            dir: dir.to_path_buf(),
+            queue: Mutex::new(Queue {
+                pending: VecDeque::new(),
+                next_seq,
+                usage_bytes,
+                state: QueueState::Open,
+            }),
+            queue_changed: Condvar::new(),
+            queue_room: Arc::new(Semaphore::new(
+                usize::try_from(options.queue_bytes_max).expect("validated"),
+            )),
+            segments: RwLock::new(segments),
+            durable: watch::Sender::new(next_seq - 1),
+            options,
+            epoch,
+        });
+        let writer = Writer::new(Arc::clone(&shared), active);
+        let handle = std::thread::Builder::new()
+            .name("spool-wal-writer".into())
+            .spawn(move || writer.run())
+            .map_err(|e| Error::io("start writer thread for", dir, e))?;
+        let owner = Owner {
+            shared,
+            writer: Mutex::new(Some(handle)),
+            retention: Mutex::new(()),
+            _lock: lock,
+        };
+        Ok((
+            Wal {
+                owner: Arc::new(owner),
+            },
+            recovered.report,
+        ))
+    }
+
+    fn shared(&self) -> &Arc<Shared> {
+        &self.owner.shared
+    }
+
+    /// Appends a record and waits until it is durable; returns its sequence number.
+    ///
+    /// # Errors
+    /// As [`Wal::submit`], or the writer's failure (`Poisoned`, `Fenced`).
+    pub async fn append(&self, kind: u8, payload: Bytes) -> Result<u64> {
+        self.submit(kind, payload).await?.await
+    }
+
+    /// Queues a record, waiting for room in the queue, and returns as soon as it has its
+    /// sequence number. Records get sequence numbers in the order `submit` returns.
+    ///
+    /// # Errors
+    /// `InvalidKind`, `RecordTooLarge`, `QuotaExceeded`, `Closed`, or the sticky failure.
+    pub async fn submit(&self, kind: u8, payload: Bytes) -> Result<PendingAppend> {
+        let frame_bytes = self.check_record(kind, &payload)?;
+        let room = Arc::clone(&self.shared().queue_room)
+            .acquire_many_owned(frame_bytes)
+            .await;
+        match room {
+            Ok(room) => self.enqueue(kind, payload, room),
+            Err(_closed) => Err(self.stopped_error()),
+        }
+    }
+
+    /// Queues a record without waiting.
+    ///
+    /// # Errors
+    /// `QueueFull` when the queue has no room, otherwise as [`Wal::submit`].
+    pub fn try_submit(&self, kind: u8, payload: Bytes) -> Result<PendingAppend> {
+        let frame_bytes = self.check_record(kind, &payload)?;
+        match Arc::clone(&self.shared().queue_room).try_acquire_many_owned(frame_bytes) {
+            Ok(room) => self.enqueue(kind, payload, room),
+            Err(tokio::sync::TryAcquireError::NoPermits) => Err(Error::QueueFull),
+            Err(tokio::sync::TryAcquireError::Closed) => Err(self.stopped_error()),
+        }
+    }
+
+    fn check_record(&self, kind: u8, payload: &Bytes) -> Result<u32> {
+        if kind & !KIND_USER_MASK != 0 {
+            return Err(Error::InvalidOptions(format!(
+                "record kind {kind:#x} uses the reserved top bit"
+            )));
+        }
+        let max = self.shared().options.record_payload_bytes_max;
+        if payload.len() as u64 > u64::from(max) {
+            return Err(Error::RecordTooLarge {
+                size: payload.len() as u64,
+                max: u64::from(max),
+            });
+        }
+        Ok(u32::try_from(FRAME_HEADER_BYTES + payload.len() as u64).expect("checked above"))
+    }
+
+    fn enqueue(
+        &self,
+        kind: u8,
+        payload: Bytes,
+        room: OwnedSemaphorePermit,
+    ) -> Result<PendingAppend> {
+        let shared = self.shared();
+        let frame_bytes = FRAME_HEADER_BYTES + payload.len() as u64;
+        let mut queue = shared.lock_queue();
+        match &queue.state {
+            QueueState::Open => {}
+            QueueState::Closing => return Err(Error::Closed),
+            QueueState::Failed(error) => return Err(error.clone()),
+        }
+        if let Some(quota_bytes) = shared.options.quota_bytes
+            && queue.usage_bytes + frame_bytes > quota_bytes
+        {
+            return Err(Error::QuotaExceeded { quota_bytes });
+        }
+        let seq = queue.next_seq;
+        let (done, receiver) = oneshot::channel();
+        queue.pending.push_back(Submission {
+            seq,
+            kind,
+            payload,
+            done,
+            _room: room,
+        });
+        queue.next_seq += 1;
+        queue.usage_bytes += frame_bytes;
+        drop(queue);
+        shared.queue_changed.notify_one();
+        Ok(PendingAppend {
+            seq,
+            done: receiver,
+        })
+    }
+
+    fn stopped_error(&self) -> Error {
+        match &self.shared().lock_queue().state {
+            QueueState::Failed(error) => error.clone(),
+            QueueState::Open | QueueState::Closing => Error::Closed,
+        }
+    }
+
+    /// A reader positioned at `from_seq`.
+    ///
+    /// # Errors
+    /// `SequenceRemoved` if retention already removed `from_seq`.
+    pub fn reader(&self, from_seq: u64) -> Result<WalReader> {
+        WalReader::new(Arc::clone(self.shared()), from_seq)
+    }
+
+    /// The last durable sequence number (0 if none).
+    #[must_use]
+    pub fn durable_seq(&self) -> u64 {
+        *self.shared().durable.borrow()
+    }
+
+    /// A receiver that changes whenever more records become durable.
+    #[must_use]
+    pub fn watch_durable(&self) -> watch::Receiver<u64> {
+        self.shared().durable.subscribe()
+    }
+
+    /// The first sequence number still in the log.
+    #[must_use]
+    pub fn first_seq(&self) -> u64 {
+        let segments = self
+            .shared()
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        segments
+            .first_seq()
+            .expect("the log always has an active segment")
+    }
+
+    /// Bytes used by segments and queued appends (what the quota counts).
+    #[must_use]
+    pub fn usage_bytes(&self) -> u64 {
+        self.shared().lock_queue().usage_bytes
+    }
+
+    /// The number of segment files.
+    #[must_use]
+    pub fn segment_count(&self) -> usize {
+        let segments = self
+            .shared()
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        segments.len()
+    }
+
+    /// The epoch this writer holds.
+    #[must_use]
+    pub fn epoch(&self) -> u64 {
+        self.shared().epoch
+    }
+
+    /// Removes every segment all of whose records are below `lowest_needed_seq`: the lowest
+    /// sequence any consumer still needs, computed by the caller from durably committed
+    /// checkpoints and unexpired messages. The active segment is never removed. Segments go
+    /// oldest first, each removal made durable before the next, so a crash can never leave a
+    /// hole in the middle of the log.
+    ///
+    /// # Errors
+    /// `Io` when a removal fails; the segments not yet removed stay.
+    pub fn remove_segments_below(&self, lowest_needed_seq: u64) -> Result<RetentionReport> {
+        let _running = self
+            .owner
+            .retention
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let shared = self.shared();
+        let candidates = shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .wholly_below(lowest_needed_seq.min(self.durable_seq() + 1));
+        let mut report = RetentionReport::default();
+        for segment in candidates {
+            match shared.fs.remove_file(&segment.path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove segment", &segment.path, e)),
+            }
+            shared
+                .fs
+                .sync_dir(&shared.dir)
+                .map_err(|e| Error::io("fsync directory", &shared.dir, e))?;
+            shared
+                .segments
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .remove(segment.first_seq);
+            shared.lock_queue().usage_bytes -= segment.bytes;
+            report.segments_removed += 1;
+            report.bytes_freed += segment.bytes;
+        }
+        Ok(report)
+    }
+
+    /// Stops accepting appends, waits until everything queued is durable, and stops the writer.
+    ///
+    /// # Errors
+    /// The writer's failure, if it failed.
+    pub fn close(&self) -> Result<()> {
+        self.owner.stop_writer();
+        match &self.shared().lock_queue().state {
+            QueueState::Failed(error) => Err(error.clone()),
+            QueueState::Open | QueueState::Closing => Ok(()),
+        }
+    }
+}

@@ -1,0 +1,235 @@
+//! The writer thread: group commit.
+//!
+//! It takes every append queued while the previous fdatasync ran (bounded by the batch limits),
+//! writes them with one positional write per segment, fdatasyncs once, advances the durable
+//! watermark, and only then resolves the batch's appends, in sequence order. One thread owns the
+//! active segment, so there is exactly one write and one fsync in flight at any time.
+//!
+//! Any failed write, fsync or epoch check stops the log for good (`Shared::fail`): after a
+//! failed fsync the kernel may have dropped the dirty pages, so retrying could acknowledge
+//! records that are not on disk.
+
+use crate::fence;
+use crate::fs::FileHandle;
+use crate::layout::segment_path as segment_path_of;
+use crate::layout::{FRAME_HEADER_BYTES, KIND_BATCH_START, SEGMENT_HEADER_BYTES, encode_frame};
+use crate::limits::EPOCH_CHECK_INTERVAL_MS;
+use crate::options::SyncPolicy;
+use crate::segment::{Segment, create_segment};
+use crate::wal::{QueueState, Shared, Submission};
+use crate::{Error, Result};
+use std::path::PathBuf;
+use std::sync::{Arc, PoisonError};
+use std::time::{Duration, Instant};
+
+/// The segment being appended to.
+struct ActiveSegment {
+    first_seq: u64,
+    path: PathBuf,
+    file: Box<dyn FileHandle>,
+    /// Bytes in the file; the next write goes here.
+    len: u64,
+}
+
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    active: ActiveSegment,
+    /// Frames encoded but not yet written.
+    buffer: Vec<u8>,
+    /// `(seq, offset, frame_bytes)` of each frame in `buffer`.
+    buffered: Vec<(u64, u64, u64)>,
+    epoch_checked_at: Instant,
+}
+
+impl Writer {
+    pub fn new(shared: Arc<Shared>, active: (u64, Box<dyn FileHandle>, u64)) -> Writer {
+        let (first_seq, file, len) = active;
+        let path = segment_path_of(&shared.dir, first_seq);
+        Writer {
+            shared,
+            active: ActiveSegment {
+                first_seq,
+                path,
+                file,
+                len,
+            },
+            buffer: Vec::new(),
+            buffered: Vec::new(),
+            epoch_checked_at: Instant::now(),
+        }
+    }
+
+    /// Runs until the log is closed and drained, or fails.
+    pub fn run(mut self) {
+        while let Some(batch) = self.next_batch() {
+            match self.write_batch(&batch) {
+                Ok(last_seq) => {
+                    self.shared.durable.send_replace(last_seq);
+                    for submission in batch {
+                        let _ = submission.done.send(Ok(submission.seq));
+                    }
+                }
+                Err(cause) => {
+                    let error = match cause {
+                        Error::Fenced { .. } => cause,
+                        other => Error::Poisoned {
+                            cause: Box::new(other),
+                        },
+                    };
+                    tracing::error!(dir = %self.shared.dir.display(), "write-ahead log stopped: {error}");
+                    for submission in batch {
+                        let _ = submission.done.send(Err(error.clone()));
+                    }
+                    self.shared.fail(&error);
+                    return;
+                }
+            }
+        }
+        self.shared.queue_room.close();
+        self.shared.durable.send_modify(|_| {});
+    }
+
+    /// Waits for appends and takes the next batch; `None` once closed and drained, or failed.
+    fn next_batch(&self) -> Option<Vec<Submission>> {
+        let options = &self.shared.options;
+        let mut queue = self.shared.lock_queue();
+        loop {
+            match queue.state {
+                QueueState::Failed(_) => return None,
+                QueueState::Closing if queue.pending.is_empty() => return None,
+                QueueState::Open | QueueState::Closing if !queue.pending.is_empty() => break,
+                QueueState::Open | QueueState::Closing => {}
+            }
+            queue = self
+                .shared
+                .queue_changed
+                .wait(queue)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        if options.batch_linger > Duration::ZERO {
+            let deadline = Instant::now() + options.batch_linger;
+            while (queue.pending.len() as u64) < u64::from(options.batch_records_max) {
+                let now = Instant::now();
+                if now >= deadline || !matches!(queue.state, QueueState::Open) {
+                    break;
+                }
+                queue = self
+                    .shared
+                    .queue_changed
+                    .wait_timeout(queue, deadline - now)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+            }
+        }
+        let mut batch = Vec::new();
+        let mut bytes = 0;
+        while let Some(next) = queue.pending.front() {
+            let frame_bytes = FRAME_HEADER_BYTES + next.payload.len() as u64;
+            let full = batch.len() as u64 >= u64::from(options.batch_records_max)
+                || (!batch.is_empty() && bytes + frame_bytes > options.batch_bytes_max);
+            if full {
+                break;
+            }
+            bytes += frame_bytes;
+            batch.push(queue.pending.pop_front().expect("front exists"));
+        }
+        Some(batch)
+    }
+
+    /// Writes and syncs a batch; returns its last sequence number once it is durable.
+    fn write_batch(&mut self, batch: &[Submission]) -> Result<u64> {
+        assert!(!batch.is_empty());
+        if self.epoch_checked_at.elapsed() >= Duration::from_millis(EPOCH_CHECK_INTERVAL_MS) {
+            fence::check_epoch(self.shared.fs.as_ref(), &self.shared.dir, self.shared.epoch)?;
+            self.epoch_checked_at = Instant::now();
+        }
+        let segment_size = self.shared.options.segment_size_bytes;
+        for submission in batch {
+            let frame_bytes = FRAME_HEADER_BYTES + submission.payload.len() as u64;
+            let offset = self.active.len + self.buffer.len() as u64;
+            let segment_has_records = offset > SEGMENT_HEADER_BYTES;
+            if offset + frame_bytes > segment_size && segment_has_records {
+                self.flush()?;
+                self.roll(submission.seq)?;
+            }
+            let offset = self.active.len + self.buffer.len() as u64;
+            // The first record of every write: everything before it is already durable.
+            let kind = if self.buffer.is_empty() {
+                submission.kind | KIND_BATCH_START
+            } else {
+                submission.kind
+            };
+            encode_frame(&mut self.buffer, submission.seq, kind, &submission.payload);
+            self.buffered.push((submission.seq, offset, frame_bytes));
+        }
+        self.flush()?;
+        Ok(batch.last().expect("batch is not empty").seq)
+    }
+
+    /// Writes the buffered frames to the active segment and makes them durable.
+    fn flush(&mut self) -> Result<()> {
+        if self.buffer.is_empty() {
+            return Ok(());
+        }
+        let path = &self.active.path;
+        fail::fail_point!("storage.segment.write", |_| Err(Error::io(
+            "write segment",
+            path,
+            std::io::Error::other("failpoint storage.segment.write")
+        )));
+        self.active
+            .file
+            .write_all_at(&self.buffer, self.active.len)
+            .map_err(|e| Error::io("write segment", path, e))?;
+        if self.shared.options.sync == SyncPolicy::Always {
+            self.active
+                .file
+                .sync_data()
+                .map_err(|e| Error::io("fsync segment", path, e))?;
+        }
+        let mut segments = self
+            .shared
+            .segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let segment = segments
+            .get_mut(self.active.first_seq)
+            .expect("the active segment is never removed");
+        for &(seq, offset, frame_bytes) in &self.buffered {
+            segment.push_record(seq, offset, frame_bytes);
+        }
+        drop(segments);
+        self.active.len += self.buffer.len() as u64;
+        self.buffer.clear();
+        self.buffered.clear();
+        Ok(())
+    }
+
+    /// Starts a new segment at `first_seq`; the previous one is already synced.
+    fn roll(&mut self, first_seq: u64) -> Result<()> {
+        assert!(self.buffer.is_empty(), "flush before rolling");
+        fail::fail_point!("storage.segment.roll", |_| Err(Error::io(
+            "create segment",
+            segment_path_of(&self.shared.dir, first_seq),
+            std::io::Error::other("failpoint storage.segment.roll")
+        )));
+        let fs = self.shared.fs.as_ref();
+        fence::check_epoch(fs, &self.shared.dir, self.shared.epoch)?;
+        self.epoch_checked_at = Instant::now();
+        let file = create_segment(fs, &self.shared.dir, self.shared.epoch, first_seq)?;
+        let segment = Segment::empty(&self.shared.dir, first_seq);
+        self.shared
+            .segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(segment);
+        self.shared.lock_queue().usage_bytes += SEGMENT_HEADER_BYTES;
+        self.active = ActiveSegment {
+            first_seq,
+            path: segment_path_of(&self.shared.dir, first_seq),
+            file,
+            len: SEGMENT_HEADER_BYTES,
+        };
+        Ok(())
+    }
+}
