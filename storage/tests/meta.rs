@@ -1,0 +1,110 @@
+//! The metadata store: checkpoints survive a reopen once durably committed, never move
+//! backwards, retention sees only durable ones, and a checkpoint past the end of the log stops
+//! the log from opening ("metadata ahead of the log").
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{payload_for, runtime};
+use spool_storage::{Commit, Error, Meta, Wal, WalOptions};
+
+#[test]
+fn durable_checkpoints_survive_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    let meta = Meta::open(&path).unwrap();
+    meta.set_checkpoints(
+        &[("module-a/input1", 10), ("module-b/input1", 3)],
+        Commit::Durable,
+    )
+    .unwrap();
+    meta.set_checkpoints(&[("module-a/input1", 12)], Commit::Deferred)
+        .unwrap();
+    meta.make_durable().unwrap();
+    drop(meta);
+    let meta = Meta::open(&path).unwrap();
+    assert_eq!(meta.checkpoint("module-a/input1").unwrap(), Some(12));
+    assert_eq!(meta.checkpoint("module-b/input1").unwrap(), Some(3));
+    assert_eq!(meta.checkpoint("nobody").unwrap(), None);
+    assert_eq!(meta.highest_checkpoint().unwrap(), 12);
+    meta.remove_checkpoint("module-b/input1", Commit::Durable)
+        .unwrap();
+    assert_eq!(meta.checkpoints().unwrap().len(), 1);
+}
+
+#[test]
+fn retention_sees_only_durable_checkpoints() {
+    // Goal: a deferred checkpoint may be lost in a crash, so retention must not trust it yet.
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Meta::open(&dir.path().join("meta.redb")).unwrap();
+    meta.set_checkpoints(&[("q", 5)], Commit::Durable).unwrap();
+    meta.set_checkpoints(&[("q", 9)], Commit::Deferred).unwrap();
+    assert_eq!(meta.checkpoint("q").unwrap(), Some(9));
+    assert_eq!(meta.durable_checkpoints()["q"], 5);
+    meta.make_durable().unwrap();
+    assert_eq!(meta.durable_checkpoints()["q"], 9);
+}
+
+#[test]
+fn checkpoints_never_move_backwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let meta = Meta::open(&dir.path().join("meta.redb")).unwrap();
+    meta.set_checkpoints(&[("q", 7)], Commit::Durable).unwrap();
+    let err = meta
+        .set_checkpoints(&[("q", 6)], Commit::Durable)
+        .unwrap_err();
+    assert!(
+        matches!(err, Error::CheckpointBackwards { from: 7, to: 6, .. }),
+        "{err:?}"
+    );
+    assert_eq!(
+        meta.checkpoint("q").unwrap(),
+        Some(7),
+        "a refused update changes nothing"
+    );
+}
+
+#[test]
+fn second_open_of_the_store_fails() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    let _meta = Meta::open(&path).unwrap();
+    let err = Meta::open(&path).unwrap_err();
+    assert!(matches!(err, Error::Meta(_)), "{err:?}");
+}
+
+#[test]
+fn a_checkpoint_past_the_end_of_the_log_refuses_the_open() {
+    // Goal: the log lost records a consumer had acknowledged (say, a restored older volume):
+    // the metadata is ahead of the log, and start-up must stop rather than reuse those numbers.
+    let dir = tempfile::tempdir().unwrap();
+    let wal_dir = dir.path().join("wal");
+    let meta = Meta::open(&dir.path().join("meta.redb")).unwrap();
+    let (wal, _) = Wal::open(&wal_dir, WalOptions::default()).unwrap();
+    let last = runtime().block_on(async {
+        let mut last = 0;
+        for i in 1..=5 {
+            last = wal.append(1, payload_for(i, 0)).await.unwrap();
+        }
+        last
+    });
+    meta.set_checkpoints(&[("q", last)], Commit::Durable)
+        .unwrap();
+    drop(wal);
+    std::fs::remove_dir_all(&wal_dir).unwrap();
+    let options = WalOptions {
+        required_last_seq: meta.highest_checkpoint().unwrap(),
+        ..WalOptions::default()
+    };
+    let err = Wal::open(&wal_dir, options).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::MetadataAhead {
+                required: 5,
+                last_seq: 0
+            }
+        ),
+        "{err:?}"
+    );
+}
