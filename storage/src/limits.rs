@@ -29,6 +29,14 @@ pub const INDEX_INTERVAL_BYTES: u64 = 64 << 10;
 /// directory (it also checks on every segment roll).
 pub const EPOCH_CHECK_INTERVAL_MS: u64 = 1000;
 
+/// The writer gathers a batch (waits for the queue to refill to the previous batch's size) only
+/// when that batch had at least this many records: below it there is no evident concurrency to
+/// wait for, and waiting would only add latency.
+pub const GATHER_RECORDS_MIN: usize = 4;
+
+/// The longest the writer waits to gather a batch, however slow fsync is.
+pub const GATHER_WAIT_US_MAX: u64 = 500;
+
 /// Bytes a reader fetches from a segment file at once.
 pub const READ_CHUNK_BYTES: usize = 256 << 10;
 

@@ -53,6 +53,9 @@ pub(crate) struct Queue {
     /// Bytes of all segment files plus queued frames; what the quota is checked against.
     pub usage_bytes: u64,
     pub state: QueueState,
+    /// `Some(n)` while the writer sleeps until `n` appends are pending; `None` while it is busy,
+    /// so that appends do not pay for a wake-up syscall nobody waits for.
+    pub writer_wakes_at: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -230,6 +233,7 @@ impl Wal {
                 next_seq,
                 usage_bytes,
                 state: QueueState::Open,
+                writer_wakes_at: None,
             }),
             queue_changed: Condvar::new(),
             queue_room: Arc::new(Semaphore::new(
@@ -346,8 +350,13 @@ impl Wal {
         });
         queue.next_seq += 1;
         queue.usage_bytes += frame_bytes;
+        let wake_writer = queue
+            .writer_wakes_at
+            .is_some_and(|wanted| queue.pending.len() >= wanted);
         drop(queue);
-        shared.queue_changed.notify_one();
+        if wake_writer {
+            shared.queue_changed.notify_one();
+        }
         Ok(PendingAppend {
             seq,
             done: receiver,

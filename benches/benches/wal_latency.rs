@@ -1,0 +1,98 @@
+//! Append latency at a steady 10,000 appends/s (256 B records), against the latency of one raw
+//! write + fdatasync of the same size, measured in the same run. Prints p50/p99 of both and
+//! their ratio. (Not criterion: criterion measures throughput, not latency at a fixed rate.)
+//!
+//! Run: `cargo bench -p spool-bench --bench wal_latency`.
+#![allow(clippy::unwrap_used)]
+
+use bytes::Bytes;
+use spool_bench::{FRAME_OVERHEAD_BYTES, RawFile, bench_dir, open_wal, quantile};
+use std::time::{Duration, Instant};
+
+const RATE_PER_SECOND: u64 = 10_000;
+const APPENDS: u64 = 50_000;
+const RAW_SAMPLES: usize = 5_000;
+const RECORD_BYTES: usize = 256;
+
+/// Submits at a steady rate from a pacing thread (catching up if it oversleeps); a tokio task awaits completions in order
+/// (appends resolve in sequence order, so in-order awaiting sees each as it resolves).
+fn wal_latencies() -> Vec<Duration> {
+    let dir = bench_dir(env!("CARGO_TARGET_TMPDIR"));
+    let wal = open_wal(dir.path());
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (sender, mut receiver) = tokio::sync::mpsc::channel(100_000);
+    let pacer_wal = wal.clone();
+    let pacer = std::thread::spawn(move || {
+        let payload = Bytes::from(vec![0x5a; RECORD_BYTES]);
+        let interval = Duration::from_nanos(1_000_000_000 / RATE_PER_SECOND);
+        let started = Instant::now();
+        for i in 0..APPENDS {
+            let due = started + interval * u32::try_from(i).unwrap();
+            // Sleep, not spin: on a 2-core machine a spinning pacer would take a core from
+            // the writer and measure the scheduler instead of the log.
+            if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                std::thread::sleep(wait);
+            }
+            let submitted = Instant::now();
+            let pending = pacer_wal.try_submit(1, payload.clone()).unwrap();
+            sender.blocking_send((submitted, pending)).unwrap();
+        }
+    });
+    let mut latencies = runtime.block_on(async {
+        let mut latencies = Vec::with_capacity(APPENDS as usize);
+        while let Some((submitted, pending)) = receiver.recv().await {
+            pending.await.unwrap();
+            latencies.push(submitted.elapsed());
+        }
+        latencies
+    });
+    pacer.join().unwrap();
+    latencies.sort();
+    latencies
+}
+
+fn raw_latencies() -> Vec<Duration> {
+    let dir = bench_dir(env!("CARGO_TARGET_TMPDIR"));
+    let mut raw = RawFile::create(&dir.path().join("raw"));
+    let mut latencies: Vec<Duration> = (0..RAW_SAMPLES)
+        .map(|_| {
+            let started = Instant::now();
+            raw.write_one_batch(RECORD_BYTES + FRAME_OVERHEAD_BYTES);
+            started.elapsed()
+        })
+        .collect();
+    latencies.sort();
+    latencies
+}
+
+fn main() {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return; // `cargo test --benches` probes bench binaries; there is nothing to test here
+    }
+    let raw = raw_latencies();
+    let wal = wal_latencies();
+    let micros = |d: Duration| d.as_secs_f64() * 1e6;
+    println!("append latency, {RECORD_BYTES} B records");
+    println!("{:<44} {:>10} {:>10}", "", "p50 (us)", "p99 (us)");
+    println!(
+        "{:<44} {:>10.0} {:>10.0}",
+        "raw write + fdatasync",
+        micros(quantile(&raw, 0.5)),
+        micros(quantile(&raw, 0.99))
+    );
+    println!(
+        "{:<44} {:>10.0} {:>10.0}",
+        format!("wal append at {RATE_PER_SECOND}/s ({APPENDS} appends)"),
+        micros(quantile(&wal, 0.5)),
+        micros(quantile(&wal, 0.99))
+    );
+    println!(
+        "{:<44} {:>10.2} {:>10.2}",
+        "ratio wal / raw",
+        micros(quantile(&wal, 0.5)) / micros(quantile(&raw, 0.5)),
+        micros(quantile(&wal, 0.99)) / micros(quantile(&raw, 0.99))
+    );
+}
