@@ -1,17 +1,62 @@
-//! `spool`: the command-line entry point. The `serve` command arrives with the MQTT server; for
-//! now the binary only identifies itself, so that the workspace builds end to end.
+//! `spool`: the command-line entry point.
 
-use clap::Parser;
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use spool_broker::config::{Config, ServeArgs};
+use spool_broker::server::Server;
+use tracing_subscriber::EnvFilter;
 
 /// spool: a durable, in-order MQTT hub for IoT Edge modules.
 #[derive(Debug, Parser)]
 #[command(name = "spool", version, about)]
-struct Cli {}
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
 
-fn main() {
-    let _cli = Cli::parse();
-    println!(
-        "spool {}: the MQTT server (`spool serve`) is not built yet",
-        env!("CARGO_PKG_VERSION")
-    );
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the hub.
+    Serve(ServeArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_env("SPOOL_LOG").unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let config = Config::resolve(args)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?;
+    runtime.block_on(async {
+        let server = Server::start(&config).await?;
+        if let Some(addr) = server.mqtt_addr {
+            // Tests and scripts read this line to find the port when binding to port 0.
+            println!("spool: MQTT listening on {addr}");
+        }
+        println!("spool: data in {}", config.data_dir.display());
+        wait_for_stop_signal().await?;
+        tracing::info!("stopping");
+        server.stop().await
+    })
+}
+
+async fn wait_for_stop_signal() -> anyhow::Result<()> {
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("install the SIGTERM handler")?;
+    tokio::select! {
+        result = tokio::signal::ctrl_c() => result.context("wait for Ctrl-C"),
+        _ = terminate.recv() => Ok(()),
+    }
 }

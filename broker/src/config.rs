@@ -1,0 +1,139 @@
+//! spool's configuration: command-line flags, `SPOOL_*` environment variables and a `spool.toml`
+//! file, in that order of precedence, over safe defaults.
+
+use anyhow::Context;
+use clap::Args;
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// `spool serve` options. Every one is also a `SPOOL_*` variable and a key of `spool.toml`.
+#[derive(Debug, Clone, Default, Args)]
+pub struct ServeArgs {
+    /// A TOML file with any of these settings (keys as the flags, with `_` for `-`).
+    #[arg(long, env = "SPOOL_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Where the write-ahead log and metadata live [default: ./spool-data].
+    #[arg(long, env = "SPOOL_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Address of the plain MQTT listener; empty disables it [default: 127.0.0.1:1883].
+    #[arg(long, env = "SPOOL_MQTT_BIND")]
+    pub mqtt_bind: Option<String>,
+    /// The most concurrent client connections [default: 10000].
+    #[arg(long, env = "SPOOL_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// The largest MQTT packet accepted, in bytes [default: 1048576].
+    #[arg(long, env = "SPOOL_MAX_PACKET_SIZE")]
+    pub max_packet_size: Option<u32>,
+    /// Messages in flight towards one client (its receive maximum caps it) [default: 64].
+    #[arg(long, env = "SPOOL_MAX_INFLIGHT")]
+    pub max_inflight: Option<u16>,
+    /// Messages a session's queue keeps; beyond it the oldest are dropped and counted
+    /// (`queue_full`) [default: 100000].
+    #[arg(long, env = "SPOOL_SESSION_QUEUE_MAX")]
+    pub session_queue_max: Option<usize>,
+    /// The most bytes the write-ahead log may use; at the quota publishers are held back,
+    /// nothing is dropped [default: 10737418240].
+    #[arg(long, env = "SPOOL_WAL_QUOTA_BYTES")]
+    pub wal_quota_bytes: Option<u64>,
+    /// Seconds a persistent MQTT 3.1.1 session outlives its connection [default: 604800].
+    #[arg(long, env = "SPOOL_SESSION_EXPIRY_SECS")]
+    pub session_expiry_secs: Option<u64>,
+}
+
+/// The same settings as they appear in `spool.toml`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    data_dir: Option<PathBuf>,
+    mqtt_bind: Option<String>,
+    max_connections: Option<usize>,
+    max_packet_size: Option<u32>,
+    max_inflight: Option<u16>,
+    session_queue_max: Option<usize>,
+    wal_quota_bytes: Option<u64>,
+    session_expiry_secs: Option<u64>,
+}
+
+/// The resolved configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub data_dir: PathBuf,
+    /// `None` when disabled.
+    pub mqtt_bind: Option<String>,
+    pub max_connections: usize,
+    pub max_packet_size: u32,
+    pub max_inflight: u16,
+    pub session_queue_max: usize,
+    pub wal_quota_bytes: u64,
+    pub session_expiry_v311: Duration,
+}
+
+impl Config {
+    /// Resolves flags and environment (already merged by clap) over the file over defaults.
+    ///
+    /// # Errors
+    /// An unreadable or invalid file, or values out of range.
+    pub fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
+        let file = match &args.config {
+            Some(path) => read_file(path)?,
+            None => FileConfig::default(),
+        };
+        let config = Config {
+            data_dir: args
+                .data_dir
+                .or(file.data_dir)
+                .unwrap_or_else(|| PathBuf::from("spool-data")),
+            mqtt_bind: Some(
+                args.mqtt_bind
+                    .or(file.mqtt_bind)
+                    .unwrap_or_else(|| "127.0.0.1:1883".into()),
+            )
+            .filter(|bind| !bind.is_empty()),
+            max_connections: args
+                .max_connections
+                .or(file.max_connections)
+                .unwrap_or(10_000),
+            max_packet_size: args
+                .max_packet_size
+                .or(file.max_packet_size)
+                .unwrap_or(1 << 20),
+            max_inflight: args.max_inflight.or(file.max_inflight).unwrap_or(64),
+            session_queue_max: args
+                .session_queue_max
+                .or(file.session_queue_max)
+                .unwrap_or(100_000),
+            wal_quota_bytes: args
+                .wal_quota_bytes
+                .or(file.wal_quota_bytes)
+                .unwrap_or(10 << 30),
+            session_expiry_v311: Duration::from_secs(
+                args.session_expiry_secs
+                    .or(file.session_expiry_secs)
+                    .unwrap_or(7 * 24 * 3600),
+            ),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
+        anyhow::ensure!(self.max_inflight > 0, "max_inflight must be positive");
+        anyhow::ensure!(
+            self.session_queue_max > 0,
+            "session_queue_max must be positive"
+        );
+        anyhow::ensure!(
+            (64..=16 << 20).contains(&self.max_packet_size),
+            "max_packet_size must be between 64 bytes and 16 MiB"
+        );
+        Ok(())
+    }
+}
+
+fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("read config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
+}

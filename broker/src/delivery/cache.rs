@@ -1,0 +1,44 @@
+//! [`MessageCache`]: recently logged messages kept in memory, bounded in bytes, so that delivery
+//! to connected subscribers does not read the log back. A miss is not an error: the message is
+//! read from the write-ahead log.
+
+use crate::message::Message;
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+#[derive(Debug)]
+pub struct MessageCache {
+    messages: BTreeMap<u64, Arc<Message>>,
+    bytes: usize,
+    bytes_max: usize,
+}
+
+impl MessageCache {
+    #[must_use]
+    pub fn new(bytes_max: usize) -> MessageCache {
+        MessageCache {
+            messages: BTreeMap::new(),
+            bytes: 0,
+            bytes_max,
+        }
+    }
+
+    /// Keeps a message, evicting the oldest ones beyond the byte bound.
+    pub fn insert(&mut self, seq: u64, message: Arc<Message>) {
+        self.bytes += message.size_bytes();
+        if let Some(old) = self.messages.insert(seq, message) {
+            self.bytes -= old.size_bytes();
+        }
+        while self.bytes > self.bytes_max {
+            let Some((_, evicted)) = self.messages.pop_first() else {
+                break;
+            };
+            self.bytes -= evicted.size_bytes();
+        }
+    }
+
+    #[must_use]
+    pub fn get(&self, seq: u64) -> Option<Arc<Message>> {
+        self.messages.get(&seq).cloned()
+    }
+}

@@ -1,0 +1,197 @@
+//! [`DeliveryQueue`]: one session's queue, an ordered index of WAL sequence numbers (the
+//! messages live in the log, not here), with the in-flight window of messages sent and not yet
+//! acknowledged.
+//!
+//! Order (law 2): entries are pushed in WAL order and sent in queue order; an in-flight message
+//! that was not acknowledged goes back to the front, in order, when the connection drops, and is
+//! resent first with DUP set.
+
+use crate::message::QoS;
+use std::collections::VecDeque;
+
+/// One message waiting in a queue.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueEntry {
+    pub seq: u64,
+    pub qos: QoS,
+    pub retain_as_published: bool,
+    pub subscription_ids: Vec<u32>,
+    /// Sent before and not acknowledged: resend with DUP.
+    pub redelivery: bool,
+}
+
+/// A message sent and awaiting its acknowledgement.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InFlight {
+    pub packet_id: u16,
+    pub entry: QueueEntry,
+}
+
+/// What pushing an entry did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pushed {
+    Queued,
+    /// The queue was at its limit: its oldest waiting entry was dropped to make room.
+    DroppedOldest,
+}
+
+/// A session's delivery queue.
+#[derive(Debug)]
+pub struct DeliveryQueue {
+    waiting: VecDeque<QueueEntry>,
+    in_flight: VecDeque<InFlight>,
+    /// The most entries (waiting + in flight) kept; beyond it the oldest waiting one goes.
+    limit: usize,
+    /// Entries dropped because the queue was full (`queue_full`).
+    pub dropped_full: u64,
+    /// Entries dropped because their message expired (`ttl_expiry`).
+    pub dropped_expired: u64,
+}
+
+impl DeliveryQueue {
+    #[must_use]
+    pub fn new(limit: usize) -> DeliveryQueue {
+        assert!(limit > 0);
+        DeliveryQueue {
+            waiting: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            limit,
+            dropped_full: 0,
+            dropped_expired: 0,
+        }
+    }
+
+    /// Appends an entry in WAL order.
+    pub fn push(&mut self, entry: QueueEntry) -> Pushed {
+        if let Some(last) = self
+            .waiting
+            .back()
+            .or(self.in_flight.back().map(|f| &f.entry))
+        {
+            assert!(entry.seq > last.seq, "queues are filled in WAL order");
+        }
+        let mut pushed = Pushed::Queued;
+        if self.len() >= self.limit && !self.waiting.is_empty() {
+            self.waiting.pop_front();
+            self.dropped_full += 1;
+            pushed = Pushed::DroppedOldest;
+        }
+        self.waiting.push_back(entry);
+        pushed
+    }
+
+    /// The next entry to send, if the window has room.
+    pub fn next_to_send(&mut self, window: usize) -> Option<QueueEntry> {
+        if self.in_flight.len() >= window {
+            return None;
+        }
+        self.waiting.pop_front()
+    }
+
+    /// Puts back an entry that could not be sent (the connection's channel was full).
+    pub fn unsend(&mut self, entry: QueueEntry) {
+        self.waiting.push_front(entry);
+    }
+
+    /// Records an entry as sent with `packet_id`, awaiting acknowledgement.
+    pub fn sent(&mut self, packet_id: u16, entry: QueueEntry) {
+        assert!(entry.qos != QoS::AtMostOnce, "QoS 0 is never in flight");
+        self.in_flight.push_back(InFlight { packet_id, entry });
+    }
+
+    /// Acknowledges an in-flight message; false if no message had that packet id.
+    pub fn acknowledge(&mut self, packet_id: u16) -> bool {
+        match self.in_flight.iter().position(|f| f.packet_id == packet_id) {
+            Some(at) => {
+                self.in_flight.remove(at);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Whether a packet id is in use by an in-flight message.
+    #[must_use]
+    pub fn packet_id_in_use(&self, packet_id: u16) -> bool {
+        self.in_flight.iter().any(|f| f.packet_id == packet_id)
+    }
+
+    /// The connection dropped: everything in flight goes back to the front, in order, to be
+    /// resent with DUP.
+    pub fn requeue_in_flight(&mut self) {
+        while let Some(in_flight) = self.in_flight.pop_back() {
+            let mut entry = in_flight.entry;
+            entry.redelivery = true;
+            self.waiting.push_front(entry);
+        }
+    }
+
+    /// The lowest sequence number still needed (in flight or waiting).
+    #[must_use]
+    pub fn first_needed(&self) -> Option<u64> {
+        let in_flight = self.in_flight.front().map(|f| f.entry.seq);
+        let waiting = self.waiting.front().map(|e| e.seq);
+        in_flight.into_iter().chain(waiting).min()
+    }
+
+    #[must_use]
+    pub fn len(&self) -> usize {
+        self.waiting.len() + self.in_flight.len()
+    }
+
+    #[must_use]
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    #[must_use]
+    pub fn in_flight_len(&self) -> usize {
+        self.in_flight.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(seq: u64) -> QueueEntry {
+        QueueEntry {
+            seq,
+            qos: QoS::AtLeastOnce,
+            retain_as_published: false,
+            subscription_ids: Vec::new(),
+            redelivery: false,
+        }
+    }
+
+    #[test]
+    fn window_bounds_in_flight_and_requeue_keeps_order() {
+        let mut queue = DeliveryQueue::new(100);
+        for seq in 1..=5 {
+            queue.push(entry(seq));
+        }
+        let first = queue.next_to_send(2).unwrap();
+        queue.sent(1, first);
+        let second = queue.next_to_send(2).unwrap();
+        queue.sent(2, second);
+        assert_eq!(queue.next_to_send(2), None, "window of 2 is full");
+        assert!(queue.acknowledge(1));
+        assert!(!queue.acknowledge(1));
+        assert_eq!(queue.first_needed(), Some(2));
+        queue.requeue_in_flight();
+        let resent = queue.next_to_send(2).unwrap();
+        assert_eq!((resent.seq, resent.redelivery), (2, true));
+        assert_eq!(queue.next_to_send(2).unwrap().seq, 3);
+    }
+
+    #[test]
+    fn a_full_queue_drops_its_oldest_waiting_entry_and_counts_it() {
+        let mut queue = DeliveryQueue::new(3);
+        for seq in 1..=3 {
+            assert_eq!(queue.push(entry(seq)), Pushed::Queued);
+        }
+        assert_eq!(queue.push(entry(4)), Pushed::DroppedOldest);
+        assert_eq!(queue.dropped_full, 1);
+        assert_eq!(queue.next_to_send(10).unwrap().seq, 2);
+    }
+}

@@ -1,0 +1,20 @@
+//! spool-broker: the hub behind the `spool` binary.
+//!
+//! # Layout
+//! - [`mqtt`]: the protocol edge: listeners, the codec adapter, connection tasks (bytes and
+//!   packets only).
+//! - [`hub`]: the single owner of sessions, subscriptions and delivery; synchronous handlers.
+//! - [`session`]: one client's session state, without sockets.
+//! - [`routing`]: topic validation and matching, the subscription table.
+//! - [`delivery`]: the WAL record of a publish, per-session queues, the message cache.
+//! - [`config`], [`server`] (wiring), [`message`], [`limits`].
+
+pub mod config;
+pub mod delivery;
+pub mod hub;
+pub mod limits;
+pub mod message;
+pub mod mqtt;
+pub mod routing;
+pub mod server;
+pub mod session;

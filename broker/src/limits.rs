@@ -1,0 +1,26 @@
+//! The broker's fixed bounds, in one place (configurable limits live in `config`).
+
+/// Topic levels accepted in a name or filter.
+pub const TOPIC_LEVELS_MAX: usize = 128;
+
+/// Events queued from all connections to the hub.
+pub const HUB_EVENTS_MAX: usize = 4096;
+
+/// Packets queued from the hub to one connection, beyond its in-flight window.
+pub const CONNECTION_OUTBOUND_EXTRA: usize = 64;
+
+/// Seconds a new connection has to send CONNECT.
+pub const CONNECT_TIMEOUT_SECS: u64 = 10;
+
+/// QoS 1 publishes of one connection waiting for durability; beyond it the connection stops
+/// reading its socket until the oldest is acknowledged.
+pub const PUBLISHES_IN_FLIGHT_MAX: usize = 1024;
+
+/// Bytes of recently logged messages the hub keeps in memory for fast delivery; older ones are
+/// read back from the write-ahead log.
+pub const MESSAGE_CACHE_BYTES_MAX: usize = 64 << 20;
+
+/// Targets one message can be routed to.
+pub const TARGETS_PER_MESSAGE_MAX: usize = 1 << 16;
+
+const _: () = assert!(PUBLISHES_IN_FLIGHT_MAX <= u16::MAX as usize);

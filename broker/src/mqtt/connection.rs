@@ -1,0 +1,646 @@
+//! One client connection: the CONNECT handshake, then a loop over four sources: packets from
+//! the socket, packets from the hub, the durability of this client's own publishes, and the
+//! keep-alive deadline.
+//!
+//! A QoS 1 publish is routed, appended to the write-ahead log, and acknowledged only when the
+//! log says it is durable (law 1). Acknowledgements go out in the order the publishes came in,
+//! because the log resolves appends in sequence order. With `PUBLISHES_IN_FLIGHT_MAX` publishes
+//! waiting for durability, the connection stops reading its socket: back-pressure, not memory.
+
+use crate::delivery::record::{KIND_PUBLISH, PublishRecord};
+use crate::hub::events::{ConnectOutcome, ConnectRequest, Event, Outbound, Protocol};
+use crate::limits::{CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX};
+use crate::message::{Message, QoS, now_ms};
+use crate::mqtt::ServerContext;
+use crate::mqtt::codec::{
+    self, ClientPacket, ConnAck, DecodeError, InboundPublish, Reason, ServerPacket,
+};
+use crate::routing::topic;
+use futures::{SinkExt, StreamExt};
+use rmqtt_codec::{MqttCodec, MqttPacket};
+use spool_storage::PendingAppend;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::SocketAddr;
+use std::sync::{Arc, PoisonError};
+use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{Instant, timeout};
+use tokio_util::codec::Framed;
+use tracing::Instrument;
+
+/// Why a connection ends: with a reason to send (MQTT 5 DISCONNECT), or quietly.
+#[derive(Debug)]
+struct Close {
+    reason: Option<Reason>,
+    why: String,
+}
+
+impl Close {
+    fn with(reason: Reason, why: impl Into<String>) -> Close {
+        Close {
+            reason: Some(reason),
+            why: why.into(),
+        }
+    }
+
+    fn quietly(why: impl Into<String>) -> Close {
+        Close {
+            reason: None,
+            why: why.into(),
+        }
+    }
+}
+
+/// A publish waiting for durability before its acknowledgement.
+struct AwaitingDurability {
+    packet_id: u16,
+    qos: QoS,
+    append: PendingAppend,
+}
+
+/// Serves one client until it disconnects or breaks the protocol.
+pub async fn serve<S>(stream: S, peer: SocketAddr, context: Arc<ServerContext>)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let connection_id = context.next_connection_id();
+    let span = tracing::info_span!("conn", conn_id = connection_id, %peer, client_id = tracing::field::Empty);
+    async move {
+        let Some(mut connection) = handshake(stream, connection_id, &context).await else {
+            return;
+        };
+        tracing::Span::current().record("client_id", connection.client_id.as_str());
+        tracing::debug!("connected");
+        let close = connection.run().await;
+        connection.finish(close).await;
+    }
+    .instrument(span)
+    .await;
+}
+
+/// Reads the protocol header and CONNECT, within the connect deadline.
+async fn read_connect<S>(
+    stream: S,
+    context: &ServerContext,
+) -> Option<(Framed<S, MqttCodec>, Protocol, Box<codec::Connect>)>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut framed = Framed::new(stream, codec::version_codec());
+    let deadline = Duration::from_secs(CONNECT_TIMEOUT_SECS);
+    let version = match timeout(deadline, framed.next()).await {
+        Ok(Some(Ok((MqttPacket::Version(version), _)))) => version,
+        Ok(Some(Err(e))) => {
+            tracing::info!("refused a connection that is not MQTT 3.1.1 or 5: {e}");
+            return None;
+        }
+        Ok(_) | Err(_) => {
+            tracing::debug!("no CONNECT before the deadline");
+            return None;
+        }
+    };
+    let (codec, protocol) = codec::codec_for(version, context.limits.packet_size_max);
+    *framed.codec_mut() = codec;
+    match timeout(deadline, framed.next()).await {
+        Ok(Some(Ok((packet, _)))) => match codec::from_wire(packet) {
+            ClientPacket::Connect(connect) => Some((framed, protocol, connect)),
+            _ => None,
+        },
+        Ok(Some(Err(DecodeError::InvalidClientId))) => {
+            refuse(&mut framed, protocol, Reason::ClientIdentifierNotValid).await;
+            None
+        }
+        Ok(Some(Err(e))) => {
+            tracing::info!("malformed CONNECT: {e}");
+            None
+        }
+        Ok(None) | Err(_) => None,
+    }
+}
+
+/// Reads CONNECT, registers the session with the hub and answers CONNACK.
+async fn handshake<S>(
+    stream: S,
+    connection_id: u64,
+    context: &Arc<ServerContext>,
+) -> Option<Connection<S>>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (mut framed, protocol, connect) = read_connect(stream, context).await?;
+    let limits = &context.limits;
+    let assigned = connect
+        .client_id
+        .is_empty()
+        .then(|| format!("spool-{connection_id}-{}", now_ms()));
+    let client_id = assigned
+        .clone()
+        .unwrap_or_else(|| connect.client_id.clone());
+    let Some((
+        outbound,
+        ConnectOutcome {
+            session,
+            session_present,
+        },
+    )) = register(context, connection_id, &connect, protocol, &client_id).await
+    else {
+        refuse(&mut framed, protocol, Reason::ServerUnavailable).await;
+        return None;
+    };
+    if let Some(size) = connect.packet_size_max {
+        codec::limit_outbound(framed.codec_mut(), size);
+    }
+    let connack = ServerPacket::ConnAck(ConnAck {
+        session_present,
+        reason: Reason::Success,
+        assigned_client_id: assigned.filter(|_| protocol == Protocol::V5),
+        receive_max: limits.receive_max,
+        packet_size_max: limits.packet_size_max,
+        topic_alias_max: limits.topic_alias_max,
+        server_keep_alive_secs: None,
+    });
+    let mut connection = Connection {
+        framed,
+        protocol,
+        context: Arc::clone(context),
+        connection_id,
+        session,
+        client_id,
+        outbound,
+        awaiting_durability: VecDeque::new(),
+        awaiting_release: HashSet::new(),
+        topic_aliases: HashMap::new(),
+        keep_alive: keep_alive_window(connect.keep_alive_secs),
+    };
+    if connection.send(connack).await.is_err() {
+        connection
+            .finish(Close::quietly("connection lost during CONNACK"))
+            .await;
+        return None;
+    }
+    Some(connection)
+}
+
+/// Asks the hub to attach this connection to the client's session.
+async fn register(
+    context: &ServerContext,
+    connection_id: u64,
+    connect: &codec::Connect,
+    protocol: Protocol,
+    client_id: &str,
+) -> Option<(mpsc::Receiver<Outbound>, ConnectOutcome)> {
+    let limits = &context.limits;
+    let window = connect
+        .receive_max
+        .unwrap_or(limits.receive_max)
+        .min(limits.receive_max);
+    let (outbound_tx, outbound) = mpsc::channel(usize::from(window) + CONNECTION_OUTBOUND_EXTRA);
+    let (reply, outcome) = oneshot::channel();
+    let request = ConnectRequest {
+        connection: connection_id,
+        client_id: client_id.to_string(),
+        protocol,
+        clean_start: connect.clean_start,
+        session_expiry_secs: connect.session_expiry_secs,
+        receive_max: window,
+        outbound: outbound_tx,
+        reply,
+    };
+    context.hub.send(Event::Connect(request)).await.ok()?;
+    let outcome = outcome.await.ok()?;
+    Some((outbound, outcome))
+}
+
+/// Answers a refused CONNECT (best effort) before closing.
+async fn refuse<S>(framed: &mut Framed<S, MqttCodec>, protocol: Protocol, reason: Reason)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let connack = ServerPacket::ConnAck(ConnAck {
+        session_present: false,
+        reason,
+        assigned_client_id: None,
+        receive_max: 1,
+        packet_size_max: 0,
+        topic_alias_max: 0,
+        server_keep_alive_secs: None,
+    });
+    if let Some(packet) = codec::to_wire(connack, protocol) {
+        let _ = framed.send(packet).await;
+    }
+}
+
+struct Connection<S> {
+    framed: Framed<S, MqttCodec>,
+    protocol: Protocol,
+    context: Arc<ServerContext>,
+    connection_id: u64,
+    session: u64,
+    client_id: String,
+    outbound: mpsc::Receiver<Outbound>,
+    /// This client's QoS 1/2 publishes, in arrival order, until they are durable.
+    awaiting_durability: VecDeque<AwaitingDurability>,
+    /// QoS 2 packet ids that were PUBREC'd and await PUBREL: a resent PUBLISH with one of them is
+    /// a duplicate, not a new message.
+    awaiting_release: HashSet<u16>,
+    /// MQTT 5 topic aliases the client established.
+    topic_aliases: HashMap<u16, String>,
+    /// 1.5 times the client's keep-alive.
+    keep_alive: Option<Duration>,
+}
+
+impl<S> Connection<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn run(&mut self) -> Close {
+        let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
+        loop {
+            let reading = self.awaiting_durability.len() < PUBLISHES_IN_FLIGHT_MAX;
+            let result = tokio::select! {
+                () = self.context.shutdown.cancelled() => Err(Close::with(Reason::ServerShuttingDown, "server shutting down")),
+                durable = next_durable(&mut self.awaiting_durability) => self.acknowledge_publish(durable).await,
+                outbound = self.outbound.recv() => self.on_outbound(outbound).await,
+                packet = self.framed.next(), if reading => {
+                    deadline = self.keep_alive.map(|k| Instant::now() + k);
+                    match packet {
+                        None => Err(Close::quietly("client closed the connection")),
+                        Some(Err(e)) => Err(decode_failure(&e)),
+                        Some(Ok((packet, _))) => self.on_packet(codec::from_wire(packet)).await,
+                    }
+                }
+                () = sleep_until(deadline) => Err(Close::with(Reason::KeepAliveTimeout, "keep-alive expired")),
+            };
+            if let Err(close) = result {
+                return close;
+            }
+        }
+    }
+
+    /// Tells the hub, says goodbye with a reason where the protocol has one, and logs why.
+    async fn finish(&mut self, close: Close) {
+        let _ = self
+            .context
+            .hub
+            .send(Event::Disconnected {
+                session: self.session,
+                connection: self.connection_id,
+            })
+            .await;
+        if let Some(reason) = close.reason {
+            let _ = self.send(ServerPacket::Disconnect(reason)).await;
+            tracing::info!(
+                "disconnected (reason {:#04x}): {}",
+                reason.code(),
+                close.why
+            );
+        } else {
+            tracing::debug!("disconnected: {}", close.why);
+        }
+    }
+
+    async fn send(&mut self, packet: ServerPacket) -> Result<(), Close> {
+        let Some(packet) = codec::to_wire(packet, self.protocol) else {
+            return Ok(());
+        };
+        self.framed
+            .send(packet)
+            .await
+            .map_err(|e| Close::quietly(format!("failed to send: {e}")))
+    }
+
+    async fn acknowledge_publish(
+        &mut self,
+        (awaiting, result): (AwaitingDurability, spool_storage::Result<u64>),
+    ) -> Result<(), Close> {
+        if let Err(e) = result {
+            tracing::error!("failed to log a publish: {e}");
+            return Err(Close::with(
+                Reason::ServerUnavailable,
+                "the write-ahead log failed",
+            ));
+        }
+        let packet_id = awaiting.packet_id;
+        let ack = match awaiting.qos {
+            QoS::ExactlyOnce => {
+                self.awaiting_release.insert(packet_id);
+                ServerPacket::PubRec {
+                    packet_id,
+                    reason: Reason::Success,
+                }
+            }
+            QoS::AtLeastOnce | QoS::AtMostOnce => ServerPacket::PubAck {
+                packet_id,
+                reason: Reason::Success,
+            },
+        };
+        self.send(ack).await
+    }
+
+    async fn on_outbound(&mut self, outbound: Option<Outbound>) -> Result<(), Close> {
+        match outbound {
+            Some(Outbound::Publish(delivery)) => {
+                let expiry = delivery.message.properties.expires_at_ms.map(|at| {
+                    u32::try_from(at.saturating_sub(now_ms()).div_ceil(1000))
+                        .unwrap_or(u32::MAX)
+                        .max(1)
+                });
+                self.send(ServerPacket::Publish(Box::new(delivery), expiry))
+                    .await
+            }
+            Some(Outbound::SessionTakenOver) => {
+                Err(Close::with(Reason::SessionTakenOver, "session taken over"))
+            }
+            None => Err(Close::with(Reason::ServerShuttingDown, "the hub stopped")),
+        }
+    }
+
+    async fn on_packet(&mut self, packet: ClientPacket) -> Result<(), Close> {
+        match packet {
+            ClientPacket::Publish(publish) => self.on_publish(*publish).await,
+            ClientPacket::PubAck(packet_id) => {
+                let event = Event::Acknowledge {
+                    session: self.session,
+                    packet_id,
+                };
+                self.context
+                    .hub
+                    .send(event)
+                    .await
+                    .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))
+            }
+            ClientPacket::PubRel(packet_id) => {
+                self.awaiting_release.remove(&packet_id);
+                self.send(ServerPacket::PubComp { packet_id }).await
+            }
+            ClientPacket::PubRec(_) | ClientPacket::PubComp(_) => Err(Close::with(
+                Reason::ProtocolError,
+                "PUBREC/PUBCOMP for a QoS 2 message the server never sent",
+            )),
+            ClientPacket::Subscribe { packet_id, filters } => {
+                self.on_subscribe(packet_id, filters).await
+            }
+            ClientPacket::Unsubscribe { packet_id, filters } => {
+                self.on_unsubscribe(packet_id, filters).await
+            }
+            ClientPacket::PingReq => self.send(ServerPacket::PingResp).await,
+            ClientPacket::Disconnect { .. } => Err(Close::quietly("client disconnected")),
+            ClientPacket::Connect(_) => Err(Close::with(Reason::ProtocolError, "a second CONNECT")),
+            ClientPacket::Unexpected(what) => Err(Close::with(
+                Reason::ProtocolError,
+                format!("unexpected {what} from a client"),
+            )),
+        }
+    }
+
+    /// Validates, routes and logs a publish; its acknowledgement follows once it is durable.
+    async fn on_publish(&mut self, publish: InboundPublish) -> Result<(), Close> {
+        if publish.has_subscription_ids {
+            return Err(Close::with(
+                Reason::ProtocolError,
+                "PUBLISH with a subscription identifier",
+            ));
+        }
+        if publish.qos == QoS::ExactlyOnce && self.protocol == Protocol::V5 {
+            // CONNACK told MQTT 5 clients the maximum QoS is 1.
+            return Err(Close::with(
+                Reason::ProtocolError,
+                "QoS 2 above the advertised maximum",
+            ));
+        }
+        let topic = self.resolve_topic(&publish)?;
+        topic::validate_name(&topic)
+            .map_err(|e| Close::with(Reason::TopicNameInvalid, format!("topic {topic:?}: {e}")))?;
+        let packet_id = publish.packet_id.unwrap_or(0);
+        if publish.qos == QoS::ExactlyOnce && self.awaiting_release.contains(&packet_id) {
+            // Already logged and PUBREC'd: a resend, not a new message.
+            return self
+                .send(ServerPacket::PubRec {
+                    packet_id,
+                    reason: Reason::Success,
+                })
+                .await;
+        }
+        let mut properties = publish.properties;
+        properties.expires_at_ms = publish
+            .expiry_interval_secs
+            .map(|secs| now_ms() + u64::from(secs) * 1000);
+        let message = Message {
+            topic,
+            payload: publish.payload,
+            qos: publish.qos,
+            retain: publish.retain,
+            properties,
+        };
+        let targets = self
+            .context
+            .router
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .route(&message.topic, self.session, message.qos);
+        let record = PublishRecord {
+            message,
+            publisher: self.session,
+            targets,
+        }
+        .encode();
+        let append = self.append(record, publish.qos, packet_id).await?;
+        match (publish.qos, append) {
+            (QoS::AtMostOnce, _) | (_, None) => {}
+            (qos, Some(append)) => self.awaiting_durability.push_back(AwaitingDurability {
+                packet_id,
+                qos,
+                append,
+            }),
+        }
+        Ok(())
+    }
+
+    /// Queues a record in the log. When the log's quota is full, an MQTT 5 client gets "quota
+    /// exceeded" for a QoS 1/2 publish (nothing was accepted, it may retry); a 3.1.1 client,
+    /// which has no way to be told, waits while the connection stops reading (back-pressure).
+    async fn append(
+        &mut self,
+        record: bytes::Bytes,
+        qos: QoS,
+        packet_id: u16,
+    ) -> Result<Option<PendingAppend>, Close> {
+        loop {
+            match self.context.wal.submit(KIND_PUBLISH, record.clone()).await {
+                Ok(append) => return Ok(Some(append)),
+                Err(spool_storage::Error::QuotaExceeded { quota_bytes }) => {
+                    tracing::warn!(
+                        quota_bytes,
+                        "write-ahead log quota reached: holding back publishes"
+                    );
+                    if qos == QoS::AtMostOnce {
+                        return Ok(None); // QoS 0 promises nothing; counted in the log line above
+                    }
+                    if self.protocol == Protocol::V5 {
+                        let packet = match qos {
+                            QoS::ExactlyOnce => ServerPacket::PubRec {
+                                packet_id,
+                                reason: Reason::QuotaExceeded,
+                            },
+                            _ => ServerPacket::PubAck {
+                                packet_id,
+                                reason: Reason::QuotaExceeded,
+                            },
+                        };
+                        self.send(packet).await?;
+                        return Ok(None);
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(spool_storage::Error::RecordTooLarge { size, max }) => {
+                    return Err(Close::with(
+                        Reason::PacketTooLarge,
+                        format!("message of {size} bytes above {max}"),
+                    ));
+                }
+                Err(e) => {
+                    tracing::error!("failed to log a publish: {e}");
+                    return Err(Close::with(
+                        Reason::ServerUnavailable,
+                        "the write-ahead log failed",
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The topic of an MQTT 5 publish that may use a topic alias (§3.3.2.3.4).
+    fn resolve_topic(&mut self, publish: &InboundPublish) -> Result<String, Close> {
+        let Some(alias) = publish.topic_alias else {
+            return Ok(publish.topic.clone());
+        };
+        if alias == 0 || alias > self.context.limits.topic_alias_max {
+            return Err(Close::with(
+                Reason::TopicAliasInvalid,
+                format!("topic alias {alias}"),
+            ));
+        }
+        if publish.topic.is_empty() {
+            return self.topic_aliases.get(&alias).cloned().ok_or_else(|| {
+                Close::with(
+                    Reason::ProtocolError,
+                    format!("unknown topic alias {alias}"),
+                )
+            });
+        }
+        self.topic_aliases.insert(alias, publish.topic.clone());
+        Ok(publish.topic.clone())
+    }
+
+    async fn on_subscribe(
+        &mut self,
+        packet_id: u16,
+        filters: Vec<(String, crate::routing::SubscriptionOptions)>,
+    ) -> Result<(), Close> {
+        let mut granted: Vec<Result<QoS, Reason>> = Vec::with_capacity(filters.len());
+        let mut valid = Vec::new();
+        for (filter, options) in filters {
+            match topic::validate_filter(&filter) {
+                Ok(()) => {
+                    granted.push(Ok(options.qos));
+                    valid.push((filter, options));
+                }
+                Err(e) => {
+                    tracing::info!("refused subscription to {filter:?}: {e}");
+                    granted.push(Err(Reason::TopicFilterInvalid));
+                }
+            }
+        }
+        let (reply, outcomes) = oneshot::channel();
+        let event = Event::Subscribe {
+            session: self.session,
+            filters: valid,
+            reply,
+        };
+        self.context
+            .hub
+            .send(event)
+            .await
+            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))?;
+        let outcomes = outcomes
+            .await
+            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))?;
+        let mut outcomes = outcomes.into_iter();
+        for slot in granted.iter_mut().filter(|g| g.is_ok()) {
+            let crate::hub::events::SubscribeOutcome::Granted(qos) =
+                outcomes
+                    .next()
+                    .unwrap_or(crate::hub::events::SubscribeOutcome::Granted(
+                        QoS::AtMostOnce,
+                    ));
+            *slot = Ok(qos);
+        }
+        self.send(ServerPacket::SubAck { packet_id, granted }).await
+    }
+
+    async fn on_unsubscribe(&mut self, packet_id: u16, filters: Vec<String>) -> Result<(), Close> {
+        let (reply, outcomes) = oneshot::channel();
+        let event = Event::Unsubscribe {
+            session: self.session,
+            filters,
+            reply,
+        };
+        self.context
+            .hub
+            .send(event)
+            .await
+            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))?;
+        let existed = outcomes
+            .await
+            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))?;
+        let results = existed
+            .into_iter()
+            .map(|existed| {
+                if existed {
+                    Reason::Success
+                } else {
+                    Reason::NoSubscriptionExisted
+                }
+            })
+            .collect();
+        self.send(ServerPacket::UnsubAck { packet_id, results })
+            .await
+    }
+}
+
+/// Waits for the oldest publish to become durable (never, if there is none).
+async fn next_durable(
+    awaiting: &mut VecDeque<AwaitingDurability>,
+) -> (AwaitingDurability, spool_storage::Result<u64>) {
+    let Some(front) = awaiting.front_mut() else {
+        return std::future::pending().await;
+    };
+    let result = (&mut front.append).await;
+    let done = awaiting.pop_front().expect("front exists");
+    (done, result)
+}
+
+/// How long a client may stay silent: one and a half keep-alive periods (MQTT §3.1.2.10).
+fn keep_alive_window(keep_alive_secs: u16) -> Option<Duration> {
+    (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500))
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How a decoding failure ends the connection (MQTT 5 reason codes, §4.13).
+fn decode_failure(error: &DecodeError) -> Close {
+    let reason = match error {
+        DecodeError::MaxSizeExceeded { .. } => Reason::PacketTooLarge,
+        DecodeError::InvalidTopicName => Reason::TopicNameInvalid,
+        DecodeError::InvalidTopicFilter => Reason::TopicFilterInvalid,
+        DecodeError::Io(_) => return Close::quietly(format!("connection error: {error}")),
+        _ => Reason::MalformedPacket,
+    };
+    Close::with(reason, format!("bad packet: {error}"))
+}

@@ -1,0 +1,60 @@
+//! The protocol edge: bytes and packets only. Listeners accept sockets, the codec adapter turns
+//! bytes into packets, and each connection task talks to the hub through bounded channels.
+
+pub mod codec;
+pub mod connection;
+pub mod listener;
+
+use crate::hub::events::Event;
+use crate::routing::SubscriptionTable;
+use spool_storage::Wal;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+/// Per-connection limits, from the configuration.
+#[derive(Debug, Clone)]
+pub struct ConnectionLimits {
+    /// The largest packet accepted (and advertised in CONNACK).
+    pub packet_size_max: u32,
+    /// The in-flight window towards each client, and the receive maximum advertised to it.
+    pub receive_max: u16,
+    /// Topic aliases a client may establish (MQTT 5).
+    pub topic_alias_max: u16,
+}
+
+/// What every connection task shares.
+pub struct ServerContext {
+    pub hub: mpsc::Sender<Event>,
+    pub wal: Wal,
+    pub router: Arc<RwLock<SubscriptionTable>>,
+    pub limits: ConnectionLimits,
+    pub shutdown: CancellationToken,
+    next_connection: AtomicU64,
+}
+
+impl ServerContext {
+    #[must_use]
+    pub fn new(
+        hub: mpsc::Sender<Event>,
+        wal: Wal,
+        router: Arc<RwLock<SubscriptionTable>>,
+        limits: ConnectionLimits,
+        shutdown: CancellationToken,
+    ) -> ServerContext {
+        ServerContext {
+            hub,
+            wal,
+            router,
+            limits,
+            shutdown,
+            next_connection: AtomicU64::new(1),
+        }
+    }
+
+    /// A number for a new connection, unique in this process.
+    pub fn next_connection_id(&self) -> u64 {
+        self.next_connection.fetch_add(1, Ordering::Relaxed)
+    }
+}

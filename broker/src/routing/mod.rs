@@ -1,0 +1,7 @@
+//! Routing: which sessions a published topic goes to. For now MQTT subscriptions only; the
+//! edgeHub route language joins it with the IoT Edge layer.
+
+pub mod subscriptions;
+pub mod topic;
+
+pub use subscriptions::{SubscriptionOptions, SubscriptionTable, Target};

@@ -1,0 +1,124 @@
+//! Wiring: opens the storage, starts the hub and the listeners, and stops them in order.
+
+use crate::config::Config;
+use crate::hub::{Hub, HubLimits};
+use crate::limits::HUB_EVENTS_MAX;
+use crate::mqtt::{ConnectionLimits, ServerContext, listener};
+use crate::routing::SubscriptionTable;
+use anyhow::Context;
+use spool_storage::{Wal, WalOptions};
+use std::net::SocketAddr;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+/// How long shutdown waits for the hub and connections to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// A started server.
+pub struct Server {
+    /// The address the plain MQTT listener is bound to, if enabled.
+    pub mqtt_addr: Option<SocketAddr>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    wal: Wal,
+}
+
+/// The write-ahead log options for a configuration: a record holds one packet plus its routing.
+fn wal_options(config: &Config) -> WalOptions {
+    WalOptions {
+        record_payload_bytes_max: config
+            .max_packet_size
+            .saturating_mul(2)
+            .saturating_add(1 << 20),
+        quota_bytes: Some(config.wal_quota_bytes),
+        ..WalOptions::default()
+    }
+}
+
+impl Server {
+    /// Opens the data directory (recovering the log) and starts serving.
+    ///
+    /// # Errors
+    /// Storage that cannot be opened or recovered, or a listener that cannot bind.
+    pub async fn start(config: &Config) -> anyhow::Result<Server> {
+        let wal_dir = config.data_dir.join("wal");
+        let (wal, report) = Wal::open(&wal_dir, wal_options(config))
+            .with_context(|| format!("open the write-ahead log in {}", wal_dir.display()))?;
+        tracing::info!(
+            segments = report.segments,
+            records = report.records,
+            bytes_truncated = report.bytes_truncated,
+            duration_ms = report.duration.as_millis() as u64,
+            "recovered the write-ahead log"
+        );
+        if report.bytes_truncated > 0 {
+            tracing::warn!(
+                bytes = report.bytes_truncated,
+                records = report.unacknowledged_records_discarded,
+                "cut a torn tail from the write-ahead log (writes that were never acknowledged)"
+            );
+        }
+        let router = Arc::new(RwLock::new(SubscriptionTable::default()));
+        let limits = HubLimits {
+            in_flight_max: config.max_inflight,
+            session_queue_max: config.session_queue_max,
+            session_expiry_v311: config.session_expiry_v311,
+        };
+        let hub = Hub::new(wal.clone(), Arc::clone(&router), limits).context("start the hub")?;
+        let shutdown = CancellationToken::new();
+        let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
+        let mut tasks = vec![tokio::spawn(hub.run(events_rx, shutdown.clone()))];
+        let connection_limits = ConnectionLimits {
+            packet_size_max: config.max_packet_size,
+            receive_max: config.max_inflight,
+            topic_alias_max: 64,
+        };
+        let context = Arc::new(ServerContext::new(
+            events,
+            wal.clone(),
+            router,
+            connection_limits,
+            shutdown.clone(),
+        ));
+        let connections = Arc::new(Semaphore::new(config.max_connections));
+        let mut mqtt_addr = None;
+        if let Some(bind) = &config.mqtt_bind {
+            let listener = TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("bind MQTT listener to {bind}"))?;
+            mqtt_addr = Some(listener.local_addr()?);
+            tasks.push(tokio::spawn(listener::accept_loop(
+                listener,
+                Arc::clone(&context),
+                connections,
+            )));
+        }
+        Ok(Server {
+            mqtt_addr,
+            shutdown,
+            tasks,
+            wal,
+        })
+    }
+
+    /// Stops accepting, lets connections say goodbye, waits for queued appends to become
+    /// durable, and closes the log.
+    ///
+    /// # Errors
+    /// If the log had failed.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+        }
+        let wal = self.wal;
+        tokio::task::spawn_blocking(move || wal.close())
+            .await
+            .context("close the write-ahead log")?
+            .context("close the write-ahead log")
+    }
+}

@@ -1,0 +1,72 @@
+//! [`Session`]: one client's MQTT session as the hub keeps it: its subscriptions, its delivery
+//! queue, its packet identifiers, and the connection it is attached to, if any. It owns no
+//! socket: the hub hands it packets to send through the connection's bounded channel.
+
+use crate::delivery::queue::DeliveryQueue;
+use crate::hub::events::{Outbound, Protocol};
+use crate::routing::SubscriptionOptions;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+
+/// The connection a session is attached to.
+#[derive(Debug)]
+pub struct Attachment {
+    /// Identifies the connection, so a late `Disconnected` from a taken-over one is ignored.
+    pub connection: u64,
+    pub protocol: Protocol,
+    pub outbound: mpsc::Sender<Outbound>,
+    /// The in-flight window: the client's receive maximum, capped by the broker's.
+    pub window: usize,
+}
+
+/// One client's session.
+#[derive(Debug)]
+pub struct Session {
+    /// The session's number: what WAL records name as a target. Never reused.
+    pub id: u64,
+    pub client_id: String,
+    /// How long the session outlives its connection; zero for a clean session.
+    pub expiry: Duration,
+    pub attachment: Option<Attachment>,
+    pub subscriptions: BTreeMap<String, SubscriptionOptions>,
+    pub queue: DeliveryQueue,
+    /// When the connection dropped, for expiry.
+    pub detached_at: Option<Instant>,
+    next_packet_id: u16,
+}
+
+impl Session {
+    #[must_use]
+    pub fn new(id: u64, client_id: String, expiry: Duration, queue_limit: usize) -> Session {
+        Session {
+            id,
+            client_id,
+            expiry,
+            attachment: None,
+            subscriptions: BTreeMap::new(),
+            queue: DeliveryQueue::new(queue_limit),
+            detached_at: None,
+            next_packet_id: 0,
+        }
+    }
+
+    /// A packet identifier not used by any in-flight message. The window is far below 65535, so
+    /// one is always free.
+    pub fn allocate_packet_id(&mut self) -> u16 {
+        assert!(self.queue.in_flight_len() < usize::from(u16::MAX));
+        loop {
+            self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
+            if !self.queue.packet_id_in_use(self.next_packet_id) {
+                return self.next_packet_id;
+            }
+        }
+    }
+
+    /// Whether an offline session has outlived its expiry.
+    #[must_use]
+    pub fn is_expired(&self, now: Instant) -> bool {
+        self.detached_at
+            .is_some_and(|at| now.saturating_duration_since(at) >= self.expiry)
+    }
+}

@@ -1,0 +1,163 @@
+//! Helpers for the broker's black-box tests: a real `spool serve` process on a free port, and
+//! rumqttc clients.
+#![allow(dead_code, clippy::unwrap_used)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// A `spool serve` child process; killed (SIGKILL) when dropped.
+pub struct Spool {
+    child: Child,
+    pub addr: SocketAddr,
+    pub data_dir: PathBuf,
+}
+
+impl Spool {
+    /// Starts spool on an ephemeral port with its data in `data_dir`.
+    pub fn start(data_dir: &Path, extra_args: &[&str]) -> Spool {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
+            .arg("serve")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--mqtt-bind", "127.0.0.1:0"])
+            .args(extra_args)
+            .env("SPOOL_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            let line = lines
+                .next()
+                .expect("spool exited before listening")
+                .unwrap();
+            if let Some(addr) = line.strip_prefix("spool: MQTT listening on ") {
+                break addr.parse().unwrap();
+            }
+        };
+        // Keep draining stdout so the child never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Spool {
+            child,
+            addr,
+            data_dir: data_dir.to_path_buf(),
+        }
+    }
+
+    /// Kills the process with SIGKILL and waits for it.
+    pub fn kill(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    /// Stops the process with SIGTERM and returns its exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Spool {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What a v4 test client saw.
+#[derive(Debug)]
+pub enum Seen {
+    Publish(rumqttc::Publish),
+    ConnAck(rumqttc::ConnAck),
+    SubAck(rumqttc::SubAck),
+    PubAck(u16),
+    Disconnected(String),
+}
+
+/// An MQTT 3.1.1 client whose event loop runs in a task; what it sees arrives on `events`.
+pub struct Client {
+    pub client: rumqttc::AsyncClient,
+    pub events: mpsc::UnboundedReceiver<Seen>,
+}
+
+pub fn options(addr: SocketAddr, client_id: &str, clean: bool) -> rumqttc::MqttOptions {
+    let mut options = rumqttc::MqttOptions::new(client_id, addr.ip().to_string(), addr.port());
+    options.set_clean_session(clean);
+    options.set_keep_alive(Duration::from_secs(30));
+    options
+}
+
+/// Connects and runs the event loop until the connection ends (no reconnection).
+pub fn connect(options: rumqttc::MqttOptions) -> Client {
+    let (client, mut event_loop) = rumqttc::AsyncClient::new(options, 1000);
+    let (tx, events) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        loop {
+            let seen = match event_loop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(p))) => Seen::Publish(p),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c))) => Seen::ConnAck(c),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(s))) => Seen::SubAck(s),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => Seen::PubAck(a.pkid),
+                Ok(_) => continue,
+                Err(e) => {
+                    let _ = tx.send(Seen::Disconnected(e.to_string()));
+                    return;
+                }
+            };
+            if tx.send(seen).is_err() {
+                return;
+            }
+        }
+    });
+    Client { client, events }
+}
+
+impl Client {
+    /// The next event, failing the test after `secs` seconds.
+    pub async fn next(&mut self, secs: u64) -> Seen {
+        tokio::time::timeout(Duration::from_secs(secs), self.events.recv())
+            .await
+            .expect("timed out waiting for the broker")
+            .expect("event loop ended")
+    }
+
+    /// Waits for the CONNACK; returns its session-present flag.
+    pub async fn connected(&mut self) -> bool {
+        match self.next(10).await {
+            Seen::ConnAck(ack) => {
+                assert_eq!(ack.code, rumqttc::ConnectReturnCode::Success);
+                ack.session_present
+            }
+            other => panic!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    pub async fn subscribe(&mut self, filter: &str, qos: rumqttc::QoS) {
+        self.client.subscribe(filter, qos).await.unwrap();
+        loop {
+            match self.next(10).await {
+                Seen::SubAck(_) => return,
+                Seen::Publish(_) | Seen::PubAck(_) => {}
+                other => panic!("expected SUBACK, got {other:?}"),
+            }
+        }
+    }
+
+    /// Collects `count` publishes (skipping other events).
+    pub async fn publishes(&mut self, count: usize) -> Vec<rumqttc::Publish> {
+        let mut seen = Vec::with_capacity(count);
+        while seen.len() < count {
+            if let Seen::Publish(p) = self.next(20).await {
+                seen.push(p);
+            }
+        }
+        seen
+    }
+}

@@ -1,0 +1,229 @@
+//! MQTT protocol behaviour, black-box: a real `spool serve` and rumqttc clients. Delivery at
+//! each QoS and in order, wildcards, sessions kept across reconnects, takeover, oversized and
+//! malformed input. (Storage and restarts are in `crash.rs`.)
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Seen, Spool, connect, options};
+use rumqttc::QoS;
+use std::io::{Read, Write};
+use std::time::Duration;
+
+fn payload(i: usize) -> Vec<u8> {
+    format!("message {i}").into_bytes()
+}
+
+#[tokio::test]
+async fn qos1_messages_arrive_in_order_with_wildcards() {
+    // Goal: what one publisher sends at QoS 1 reaches a wildcard subscriber, all of it, in order.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect(options(spool.addr, "sub", true));
+    subscriber.connected().await;
+    subscriber
+        .subscribe("sensors/+/temperature", QoS::AtLeastOnce)
+        .await;
+    let mut publisher = connect(options(spool.addr, "pub", true));
+    publisher.connected().await;
+    for i in 0..200 {
+        let topic = format!("sensors/{}/temperature", i % 3);
+        publisher
+            .client
+            .publish(topic, QoS::AtLeastOnce, false, payload(i))
+            .await
+            .unwrap();
+    }
+    publisher
+        .client
+        .publish("sensors/0/humidity", QoS::AtLeastOnce, false, "not matched")
+        .await
+        .unwrap();
+    let received = subscriber.publishes(200).await;
+    for (i, publish) in received.iter().enumerate() {
+        assert_eq!(publish.payload.as_ref(), payload(i).as_slice());
+        assert_eq!(publish.qos, QoS::AtLeastOnce);
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(300), subscriber.publishes(1)).await;
+    assert!(extra.is_err(), "a non-matching topic was delivered");
+}
+
+#[tokio::test]
+async fn qos0_and_qos_downgrade() {
+    // Goal: QoS 0 is delivered, and a QoS 1 publish to a QoS 0 subscription arrives at QoS 0.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect(options(spool.addr, "sub", true));
+    subscriber.connected().await;
+    subscriber.subscribe("t", QoS::AtMostOnce).await;
+    let mut publisher = connect(options(spool.addr, "pub", true));
+    publisher.connected().await;
+    publisher
+        .client
+        .publish("t", QoS::AtMostOnce, false, "zero")
+        .await
+        .unwrap();
+    publisher
+        .client
+        .publish("t", QoS::AtLeastOnce, false, "one")
+        .await
+        .unwrap();
+    let received = subscriber.publishes(2).await;
+    assert_eq!(received[0].payload.as_ref(), b"zero");
+    assert_eq!(received[1].payload.as_ref(), b"one");
+    assert!(received.iter().all(|p| p.qos == QoS::AtMostOnce));
+}
+
+#[tokio::test]
+async fn puback_comes_back_for_every_qos1_publish() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut publisher = connect(options(spool.addr, "pub", true));
+    publisher.connected().await;
+    for i in 0..50 {
+        publisher
+            .client
+            .publish("nobody/listens", QoS::AtLeastOnce, false, payload(i))
+            .await
+            .unwrap();
+    }
+    let mut acks = 0;
+    while acks < 50 {
+        if let Seen::PubAck(_) = publisher.next(10).await {
+            acks += 1;
+        }
+    }
+}
+
+#[tokio::test]
+async fn persistent_session_keeps_subscriptions_and_messages_while_offline() {
+    // Goal: a clean_session=false subscriber that disconnects gets, on reconnect, everything
+    // published meanwhile, in order, and the broker says the session was present.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect(options(spool.addr, "durable-sub", false));
+    assert!(!subscriber.connected().await);
+    subscriber.subscribe("orders/#", QoS::AtLeastOnce).await;
+    subscriber.client.disconnect().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut publisher = connect(options(spool.addr, "pub", true));
+    publisher.connected().await;
+    for i in 0..30 {
+        publisher
+            .client
+            .publish("orders/new", QoS::AtLeastOnce, false, payload(i))
+            .await
+            .unwrap();
+    }
+    let mut acks = 0;
+    while acks < 30 {
+        if let Seen::PubAck(_) = publisher.next(10).await {
+            acks += 1;
+        }
+    }
+    let mut subscriber = connect(options(spool.addr, "durable-sub", false));
+    assert!(subscriber.connected().await, "session_present must be set");
+    let received = subscriber.publishes(30).await;
+    for (i, publish) in received.iter().enumerate() {
+        assert_eq!(publish.payload.as_ref(), payload(i).as_slice());
+    }
+}
+
+#[tokio::test]
+async fn a_second_connection_takes_the_session_over() {
+    // Goal: the same client id connecting again disconnects the first connection and keeps the
+    // session's subscriptions (edgeHub lost them: iotedge #5292).
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut first = connect(options(spool.addr, "module-a", false));
+    first.connected().await;
+    first.subscribe("to/module-a", QoS::AtLeastOnce).await;
+    let mut second = connect(options(spool.addr, "module-a", false));
+    assert!(second.connected().await);
+    loop {
+        match first.next(10).await {
+            Seen::Disconnected(_) => break,
+            Seen::Publish(_) | Seen::PubAck(_) => {}
+            other => panic!("expected the first connection to drop, got {other:?}"),
+        }
+    }
+    let mut publisher = connect(options(spool.addr, "pub", true));
+    publisher.connected().await;
+    publisher
+        .client
+        .publish("to/module-a", QoS::AtLeastOnce, false, "still subscribed")
+        .await
+        .unwrap();
+    let received = second.publishes(1).await;
+    assert_eq!(received[0].payload.as_ref(), b"still subscribed");
+}
+
+#[tokio::test]
+async fn oversized_packet_ends_only_that_connection() {
+    // Goal: a packet above the maximum closes that connection; everyone else keeps working.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &["--max-packet-size", "1024"]);
+    let mut bystander = connect(options(spool.addr, "bystander", true));
+    bystander.connected().await;
+    bystander.subscribe("t", QoS::AtLeastOnce).await;
+    let mut big = options(spool.addr, "big", true);
+    big.set_max_packet_size(1 << 20, 1 << 20);
+    let mut offender = connect(big);
+    offender.connected().await;
+    offender
+        .client
+        .publish("t", QoS::AtLeastOnce, false, vec![0u8; 4096])
+        .await
+        .unwrap();
+    loop {
+        match offender.next(10).await {
+            Seen::Disconnected(_) => break,
+            Seen::PubAck(_) => panic!("an oversized publish was acknowledged"),
+            _ => {}
+        }
+    }
+    let mut publisher = connect(options(spool.addr, "pub", true));
+    publisher.connected().await;
+    publisher
+        .client
+        .publish("t", QoS::AtLeastOnce, false, "small")
+        .await
+        .unwrap();
+    assert_eq!(bystander.publishes(1).await[0].payload.as_ref(), b"small");
+}
+
+#[test]
+fn malformed_bytes_close_the_connection() {
+    // Goal: garbage after a valid CONNECT closes that connection without taking the broker down.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut socket = std::net::TcpStream::connect(spool.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // CONNECT, MQTT 3.1.1, clean session, keep-alive 60, client id "raw".
+    socket
+        .write_all(&[
+            0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 3, b'r', b'a', b'w',
+        ])
+        .unwrap();
+    let mut connack = [0u8; 4];
+    socket.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0]);
+    // A SUBSCRIBE with reserved flags 0000 (must be 0010): malformed.
+    socket.write_all(&[0x80, 6, 0, 1, 0, 1, b't', 0]).unwrap();
+    let mut rest = Vec::new();
+    let read = socket.read_to_end(&mut rest);
+    assert!(read.is_ok(), "the broker closes the connection: {read:?}");
+    let mut other = std::net::TcpStream::connect(spool.addr).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    other
+        .write_all(&[
+            0x10, 15, 0, 4, b'M', b'Q', b'T', b'T', 4, 2, 0, 60, 0, 3, b'o', b'k', b'!',
+        ])
+        .unwrap();
+    other.read_exact(&mut connack).unwrap();
+    assert_eq!(connack, [0x20, 2, 0, 0], "the broker still serves others");
+}
