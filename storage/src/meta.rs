@@ -112,23 +112,9 @@ impl Meta {
     /// already acknowledged, so it is refused as a caller bug.
     ///
     /// # Errors
-    /// `Error::Meta`, or `CheckpointBackwards`.
+    /// `Error::Meta`, or `CheckpointBackwards` (and then nothing is written).
     pub fn set_checkpoints(&self, updates: &[(&str, u64)], commit: Commit) -> Result<()> {
-        let mut write = self
-            .db
-            .begin_write()
-            .map_err(|e| meta_error("begin checkpoint commit", e))?;
-        let durability = match commit {
-            Commit::Deferred => Durability::None,
-            Commit::Durable => Durability::Immediate,
-        };
-        write
-            .set_durability(durability)
-            .map_err(|e| meta_error("set durability", e))?;
-        {
-            let mut table = write
-                .open_table(CHECKPOINTS)
-                .map_err(|e| meta_error("open checkpoints", e))?;
+        self.write_checkpoints(commit, |table| {
             for &(queue, seq) in updates {
                 let current = table
                     .get(queue)
@@ -147,14 +133,8 @@ impl Meta {
                     .insert(queue, seq)
                     .map_err(|e| meta_error("write checkpoint", e))?;
             }
-        }
-        write
-            .commit()
-            .map_err(|e| meta_error("commit checkpoints", e))?;
-        if commit == Commit::Durable {
-            *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = self.checkpoints()?;
-        }
-        Ok(())
+            Ok(())
+        })
     }
 
     /// Removes a queue's checkpoint (the queue was deleted).
@@ -162,22 +142,37 @@ impl Meta {
     /// # Errors
     /// `Error::Meta`.
     pub fn remove_checkpoint(&self, queue: &str, commit: Commit) -> Result<()> {
+        self.write_checkpoints(commit, |table| {
+            table
+                .remove(queue)
+                .map_err(|e| meta_error("remove checkpoint", e))?;
+            Ok(())
+        })
+    }
+
+    /// Runs `change` on the checkpoint table in one write transaction, committed as `commit`
+    /// says; an error from `change` aborts the transaction.
+    fn write_checkpoints(
+        &self,
+        commit: Commit,
+        change: impl FnOnce(&mut redb::Table<'_, &'static str, u64>) -> Result<()>,
+    ) -> Result<()> {
         let mut write = self
             .db
             .begin_write()
             .map_err(|e| meta_error("begin checkpoint commit", e))?;
-        if commit == Commit::Deferred {
-            write
-                .set_durability(Durability::None)
-                .map_err(|e| meta_error("set durability", e))?;
-        }
+        let durability = match commit {
+            Commit::Deferred => Durability::None,
+            Commit::Durable => Durability::Immediate,
+        };
+        write
+            .set_durability(durability)
+            .map_err(|e| meta_error("set durability", e))?;
         {
             let mut table = write
                 .open_table(CHECKPOINTS)
                 .map_err(|e| meta_error("open checkpoints", e))?;
-            table
-                .remove(queue)
-                .map_err(|e| meta_error("remove checkpoint", e))?;
+            change(&mut table)?;
         }
         write
             .commit()

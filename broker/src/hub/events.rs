@@ -20,7 +20,8 @@ pub enum Event {
     Subscribe {
         session: u64,
         filters: Vec<(String, SubscriptionOptions)>,
-        reply: oneshot::Sender<Vec<SubscribeOutcome>>,
+        /// The QoS granted for each filter, in order.
+        reply: oneshot::Sender<Vec<QoS>>,
     },
     Unsubscribe {
         session: u64,
@@ -61,12 +62,6 @@ pub struct ConnectRequest {
 pub struct ConnectOutcome {
     pub session: u64,
     pub session_present: bool,
-}
-
-/// The result of one filter of a SUBSCRIBE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SubscribeOutcome {
-    Granted(QoS),
 }
 
 /// What the hub sends a connection.

@@ -11,9 +11,7 @@ pub mod events;
 use crate::delivery::cache::MessageCache;
 use crate::delivery::queue::{Pushed, QueueEntry};
 use crate::delivery::record::{KIND_PUBLISH, PublishRecord};
-use crate::hub::events::{
-    ConnectOutcome, ConnectRequest, Delivery, Event, Outbound, SubscribeOutcome,
-};
+use crate::hub::events::{ConnectOutcome, ConnectRequest, Delivery, Event, Outbound};
 use crate::limits::MESSAGE_CACHE_BYTES_MAX;
 use crate::message::{Message, QoS, now_ms};
 use crate::routing::{SubscriptionOptions, SubscriptionTable};
@@ -175,11 +173,7 @@ impl Hub {
         self.pump(id);
     }
 
-    fn subscribe(
-        &mut self,
-        id: u64,
-        filters: Vec<(String, SubscriptionOptions)>,
-    ) -> Vec<SubscribeOutcome> {
+    fn subscribe(&mut self, id: u64, filters: Vec<(String, SubscriptionOptions)>) -> Vec<QoS> {
         let mut outcomes = Vec::with_capacity(filters.len());
         for (filter, mut options) in filters {
             // QoS 2 towards subscribers comes with durable exactly-once state; until then the
@@ -189,7 +183,7 @@ impl Hub {
             if let Some(session) = self.sessions.get_mut(&id) {
                 session.subscriptions.insert(filter, options);
             }
-            outcomes.push(SubscribeOutcome::Granted(options.qos));
+            outcomes.push(options.qos);
         }
         outcomes
     }

@@ -552,48 +552,28 @@ where
                 }
             }
         }
-        let (reply, outcomes) = oneshot::channel();
-        let event = Event::Subscribe {
-            session: self.session,
+        let session = self.session;
+        let granted_by_hub = ask_hub(&self.context.hub, |reply| Event::Subscribe {
+            session,
             filters: valid,
             reply,
-        };
-        self.context
-            .hub
-            .send(event)
-            .await
-            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))?;
-        let outcomes = outcomes
-            .await
-            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))?;
-        let mut outcomes = outcomes.into_iter();
+        })
+        .await?;
+        let mut granted_by_hub = granted_by_hub.into_iter();
         for slot in granted.iter_mut().filter(|g| g.is_ok()) {
-            let crate::hub::events::SubscribeOutcome::Granted(qos) =
-                outcomes
-                    .next()
-                    .unwrap_or(crate::hub::events::SubscribeOutcome::Granted(
-                        QoS::AtMostOnce,
-                    ));
-            *slot = Ok(qos);
+            *slot = Ok(granted_by_hub.next().unwrap_or(QoS::AtMostOnce));
         }
         self.send(ServerPacket::SubAck { packet_id, granted }).await
     }
 
     async fn on_unsubscribe(&mut self, packet_id: u16, filters: Vec<String>) -> Result<(), Close> {
-        let (reply, outcomes) = oneshot::channel();
-        let event = Event::Unsubscribe {
-            session: self.session,
+        let session = self.session;
+        let existed = ask_hub(&self.context.hub, |reply| Event::Unsubscribe {
+            session,
             filters,
             reply,
-        };
-        self.context
-            .hub
-            .send(event)
-            .await
-            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))?;
-        let existed = outcomes
-            .await
-            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))?;
+        })
+        .await?;
         let results = existed
             .into_iter()
             .map(|existed| {
@@ -607,6 +587,17 @@ where
         self.send(ServerPacket::UnsubAck { packet_id, results })
             .await
     }
+}
+
+/// Sends the hub a request and waits for its answer.
+async fn ask_hub<T>(
+    hub: &mpsc::Sender<Event>,
+    request: impl FnOnce(oneshot::Sender<T>) -> Event,
+) -> Result<T, Close> {
+    let hub_stopped = || Close::with(Reason::ServerShuttingDown, "the hub stopped");
+    let (reply, answer) = oneshot::channel();
+    hub.send(request(reply)).await.map_err(|_| hub_stopped())?;
+    answer.await.map_err(|_| hub_stopped())
 }
 
 /// Waits for the oldest publish to become durable (never, if there is none).
