@@ -7,10 +7,11 @@
 //! - [`session`]: one client's session state, without sockets.
 //! - [`routing`]: topic validation and matching, the subscription table.
 //! - [`delivery`]: the WAL record of a publish, per-session queues, the message cache.
-//! - [`config`], [`server`] (wiring), [`message`], [`limits`].
+//! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`].
 
 pub mod config;
 pub mod delivery;
+pub mod encoding;
 pub mod hub;
 pub mod limits;
 pub mod message;

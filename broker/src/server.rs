@@ -6,7 +6,7 @@ use crate::limits::HUB_EVENTS_MAX;
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::SubscriptionTable;
 use anyhow::Context;
-use spool_storage::{Wal, WalOptions};
+use spool_storage::{Meta, Wal, WalOptions};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -39,36 +39,54 @@ fn wal_options(config: &Config) -> WalOptions {
     }
 }
 
+/// Opens the metadata store, then the log, which must reach every checkpoint the metadata
+/// holds, or it lost acknowledged messages (recovery refuses it).
+fn open_storage(config: &Config) -> anyhow::Result<(Arc<Meta>, Wal)> {
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
+    let meta_path = config.data_dir.join("meta.redb");
+    let meta =
+        Arc::new(Meta::open(&meta_path).with_context(|| format!("open {}", meta_path.display()))?);
+    let wal_dir = config.data_dir.join("wal");
+    let options = WalOptions {
+        // The log must reach every checkpoint, or it lost acknowledged messages.
+        required_last_seq: meta.highest_checkpoint()?,
+        ..wal_options(config)
+    };
+    let (wal, report) = Wal::open(&wal_dir, options)
+        .with_context(|| format!("open the write-ahead log in {}", wal_dir.display()))?;
+    tracing::info!(
+        segments = report.segments,
+        records = report.records,
+        bytes_truncated = report.bytes_truncated,
+        duration_ms = report.duration.as_millis() as u64,
+        "recovered the write-ahead log"
+    );
+    if report.bytes_truncated > 0 {
+        tracing::warn!(
+            bytes = report.bytes_truncated,
+            records = report.unacknowledged_records_discarded,
+            "cut a torn tail from the write-ahead log (writes that were never acknowledged)"
+        );
+    }
+    Ok((meta, wal))
+}
+
 impl Server {
     /// Opens the data directory (recovering the log) and starts serving.
     ///
     /// # Errors
     /// Storage that cannot be opened or recovered, or a listener that cannot bind.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
-        let wal_dir = config.data_dir.join("wal");
-        let (wal, report) = Wal::open(&wal_dir, wal_options(config))
-            .with_context(|| format!("open the write-ahead log in {}", wal_dir.display()))?;
-        tracing::info!(
-            segments = report.segments,
-            records = report.records,
-            bytes_truncated = report.bytes_truncated,
-            duration_ms = report.duration.as_millis() as u64,
-            "recovered the write-ahead log"
-        );
-        if report.bytes_truncated > 0 {
-            tracing::warn!(
-                bytes = report.bytes_truncated,
-                records = report.unacknowledged_records_discarded,
-                "cut a torn tail from the write-ahead log (writes that were never acknowledged)"
-            );
-        }
+        let (meta, wal) = open_storage(config)?;
         let router = Arc::new(RwLock::new(SubscriptionTable::default()));
         let limits = HubLimits {
             in_flight_max: config.max_inflight,
             session_queue_max: config.session_queue_max,
             session_expiry_v311: config.session_expiry_v311,
         };
-        let hub = Hub::new(wal.clone(), Arc::clone(&router), limits).context("start the hub")?;
+        let hub =
+            Hub::new(wal.clone(), meta, Arc::clone(&router), limits).context("start the hub")?;
         let shutdown = CancellationToken::new();
         let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
         let mut tasks = vec![tokio::spawn(hub.run(events_rx, shutdown.clone()))];

@@ -17,6 +17,9 @@ use std::sync::{Mutex, PoisonError};
 /// everything.
 const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkpoints");
 
+/// client id -> the broker's encoding of a persistent session (opaque to storage).
+const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
+
 /// How a metadata write is committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Commit {
@@ -181,6 +184,50 @@ impl Meta {
             *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = self.checkpoints()?;
         }
         Ok(())
+    }
+
+    /// Every stored session, by client id.
+    ///
+    /// # Errors
+    /// `Error::Meta`.
+    pub fn sessions(&self) -> Result<BTreeMap<String, Vec<u8>>> {
+        let read = self
+            .db
+            .begin_read()
+            .map_err(|e| meta_error("read sessions", e))?;
+        let table = match read.open_table(SESSIONS) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
+            Err(e) => return Err(meta_error("open sessions", e)),
+        };
+        let mut sessions = BTreeMap::new();
+        for entry in table.iter().map_err(|e| meta_error("read sessions", e))? {
+            let (client_id, state) = entry.map_err(|e| meta_error("read sessions", e))?;
+            sessions.insert(client_id.value().to_string(), state.value().to_vec());
+        }
+        Ok(sessions)
+    }
+
+    /// Stores (`Some`) or removes (`None`) a session, fsynced before this returns.
+    ///
+    /// # Errors
+    /// `Error::Meta`.
+    pub fn put_session(&self, client_id: &str, state: Option<&[u8]>) -> Result<()> {
+        let write = self
+            .db
+            .begin_write()
+            .map_err(|e| meta_error("begin session commit", e))?;
+        {
+            let mut table = write
+                .open_table(SESSIONS)
+                .map_err(|e| meta_error("open sessions", e))?;
+            match state {
+                Some(state) => table.insert(client_id, state).map(|_| ()),
+                None => table.remove(client_id).map(|_| ()),
+            }
+            .map_err(|e| meta_error("write session", e))?;
+        }
+        write.commit().map_err(|e| meta_error("commit session", e))
     }
 
     /// Makes every deferred commit durable (one fsync).

@@ -12,8 +12,12 @@
 //!                       | subscription_ids u8 count of u32)
 //! ```
 
+use crate::encoding::{
+    put_optional_bytes16, put_optional_str16, put_str16, take_bytes, take_optional_bytes16,
+    take_optional_str16, take_str16, take_u8, take_u16, take_u32, take_u64,
+};
 use crate::message::{Message, MessageProperties, QoS};
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{BufMut, Bytes, BytesMut};
 
 /// WAL record kinds written by the broker.
 pub const KIND_PUBLISH: u8 = 1;
@@ -40,20 +44,7 @@ pub struct PublishRecord {
     pub targets: Vec<Target>,
 }
 
-/// Why a record could not be decoded.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum RecordError {
-    #[error("record ends early")]
-    Truncated,
-    #[error("unsupported record version {0}")]
-    Version(u8),
-    #[error("invalid QoS {0}")]
-    QoS(u8),
-    #[error("string is not UTF-8")]
-    Utf8,
-    #[error("{0} trailing bytes")]
-    Trailing(usize),
-}
+pub use crate::encoding::FormatError as RecordError;
 
 impl PublishRecord {
     /// Encodes the record.
@@ -167,84 +158,6 @@ fn take_targets(bytes: &mut Bytes) -> Result<Vec<Target>, RecordError> {
         });
     }
     Ok(targets)
-}
-
-fn put_str16(out: &mut BytesMut, value: &str) {
-    put_bytes16(out, value.as_bytes());
-}
-
-fn put_bytes16(out: &mut BytesMut, value: &[u8]) {
-    out.put_u16_le(u16::try_from(value.len()).expect("field fits in u16"));
-    out.put_slice(value);
-}
-
-fn put_optional_str16(out: &mut BytesMut, value: Option<&str>) {
-    put_optional_bytes16(out, value.map(str::as_bytes));
-}
-
-fn put_optional_bytes16(out: &mut BytesMut, value: Option<&[u8]>) {
-    match value {
-        None => out.put_u8(0),
-        Some(value) => {
-            out.put_u8(1);
-            put_bytes16(out, value);
-        }
-    }
-}
-
-fn need(bytes: &Bytes, len: usize) -> Result<(), RecordError> {
-    if bytes.remaining() < len {
-        return Err(RecordError::Truncated);
-    }
-    Ok(())
-}
-
-fn take_u8(bytes: &mut Bytes) -> Result<u8, RecordError> {
-    need(bytes, 1)?;
-    Ok(bytes.get_u8())
-}
-
-fn take_u16(bytes: &mut Bytes) -> Result<u16, RecordError> {
-    need(bytes, 2)?;
-    Ok(bytes.get_u16_le())
-}
-
-fn take_u32(bytes: &mut Bytes) -> Result<u32, RecordError> {
-    need(bytes, 4)?;
-    Ok(bytes.get_u32_le())
-}
-
-fn take_u64(bytes: &mut Bytes) -> Result<u64, RecordError> {
-    need(bytes, 8)?;
-    Ok(bytes.get_u64_le())
-}
-
-fn take_bytes(bytes: &mut Bytes, len: usize) -> Result<Bytes, RecordError> {
-    need(bytes, len)?;
-    Ok(bytes.split_to(len))
-}
-
-fn take_str16(bytes: &mut Bytes) -> Result<String, RecordError> {
-    let len = usize::from(take_u16(bytes)?);
-    let raw = take_bytes(bytes, len)?;
-    String::from_utf8(raw.to_vec()).map_err(|_| RecordError::Utf8)
-}
-
-fn take_optional_str16(bytes: &mut Bytes) -> Result<Option<String>, RecordError> {
-    match take_u8(bytes)? {
-        0 => Ok(None),
-        _ => take_str16(bytes).map(Some),
-    }
-}
-
-fn take_optional_bytes16(bytes: &mut Bytes) -> Result<Option<Bytes>, RecordError> {
-    match take_u8(bytes)? {
-        0 => Ok(None),
-        _ => {
-            let len = usize::from(take_u16(bytes)?);
-            take_bytes(bytes, len).map(Some)
-        }
-    }
 }
 
 #[cfg(test)]

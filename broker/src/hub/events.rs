@@ -20,8 +20,9 @@ pub enum Event {
     Subscribe {
         session: u64,
         filters: Vec<(String, SubscriptionOptions)>,
-        /// The QoS granted for each filter, in order.
-        reply: oneshot::Sender<Vec<QoS>>,
+        /// The QoS granted for each filter, in order; `None` where the subscription could not
+        /// be stored.
+        reply: oneshot::Sender<Vec<Option<QoS>>>,
     },
     Unsubscribe {
         session: u64,

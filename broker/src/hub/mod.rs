@@ -11,12 +11,14 @@ pub mod events;
 use crate::delivery::cache::MessageCache;
 use crate::delivery::queue::{Pushed, QueueEntry};
 use crate::delivery::record::{KIND_PUBLISH, PublishRecord};
+use crate::encoding::FormatError;
 use crate::hub::events::{ConnectOutcome, ConnectRequest, Delivery, Event, Outbound};
 use crate::limits::MESSAGE_CACHE_BYTES_MAX;
 use crate::message::{Message, QoS, now_ms};
 use crate::routing::{SubscriptionOptions, SubscriptionTable};
+use crate::session::persist::PersistedSession;
 use crate::session::{Attachment, Session};
-use spool_storage::{Record, Wal, WalReader};
+use spool_storage::{Commit, Meta, Record, Wal, WalReader};
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -35,39 +37,111 @@ pub struct HubLimits {
     pub session_expiry_v311: Duration,
 }
 
+/// Why the hub could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Storage(#[from] spool_storage::Error),
+    #[error("the stored session of client {client_id:?} is corrupt: {source}")]
+    CorruptSession {
+        client_id: String,
+        source: FormatError,
+    },
+}
+
 /// The hub's state; see the module documentation.
 pub struct Hub {
     wal: Wal,
+    meta: Arc<Meta>,
     tail: WalReader,
     router: Arc<RwLock<SubscriptionTable>>,
     sessions: HashMap<u64, Session>,
     session_by_client: HashMap<String, u64>,
+    /// Session ids are the log's epoch in the high 32 bits and a counter in the low ones, so an
+    /// id is never reused across restarts and old records can never reach a new session.
     next_session_id: u64,
     cache: MessageCache,
     limits: HubLimits,
 }
 
 impl Hub {
-    /// A hub that delivers every record logged from now on.
+    /// A hub with the persistent sessions of `meta`, whose queues it rebuilds by replaying the
+    /// log from their checkpoints (through the same path as live delivery).
     ///
     /// # Errors
-    /// If the log cannot be read.
+    /// If the log or the metadata cannot be read, or a stored session is corrupt.
     pub fn new(
         wal: Wal,
+        meta: Arc<Meta>,
         router: Arc<RwLock<SubscriptionTable>>,
         limits: HubLimits,
-    ) -> spool_storage::Result<Hub> {
+    ) -> Result<Hub, StartError> {
         let tail = wal.reader(wal.durable_seq() + 1)?;
-        Ok(Hub {
+        let next_session_id = (wal.epoch() << 32) + 1;
+        let mut hub = Hub {
             wal,
+            meta,
             tail,
             router,
             sessions: HashMap::new(),
             session_by_client: HashMap::new(),
-            next_session_id: 1,
+            next_session_id,
             cache: MessageCache::new(MESSAGE_CACHE_BYTES_MAX),
             limits,
-        })
+        };
+        let replay_from = hub.load_sessions()?;
+        hub.tail = hub.wal.reader(replay_from)?;
+        Ok(hub)
+    }
+
+    /// Restores stored sessions; returns where the log replay must start.
+    fn load_sessions(&mut self) -> Result<u64, StartError> {
+        let checkpoints = self.meta.checkpoints()?;
+        let mut replay_from = self.wal.durable_seq() + 1;
+        let now = Instant::now();
+        for (client_id, stored) in self.meta.sessions()? {
+            let stored =
+                PersistedSession::decode(&stored).map_err(|source| StartError::CorruptSession {
+                    client_id: client_id.clone(),
+                    source,
+                })?;
+            let expiry = Duration::from_secs(stored.expiry_secs);
+            let mut session = Session::new(
+                stored.id,
+                client_id.clone(),
+                expiry,
+                self.limits.session_queue_max,
+            );
+            let checkpoint = checkpoints
+                .get(&session.checkpoint_key())
+                .copied()
+                .unwrap_or(0);
+            session.replay_floor = checkpoint.max(stored.replay_floor);
+            session.checkpoint = session.replay_floor;
+            // The expiry clock restarts with the process: the time spent down is not counted.
+            session.detached_at = Some(now);
+            for (filter, options) in &stored.subscriptions {
+                self.router().subscribe(stored.id, filter, *options);
+            }
+            session.subscriptions = stored.subscriptions;
+            replay_from = replay_from.min(session.replay_floor + 1);
+            self.session_by_client.insert(client_id, stored.id);
+            self.sessions.insert(stored.id, session);
+        }
+        let first = self.wal.first_seq();
+        if replay_from < first {
+            tracing::warn!(
+                replay_from,
+                first,
+                "records a session needed were already removed from the log"
+            );
+        }
+        tracing::info!(
+            sessions = self.sessions.len(),
+            replay_from,
+            "restored persistent sessions"
+        );
+        Ok(replay_from.max(first))
     }
 
     /// Runs until `shutdown` is cancelled or the log stops.
@@ -85,7 +159,10 @@ impl Hub {
                         return;
                     }
                 },
-                _ = expiry.tick() => self.expire_sessions(Instant::now()),
+                _ = expiry.tick() => {
+                    self.expire_sessions(Instant::now());
+                    self.checkpoint_and_retain();
+                }
             }
         }
     }
@@ -146,12 +223,14 @@ impl Hub {
             None => {
                 let id = self.next_session_id;
                 self.next_session_id += 1;
-                let session = Session::new(
+                let mut session = Session::new(
                     id,
                     request.client_id.clone(),
                     expiry,
                     self.limits.session_queue_max,
                 );
+                session.replay_floor = self.tail.next_seq() - 1;
+                session.checkpoint = session.replay_floor;
                 self.sessions.insert(id, session);
                 self.session_by_client.insert(request.client_id.clone(), id);
                 id
@@ -166,6 +245,11 @@ impl Hub {
             outbound: request.outbound,
             window: usize::from(request.receive_max.min(self.limits.in_flight_max).max(1)),
         });
+        if let Err(e) = self.store_session(id) {
+            // The session works; only its survival across a restart is at risk. Subscribing
+            // stores it again, and refuses the subscription if that fails too.
+            tracing::error!(client_id = %request.client_id, "failed to store the session: {e}");
+        }
         let _ = request.reply.send(ConnectOutcome {
             session: id,
             session_present,
@@ -173,7 +257,11 @@ impl Hub {
         self.pump(id);
     }
 
-    fn subscribe(&mut self, id: u64, filters: Vec<(String, SubscriptionOptions)>) -> Vec<QoS> {
+    fn subscribe(
+        &mut self,
+        id: u64,
+        filters: Vec<(String, SubscriptionOptions)>,
+    ) -> Vec<Option<QoS>> {
         let mut outcomes = Vec::with_capacity(filters.len());
         for (filter, mut options) in filters {
             // QoS 2 towards subscribers comes with durable exactly-once state; until then the
@@ -183,13 +271,18 @@ impl Hub {
             if let Some(session) = self.sessions.get_mut(&id) {
                 session.subscriptions.insert(filter, options);
             }
-            outcomes.push(options.qos);
+            outcomes.push(Some(options.qos));
+        }
+        // A persistent session's subscriptions are durable before the SUBACK says granted.
+        if let Err(e) = self.store_session(id) {
+            tracing::error!(session = id, "failed to store subscriptions: {e}");
+            return vec![None; outcomes.len()];
         }
         outcomes
     }
 
     fn unsubscribe(&mut self, id: u64, filters: &[String]) -> Vec<bool> {
-        filters
+        let existed = filters
             .iter()
             .map(|filter| {
                 if let Some(session) = self.sessions.get_mut(&id) {
@@ -197,7 +290,11 @@ impl Hub {
                 }
                 self.router().unsubscribe(id, filter)
             })
-            .collect()
+            .collect();
+        if let Err(e) = self.store_session(id) {
+            tracing::error!(session = id, "failed to store subscriptions: {e}");
+        }
+        existed
     }
 
     fn acknowledge(&mut self, id: u64, packet_id: u16) {
@@ -227,10 +324,79 @@ impl Hub {
     }
 
     fn remove_session(&mut self, id: u64) {
-        if let Some(session) = self.sessions.remove(&id) {
-            self.session_by_client.remove(&session.client_id);
-            self.router().remove_session(id);
+        let Some(session) = self.sessions.remove(&id) else {
+            return;
+        };
+        self.session_by_client.remove(&session.client_id);
+        self.router().remove_session(id);
+        if !session.is_persistent() {
+            return;
         }
+        let forget = self
+            .meta
+            .put_session(&session.client_id, None)
+            .and_then(|()| {
+                self.meta
+                    .remove_checkpoint(&session.checkpoint_key(), Commit::Durable)
+            });
+        if let Err(e) = forget {
+            tracing::error!(client_id = %session.client_id, "failed to remove a stored session: {e}");
+        }
+    }
+
+    /// Stores a persistent session (durably); a clean one is not stored.
+    fn store_session(&self, id: u64) -> spool_storage::Result<()> {
+        match self.sessions.get(&id) {
+            Some(session) if session.is_persistent() => {
+                let stored = session.to_persisted().encode();
+                self.meta.put_session(&session.client_id, Some(&stored))
+            }
+            Some(_) | None => Ok(()),
+        }
+    }
+
+    /// Commits every persistent session's progress durably, then lets the log drop the segments
+    /// no queue needs any more. A checkpoint is the sequence before the first message still
+    /// needed (or everything the hub has read, for an empty queue), so it never moves back.
+    fn checkpoint_and_retain(&mut self) {
+        let read_through = self.tail.next_seq() - 1;
+        let mut updates = Vec::new();
+        for session in self.sessions.values().filter(|s| s.is_persistent()) {
+            let checkpoint = session
+                .queue
+                .first_needed()
+                .map_or(read_through, |first| first - 1);
+            if checkpoint > session.checkpoint {
+                updates.push((session.checkpoint_key(), checkpoint, session.id));
+            }
+        }
+        if !updates.is_empty() {
+            let pairs: Vec<(&str, u64)> =
+                updates.iter().map(|(k, c, _)| (k.as_str(), *c)).collect();
+            if let Err(e) = self.meta.set_checkpoints(&pairs, Commit::Durable) {
+                tracing::error!("failed to commit checkpoints: {e}");
+                return;
+            }
+            for (_, checkpoint, id) in updates {
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.checkpoint = checkpoint;
+                }
+            }
+        }
+        let lowest_needed = self
+            .sessions
+            .values()
+            .map(|s| match s.is_persistent() {
+                true => s.checkpoint + 1,
+                false => s.queue.first_needed().unwrap_or(read_through + 1),
+            })
+            .fold(read_through + 1, u64::min);
+        let wal = self.wal.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = wal.remove_segments_below(lowest_needed) {
+                tracing::error!("failed to remove old log segments: {e}");
+            }
+        });
     }
 
     fn expire_sessions(&mut self, now: Instant) {
@@ -267,6 +433,9 @@ impl Hub {
             let Some(session) = self.sessions.get_mut(&target.session) else {
                 continue;
             };
+            if record.seq <= session.replay_floor {
+                continue; // acknowledged before the last restart
+            }
             let entry = QueueEntry {
                 seq: record.seq,
                 qos: target.qos,

@@ -561,7 +561,10 @@ where
         .await?;
         let mut granted_by_hub = granted_by_hub.into_iter();
         for slot in granted.iter_mut().filter(|g| g.is_ok()) {
-            *slot = Ok(granted_by_hub.next().unwrap_or(QoS::AtMostOnce));
+            *slot = granted_by_hub
+                .next()
+                .flatten()
+                .ok_or(Reason::UnspecifiedError);
         }
         self.send(ServerPacket::SubAck { packet_id, granted }).await
     }

@@ -2,6 +2,8 @@
 //! queue, its packet identifiers, and the connection it is attached to, if any. It owns no
 //! socket: the hub hands it packets to send through the connection's bounded channel.
 
+pub mod persist;
+
 use crate::delivery::queue::DeliveryQueue;
 use crate::hub::events::{Outbound, Protocol};
 use crate::routing::SubscriptionOptions;
@@ -33,6 +35,11 @@ pub struct Session {
     pub queue: DeliveryQueue,
     /// When the connection dropped, for expiry.
     pub detached_at: Option<Instant>,
+    /// Records up to this sequence number are not for this queue: they were routed before the
+    /// session existed, or acknowledged before the last restart.
+    pub replay_floor: u64,
+    /// The checkpoint last committed durably: everything up to it was acknowledged.
+    pub checkpoint: u64,
     next_packet_id: u16,
 }
 
@@ -47,6 +54,8 @@ impl Session {
             subscriptions: BTreeMap::new(),
             queue: DeliveryQueue::new(queue_limit),
             detached_at: None,
+            replay_floor: 0,
+            checkpoint: 0,
             next_packet_id: 0,
         }
     }
@@ -60,6 +69,29 @@ impl Session {
             if !self.queue.packet_id_in_use(self.next_packet_id) {
                 return self.next_packet_id;
             }
+        }
+    }
+
+    /// Whether the session outlives its connection, and so is stored.
+    #[must_use]
+    pub fn is_persistent(&self) -> bool {
+        !self.expiry.is_zero()
+    }
+
+    /// The key of the session's checkpoint in the metadata store.
+    #[must_use]
+    pub fn checkpoint_key(&self) -> String {
+        format!("session/{}", self.id)
+    }
+
+    /// What of the session is stored.
+    #[must_use]
+    pub fn to_persisted(&self) -> persist::PersistedSession {
+        persist::PersistedSession {
+            id: self.id,
+            expiry_secs: self.expiry.as_secs(),
+            replay_floor: self.replay_floor,
+            subscriptions: self.subscriptions.clone(),
         }
     }
 
