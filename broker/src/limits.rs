@@ -20,7 +20,16 @@ pub const PUBLISHES_IN_FLIGHT_MAX: usize = 1024;
 /// read back from the write-ahead log.
 pub const MESSAGE_CACHE_BYTES_MAX: usize = 64 << 20;
 
+/// MQTT 5 user properties accepted on one PUBLISH (the log record counts them in a u16).
+pub const USER_PROPERTIES_MAX: usize = 1024;
+
+/// Subscriptions one session may hold; beyond it SUBSCRIBE is refused with "quota exceeded".
+/// It also bounds the subscription identifiers one delivery can carry.
+pub const SUBSCRIPTIONS_PER_SESSION_MAX: usize = 1024;
+
 /// Targets one message can be routed to.
 pub const TARGETS_PER_MESSAGE_MAX: usize = 1 << 16;
 
 const _: () = assert!(PUBLISHES_IN_FLIGHT_MAX <= u16::MAX as usize);
+const _: () = assert!(USER_PROPERTIES_MAX <= u16::MAX as usize);
+const _: () = assert!(SUBSCRIPTIONS_PER_SESSION_MAX <= u16::MAX as usize);

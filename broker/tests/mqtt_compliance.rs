@@ -227,3 +227,69 @@ fn malformed_bytes_close_the_connection() {
     other.read_exact(&mut connack).unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0], "the broker still serves others");
 }
+
+/// MQTT variable byte integer.
+fn varint(mut value: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (value % 128) as u8;
+        value /= 128;
+        if value > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if value == 0 {
+            return;
+        }
+    }
+}
+
+fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    varint(body.len(), &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+#[test]
+fn too_many_user_properties_end_only_that_connection() {
+    // Goal: a valid MQTT 5 PUBLISH beyond spool's user-property limit gets a DISCONNECT with
+    // reason 0x83 (implementation specific) instead of crashing anything; others keep working.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut socket = std::net::TcpStream::connect(spool.addr).unwrap();
+    socket
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    // CONNECT, MQTT 5, clean start, keep-alive 60, no properties, client id "v5".
+    let connect = [
+        0, 4, b'M', b'Q', b'T', b'T', 5, 2, 0, 60, 0, 0, 2, b'v', b'5',
+    ];
+    socket.write_all(&packet(0x10, &connect)).unwrap();
+    let mut header = [0u8; 2];
+    socket.read_exact(&mut header).unwrap();
+    assert_eq!(header[0], 0x20, "CONNACK");
+    let mut connack = vec![0u8; usize::from(header[1])];
+    socket.read_exact(&mut connack).unwrap();
+    assert_eq!(connack[1], 0, "accepted");
+    // PUBLISH QoS 0 to "t" with 2000 empty user properties.
+    let mut properties = Vec::new();
+    for _ in 0..2000 {
+        properties.extend_from_slice(&[0x26, 0, 0, 0, 0]);
+    }
+    let mut body = vec![0, 1, b't'];
+    varint(properties.len(), &mut body);
+    body.extend_from_slice(&properties);
+    body.extend_from_slice(b"payload");
+    socket.write_all(&packet(0x30, &body)).unwrap();
+    let mut rest = Vec::new();
+    let _ = socket.read_to_end(&mut rest);
+    assert!(rest.len() >= 3, "expected a DISCONNECT, got {rest:?}");
+    assert_eq!((rest[0], rest[2]), (0xE0, 0x83), "DISCONNECT with 0x83");
+    let mut other = std::net::TcpStream::connect(spool.addr).unwrap();
+    other
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    other.write_all(&packet(0x10, &connect)).unwrap();
+    other.read_exact(&mut header).unwrap();
+    assert_eq!(header[0], 0x20, "the broker still serves others");
+}

@@ -9,7 +9,7 @@
 //! content_type opt-str16 | response_topic opt-str16 | correlation opt-bytes16
 //! user_properties u16 count of (str16, str16)
 //! targets u32 count of (session u64 | options u8 (qos:2 | retain_as_published:1)
-//!                       | subscription_ids u8 count of u32)
+//!                       | subscription_ids u16 count of u32)
 //! ```
 
 use crate::encoding::{
@@ -78,8 +78,10 @@ impl PublishRecord {
         for target in &self.targets {
             out.put_u64_le(target.session);
             out.put_u8(target.qos as u8 | u8::from(target.retain_as_published) << 2);
-            let ids = u8::try_from(target.subscription_ids.len()).expect("subscription ids fit");
-            out.put_u8(ids);
+            // At most one id per subscription, and sessions hold at most
+            // SUBSCRIPTIONS_PER_SESSION_MAX of them.
+            let ids = u16::try_from(target.subscription_ids.len()).expect("subscription ids fit");
+            out.put_u16_le(ids);
             for id in &target.subscription_ids {
                 out.put_u32_le(*id);
             }
@@ -145,7 +147,7 @@ fn take_targets(bytes: &mut Bytes) -> Result<Vec<Target>, RecordError> {
         let session = take_u64(bytes)?;
         let options = take_u8(bytes)?;
         let qos = QoS::from_u8(options & 0b11).ok_or(RecordError::QoS(options & 0b11))?;
-        let id_count = take_u8(bytes)?;
+        let id_count = take_u16(bytes)?;
         let mut subscription_ids = Vec::with_capacity(usize::from(id_count));
         for _ in 0..id_count {
             subscription_ids.push(take_u32(bytes)?);

@@ -20,9 +20,8 @@ pub enum Event {
     Subscribe {
         session: u64,
         filters: Vec<(String, SubscriptionOptions)>,
-        /// The QoS granted for each filter, in order; `None` where the subscription could not
-        /// be stored.
-        reply: oneshot::Sender<Vec<Option<QoS>>>,
+        /// The QoS granted for each filter, in order, or why it was refused.
+        reply: oneshot::Sender<Vec<Result<QoS, SubscribeRefusal>>>,
     },
     Unsubscribe {
         session: u64,
@@ -63,6 +62,15 @@ pub struct ConnectRequest {
 pub struct ConnectOutcome {
     pub session: u64,
     pub session_present: bool,
+}
+
+/// Why the hub refused a subscription.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SubscribeRefusal {
+    /// The session already holds `SUBSCRIPTIONS_PER_SESSION_MAX` subscriptions.
+    QuotaExceeded,
+    /// The subscription could not be stored durably (or the session is gone).
+    Unavailable,
 }
 
 /// What the hub sends a connection.

@@ -12,8 +12,10 @@ use crate::delivery::cache::MessageCache;
 use crate::delivery::queue::{Pushed, QueueEntry};
 use crate::delivery::record::{KIND_PUBLISH, PublishRecord};
 use crate::encoding::FormatError;
-use crate::hub::events::{ConnectOutcome, ConnectRequest, Delivery, Event, Outbound};
-use crate::limits::MESSAGE_CACHE_BYTES_MAX;
+use crate::hub::events::{
+    ConnectOutcome, ConnectRequest, Delivery, Event, Outbound, SubscribeRefusal,
+};
+use crate::limits::{MESSAGE_CACHE_BYTES_MAX, SUBSCRIPTIONS_PER_SESSION_MAX};
 use crate::message::{Message, QoS, now_ms};
 use crate::routing::{SubscriptionOptions, SubscriptionTable};
 use crate::session::persist::PersistedSession;
@@ -118,6 +120,7 @@ impl Hub {
                 .unwrap_or(0);
             session.replay_floor = checkpoint.max(stored.replay_floor);
             session.checkpoint = session.replay_floor;
+            session.stored = true;
             // The expiry clock restarts with the process: the time spent down is not counted.
             session.detached_at = Some(now);
             for (filter, options) in &stored.subscriptions {
@@ -261,27 +264,40 @@ impl Hub {
         &mut self,
         id: u64,
         filters: Vec<(String, SubscriptionOptions)>,
-    ) -> Vec<Option<QoS>> {
+    ) -> Vec<Result<QoS, SubscribeRefusal>> {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            // The session ended (taken over with a clean start) while this request waited.
+            return vec![Err(SubscribeRefusal::Unavailable); filters.len()];
+        };
+        let mut router = self.router.write().unwrap_or_else(PoisonError::into_inner);
         let mut outcomes = Vec::with_capacity(filters.len());
         for (filter, mut options) in filters {
+            let full = session.subscriptions.len() >= SUBSCRIPTIONS_PER_SESSION_MAX
+                && !session.subscriptions.contains_key(&filter);
+            if full {
+                outcomes.push(Err(SubscribeRefusal::QuotaExceeded));
+                continue;
+            }
             // QoS 2 towards subscribers comes with durable exactly-once state; until then the
             // broker grants at most QoS 1, which MQTT allows (the SUBACK says so).
             options.qos = options.qos.min(QoS::AtLeastOnce);
-            self.router().subscribe(id, &filter, options);
-            if let Some(session) = self.sessions.get_mut(&id) {
-                session.subscriptions.insert(filter, options);
-            }
-            outcomes.push(Some(options.qos));
+            router.subscribe(id, &filter, options);
+            session.subscriptions.insert(filter, options);
+            outcomes.push(Ok(options.qos));
         }
+        drop(router);
         // A persistent session's subscriptions are durable before the SUBACK says granted.
         if let Err(e) = self.store_session(id) {
             tracing::error!(session = id, "failed to store subscriptions: {e}");
-            return vec![None; outcomes.len()];
+            return vec![Err(SubscribeRefusal::Unavailable); outcomes.len()];
         }
         outcomes
     }
 
     fn unsubscribe(&mut self, id: u64, filters: &[String]) -> Vec<bool> {
+        if !self.sessions.contains_key(&id) {
+            return vec![false; filters.len()];
+        }
         let existed = filters
             .iter()
             .map(|filter| {
@@ -329,7 +345,7 @@ impl Hub {
         };
         self.session_by_client.remove(&session.client_id);
         self.router().remove_session(id);
-        if !session.is_persistent() {
+        if !session.stored {
             return;
         }
         let forget = self
@@ -344,12 +360,15 @@ impl Hub {
         }
     }
 
-    /// Stores a persistent session (durably); a clean one is not stored.
-    fn store_session(&self, id: u64) -> spool_storage::Result<()> {
-        match self.sessions.get(&id) {
+    /// Stores a persistent session (durably); a clean one is not stored. A session stored once
+    /// stays marked, so its stored copy is removed with it even if it stopped being persistent.
+    fn store_session(&mut self, id: u64) -> spool_storage::Result<()> {
+        match self.sessions.get_mut(&id) {
             Some(session) if session.is_persistent() => {
                 let stored = session.to_persisted().encode();
-                self.meta.put_session(&session.client_id, Some(&stored))
+                self.meta.put_session(&session.client_id, Some(&stored))?;
+                session.stored = true;
+                Ok(())
             }
             Some(_) | None => Ok(()),
         }
@@ -468,6 +487,7 @@ impl Hub {
             let session = self.sessions.get_mut(&id).expect("looked up above");
             if message.is_expired(now_ms()) {
                 session.queue.dropped_expired += 1;
+                tracing::info!(client_id = %session.client_id, seq = entry.seq, "message expired before delivery (ttl_expiry)");
                 continue;
             }
             let packet_id = (entry.qos != QoS::AtMostOnce).then(|| session.allocate_packet_id());

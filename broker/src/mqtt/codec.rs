@@ -122,6 +122,7 @@ pub enum Reason {
     TopicAliasInvalid,
     ReceiveMaximumExceeded,
     NoSubscriptionExisted,
+    ImplementationSpecificError,
 }
 
 impl Reason {
@@ -132,6 +133,7 @@ impl Reason {
             Reason::Success => 0x00,
             Reason::NoSubscriptionExisted => 0x11,
             Reason::UnspecifiedError => 0x80,
+            Reason::ImplementationSpecificError => 0x83,
             Reason::MalformedPacket => 0x81,
             Reason::ProtocolError => 0x82,
             Reason::ClientIdentifierNotValid => 0x85,

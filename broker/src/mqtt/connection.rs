@@ -8,8 +8,12 @@
 //! waiting for durability, the connection stops reading its socket: back-pressure, not memory.
 
 use crate::delivery::record::{KIND_PUBLISH, PublishRecord};
-use crate::hub::events::{ConnectOutcome, ConnectRequest, Event, Outbound, Protocol};
-use crate::limits::{CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX};
+use crate::hub::events::{
+    ConnectOutcome, ConnectRequest, Event, Outbound, Protocol, SubscribeRefusal,
+};
+use crate::limits::{
+    CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX, USER_PROPERTIES_MAX,
+};
 use crate::message::{Message, QoS, now_ms};
 use crate::mqtt::ServerContext;
 use crate::mqtt::codec::{
@@ -409,6 +413,10 @@ where
                 "QoS 2 above the advertised maximum",
             ));
         }
+        if publish.properties.user.len() > USER_PROPERTIES_MAX {
+            let why = format!("more than {USER_PROPERTIES_MAX} user properties");
+            return Err(Close::with(Reason::ImplementationSpecificError, why));
+        }
         let topic = self.resolve_topic(&publish)?;
         topic::validate_name(&topic)
             .map_err(|e| Close::with(Reason::TopicNameInvalid, format!("topic {topic:?}: {e}")))?;
@@ -561,10 +569,11 @@ where
         .await?;
         let mut granted_by_hub = granted_by_hub.into_iter();
         for slot in granted.iter_mut().filter(|g| g.is_ok()) {
-            *slot = granted_by_hub
-                .next()
-                .flatten()
-                .ok_or(Reason::UnspecifiedError);
+            *slot = match granted_by_hub.next() {
+                Some(Ok(qos)) => Ok(qos),
+                Some(Err(SubscribeRefusal::QuotaExceeded)) => Err(Reason::QuotaExceeded),
+                Some(Err(SubscribeRefusal::Unavailable)) | None => Err(Reason::UnspecifiedError),
+            };
         }
         self.send(ServerPacket::SubAck { packet_id, granted }).await
     }

@@ -40,6 +40,8 @@ pub struct Session {
     pub replay_floor: u64,
     /// The checkpoint last committed durably: everything up to it was acknowledged.
     pub checkpoint: u64,
+    /// Whether the metadata store holds a copy, to be removed with the session.
+    pub stored: bool,
     next_packet_id: u16,
 }
 
@@ -56,6 +58,7 @@ impl Session {
             detached_at: None,
             replay_floor: 0,
             checkpoint: 0,
+            stored: false,
             next_packet_id: 0,
         }
     }
