@@ -51,12 +51,7 @@ async fn publish_acknowledged(client: &mut Client, topic: &str, range: std::ops:
             .await
             .unwrap();
     }
-    let mut acks = 0;
-    while acks < count {
-        if let Seen::PubAck(_) = client.next(10).await {
-            acks += 1;
-        }
-    }
+    client.acks(count).await;
 }
 
 fn parse(payload: &[u8]) -> (u64, u64) {

@@ -87,12 +87,7 @@ async fn puback_comes_back_for_every_qos1_publish() {
             .await
             .unwrap();
     }
-    let mut acks = 0;
-    while acks < 50 {
-        if let Seen::PubAck(_) = publisher.next(10).await {
-            acks += 1;
-        }
-    }
+    publisher.acks(50).await;
 }
 
 #[tokio::test]
@@ -115,12 +110,7 @@ async fn persistent_session_keeps_subscriptions_and_messages_while_offline() {
             .await
             .unwrap();
     }
-    let mut acks = 0;
-    while acks < 30 {
-        if let Seen::PubAck(_) = publisher.next(10).await {
-            acks += 1;
-        }
-    }
+    publisher.acks(30).await;
     let mut subscriber = connect(options(spool.addr, "durable-sub", false));
     assert!(subscriber.connected().await, "session_present must be set");
     let received = subscriber.publishes(30).await;

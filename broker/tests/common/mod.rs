@@ -150,6 +150,16 @@ impl Client {
         }
     }
 
+    /// Waits for `count` PUBACKs (skipping other events).
+    pub async fn acks(&mut self, count: u64) {
+        let mut acks = 0;
+        while acks < count {
+            if let Seen::PubAck(_) = self.next(10).await {
+                acks += 1;
+            }
+        }
+    }
+
     /// Collects `count` publishes (skipping other events).
     pub async fn publishes(&mut self, count: usize) -> Vec<rumqttc::Publish> {
         let mut seen = Vec::with_capacity(count);
