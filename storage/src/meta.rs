@@ -64,24 +64,35 @@ impl Meta {
     /// # Errors
     /// `Error::Meta`.
     pub fn checkpoints(&self) -> Result<BTreeMap<String, u64>> {
+        self.read_table(CHECKPOINTS, "checkpoints", |seq| seq)
+    }
+
+    /// Every entry of a table keyed by name, converted by `value`; empty if the table was never
+    /// written.
+    fn read_table<V: redb::Value + 'static, T>(
+        &self,
+        definition: TableDefinition<&'static str, V>,
+        what: &str,
+        value: impl Fn(V::SelfType<'_>) -> T,
+    ) -> Result<BTreeMap<String, T>> {
         let read = self
             .db
             .begin_read()
-            .map_err(|e| meta_error("read checkpoints", e))?;
-        let table = match read.open_table(CHECKPOINTS) {
+            .map_err(|e| meta_error(&format!("read {what}"), e))?;
+        let table = match read.open_table(definition) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
-            Err(e) => return Err(meta_error("open checkpoints", e)),
+            Err(e) => return Err(meta_error(&format!("open {what}"), e)),
         };
-        let mut checkpoints = BTreeMap::new();
-        for entry in table
+        let mut entries = BTreeMap::new();
+        let rows = table
             .iter()
-            .map_err(|e| meta_error("read checkpoints", e))?
-        {
-            let (queue, seq) = entry.map_err(|e| meta_error("read checkpoints", e))?;
-            checkpoints.insert(queue.value().to_string(), seq.value());
+            .map_err(|e| meta_error(&format!("read {what}"), e))?;
+        for row in rows {
+            let (key, stored) = row.map_err(|e| meta_error(&format!("read {what}"), e))?;
+            entries.insert(key.value().to_string(), value(stored.value()));
         }
-        Ok(checkpoints)
+        Ok(entries)
     }
 
     /// One queue's checkpoint, if it has one.
@@ -191,21 +202,7 @@ impl Meta {
     /// # Errors
     /// `Error::Meta`.
     pub fn sessions(&self) -> Result<BTreeMap<String, Vec<u8>>> {
-        let read = self
-            .db
-            .begin_read()
-            .map_err(|e| meta_error("read sessions", e))?;
-        let table = match read.open_table(SESSIONS) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(BTreeMap::new()),
-            Err(e) => return Err(meta_error("open sessions", e)),
-        };
-        let mut sessions = BTreeMap::new();
-        for entry in table.iter().map_err(|e| meta_error("read sessions", e))? {
-            let (client_id, state) = entry.map_err(|e| meta_error("read sessions", e))?;
-            sessions.insert(client_id.value().to_string(), state.value().to_vec());
-        }
-        Ok(sessions)
+        self.read_table(SESSIONS, "sessions", <[u8]>::to_vec)
     }
 
     /// Stores (`Some`) or removes (`None`) a session, fsynced before this returns.
