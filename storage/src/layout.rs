@@ -10,12 +10,18 @@
 //! A segment is a header followed by records:
 //!
 //! ```text
-//! header (32 bytes, little-endian):
-//!   magic "SPOOLWAL" | version u32 | epoch u64 | first_seq u64 | crc32c u32 (of the 28 bytes before)
+//! header (36 bytes, little-endian):
+//!   magic "SPOOLWAL" | version u32 | epoch u64 | first_seq u64 | salt u32 | crc32c u32 (of the 32 bytes before)
 //! record:
 //!   len u32 | crc32c u32 | seq u64 | kind u8 | payload [len bytes]
-//!   crc32c covers len, seq, kind and payload (every byte of the frame except itself)
+//!   crc32c, seeded with the segment's salt, covers len, seq, kind and payload (every byte of
+//!   the frame except itself)
 //! ```
+//!
+//! The salt is random per segment. Payloads come from clients, so a client could embed bytes that
+//! look like a whole frame; without the salt, recovery's search for a later record (below) could
+//! take such a payload for a real record. A client cannot know the salt, so it cannot make a
+//! checksum that matches it.
 //!
 //! The top bit of `kind` is the writer's own: `KIND_BATCH_START` marks the first record written
 //! after an fdatasync, so every record before it was durable when it was written. Recovery uses it
@@ -40,10 +46,10 @@ pub const MAGIC_SEGMENT: [u8; 8] = *b"SPOOLWAL";
 /// Magic bytes that open the epoch file.
 pub const MAGIC_EPOCH: [u8; 8] = *b"SPOOLEPO";
 /// Version of the segment and record format; bumped on any incompatible change.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 
 /// Size of the segment header.
-pub const SEGMENT_HEADER_BYTES: u64 = 32;
+pub const SEGMENT_HEADER_BYTES: u64 = 36;
 /// Size of a record's frame header (everything before the payload).
 pub const FRAME_HEADER_BYTES: u64 = 17;
 /// Size of the epoch file.
@@ -85,6 +91,8 @@ pub struct SegmentHeader {
     pub epoch: u64,
     /// The sequence number of the segment's first record (also in its file name).
     pub first_seq: u64,
+    /// The seed of every frame checksum in the segment.
+    pub salt: u32,
 }
 
 impl SegmentHeader {
@@ -96,8 +104,9 @@ impl SegmentHeader {
         bytes[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
         bytes[12..20].copy_from_slice(&self.epoch.to_le_bytes());
         bytes[20..28].copy_from_slice(&self.first_seq.to_le_bytes());
-        let crc = crc32c::crc32c(&bytes[0..28]);
-        bytes[28..32].copy_from_slice(&crc.to_le_bytes());
+        bytes[28..32].copy_from_slice(&self.salt.to_le_bytes());
+        let crc = crc32c::crc32c(&bytes[0..32]);
+        bytes[32..36].copy_from_slice(&crc.to_le_bytes());
         bytes
     }
 
@@ -107,13 +116,16 @@ impl SegmentHeader {
     /// A description of what is wrong, for the caller to wrap with the file's path.
     pub fn decode(bytes: &[u8]) -> Result<SegmentHeader, String> {
         if bytes.len() < SEGMENT_HEADER_BYTES as usize {
-            return Err(format!("header is {} bytes, expected 32", bytes.len()));
+            return Err(format!(
+                "header is {} bytes, expected {SEGMENT_HEADER_BYTES}",
+                bytes.len()
+            ));
         }
         if bytes[0..8] != MAGIC_SEGMENT {
             return Err("not a spool segment (bad magic)".into());
         }
-        let stored_crc = u32_at(bytes, 28);
-        if crc32c::crc32c(&bytes[0..28]) != stored_crc {
+        let stored_crc = u32_at(bytes, 32);
+        if crc32c::crc32c(&bytes[0..32]) != stored_crc {
             return Err("segment header checksum mismatch".into());
         }
         let version = u32_at(bytes, 8);
@@ -123,12 +135,13 @@ impl SegmentHeader {
         Ok(SegmentHeader {
             epoch: u64_at(bytes, 12),
             first_seq: u64_at(bytes, 20),
+            salt: u32_at(bytes, 28),
         })
     }
 }
 
-/// Appends one framed record to `buf`.
-pub fn encode_frame(buf: &mut Vec<u8>, seq: u64, kind: u8, payload: &[u8]) {
+/// Appends one framed record to `buf`, checksummed with the segment's `salt`.
+pub fn encode_frame(buf: &mut Vec<u8>, salt: u32, seq: u64, kind: u8, payload: &[u8]) {
     let len = u32::try_from(payload.len()).expect("payload length checked against the maximum");
     assert!(len <= RECORD_PAYLOAD_BYTES_MAX);
     assert!(seq > 0, "sequence numbers start at 1");
@@ -138,14 +151,21 @@ pub fn encode_frame(buf: &mut Vec<u8>, seq: u64, kind: u8, payload: &[u8]) {
     buf.extend_from_slice(&seq.to_le_bytes());
     buf.push(kind);
     buf.extend_from_slice(payload);
-    let crc = frame_crc(&buf[start..]);
+    let crc = frame_crc(salt, &buf[start..]);
     buf[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
 }
 
 /// The checksum of a whole frame (its own crc field is skipped).
-fn frame_crc(frame: &[u8]) -> u32 {
-    let crc = crc32c::crc32c(&frame[0..4]);
+fn frame_crc(salt: u32, frame: &[u8]) -> u32 {
+    let crc = crc32c::crc32c_append(salt, &frame[0..4]);
     crc32c::crc32c_append(crc, &frame[8..])
+}
+
+/// The sequence number a frame at the start of `bytes` would have, read without checking
+/// anything: a cheap filter before `check_frame` when searching every offset.
+#[must_use]
+pub fn unchecked_frame_seq(bytes: &[u8]) -> Option<u64> {
+    (bytes.len() >= FRAME_HEADER_BYTES as usize).then(|| u64_at(bytes, 8))
 }
 
 /// A frame as found in a buffer: its header fields and where its payload is.
@@ -178,9 +198,10 @@ pub enum FrameCheck {
     Invalid(&'static str),
 }
 
-/// Checks whether `bytes` starts with a valid frame. Never panics on any input.
+/// Checks whether `bytes` starts with a valid frame of a segment with this `salt`. Never panics
+/// on any input.
 #[must_use]
-pub fn check_frame(bytes: &[u8]) -> FrameCheck {
+pub fn check_frame(bytes: &[u8], salt: u32) -> FrameCheck {
     if bytes.len() < FRAME_HEADER_BYTES as usize {
         return FrameCheck::Incomplete;
     }
@@ -192,7 +213,7 @@ pub fn check_frame(bytes: &[u8]) -> FrameCheck {
     if bytes.len() < total {
         return FrameCheck::Incomplete;
     }
-    if frame_crc(&bytes[..total]) != u32_at(bytes, 4) {
+    if frame_crc(salt, &bytes[..total]) != u32_at(bytes, 4) {
         return FrameCheck::Invalid("record checksum mismatch");
     }
     let seq = u64_at(bytes, 8);
@@ -270,6 +291,7 @@ mod tests {
         let header = SegmentHeader {
             epoch: 7,
             first_seq: 1000,
+            salt: 0xdead_beef,
         };
         let bytes = header.encode();
         assert_eq!(SegmentHeader::decode(&bytes), Ok(header));
@@ -289,11 +311,11 @@ mod tests {
         #[test]
         fn frame_round_trips(seq in 1u64.., kind: u8, payload in proptest::collection::vec(any::<u8>(), 0..300)) {
             let mut buf = Vec::new();
-            encode_frame(&mut buf, seq, kind, &payload);
+            encode_frame(&mut buf, 7, seq, kind, &payload);
             let frame = Frame { seq, kind, len: payload.len() as u32 };
-            prop_assert_eq!(check_frame(&buf), FrameCheck::Valid(frame));
+            prop_assert_eq!(check_frame(&buf, 7), FrameCheck::Valid(frame));
             for cut in 0..buf.len() {
-                prop_assert_eq!(check_frame(&buf[..cut]), FrameCheck::Incomplete);
+                prop_assert_eq!(check_frame(&buf[..cut], 7), FrameCheck::Incomplete);
             }
         }
 
@@ -301,16 +323,26 @@ mod tests {
         #[test]
         fn frame_detects_any_bit_flip(seq in 1u64..1000, payload in proptest::collection::vec(any::<u8>(), 0..64), at: prop::sample::Index, bit in 0u8..8) {
             let mut buf = Vec::new();
-            encode_frame(&mut buf, seq, 1, &payload);
+            encode_frame(&mut buf, 7, seq, 1, &payload);
             let at = at.index(buf.len());
             buf[at] ^= 1 << bit;
-            prop_assert!(!matches!(check_frame(&buf), FrameCheck::Valid(_)));
+            prop_assert!(!matches!(check_frame(&buf, 7), FrameCheck::Valid(_)));
+        }
+
+        /// Goal: a frame written under one segment's salt is not valid in another segment, so
+        /// a client cannot forge a record inside a payload without knowing the salt.
+        #[test]
+        fn frame_is_bound_to_its_salt(seq in 1u64.., payload in proptest::collection::vec(any::<u8>(), 0..64), salt: u32, other: u32) {
+            prop_assume!(salt != other);
+            let mut buf = Vec::new();
+            encode_frame(&mut buf, salt, seq, 1, &payload);
+            prop_assert!(!matches!(check_frame(&buf, other), FrameCheck::Valid(_)));
         }
 
         /// Goal: arbitrary bytes never panic the frame checker.
         #[test]
         fn frame_check_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..100)) {
-            let _ = check_frame(&bytes);
+            let _ = check_frame(&bytes, 0);
         }
     }
 }

@@ -38,6 +38,7 @@ pub struct WalReader {
 struct Cursor {
     path: PathBuf,
     file: Box<dyn FileHandle>,
+    salt: u32,
     /// The last sequence number the segment held when last looked up (it may grow).
     last_seq: u64,
     /// Bytes read from the file, starting at file offset `buffer_offset`.
@@ -149,7 +150,7 @@ impl WalReader {
                 first_available,
             });
         };
-        let (path, last_seq) = (segment.path.clone(), segment.last_seq);
+        let (path, last_seq, salt) = (segment.path.clone(), segment.last_seq, segment.salt);
         let (_, offset) = segment.seek_offset(seq);
         let first_available = segments.first_seq().unwrap_or(seq);
         drop(segments);
@@ -172,6 +173,7 @@ impl WalReader {
         self.cursor = Some(Cursor {
             path,
             file,
+            salt,
             last_seq,
             buffer: Vec::new(),
             buffer_offset: offset,
@@ -193,7 +195,7 @@ impl Cursor {
     /// The frame at the current position and its size; reads more of the file as needed.
     fn frame(&mut self) -> Result<(Record, usize)> {
         loop {
-            match check_frame(&self.buffer[self.position..]) {
+            match check_frame(&self.buffer[self.position..], self.salt) {
                 FrameCheck::Valid(frame) => {
                     let start = self.position + crate::layout::FRAME_HEADER_BYTES as usize;
                     let end = start + frame.len as usize;

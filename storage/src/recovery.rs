@@ -3,8 +3,8 @@
 
 use crate::fs::{self, FileSystem, OpenMode};
 use crate::layout::{
-    FrameCheck, KIND_BATCH_START, SEGMENT_HEADER_BYTES, SegmentHeader, TEMP_SUFFIX, check_frame,
-    parse_segment_file_name,
+    FRAME_HEADER_BYTES, Frame, FrameCheck, KIND_BATCH_START, SEGMENT_HEADER_BYTES, SegmentHeader,
+    TEMP_SUFFIX, check_frame, parse_segment_file_name, unchecked_frame_seq,
 };
 use crate::segment::{Segment, SegmentSet};
 use crate::{Error, Result};
@@ -63,7 +63,7 @@ enum Repair {
 /// |   fsynced before that later write began)                   |                                 |
 /// | a bad record, or a short file, in a segment before the last| refuse: `Corrupt{path, offset}` |
 /// | a record with a valid checksum but the wrong sequence     | refuse: `Corrupt{path, offset}` |
-/// | last segment's header torn and nothing valid after it      | remove the segment (it was     |
+/// | last segment's header invalid and nothing after it         | remove the segment (it was     |
 /// |   (created, crashed before its header was durable)        |   never written to), report     |
 /// | a header that is invalid anywhere else, or names another  | refuse: `Corrupt{path, 0}`      |
 /// |   first sequence than its file name                        |                                 |
@@ -199,8 +199,11 @@ fn scan_segment(path: &Path, first_seq: u64, bytes: &[u8], is_last: bool) -> Res
     let header = match SegmentHeader::decode(bytes) {
         Ok(header) => header,
         Err(detail) => {
-            let after_header = bytes.get(SEGMENT_HEADER_BYTES as usize..).unwrap_or(&[]);
-            if is_last && find_valid_frame(after_header, 0, |_| true).is_none() {
+            // The salt is in the damaged header, so records after it cannot be checked. The
+            // writer fdatasyncs the header before the first record goes in, so a segment with
+            // records after a bad header was damaged after it was durable; a segment that is
+            // no longer than its header may be one whose header write was torn.
+            if is_last && bytes.len() <= SEGMENT_HEADER_BYTES as usize {
                 return Ok(Scan::TornHeader);
             }
             return Err(corrupt(0, detail));
@@ -213,10 +216,10 @@ fn scan_segment(path: &Path, first_seq: u64, bytes: &[u8], is_last: bool) -> Res
         ));
     }
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut segment = Segment::empty(dir, first_seq);
+    let mut segment = Segment::empty(dir, first_seq, header.salt);
     let mut offset = SEGMENT_HEADER_BYTES as usize;
     while offset < bytes.len() {
-        let detail = match check_frame(&bytes[offset..]) {
+        let detail = match check_frame(&bytes[offset..], header.salt) {
             FrameCheck::Valid(frame) if frame.seq == segment.last_seq + 1 => {
                 segment.push_record(frame.seq, offset as u64, frame.total_bytes());
                 offset += usize::try_from(frame.total_bytes()).expect("frame fits in memory");
@@ -263,22 +266,20 @@ fn end_of_segment(
     if !is_last {
         return Err(corrupt(format!("{detail} in a sealed segment")));
     }
-    let last_good = segment.last_seq;
-    let later_batch = find_valid_frame(bytes, offset + 1, |frame| {
-        frame.kind & KIND_BATCH_START != 0 && frame.seq > last_good
-    });
-    if let Some(found) = later_batch {
+    let tail = TailSearch {
+        bytes,
+        salt: segment.salt,
+        last_good: segment.last_seq,
+    };
+    if let Some(found) = tail.batch_start_after(offset + 1) {
         return Err(corrupt(format!(
-            "{detail}, followed by a valid record (sequence {}) written after it was synced",
-            found
+            "{detail}, followed by a valid record (sequence {found}) written after it was synced"
         )));
     }
     let mut discarded = 0;
     let mut at = offset + 1;
-    while let Some((seq, next)) = find_valid_frame_at(bytes, at) {
-        if seq > last_good {
-            discarded += 1;
-        }
+    while let Some(next) = tail.frame_end_after(at) {
+        discarded += 1;
         at = next;
     }
     Ok(Scan::Segment(ScannedSegment {
@@ -289,27 +290,47 @@ fn end_of_segment(
     }))
 }
 
-/// The sequence number of the first valid frame at or after `from` that `accept`s.
-fn find_valid_frame(
-    bytes: &[u8],
-    from: usize,
-    accept: impl Fn(&crate::layout::Frame) -> bool,
-) -> Option<u64> {
-    (from..bytes.len()).find_map(|at| match check_frame(&bytes[at..]) {
-        FrameCheck::Valid(frame) if accept(&frame) => Some(frame.seq),
-        _ => None,
-    })
+/// A search of every byte offset after a bad record for records written after it.
+///
+/// Only frames that could follow `last_good` count: their sequence must be above it and no
+/// further than the bytes left could hold. That cheap filter runs before the checksum, so the
+/// search stays linear in practice, and the salt keeps payload bytes from passing for frames.
+struct TailSearch<'a> {
+    bytes: &'a [u8],
+    salt: u32,
+    last_good: u64,
 }
 
-/// The first valid frame at or after `from`: its sequence and the offset just past it.
-fn find_valid_frame_at(bytes: &[u8], from: usize) -> Option<(u64, usize)> {
-    (from..bytes.len()).find_map(|at| match check_frame(&bytes[at..]) {
-        FrameCheck::Valid(frame) => Some((
-            frame.seq,
-            at + usize::try_from(frame.total_bytes()).expect("frame fits in memory"),
-        )),
-        _ => None,
-    })
+impl TailSearch<'_> {
+    /// The frame at `at`, if one that could follow `last_good` is there.
+    fn frame_at(&self, at: usize) -> Option<Frame> {
+        let rest = &self.bytes[at..];
+        let seq = unchecked_frame_seq(rest)?;
+        let seq_max = self.last_good + 1 + rest.len() as u64 / FRAME_HEADER_BYTES;
+        if seq <= self.last_good || seq > seq_max {
+            return None;
+        }
+        match check_frame(rest, self.salt) {
+            FrameCheck::Valid(frame) => Some(frame),
+            _ => None,
+        }
+    }
+
+    /// The sequence of the first batch-start frame at or after `from`.
+    fn batch_start_after(&self, from: usize) -> Option<u64> {
+        (from..self.bytes.len())
+            .filter_map(|at| self.frame_at(at))
+            .find(|frame| frame.kind & KIND_BATCH_START != 0)
+            .map(|frame| frame.seq)
+    }
+
+    /// The offset just past the first frame at or after `from`.
+    fn frame_end_after(&self, from: usize) -> Option<usize> {
+        (from..self.bytes.len()).find_map(|at| {
+            let frame = self.frame_at(at)?;
+            Some(at + usize::try_from(frame.total_bytes()).expect("frame fits in memory"))
+        })
+    }
 }
 
 fn apply(fs: &dyn FileSystem, dir: &Path, repair: Repair) -> Result<()> {

@@ -17,6 +17,8 @@ use std::path::{Path, PathBuf};
 pub(crate) struct Segment {
     pub first_seq: u64,
     pub path: PathBuf,
+    /// The seed of its frame checksums, from its header.
+    pub salt: u32,
     /// Size of the file in bytes, header included.
     pub bytes: u64,
     /// The last sequence number written to it; `first_seq - 1` while it is empty.
@@ -28,10 +30,11 @@ pub(crate) struct Segment {
 
 impl Segment {
     /// A segment with no records yet.
-    pub fn empty(dir: &Path, first_seq: u64) -> Segment {
+    pub fn empty(dir: &Path, first_seq: u64, salt: u32) -> Segment {
         Segment {
             first_seq,
             path: segment_path(dir, first_seq),
+            salt,
             bytes: SEGMENT_HEADER_BYTES,
             last_seq: first_seq - 1,
             index: Vec::new(),
@@ -132,8 +135,8 @@ impl SegmentSet {
     }
 }
 
-/// Creates a new, empty segment: header written and fdatasynced, then the directory fsynced so
-/// the file's name survives a power loss before any record goes in.
+/// Creates a new, empty segment with a fresh salt: header written and fdatasynced, then the
+/// directory fsynced so the file's name survives a power loss before any record goes in.
 ///
 /// # Errors
 /// `Error::Io` naming the segment.
@@ -142,17 +145,35 @@ pub(crate) fn create_segment(
     dir: &Path,
     epoch: u64,
     first_seq: u64,
-) -> Result<Box<dyn FileHandle>> {
+) -> Result<(Box<dyn FileHandle>, Segment)> {
     let path = segment_path(dir, first_seq);
     let file = fs
         .open(&path, OpenMode::CreateNew)
         .map_err(|e| Error::io("create segment", &path, e))?;
-    let header = SegmentHeader { epoch, first_seq }.encode();
+    let salt = unpredictable_salt(epoch, first_seq);
+    let header = SegmentHeader {
+        epoch,
+        first_seq,
+        salt,
+    }
+    .encode();
     file.write_all_at(&header, 0)
         .map_err(|e| Error::io("write segment header", &path, e))?;
     file.sync_data()
         .map_err(|e| Error::io("fsync segment", &path, e))?;
     fs.sync_dir(dir)
         .map_err(|e| Error::io("fsync directory", dir, e))?;
-    Ok(file)
+    Ok((file, Segment::empty(dir, first_seq, salt)))
+}
+
+/// A salt no client can predict. std's `RandomState` is seeded from the operating system's
+/// random source, which is all this needs (it is not a secret key, only unguessable), without a
+/// dependency.
+fn unpredictable_salt(epoch: u64, first_seq: u64) -> u32 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(epoch);
+    hasher.write_u64(first_seq);
+    let hash = hasher.finish();
+    (hash ^ (hash >> 32)) as u32
 }

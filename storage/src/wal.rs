@@ -11,7 +11,7 @@ use crate::layout::{FRAME_HEADER_BYTES, KIND_USER_MASK};
 use crate::options::WalOptions;
 use crate::reader::WalReader;
 use crate::recovery::{RecoveryReport, recover};
-use crate::segment::{Segment, SegmentSet, create_segment};
+use crate::segment::{SegmentSet, create_segment};
 use crate::writer::Writer;
 use crate::{Error, Result};
 use bytes::Bytes;
@@ -214,14 +214,13 @@ impl Wal {
                 let file = fs
                     .open(&last.path, crate::fs::OpenMode::ReadWrite)
                     .map_err(|e| Error::io("open segment", &last.path, e))?;
-                (last.first_seq, file, last.bytes)
+                (last.first_seq, file, last.bytes, last.salt)
             }
             None => {
-                let file = create_segment(fs.as_ref(), dir, epoch, next_seq)?;
-                let segment = Segment::empty(dir, next_seq);
-                let bytes = segment.bytes;
+                let (file, segment) = create_segment(fs.as_ref(), dir, epoch, next_seq)?;
+                let active = (next_seq, file, segment.bytes, segment.salt);
                 segments.push(segment);
-                (next_seq, file, bytes)
+                active
             }
         };
         let usage_bytes = segments.total_bytes();

@@ -15,7 +15,7 @@ use crate::layout::segment_path as segment_path_of;
 use crate::layout::{FRAME_HEADER_BYTES, KIND_BATCH_START, SEGMENT_HEADER_BYTES, encode_frame};
 use crate::limits::{EPOCH_CHECK_INTERVAL_MS, GATHER_RECORDS_MIN, GATHER_WAIT_US_MAX};
 use crate::options::SyncPolicy;
-use crate::segment::{Segment, create_segment};
+use crate::segment::create_segment;
 use crate::wal::{QueueState, Shared, Submission};
 use crate::{Error, Result};
 use std::path::PathBuf;
@@ -29,6 +29,7 @@ struct ActiveSegment {
     file: Box<dyn FileHandle>,
     /// Bytes in the file; the next write goes here.
     len: u64,
+    salt: u32,
 }
 
 pub(crate) struct Writer {
@@ -46,8 +47,9 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    pub fn new(shared: Arc<Shared>, active: (u64, Box<dyn FileHandle>, u64)) -> Writer {
-        let (first_seq, file, len) = active;
+    /// `active` is the segment to append to: its first sequence, file, length and salt.
+    pub fn new(shared: Arc<Shared>, active: (u64, Box<dyn FileHandle>, u64, u32)) -> Writer {
+        let (first_seq, file, len, salt) = active;
         let path = segment_path_of(&shared.dir, first_seq);
         Writer {
             shared,
@@ -56,6 +58,7 @@ impl Writer {
                 path,
                 file,
                 len,
+                salt,
             },
             buffer: Vec::new(),
             buffered: Vec::new(),
@@ -183,7 +186,13 @@ impl Writer {
             } else {
                 submission.kind
             };
-            encode_frame(&mut self.buffer, submission.seq, kind, &submission.payload);
+            encode_frame(
+                &mut self.buffer,
+                self.active.salt,
+                submission.seq,
+                kind,
+                &submission.payload,
+            );
             self.buffered.push((submission.seq, offset, frame_bytes));
         }
         self.flush()?;
@@ -242,8 +251,8 @@ impl Writer {
         let fs = self.shared.fs.as_ref();
         fence::check_epoch(fs, &self.shared.dir, self.shared.epoch)?;
         self.epoch_checked_at = Instant::now();
-        let file = create_segment(fs, &self.shared.dir, self.shared.epoch, first_seq)?;
-        let segment = Segment::empty(&self.shared.dir, first_seq);
+        let (file, segment) = create_segment(fs, &self.shared.dir, self.shared.epoch, first_seq)?;
+        let salt = segment.salt;
         self.shared
             .segments
             .write()
@@ -255,6 +264,7 @@ impl Writer {
             path: segment_path_of(&self.shared.dir, first_seq),
             file,
             len: SEGMENT_HEADER_BYTES,
+            salt,
         };
         Ok(())
     }

@@ -7,7 +7,10 @@
 mod common;
 
 use common::{payload_for, read_all, runtime, small_segments};
-use spool_storage::layout::{SEGMENT_HEADER_BYTES, parse_segment_file_name, segment_file_name};
+use spool_storage::layout::{
+    KIND_BATCH_START, SEGMENT_HEADER_BYTES, encode_frame, parse_segment_file_name,
+    segment_file_name,
+};
 use spool_storage::{Error, Wal, WalOptions};
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -180,6 +183,33 @@ fn garbage_after_the_last_record_is_a_torn_tail() {
     assert_eq!(report.last_seq, 5);
     assert_eq!(report.bytes_truncated, 719);
     assert_eq!(fs::metadata(&segment).unwrap().len(), end);
+}
+
+#[test]
+fn forged_record_inside_a_payload_does_not_turn_a_torn_tail_into_corruption() {
+    // Goal: payloads come from clients. A client that embeds a well-formed, batch-start frame
+    // for the next sequence numbers in its payload must not make recovery refuse a torn tail
+    // (which would stop the hub) by passing the forgery off as a later, synced record.
+    let dir = tempfile::tempdir().unwrap();
+    write_records(dir.path(), 19, &WalOptions::default());
+    let mut forged = Vec::new();
+    for seq in 20..30 {
+        // The forger does not know the segment's salt; 0 is as good a guess as any.
+        encode_frame(&mut forged, 0, seq, KIND_BATCH_START | 1, b"forged");
+    }
+    let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    runtime().block_on(wal.append(1, forged.into())).unwrap();
+    wal.close().unwrap();
+    drop(wal);
+    let segment = segments(dir.path()).pop().unwrap();
+    let last_at = offset_of(&segment, 20);
+    flip_byte(&segment, last_at + 4);
+
+    let (wal, report) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!(report.last_seq, 19);
+    assert_eq!(report.unacknowledged_records_discarded, 0);
+    assert_eq!(fs::metadata(&segment).unwrap().len(), last_at);
+    assert_eq!(read_all(&wal).len(), 19);
 }
 
 #[test]
