@@ -19,13 +19,17 @@ def per_second(kind: str, size: str, outstanding: str) -> float:
 
 if not root.exists():
     sys.exit(f"no results under {root}: run cargo bench -p spool-bench --bench wal_append")
-print("| record | outstanding | WAL appends/s | raw appends/s | WAL / raw |")
-print("|---:|---:|---:|---:|---:|")
+print("| record | outstanding | WAL appends/s | raw appended/s | raw preallocated/s | WAL / raw appended | WAL / raw preallocated |")
+print("|---:|---:|---:|---:|---:|---:|---:|")
 for size in ["64B", "256B", "4096B"]:
     for outstanding in ["1", "16", "1024"]:
         try:
             wal = per_second("wal", size, outstanding)
             raw = per_second("raw", size, outstanding)
+            rawpre = per_second("rawpre", size, outstanding)
         except FileNotFoundError:
             continue
-        print(f"| {size} | {outstanding} | {wal:,.0f} | {raw:,.0f} | {wal / raw:.2f} |")
+        print(
+            f"| {size} | {outstanding} | {wal:,.0f} | {raw:,.0f} | {rawpre:,.0f} "
+            f"| {wal / raw:.2f} | {wal / rawpre:.2f} |"
+        )

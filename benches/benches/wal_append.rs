@@ -1,6 +1,7 @@
 //! Durable append throughput of the WAL against the physical limit, side by side in one run:
 //! 64 B, 256 B and 4 KiB records with 1, 16 and 1024 appends outstanding, and a raw file written
-//! in the same batch sizes with one fdatasync per batch.
+//! in the same batch sizes with one fdatasync per batch, appended to (`raw`) and overwritten in
+//! zero-filled space (`rawpre`).
 //!
 //! Run: `cargo bench -p spool-bench --bench wal_append` (set SPOOL_BENCH_DIR to choose the disk).
 #![allow(clippy::unwrap_used)]
@@ -21,6 +22,7 @@ fn durable_appends(c: &mut Criterion) {
     let dir = bench_dir(env!("CARGO_TARGET_TMPDIR"));
     let wal = open_wal(dir.path());
     let mut raw = RawFile::create(&dir.path().join("raw"));
+    let mut raw_preallocated = RawFile::create_preallocated(&dir.path().join("rawpre"));
     let mut group = c.benchmark_group("durable_append");
     group.sample_size(10);
     group.warm_up_time(Duration::from_secs(1));
@@ -39,6 +41,18 @@ fn durable_appends(c: &mut Criterion) {
                     raw.write_batches(count, outstanding, size + FRAME_OVERHEAD_BYTES)
                 });
             });
+            group.bench_function(
+                BenchmarkId::new(format!("rawpre/{size}B"), outstanding),
+                |b| {
+                    b.iter_custom(|count| {
+                        raw_preallocated.write_batches(
+                            count,
+                            outstanding,
+                            size + FRAME_OVERHEAD_BYTES,
+                        )
+                    });
+                },
+            );
             // Keep the disk footprint bounded across the whole run.
             wal.remove_segments_below(wal.durable_seq() + 1).unwrap();
         }

@@ -1,8 +1,11 @@
 //! spool-bench: what the benchmarks in `benches/` share. The MQTT load generator (`spool-load`)
 //! joins it with the MQTT server.
 //!
-//! The raw baseline is the physical limit the WAL is measured against: the same bytes, written in
-//! the same batch sizes to a plain file, with one `fdatasync` per batch and nothing else.
+//! The raw baselines are the physical limit the WAL is measured against: the same bytes, written
+//! in the same batch sizes to a plain file, with one `fdatasync` per batch and nothing else. Two
+//! files: one appended to (each fdatasync also commits the file's new size), and one zero-filled
+//! and synced up front, so every fdatasync flushes data only: the best this disk can do, and
+//! what the WAL's preallocation aims for.
 
 #![allow(clippy::unwrap_used)] // benchmark code: a failure should stop the run loudly
 
@@ -59,9 +62,11 @@ pub struct RawFile {
     file: File,
     offset: u64,
     buffer: Vec<u8>,
+    preallocated: bool,
 }
 
 impl RawFile {
+    /// A file that every batch appends to.
     #[must_use]
     pub fn create(path: &Path) -> RawFile {
         let file = OpenOptions::new()
@@ -75,7 +80,21 @@ impl RawFile {
             file,
             offset: 0,
             buffer: Vec::new(),
+            preallocated: false,
         }
+    }
+
+    /// A file zero-filled and fdatasynced up front, that batches overwrite (wrapping around).
+    #[must_use]
+    pub fn create_preallocated(path: &Path) -> RawFile {
+        let mut raw = RawFile::create(path);
+        let zeros = vec![0u8; 1 << 20];
+        for at in (0..RAW_FILE_BYTES_MAX + (8 << 20)).step_by(zeros.len()) {
+            raw.file.write_all_at(&zeros, at).unwrap();
+        }
+        raw.file.sync_all().unwrap();
+        raw.preallocated = true;
+        raw
     }
 
     /// Writes `count` records of `record_bytes` (framing included) in batches of `batch`, with
@@ -94,7 +113,9 @@ impl RawFile {
     /// Writes one batch of `bytes` and fdatasyncs it.
     pub fn write_one_batch(&mut self, bytes: usize) {
         if self.offset > RAW_FILE_BYTES_MAX {
-            self.file.set_len(0).unwrap();
+            if !self.preallocated {
+                self.file.set_len(0).unwrap();
+            }
             self.offset = 0;
         }
         self.buffer.clear();

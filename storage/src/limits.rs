@@ -37,6 +37,12 @@ pub const GATHER_RECORDS_MIN: usize = 4;
 /// The longest the writer waits to gather a batch, however slow fsync is.
 pub const GATHER_WAIT_US_MAX: u64 = 500;
 
+/// How far ahead of the write position the writer zero-fills a segment by default. Writes
+/// inside already allocated, already durable zeros change no file metadata, so their fdatasync
+/// is a pure data flush instead of a journal commit: about twice as fast on ext4. One larger
+/// fill every this many bytes pays for it.
+pub const PREALLOCATE_BYTES_DEFAULT: u64 = 1 << 20;
+
 /// Bytes a reader fetches from a segment file at once.
 pub const READ_CHUNK_BYTES: usize = 256 << 10;
 

@@ -3,8 +3,9 @@
 use crate::fence::LockPolicy;
 use crate::layout::{FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES};
 use crate::limits::{
-    BATCH_BYTES_MAX_DEFAULT, BATCH_RECORDS_MAX_DEFAULT, QUEUE_BYTES_MAX_DEFAULT,
-    RECORD_PAYLOAD_BYTES_MAX, SEGMENT_SIZE_BYTES_DEFAULT, SEGMENT_SIZE_BYTES_MIN,
+    BATCH_BYTES_MAX_DEFAULT, BATCH_RECORDS_MAX_DEFAULT, PREALLOCATE_BYTES_DEFAULT,
+    QUEUE_BYTES_MAX_DEFAULT, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_SIZE_BYTES_DEFAULT,
+    SEGMENT_SIZE_BYTES_MIN,
 };
 use crate::{Error, Result};
 use std::time::Duration;
@@ -40,6 +41,9 @@ pub struct WalOptions {
     /// The most bytes the log (segments plus queued appends) may occupy; further appends fail
     /// with `QuotaExceeded` until retention frees space. `None`: no quota.
     pub quota_bytes: Option<u64>,
+    /// How far ahead of the write position a segment is zero-filled (never past its size), so
+    /// most fdatasyncs flush data only; 0 turns it off.
+    pub preallocate_bytes: u64,
     /// When to fdatasync.
     pub sync: SyncPolicy,
     /// Whether to take the directory lock.
@@ -59,6 +63,7 @@ impl Default for WalOptions {
             batch_linger: Duration::ZERO,
             queue_bytes_max: QUEUE_BYTES_MAX_DEFAULT,
             quota_bytes: None,
+            preallocate_bytes: PREALLOCATE_BYTES_DEFAULT,
             sync: SyncPolicy::Always,
             lock: LockPolicy::Exclusive,
             required_last_seq: 0,

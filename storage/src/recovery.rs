@@ -45,8 +45,17 @@ pub(crate) struct Recovered {
 
 /// A repair that recovery decided on; applied only after every check passed.
 enum Repair {
-    Truncate { path: PathBuf, at: u64 },
-    RemoveSegment { path: PathBuf },
+    /// Erases the torn bytes `at..end`: cuts the file at `at` if they run to its end, or
+    /// overwrites them with zeros if allocated zeros follow them (keeping the allocation).
+    EraseTail {
+        path: PathBuf,
+        at: u64,
+        end: u64,
+        file_len: u64,
+    },
+    RemoveSegment {
+        path: PathBuf,
+    },
 }
 
 /// Recovers the log in `dir`.
@@ -56,7 +65,8 @@ enum Repair {
 ///
 /// | case                                                      | action                          |
 /// |-----------------------------------------------------------|---------------------------------|
-/// | every segment parses to its end                           | clean                           |
+/// | every segment parses to its end, or to zeros that run to  | clean (the zeros are space the  |
+/// |   the end of the file                                      |   writer allocated ahead)       |
 /// | last segment ends in an incomplete or invalid record, and  | torn tail: truncate to the last |
 /// |   no later record carries the batch-start flag             |   good record, fsync, report    |
 /// | a bad record that a batch-start record follows (it was     | refuse: `Corrupt{path, offset}` |
@@ -114,10 +124,15 @@ pub(crate) fn recover(
             Scan::Segment(scanned) => scanned,
         };
         epoch_floor = epoch_floor.max(scanned.epoch);
-        if let Some(at) = scanned.truncate_at {
-            report.bytes_truncated = bytes.len() as u64 - at;
+        if let Some((at, end)) = scanned.torn {
+            report.bytes_truncated = end - at;
             report.unacknowledged_records_discarded = scanned.discarded;
-            repairs.push(Repair::Truncate { path, at });
+            repairs.push(Repair::EraseTail {
+                path,
+                at,
+                end,
+                file_len: bytes.len() as u64,
+            });
         }
         segments.push(scanned.segment);
     }
@@ -184,8 +199,8 @@ enum Scan {
 struct ScannedSegment {
     segment: Segment,
     epoch: u64,
-    /// Where to cut a torn tail, if there is one.
-    truncate_at: Option<u64>,
+    /// The torn bytes to erase, `(start, end)`, if there are any.
+    torn: Option<(u64, u64)>,
     /// Whole records found inside the torn tail.
     discarded: u64,
 }
@@ -243,7 +258,7 @@ fn scan_segment(path: &Path, first_seq: u64, bytes: &[u8], is_last: bool) -> Res
     Ok(Scan::Segment(ScannedSegment {
         segment,
         epoch: header.epoch,
-        truncate_at: None,
+        torn: None,
         discarded: 0,
     }))
 }
@@ -263,6 +278,20 @@ fn end_of_segment(
         offset: offset as u64,
         detail,
     };
+    let end = offset
+        + bytes[offset..]
+            .iter()
+            .rposition(|&b| b != 0)
+            .map_or(0, |at| at + 1);
+    if end == offset {
+        // Only zeros from here: the space the writer allocated ahead, not yet written.
+        return Ok(Scan::Segment(ScannedSegment {
+            segment,
+            epoch,
+            torn: None,
+            discarded: 0,
+        }));
+    }
     if !is_last {
         return Err(corrupt(format!("{detail} in a sealed segment")));
     }
@@ -285,7 +314,7 @@ fn end_of_segment(
     Ok(Scan::Segment(ScannedSegment {
         segment,
         epoch,
-        truncate_at: Some(offset as u64),
+        torn: Some((offset as u64, end as u64)),
         discarded,
     }))
 }
@@ -335,12 +364,23 @@ impl TailSearch<'_> {
 
 fn apply(fs: &dyn FileSystem, dir: &Path, repair: Repair) -> Result<()> {
     match repair {
-        Repair::Truncate { path, at } => {
+        Repair::EraseTail {
+            path,
+            at,
+            end,
+            file_len,
+        } => {
             let file = fs
                 .open(&path, OpenMode::ReadWrite)
                 .map_err(|e| Error::io("open", &path, e))?;
-            file.set_len(at)
-                .map_err(|e| Error::io("truncate torn tail of", &path, e))?;
+            if end == file_len {
+                file.set_len(at)
+                    .map_err(|e| Error::io("truncate torn tail of", &path, e))?;
+            } else {
+                let zeros = vec![0u8; usize::try_from(end - at).expect("inside a file read whole")];
+                file.write_all_at(&zeros, at)
+                    .map_err(|e| Error::io("erase torn tail of", &path, e))?;
+            }
             file.sync_data().map_err(|e| Error::io("fsync", &path, e))?;
         }
         Repair::RemoveSegment { path } => {

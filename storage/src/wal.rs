@@ -12,7 +12,7 @@ use crate::options::WalOptions;
 use crate::reader::WalReader;
 use crate::recovery::{RecoveryReport, recover};
 use crate::segment::{SegmentSet, create_segment};
-use crate::writer::Writer;
+use crate::writer::{ActiveSegment, Writer};
 use crate::{Error, Result};
 use bytes::Bytes;
 use std::collections::VecDeque;
@@ -209,19 +209,29 @@ impl Wal {
         let epoch = fence::bump_epoch(fs.as_ref(), dir, recovered.epoch_floor)?;
         let mut segments = recovered.segments;
         let next_seq = recovered.next_seq;
-        let active = match segments.last_mut() {
+        let (file, last) = match segments.last_mut() {
             Some(last) => {
                 let file = fs
                     .open(&last.path, crate::fs::OpenMode::ReadWrite)
                     .map_err(|e| Error::io("open segment", &last.path, e))?;
-                (last.first_seq, file, last.bytes, last.salt)
+                (file, last.clone())
             }
             None => {
                 let (file, segment) = create_segment(fs.as_ref(), dir, epoch, next_seq)?;
-                let active = (next_seq, file, segment.bytes, segment.salt);
-                segments.push(segment);
-                active
+                segments.push(segment.clone());
+                (file, segment)
             }
+        };
+        let allocated = file
+            .size()
+            .map_err(|e| Error::io("stat segment", &last.path, e))?;
+        let active = ActiveSegment {
+            first_seq: last.first_seq,
+            path: last.path,
+            file,
+            len: last.bytes,
+            allocated,
+            salt: last.salt,
         };
         let usage_bytes = segments.total_bytes();
         let shared = Arc::new(Shared {

@@ -23,13 +23,15 @@ use std::sync::{Arc, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The segment being appended to.
-struct ActiveSegment {
-    first_seq: u64,
-    path: PathBuf,
-    file: Box<dyn FileHandle>,
-    /// Bytes in the file; the next write goes here.
-    len: u64,
-    salt: u32,
+pub(crate) struct ActiveSegment {
+    pub first_seq: u64,
+    pub path: PathBuf,
+    pub file: Box<dyn FileHandle>,
+    /// Bytes of header and records; the next write goes here.
+    pub len: u64,
+    /// The file's size: `len` plus zeros written ahead (preallocation).
+    pub allocated: u64,
+    pub salt: u32,
 }
 
 pub(crate) struct Writer {
@@ -47,19 +49,10 @@ pub(crate) struct Writer {
 }
 
 impl Writer {
-    /// `active` is the segment to append to: its first sequence, file, length and salt.
-    pub fn new(shared: Arc<Shared>, active: (u64, Box<dyn FileHandle>, u64, u32)) -> Writer {
-        let (first_seq, file, len, salt) = active;
-        let path = segment_path_of(&shared.dir, first_seq);
+    pub fn new(shared: Arc<Shared>, active: ActiveSegment) -> Writer {
         Writer {
             shared,
-            active: ActiveSegment {
-                first_seq,
-                path,
-                file,
-                len,
-                salt,
-            },
+            active,
             buffer: Vec::new(),
             buffered: Vec::new(),
             epoch_checked_at: Instant::now(),
@@ -204,6 +197,7 @@ impl Writer {
         if self.buffer.is_empty() {
             return Ok(());
         }
+        self.preallocate()?;
         let path = &self.active.path;
         fail::fail_point!("storage.segment.write", |_| Err(Error::io(
             "write segment",
@@ -240,9 +234,43 @@ impl Writer {
         Ok(())
     }
 
-    /// Starts a new segment at `first_seq`; the previous one is already synced.
+    /// When the write being flushed grows the file anyway (its fdatasync commits metadata),
+    /// zero-fills ahead in the same fdatasync, so the writes after it land in allocated,
+    /// durable zeros and their fdatasyncs flush data only. Recovery reads zeros after the last
+    /// record as the end of the segment.
+    fn preallocate(&mut self) -> Result<()> {
+        let written_end = self.active.len + self.buffer.len() as u64;
+        let ahead = self.shared.options.preallocate_bytes;
+        if ahead == 0 || written_end <= self.active.allocated {
+            return Ok(());
+        }
+        let target = (written_end + ahead).min(self.shared.options.segment_size_bytes);
+        if target > written_end {
+            let zeros = vec![0u8; usize::try_from(target - written_end).expect("bounded")];
+            self.active
+                .file
+                .write_all_at(&zeros, written_end)
+                .map_err(|e| Error::io("preallocate segment", &self.active.path, e))?;
+        }
+        self.active.allocated = target.max(written_end);
+        Ok(())
+    }
+
+    /// Starts a new segment at `first_seq`; the previous one is already synced. Its zeros
+    /// written ahead are cut off first, so a sealed segment ends with its last record.
     fn roll(&mut self, first_seq: u64) -> Result<()> {
         assert!(self.buffer.is_empty(), "flush before rolling");
+        if self.active.allocated > self.active.len {
+            let path = &self.active.path;
+            self.active
+                .file
+                .set_len(self.active.len)
+                .map_err(|e| Error::io("trim segment", path, e))?;
+            self.active
+                .file
+                .sync_data()
+                .map_err(|e| Error::io("fsync segment", path, e))?;
+        }
         fail::fail_point!("storage.segment.roll", |_| Err(Error::io(
             "create segment",
             segment_path_of(&self.shared.dir, first_seq),
@@ -264,6 +292,7 @@ impl Writer {
             path: segment_path_of(&self.shared.dir, first_seq),
             file,
             len: SEGMENT_HEADER_BYTES,
+            allocated: SEGMENT_HEADER_BYTES,
             salt,
         };
         Ok(())

@@ -27,6 +27,15 @@ fn write_records(dir: &Path, count: u64, options: &WalOptions) {
     wal.close().unwrap();
 }
 
+/// Options whose segments end with their last record (no zeros written ahead), so tests can
+/// damage "the end of the file".
+fn unpreallocated() -> WalOptions {
+    WalOptions {
+        preallocate_bytes: 0,
+        ..WalOptions::default()
+    }
+}
+
 fn segments(dir: &Path) -> Vec<PathBuf> {
     let mut paths: Vec<PathBuf> = fs::read_dir(dir)
         .unwrap()
@@ -144,7 +153,7 @@ fn torn_tail_is_truncated_and_reported() {
     // Goal: a record cut short at the end of the last segment (a crash mid-write) is cut off,
     // reported, and the log continues from the record before it.
     let dir = tempfile::tempdir().unwrap();
-    write_records(dir.path(), 20, &WalOptions::default());
+    write_records(dir.path(), 20, &unpreallocated());
     let segment = segments(dir.path()).pop().unwrap();
     let last_at = offset_of(&segment, 20);
     let full = fs::metadata(&segment).unwrap().len();
@@ -154,7 +163,7 @@ fn torn_tail_is_truncated_and_reported() {
         .unwrap()
         .set_len(full - 7)
         .unwrap();
-    let (wal, report) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let (wal, report) = Wal::open(dir.path(), unpreallocated()).unwrap();
     assert_eq!(report.last_seq, 19);
     assert_eq!(report.bytes_truncated, full - 7 - last_at);
     assert_eq!(fs::metadata(&segment).unwrap().len(), last_at);
@@ -172,14 +181,14 @@ fn torn_tail_is_truncated_and_reported() {
 fn garbage_after_the_last_record_is_a_torn_tail() {
     // Goal: zeroes or garbage after the last record (a write whose data never landed) are cut.
     let dir = tempfile::tempdir().unwrap();
-    write_records(dir.path(), 5, &WalOptions::default());
+    write_records(dir.path(), 5, &unpreallocated());
     let segment = segments(dir.path()).pop().unwrap();
     let end = fs::metadata(&segment).unwrap().len();
     let mut file = OpenOptions::new().append(true).open(&segment).unwrap();
     file.write_all(&[0u8; 700]).unwrap();
     file.write_all(b"not a record at all").unwrap();
     drop(file);
-    let (_, report) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let (_, report) = Wal::open(dir.path(), unpreallocated()).unwrap();
     assert_eq!(report.last_seq, 5);
     assert_eq!(report.bytes_truncated, 719);
     assert_eq!(fs::metadata(&segment).unwrap().len(), end);
@@ -191,13 +200,13 @@ fn forged_record_inside_a_payload_does_not_turn_a_torn_tail_into_corruption() {
     // for the next sequence numbers in its payload must not make recovery refuse a torn tail
     // (which would stop the hub) by passing the forgery off as a later, synced record.
     let dir = tempfile::tempdir().unwrap();
-    write_records(dir.path(), 19, &WalOptions::default());
+    write_records(dir.path(), 19, &unpreallocated());
     let mut forged = Vec::new();
     for seq in 20..30 {
         // The forger does not know the segment's salt; 0 is as good a guess as any.
         encode_frame(&mut forged, 0, seq, KIND_BATCH_START | 1, b"forged");
     }
-    let (wal, _) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let (wal, _) = Wal::open(dir.path(), unpreallocated()).unwrap();
     runtime().block_on(wal.append(1, forged.into())).unwrap();
     wal.close().unwrap();
     drop(wal);
@@ -205,11 +214,54 @@ fn forged_record_inside_a_payload_does_not_turn_a_torn_tail_into_corruption() {
     let last_at = offset_of(&segment, 20);
     flip_byte(&segment, last_at + 4);
 
-    let (wal, report) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    let (wal, report) = Wal::open(dir.path(), unpreallocated()).unwrap();
     assert_eq!(report.last_seq, 19);
     assert_eq!(report.unacknowledged_records_discarded, 0);
     assert_eq!(fs::metadata(&segment).unwrap().len(), last_at);
     assert_eq!(read_all(&wal).len(), 19);
+}
+
+#[test]
+fn zeros_written_ahead_are_the_end_of_the_log_not_a_tear() {
+    // Goal: the zeros the writer allocates ahead of the last record are free space: a clean
+    // reopen reports nothing cut and appends continue right after the last record, in place.
+    let dir = tempfile::tempdir().unwrap();
+    write_records(dir.path(), 10, &WalOptions::default());
+    let segment = segments(dir.path()).pop().unwrap();
+    let allocated = fs::metadata(&segment).unwrap().len();
+    let data_end = offset_of(&segment, 10) + 17 + payload_for(10, 0).len() as u64;
+    assert!(allocated > data_end, "the writer allocated ahead");
+
+    let (wal, report) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!((report.last_seq, report.bytes_truncated), (10, 0));
+    let seq = runtime()
+        .block_on(wal.append(1, payload_for(11, 0)))
+        .unwrap();
+    assert_eq!(seq, 11);
+    assert_eq!(offset_of(&segment, 11), data_end);
+    assert_eq!(fs::metadata(&segment).unwrap().len(), allocated);
+    assert_eq!(read_all(&wal).len(), 11);
+}
+
+#[test]
+fn torn_write_inside_allocated_zeros_is_erased_and_the_allocation_kept() {
+    // Goal: a write torn inside the zeros written ahead is erased back to zeros (reported),
+    // and the file keeps its size, so later writes still land in allocated space.
+    let dir = tempfile::tempdir().unwrap();
+    write_records(dir.path(), 10, &WalOptions::default());
+    let segment = segments(dir.path()).pop().unwrap();
+    let allocated = fs::metadata(&segment).unwrap().len();
+    let data_end = offset_of(&segment, 10) + 17 + payload_for(10, 0).len() as u64;
+    let file = OpenOptions::new().write(true).open(&segment).unwrap();
+    std::os::unix::fs::FileExt::write_all_at(&file, &[0x5a; 100], data_end).unwrap();
+    drop(file);
+
+    let (wal, report) = Wal::open(dir.path(), WalOptions::default()).unwrap();
+    assert_eq!((report.last_seq, report.bytes_truncated), (10, 100));
+    assert_eq!(fs::metadata(&segment).unwrap().len(), allocated);
+    let bytes = fs::read(&segment).unwrap();
+    assert!(bytes[data_end as usize..].iter().all(|&b| b == 0));
+    assert_eq!(read_all(&wal).len(), 10);
 }
 
 #[test]
