@@ -32,12 +32,15 @@ pub fn bench_dir(default_base: &str) -> tempfile::TempDir {
     tempfile::tempdir_in(base).unwrap()
 }
 
-/// Opens a fresh WAL for a benchmark.
+/// Opens a fresh WAL for a benchmark, with default options but for
+/// `SPOOL_BENCH_PREALLOCATE_BYTES` (to compare preallocation on and off).
 #[must_use]
 pub fn open_wal(dir: &Path) -> Wal {
-    Wal::open(&dir.join("wal"), WalOptions::default())
-        .unwrap()
-        .0
+    let mut options = WalOptions::default();
+    if let Ok(bytes) = std::env::var("SPOOL_BENCH_PREALLOCATE_BYTES") {
+        options.preallocate_bytes = bytes.parse().unwrap();
+    }
+    Wal::open(&dir.join("wal"), options).unwrap().0
 }
 
 /// Appends `count` records, keeping `window` of them outstanding; returns the elapsed time.

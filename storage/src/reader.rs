@@ -41,6 +41,9 @@ struct Cursor {
     salt: u32,
     /// The last sequence number the segment held when last looked up (it may grow).
     last_seq: u64,
+    /// Where that record ends. Reads stop here: past it lie zeros allocated ahead or a write
+    /// in progress, which must never be taken for records or cached as such.
+    end: u64,
     /// Bytes read from the file, starting at file offset `buffer_offset`.
     buffer: Vec<u8>,
     buffer_offset: u64,
@@ -150,7 +153,12 @@ impl WalReader {
                 first_available,
             });
         };
-        let (path, last_seq, salt) = (segment.path.clone(), segment.last_seq, segment.salt);
+        let (path, last_seq, salt, end) = (
+            segment.path.clone(),
+            segment.last_seq,
+            segment.salt,
+            segment.bytes,
+        );
         let (_, offset) = segment.seek_offset(seq);
         let first_available = segments.first_seq().unwrap_or(seq);
         drop(segments);
@@ -158,6 +166,7 @@ impl WalReader {
             // Still the same segment, which grew: carry on from where the cursor stands, which
             // is `seq` because reading is sequential.
             cursor.last_seq = last_seq;
+            cursor.end = end;
             return Ok(());
         }
         let file = match self.shared.fs.open(&path, OpenMode::Read) {
@@ -175,6 +184,7 @@ impl WalReader {
             file,
             salt,
             last_seq,
+            end,
             buffer: Vec::new(),
             buffer_offset: offset,
             position: 0,
@@ -224,7 +234,12 @@ impl Cursor {
             self.position = 0;
         }
         let filled = self.buffer.len();
-        self.buffer.resize(filled + READ_CHUNK_BYTES, 0);
+        let unread = self.end.saturating_sub(self.buffer_offset + filled as u64);
+        let chunk = usize::try_from(unread).map_or(READ_CHUNK_BYTES, |u| u.min(READ_CHUNK_BYTES));
+        if chunk == 0 {
+            return Ok(false);
+        }
+        self.buffer.resize(filled + chunk, 0);
         let read = self
             .file
             .read_at(

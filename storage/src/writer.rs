@@ -13,7 +13,9 @@ use crate::fence;
 use crate::fs::FileHandle;
 use crate::layout::segment_path as segment_path_of;
 use crate::layout::{FRAME_HEADER_BYTES, KIND_BATCH_START, SEGMENT_HEADER_BYTES, encode_frame};
-use crate::limits::{EPOCH_CHECK_INTERVAL_MS, GATHER_RECORDS_MIN, GATHER_WAIT_US_MAX};
+use crate::limits::{
+    EPOCH_CHECK_INTERVAL_MS, GATHER_RECORDS_MIN, GATHER_WAIT_US_MAX, PREALLOCATE_WRITE_BYTES_MAX,
+};
 use crate::options::SyncPolicy;
 use crate::segment::create_segment;
 use crate::wal::{QueueState, Shared, Submission};
@@ -241,7 +243,11 @@ impl Writer {
     fn preallocate(&mut self) -> Result<()> {
         let written_end = self.active.len + self.buffer.len() as u64;
         let ahead = self.shared.options.preallocate_bytes;
-        if ahead == 0 || written_end <= self.active.allocated {
+        if written_end <= self.active.allocated {
+            return Ok(());
+        }
+        if ahead == 0 || self.buffer.len() as u64 >= PREALLOCATE_WRITE_BYTES_MAX {
+            self.active.allocated = written_end;
             return Ok(());
         }
         let target = (written_end + ahead).min(self.shared.options.segment_size_bytes);
