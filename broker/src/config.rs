@@ -1,6 +1,7 @@
 //! spool's configuration: command-line flags, `SPOOL_*` environment variables and a `spool.toml`
 //! file, in that order of precedence, over safe defaults.
 
+use crate::tls::CertificateSource;
 use anyhow::Context;
 use clap::Args;
 use serde::Deserialize;
@@ -19,6 +20,16 @@ pub struct ServeArgs {
     /// Address of the plain MQTT listener; empty disables it [default: 127.0.0.1:1883].
     #[arg(long, env = "SPOOL_MQTT_BIND")]
     pub mqtt_bind: Option<String>,
+    /// Address of the MQTT-over-TLS listener; empty disables it [default: 127.0.0.1:8883].
+    #[arg(long, env = "SPOOL_MQTTS_BIND")]
+    pub mqtts_bind: Option<String>,
+    /// PEM certificate chain (leaf first) for MQTTS; without it spool generates a CA and a
+    /// server certificate in <data-dir>/tls on first start.
+    #[arg(long, env = "SPOOL_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "SPOOL_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// The most concurrent client connections [default: 10000].
     #[arg(long, env = "SPOOL_MAX_CONNECTIONS")]
     pub max_connections: Option<usize>,
@@ -47,6 +58,9 @@ pub struct ServeArgs {
 struct FileConfig {
     data_dir: Option<PathBuf>,
     mqtt_bind: Option<String>,
+    mqtts_bind: Option<String>,
+    tls_cert: Option<PathBuf>,
+    tls_key: Option<PathBuf>,
     max_connections: Option<usize>,
     max_packet_size: Option<u32>,
     max_inflight: Option<u16>,
@@ -61,6 +75,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// `None` when disabled.
     pub mqtt_bind: Option<String>,
+    /// `None` when disabled.
+    pub mqtts_bind: Option<String>,
+    pub tls_certificate: CertificateSource,
     pub max_connections: usize,
     pub max_packet_size: u32,
     pub max_inflight: u16,
@@ -79,11 +96,29 @@ impl Config {
             Some(path) => read_file(path)?,
             None => FileConfig::default(),
         };
+        let data_dir = args
+            .data_dir
+            .or(file.data_dir)
+            .unwrap_or_else(|| PathBuf::from("spool-data"));
+        let tls_certificate = match (
+            args.tls_cert.or(file.tls_cert),
+            args.tls_key.or(file.tls_key),
+        ) {
+            (Some(cert), Some(key)) => CertificateSource::Files { cert, key },
+            (None, None) => CertificateSource::Generated {
+                dir: data_dir.join("tls"),
+            },
+            _ => anyhow::bail!("tls_cert and tls_key must be given together"),
+        };
         let config = Config {
-            data_dir: args
-                .data_dir
-                .or(file.data_dir)
-                .unwrap_or_else(|| PathBuf::from("spool-data")),
+            mqtts_bind: Some(
+                args.mqtts_bind
+                    .or(file.mqtts_bind)
+                    .unwrap_or_else(|| "127.0.0.1:8883".into()),
+            )
+            .filter(|bind| !bind.is_empty()),
+            tls_certificate,
+            data_dir,
             mqtt_bind: Some(
                 args.mqtt_bind
                     .or(file.mqtt_bind)

@@ -7,6 +7,7 @@
 //! - [`session`]: one client's session state, without sockets.
 //! - [`routing`]: topic validation and matching, the subscription table.
 //! - [`delivery`]: the WAL record of a publish, per-session queues, the message cache.
+//! - [`tls`]: the MQTTS listener's certificate, given or generated.
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`].
 
 pub mod config;
@@ -19,3 +20,4 @@ pub mod mqtt;
 pub mod routing;
 pub mod server;
 pub mod session;
+pub mod tls;

@@ -12,6 +12,9 @@ pub const CONNECTION_OUTBOUND_EXTRA: usize = 64;
 /// Seconds a new connection has to send CONNECT.
 pub const CONNECT_TIMEOUT_SECS: u64 = 10;
 
+/// How long a new MQTTS connection has to finish its TLS handshake.
+pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// QoS 1 publishes of one connection waiting for durability; beyond it the connection stops
 /// reading its socket until the oldest is acknowledged.
 pub const PUBLISHES_IN_FLIGHT_MAX: usize = 1024;

@@ -45,6 +45,18 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             // Tests and scripts read this line to find the port when binding to port 0.
             println!("spool: MQTT listening on {addr}");
         }
+        if let Some(addr) = server.mqtts_addr {
+            println!("spool: MQTTS listening on {addr}");
+        }
+        if let Some(files) = &server.tls_files {
+            println!("spool: TLS certificate {}", files.cert.display());
+            if let Some(ca) = &files.generated_ca {
+                println!(
+                    "spool: TLS CA certificate (for clients to trust) {}",
+                    ca.display()
+                );
+            }
+        }
         println!("spool: data in {}", config.data_dir.display());
         wait_for_stop_signal().await?;
         tracing::info!("stopping");

@@ -5,6 +5,7 @@ use crate::hub::{Hub, HubLimits};
 use crate::limits::HUB_EVENTS_MAX;
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::SubscriptionTable;
+use crate::tls::{self, TlsFiles};
 use anyhow::Context;
 use spool_storage::{Meta, Wal, WalOptions};
 use std::net::SocketAddr;
@@ -22,6 +23,10 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub struct Server {
     /// The address the plain MQTT listener is bound to, if enabled.
     pub mqtt_addr: Option<SocketAddr>,
+    /// The address the MQTTS listener is bound to, if enabled.
+    pub mqtts_addr: Option<SocketAddr>,
+    /// The certificate files MQTTS uses, if enabled.
+    pub tls_files: Option<TlsFiles>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     wal: Wal,
@@ -111,12 +116,30 @@ impl Server {
             mqtt_addr = Some(listener.local_addr()?);
             tasks.push(tokio::spawn(listener::accept_loop(
                 listener,
+                None,
+                Arc::clone(&context),
+                Arc::clone(&connections),
+            )));
+        }
+        let (mut mqtts_addr, mut tls_files) = (None, None);
+        if let Some(bind) = &config.mqtts_bind {
+            let (acceptor, files) = tls::acceptor(&config.tls_certificate)?;
+            let listener = TcpListener::bind(bind)
+                .await
+                .with_context(|| format!("bind MQTTS listener to {bind}"))?;
+            mqtts_addr = Some(listener.local_addr()?);
+            tls_files = Some(files);
+            tasks.push(tokio::spawn(listener::accept_loop(
+                listener,
+                Some(acceptor),
                 Arc::clone(&context),
                 connections,
             )));
         }
         Ok(Server {
             mqtt_addr,
+            mqtts_addr,
+            tls_files,
             shutdown,
             tasks,
             wal,

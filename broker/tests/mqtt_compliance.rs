@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Seen, Spool, connect, options};
+use common::{Seen, Spool, connect, options, packet, varint};
 use rumqttc::QoS;
 use std::io::{Read, Write};
 use std::time::Duration;
@@ -216,28 +216,6 @@ fn malformed_bytes_close_the_connection() {
         .unwrap();
     other.read_exact(&mut connack).unwrap();
     assert_eq!(connack, [0x20, 2, 0, 0], "the broker still serves others");
-}
-
-/// MQTT variable byte integer.
-fn varint(mut value: usize, out: &mut Vec<u8>) {
-    loop {
-        let mut byte = (value % 128) as u8;
-        value /= 128;
-        if value > 0 {
-            byte |= 0x80;
-        }
-        out.push(byte);
-        if value == 0 {
-            return;
-        }
-    }
-}
-
-fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
-    let mut out = vec![first_byte];
-    varint(body.len(), &mut out);
-    out.extend_from_slice(body);
-    out
 }
 
 #[test]

@@ -1,15 +1,20 @@
-//! The TCP accept loop, with a bound on concurrent connections.
+//! The TCP accept loop, with a bound on concurrent connections, for plain MQTT and MQTTS.
 
+use crate::limits::TLS_HANDSHAKE_TIMEOUT;
 use crate::mqtt::{ServerContext, connection};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 
-/// Accepts connections until shutdown. Each holds a permit of `connections`; at the limit new
-/// sockets wait in the kernel's backlog instead of costing memory here.
+/// Accepts connections until shutdown, with TLS when `tls` is given. Each holds a permit of
+/// `connections` (shared by the listeners); at the limit new sockets wait in the kernel's
+/// backlog instead of costing memory here.
 pub async fn accept_loop(
     listener: TcpListener,
+    tls: Option<TlsAcceptor>,
     context: Arc<ServerContext>,
     connections: Arc<Semaphore>,
 ) {
@@ -29,8 +34,12 @@ pub async fn accept_loop(
             Ok((socket, peer)) => {
                 let _ = socket.set_nodelay(true);
                 let context = Arc::clone(&context);
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    connection::serve(socket, peer, context).await;
+                    match tls {
+                        Some(tls) => serve_tls(socket, peer, &tls, context).await,
+                        None => connection::serve(socket, peer, context).await,
+                    }
                     drop(permit);
                 });
             }
@@ -41,4 +50,28 @@ pub async fn accept_loop(
             }
         }
     }
+}
+
+async fn serve_tls(
+    socket: TcpStream,
+    peer: SocketAddr,
+    tls: &TlsAcceptor,
+    context: Arc<ServerContext>,
+) {
+    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(socket));
+    let stream = tokio::select! {
+        () = context.shutdown.cancelled() => return,
+        result = handshake => match result {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                tracing::info!(%peer, "TLS handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                tracing::info!(%peer, "TLS handshake timed out");
+                return;
+            }
+        },
+    };
+    connection::serve(stream, peer, context).await;
 }

@@ -13,17 +13,21 @@ use tokio::sync::mpsc;
 pub struct Spool {
     child: Child,
     pub addr: SocketAddr,
+    /// The MQTTS listener, unless disabled by `extra_args`.
+    pub tls_addr: Option<SocketAddr>,
+    /// The generated CA certificate, when spool generated one.
+    pub tls_ca: Option<PathBuf>,
     pub data_dir: PathBuf,
 }
 
 impl Spool {
-    /// Starts spool on an ephemeral port with its data in `data_dir`.
+    /// Starts spool on ephemeral ports (MQTT and MQTTS) with its data in `data_dir`.
     pub fn start(data_dir: &Path, extra_args: &[&str]) -> Spool {
         let mut child = Command::new(env!("CARGO_BIN_EXE_spool"))
             .arg("serve")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--mqtt-bind", "127.0.0.1:0"])
+            .args(["--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", "127.0.0.1:0"])
             .args(extra_args)
             .env("SPOOL_LOG", "warn")
             .stdout(Stdio::piped())
@@ -32,20 +36,30 @@ impl Spool {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
+        let (mut addr, mut tls_addr, mut tls_ca) = (None, None, None);
+        // spool prints its listeners and certificate paths, then its data directory.
+        loop {
             let line = lines
                 .next()
                 .expect("spool exited before listening")
                 .unwrap();
-            if let Some(addr) = line.strip_prefix("spool: MQTT listening on ") {
-                break addr.parse().unwrap();
+            if let Some(found) = line.strip_prefix("spool: MQTT listening on ") {
+                addr = Some(found.parse().unwrap());
+            } else if let Some(found) = line.strip_prefix("spool: MQTTS listening on ") {
+                tls_addr = Some(found.parse().unwrap());
+            } else if let Some(found) = line.strip_prefix("spool: TLS CA certificate") {
+                tls_ca = found.rsplit(' ').next().map(PathBuf::from);
+            } else if line.starts_with("spool: data in ") {
+                break;
             }
-        };
+        }
         // Keep draining stdout so the child never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Spool {
             child,
-            addr,
+            addr: addr.expect("the MQTT listener is enabled"),
+            tls_addr,
+            tls_ca,
             data_dir: data_dir.to_path_buf(),
         }
     }
@@ -170,4 +184,82 @@ impl Client {
         }
         seen
     }
+}
+
+/// MQTT variable byte integer.
+pub fn varint(mut value: usize, out: &mut Vec<u8>) {
+    loop {
+        let mut byte = (value % 128) as u8;
+        value /= 128;
+        if value > 0 {
+            byte |= 0x80;
+        }
+        out.push(byte);
+        if value == 0 {
+            return;
+        }
+    }
+}
+
+/// A whole packet: fixed header byte, remaining length, body.
+pub fn packet(first_byte: u8, body: &[u8]) -> Vec<u8> {
+    let mut out = vec![first_byte];
+    varint(body.len(), &mut out);
+    out.extend_from_slice(body);
+    out
+}
+
+/// An MQTT string or binary field: u16 length, bytes.
+pub fn field(bytes: &[u8], out: &mut Vec<u8>) {
+    out.extend_from_slice(&u16::try_from(bytes.len()).unwrap().to_be_bytes());
+    out.extend_from_slice(bytes);
+}
+
+/// CONNECT, MQTT 3.1.1, keep-alive 60.
+pub fn connect_v311(client_id: &str, clean: bool) -> Vec<u8> {
+    let mut body = Vec::new();
+    field(b"MQTT", &mut body);
+    body.extend_from_slice(&[4, if clean { 2 } else { 0 }, 0, 60]);
+    field(client_id.as_bytes(), &mut body);
+    packet(0x10, &body)
+}
+
+/// SUBSCRIBE (MQTT 3.1.1) to one filter.
+pub fn subscribe_v311(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    field(filter.as_bytes(), &mut body);
+    body.push(qos);
+    packet(0x82, &body)
+}
+
+/// PUBLISH at QoS 1 (MQTT 3.1.1).
+pub fn publish_qos1_v311(packet_id: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    field(topic.as_bytes(), &mut body);
+    body.extend_from_slice(&packet_id.to_be_bytes());
+    body.extend_from_slice(payload);
+    packet(0x32, &body)
+}
+
+/// Reads one whole packet: its fixed header byte and body.
+pub async fn read_packet<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (u8, Vec<u8>) {
+    use tokio::io::AsyncReadExt;
+    let read = async {
+        let first = stream.read_u8().await.unwrap();
+        let (mut len, mut shift) = (0usize, 0);
+        loop {
+            let byte = stream.read_u8().await.unwrap();
+            len |= usize::from(byte & 0x7f) << shift;
+            shift += 7;
+            if byte & 0x80 == 0 {
+                break;
+            }
+        }
+        let mut body = vec![0; len];
+        stream.read_exact(&mut body).await.unwrap();
+        (first, body)
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("a packet within 10 s")
 }

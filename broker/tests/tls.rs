@@ -1,0 +1,170 @@
+//! MQTTS: the listener on its own port, the CA and server certificate generated on first start
+//! (kept across restarts), operator-supplied PEM files, TLS 1.2 and 1.3, and the server names
+//! IoT Edge modules use. The client is tokio-rustls speaking raw MQTT 3.1.1.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{Spool, connect_v311, publish_qos1_v311, read_packet, subscribe_v311};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use tokio_rustls::client::TlsStream;
+
+/// A client trusting only `ca` (a PEM file) and speaking only `version`.
+fn connector(ca: &Path, version: &'static rustls::SupportedProtocolVersion) -> TlsConnector {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    TlsConnector::from(Arc::new(config))
+}
+
+async fn tls_connect(
+    addr: SocketAddr,
+    connector: &TlsConnector,
+    name: &str,
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let socket = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(name.to_string()).unwrap();
+    connector.connect(name, socket).await
+}
+
+/// CONNECT, SUBSCRIBE and a QoS 1 PUBLISH to itself over `stream`: CONNACK, SUBACK, PUBACK and
+/// the message come back.
+async fn mqtt_round_trip(stream: &mut TlsStream<TcpStream>, client_id: &str) {
+    stream
+        .write_all(&connect_v311(client_id, true))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(stream).await, (0x20, vec![0, 0]), "CONNACK");
+    stream
+        .write_all(&subscribe_v311(1, "tls/+", 1))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(stream).await, (0x90, vec![0, 1, 1]), "SUBACK");
+    stream
+        .write_all(&publish_qos1_v311(2, "tls/t", b"over tls"))
+        .await
+        .unwrap();
+    let mut seen = [read_packet(stream).await, read_packet(stream).await];
+    seen.sort();
+    assert_eq!(
+        seen[0],
+        (
+            0x32,
+            [&[0, 5], &b"tls/t"[..], &[0, 1], b"over tls"].concat()
+        )
+    );
+    assert_eq!(seen[1], (0x40, vec![0, 2]), "PUBACK");
+}
+
+#[tokio::test]
+async fn generated_ca_serves_tls_12_and_13_for_localhost_and_edgehub() {
+    // Goal: with no certificate configured, spool generates a CA and a server certificate whose
+    // names include localhost and edgehub, and serves MQTT over both TLS 1.2 (the Azure IoT
+    // Python SDK) and TLS 1.3.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let (addr, ca) = (spool.tls_addr.unwrap(), spool.tls_ca.clone().unwrap());
+    assert!(
+        ca.starts_with(dir.path()),
+        "the CA lives in the data directory"
+    );
+    for (version, name) in [
+        (&rustls::version::TLS12, "localhost"),
+        (&rustls::version::TLS13, "edgehub"),
+        (&rustls::version::TLS12, "edgehub"),
+        (&rustls::version::TLS13, "localhost"),
+    ] {
+        let mut stream = tls_connect(addr, &connector(&ca, version), name)
+            .await
+            .unwrap();
+        let negotiated = stream.get_ref().1.protocol_version().unwrap();
+        assert_eq!(negotiated, version.version);
+        mqtt_round_trip(&mut stream, &format!("{name}-{negotiated:?}")).await;
+    }
+    let strict = connector(&ca, &rustls::version::TLS13);
+    assert!(
+        tls_connect(addr, &strict, "example.com").await.is_err(),
+        "a name not in the certificate is refused"
+    );
+}
+
+#[tokio::test]
+async fn generated_ca_survives_a_restart() {
+    // Goal: clients trust the CA once; a restart must not replace it.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let ca = spool.tls_ca.clone().unwrap();
+    let ca_pem = std::fs::read(&ca).unwrap();
+    spool.kill();
+    let spool = Spool::start(dir.path(), &[]);
+    assert_eq!(std::fs::read(&ca).unwrap(), ca_pem);
+    let connector = connector(&ca, &rustls::version::TLS13);
+    let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
+        .await
+        .unwrap();
+    mqtt_round_trip(&mut stream, "after-restart").await;
+}
+
+#[tokio::test]
+async fn operator_certificate_is_used() {
+    // Goal: --tls-cert/--tls-key serve the operator's certificate, and no CA is generated.
+    let dir = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let params = rcgen::CertificateParams::new(vec!["hub.example".to_string()]).unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    let (cert_path, key_path) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    std::fs::write(&cert_path, cert.pem()).unwrap();
+    std::fs::write(&key_path, key.serialize_pem()).unwrap();
+    let data = dir.path().join("data");
+    let spool = Spool::start(
+        &data,
+        &[
+            "--tls-cert",
+            cert_path.to_str().unwrap(),
+            "--tls-key",
+            key_path.to_str().unwrap(),
+        ],
+    );
+    assert!(spool.tls_ca.is_none());
+    assert!(!data.join("tls").exists());
+    let connector = connector(&cert_path, &rustls::version::TLS12);
+    let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "hub.example")
+        .await
+        .unwrap();
+    mqtt_round_trip(&mut stream, "operator").await;
+}
+
+#[tokio::test]
+async fn plain_mqtt_on_the_tls_port_is_refused_and_others_are_served() {
+    // Goal: a client that skips TLS gets its connection closed, not a crash or a hang.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut plain = TcpStream::connect(spool.tls_addr.unwrap()).await.unwrap();
+    plain.write_all(&connect_v311("plain", true)).await.unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        tokio::io::AsyncReadExt::read_to_end(&mut plain, &mut rest),
+    )
+    .await;
+    assert!(read.is_ok(), "the connection is closed");
+    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS13);
+    let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
+        .await
+        .unwrap();
+    mqtt_round_trip(&mut stream, "after-plain").await;
+}
