@@ -20,6 +20,9 @@ const CHECKPOINTS: TableDefinition<&str, u64> = TableDefinition::new("checkpoint
 /// client id -> the broker's encoding of a persistent session (opaque to storage).
 const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
+/// topic -> the broker's encoding of the message retained on it (opaque to storage).
+const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+
 /// How a metadata write is committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Commit {
@@ -128,27 +131,45 @@ impl Meta {
     /// # Errors
     /// `Error::Meta`, or `CheckpointBackwards` (and then nothing is written).
     pub fn set_checkpoints(&self, updates: &[(&str, u64)], commit: Commit) -> Result<()> {
-        self.write_checkpoints(commit, |table| {
-            for &(queue, seq) in updates {
-                let current = table
-                    .get(queue)
-                    .map_err(|e| meta_error("read checkpoint", e))?
-                    .map(|v| v.value());
-                if let Some(current) = current
-                    && seq < current
-                {
-                    return Err(Error::CheckpointBackwards {
-                        queue: queue.to_string(),
-                        from: current,
-                        to: seq,
-                    });
+        self.write_checkpoints(commit, |table| advance_checkpoints(table, updates))
+    }
+
+    /// Applies changes to the retained messages (`Some`: store, `None`: remove) and advances
+    /// checkpoints in one transaction: a checkpoint that says "every retained change up to
+    /// here is stored" commits atomically with those changes.
+    ///
+    /// # Errors
+    /// `Error::Meta`, or `CheckpointBackwards` (and then nothing is written).
+    pub fn set_checkpoints_and_retained(
+        &self,
+        updates: &[(&str, u64)],
+        retained: &[(&str, Option<&[u8]>)],
+        commit: Commit,
+    ) -> Result<()> {
+        self.write(commit, "commit retained messages", |write| {
+            let mut table = write
+                .open_table(RETAINED)
+                .map_err(|e| meta_error("open retained messages", e))?;
+            for &(topic, message) in retained {
+                match message {
+                    Some(message) => table.insert(topic, message).map(|_| ()),
+                    None => table.remove(topic).map(|_| ()),
                 }
-                table
-                    .insert(queue, seq)
-                    .map_err(|e| meta_error("write checkpoint", e))?;
+                .map_err(|e| meta_error("write retained message", e))?;
             }
-            Ok(())
+            let mut table = write
+                .open_table(CHECKPOINTS)
+                .map_err(|e| meta_error("open checkpoints", e))?;
+            advance_checkpoints(&mut table, updates)
         })
+    }
+
+    /// Every retained message, by topic.
+    ///
+    /// # Errors
+    /// `Error::Meta`.
+    pub fn retained(&self) -> Result<BTreeMap<String, Vec<u8>>> {
+        self.read_table(RETAINED, "retained messages", <[u8]>::to_vec)
     }
 
     /// Removes a queue's checkpoint (the queue was deleted).
@@ -171,10 +192,26 @@ impl Meta {
         commit: Commit,
         change: impl FnOnce(&mut redb::Table<'_, &'static str, u64>) -> Result<()>,
     ) -> Result<()> {
+        self.write(commit, "commit checkpoints", |write| {
+            let mut table = write
+                .open_table(CHECKPOINTS)
+                .map_err(|e| meta_error("open checkpoints", e))?;
+            change(&mut table)
+        })
+    }
+
+    /// Runs `change` in one write transaction, committed as `commit` says; an error from
+    /// `change` aborts the transaction.
+    fn write(
+        &self,
+        commit: Commit,
+        what: &str,
+        change: impl FnOnce(&redb::WriteTransaction) -> Result<()>,
+    ) -> Result<()> {
         let mut write = self
             .db
             .begin_write()
-            .map_err(|e| meta_error("begin checkpoint commit", e))?;
+            .map_err(|e| meta_error(&format!("begin to {what}"), e))?;
         let durability = match commit {
             Commit::Deferred => Durability::None,
             Commit::Durable => Durability::Immediate,
@@ -182,15 +219,8 @@ impl Meta {
         write
             .set_durability(durability)
             .map_err(|e| meta_error("set durability", e))?;
-        {
-            let mut table = write
-                .open_table(CHECKPOINTS)
-                .map_err(|e| meta_error("open checkpoints", e))?;
-            change(&mut table)?;
-        }
-        write
-            .commit()
-            .map_err(|e| meta_error("commit checkpoints", e))?;
+        change(&write)?;
+        write.commit().map_err(|e| meta_error(what, e))?;
         if commit == Commit::Durable {
             *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = self.checkpoints()?;
         }
@@ -234,4 +264,31 @@ impl Meta {
     pub fn make_durable(&self) -> Result<()> {
         self.set_checkpoints(&[], Commit::Durable)
     }
+}
+
+/// Advances checkpoints in `table`. A checkpoint never moves backwards: that would redeliver
+/// messages already acknowledged, so it is refused as a caller bug.
+fn advance_checkpoints(
+    table: &mut redb::Table<'_, &'static str, u64>,
+    updates: &[(&str, u64)],
+) -> Result<()> {
+    for &(queue, seq) in updates {
+        let current = table
+            .get(queue)
+            .map_err(|e| meta_error("read checkpoint", e))?
+            .map(|v| v.value());
+        if let Some(current) = current
+            && seq < current
+        {
+            return Err(Error::CheckpointBackwards {
+                queue: queue.to_string(),
+                from: current,
+                to: seq,
+            });
+        }
+        table
+            .insert(queue, seq)
+            .map_err(|e| meta_error("write checkpoint", e))?;
+    }
+    Ok(())
 }

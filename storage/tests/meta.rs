@@ -108,3 +108,40 @@ fn a_checkpoint_past_the_end_of_the_log_refuses_the_open() {
         "{err:?}"
     );
 }
+
+#[test]
+fn retained_changes_commit_atomically_with_their_checkpoint() {
+    // Goal: "every retained change up to this checkpoint is stored" holds across a reopen, and a
+    // refused checkpoint writes no retained change either.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    let meta = Meta::open(&path).unwrap();
+    meta.set_checkpoints_and_retained(
+        &[("retained", 10)],
+        &[("a/b", Some(b"one")), ("a/c", Some(b"two"))],
+        Commit::Durable,
+    )
+    .unwrap();
+    meta.set_checkpoints_and_retained(
+        &[("retained", 12)],
+        &[("a/b", None), ("a/c", Some(b"three"))],
+        Commit::Durable,
+    )
+    .unwrap();
+    let backwards = meta.set_checkpoints_and_retained(
+        &[("retained", 11)],
+        &[("a/d", Some(b"never"))],
+        Commit::Durable,
+    );
+    assert!(matches!(backwards, Err(Error::CheckpointBackwards { .. })));
+    drop(meta);
+
+    let meta = Meta::open(&path).unwrap();
+    let retained = meta.retained().unwrap();
+    assert_eq!(
+        retained.into_iter().collect::<Vec<_>>(),
+        vec![("a/c".to_string(), b"three".to_vec())]
+    );
+    assert_eq!(meta.checkpoint("retained").unwrap(), Some(12));
+    assert_eq!(meta.durable_checkpoints().get("retained"), Some(&12));
+}
