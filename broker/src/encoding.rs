@@ -13,6 +13,8 @@ pub enum FormatError {
     Version(u8),
     #[error("invalid QoS {0}")]
     QoS(u8),
+    #[error("invalid flags {0:#04x}")]
+    Flags(u8),
     #[error("string is not UTF-8")]
     Utf8,
     #[error("{0} trailing bytes")]

@@ -30,6 +30,14 @@ pub const USER_PROPERTIES_MAX: usize = 1024;
 /// It also bounds the subscription identifiers one delivery can carry.
 pub const SUBSCRIPTIONS_PER_SESSION_MAX: usize = 1024;
 
+/// Topics with a retained message; a retained publish to a new topic beyond it is delivered
+/// but not retained (logged and counted).
+pub const RETAINED_MESSAGES_MAX: usize = 100_000;
+
+/// Bytes of retained messages, all kept in memory; beyond it new retained messages are refused
+/// like above.
+pub const RETAINED_BYTES_MAX: usize = 256 << 20;
+
 /// Targets one message can be routed to.
 pub const TARGETS_PER_MESSAGE_MAX: usize = 1 << 16;
 

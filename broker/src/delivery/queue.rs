@@ -6,13 +6,19 @@
 //! that was not acknowledged goes back to the front, in order, when the connection drops, and is
 //! resent first with DUP set.
 
-use crate::message::QoS;
+use crate::message::{Message, QoS};
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 /// One message waiting in a queue.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueEntry {
+    /// The message's record in the log; for a retained message, the last record read when it
+    /// was queued (its place in the order).
     pub seq: u64,
+    /// A retained message sent because of a new subscription: carried here, since its own
+    /// record may be long gone from the log.
+    pub retained: Option<Arc<Message>>,
     pub qos: QoS,
     pub retain_as_published: bool,
     pub subscription_ids: Vec<u32>,
@@ -61,14 +67,18 @@ impl DeliveryQueue {
         }
     }
 
-    /// Appends an entry in WAL order.
+    /// Appends an entry in WAL order (a retained message takes the place of the last record
+    /// read, so it may share a sequence number with the entry before it).
     pub fn push(&mut self, entry: QueueEntry) -> Pushed {
         if let Some(last) = self
             .waiting
             .back()
             .or(self.in_flight.back().map(|f| &f.entry))
         {
-            assert!(entry.seq > last.seq, "queues are filled in WAL order");
+            assert!(
+                entry.seq > last.seq || (entry.retained.is_some() && entry.seq == last.seq),
+                "queues are filled in WAL order"
+            );
         }
         let mut pushed = Pushed::Queued;
         if self.len() >= self.limit && !self.waiting.is_empty() {
@@ -157,6 +167,7 @@ mod tests {
     fn entry(seq: u64) -> QueueEntry {
         QueueEntry {
             seq,
+            retained: None,
             qos: QoS::AtLeastOnce,
             retain_as_published: false,
             subscription_ids: Vec::new(),

@@ -7,6 +7,7 @@
 //! `try_send`, and what does not fit stays in the queue until the next acknowledgement.
 
 pub mod events;
+pub mod retained;
 
 use crate::delivery::cache::MessageCache;
 use crate::delivery::queue::{Pushed, QueueEntry};
@@ -15,9 +16,10 @@ use crate::encoding::FormatError;
 use crate::hub::events::{
     ConnectOutcome, ConnectRequest, Delivery, Event, Outbound, SubscribeRefusal,
 };
+use crate::hub::retained::{RETAINED_CHECKPOINT, RetainedMessages};
 use crate::limits::{MESSAGE_CACHE_BYTES_MAX, SUBSCRIPTIONS_PER_SESSION_MAX};
 use crate::message::{Message, QoS, now_ms};
-use crate::routing::{SubscriptionOptions, SubscriptionTable};
+use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};
 use crate::session::persist::PersistedSession;
 use crate::session::{Attachment, Session};
 use spool_storage::{Commit, Meta, Record, Wal, WalReader};
@@ -49,6 +51,8 @@ pub enum StartError {
         client_id: String,
         source: FormatError,
     },
+    #[error("the stored retained message of topic {topic:?} is corrupt: {source}")]
+    CorruptRetained { topic: String, source: FormatError },
 }
 
 /// The hub's state; see the module documentation.
@@ -63,6 +67,7 @@ pub struct Hub {
     /// id is never reused across restarts and old records can never reach a new session.
     next_session_id: u64,
     cache: MessageCache,
+    retained: RetainedMessages,
     limits: HubLimits,
 }
 
@@ -80,6 +85,7 @@ impl Hub {
     ) -> Result<Hub, StartError> {
         let tail = wal.reader(wal.durable_seq() + 1)?;
         let next_session_id = (wal.epoch() << 32) + 1;
+        let retained = RetainedMessages::load(&meta)?;
         let mut hub = Hub {
             wal,
             meta,
@@ -89,10 +95,21 @@ impl Hub {
             session_by_client: HashMap::new(),
             next_session_id,
             cache: MessageCache::new(MESSAGE_CACHE_BYTES_MAX),
+            retained,
             limits,
         };
         let replay_from = hub.load_sessions()?;
-        hub.tail = hub.wal.reader(replay_from)?;
+        let first = hub.wal.first_seq();
+        let retained_from = hub.retained.replay_from();
+        if retained_from < first {
+            tracing::warn!(
+                retained_from,
+                first,
+                "retained changes after the last commit were already removed from the log"
+            );
+        }
+        hub.tail = hub.wal.reader(replay_from.min(retained_from.max(first)))?;
+        tracing::info!(retained = hub.retained.len(), "restored retained messages");
         Ok(hub)
     }
 
@@ -164,6 +181,7 @@ impl Hub {
                 },
                 _ = expiry.tick() => {
                     self.expire_sessions(Instant::now());
+                    self.retained.expire(now_ms());
                     self.checkpoint_and_retain();
                 }
             }
@@ -271,6 +289,7 @@ impl Hub {
         };
         let mut router = self.router.write().unwrap_or_else(PoisonError::into_inner);
         let mut outcomes = Vec::with_capacity(filters.len());
+        let mut retained_for = Vec::new();
         for (filter, mut options) in filters {
             let full = session.subscriptions.len() >= SUBSCRIPTIONS_PER_SESSION_MAX
                 && !session.subscriptions.contains_key(&filter);
@@ -282,16 +301,54 @@ impl Hub {
             // broker grants at most QoS 1, which MQTT allows (the SUBACK says so).
             options.qos = options.qos.min(QoS::AtLeastOnce);
             router.subscribe(id, &filter, options);
-            session.subscriptions.insert(filter, options);
+            let is_new = session
+                .subscriptions
+                .insert(filter.clone(), options)
+                .is_none();
+            let send_retained = match options.retain_handling {
+                RetainHandling::AtSubscribe => true,
+                RetainHandling::AtNewSubscribe => is_new,
+                RetainHandling::Never => false,
+            };
+            if send_retained {
+                retained_for.push((filter, options));
+            }
             outcomes.push(Ok(options.qos));
         }
         drop(router);
+        self.queue_retained(id, &retained_for);
         // A persistent session's subscriptions are durable before the SUBACK says granted.
         if let Err(e) = self.store_session(id) {
             tracing::error!(session = id, "failed to store subscriptions: {e}");
             return vec![Err(SubscribeRefusal::Unavailable); outcomes.len()];
         }
         outcomes
+    }
+
+    /// Queues the retained messages matching new subscriptions; they go out after the SUBACK
+    /// (the connection sends it before it takes more from its channel), with RETAIN set.
+    fn queue_retained(&mut self, id: u64, subscriptions: &[(String, SubscriptionOptions)]) {
+        let now = now_ms();
+        let position = self.tail.next_seq() - 1;
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        for (filter, options) in subscriptions {
+            for message in self.retained.matching(filter, now) {
+                let entry = QueueEntry {
+                    seq: position,
+                    qos: message.qos.min(options.qos),
+                    retained: Some(message),
+                    retain_as_published: true,
+                    subscription_ids: options.subscription_id.into_iter().collect(),
+                    redelivery: false,
+                };
+                if session.queue.push(entry) == Pushed::DroppedOldest {
+                    tracing::warn!(client_id = %session.client_id, "queue full: dropped its oldest message (queue_full)");
+                }
+            }
+        }
+        self.pump(id);
     }
 
     fn unsubscribe(&mut self, id: u64, filters: &[String]) -> Vec<bool> {
@@ -384,18 +441,30 @@ impl Hub {
             let checkpoint = session
                 .queue
                 .first_needed()
-                .map_or(read_through, |first| first - 1);
+                .map_or(read_through, |first| first.saturating_sub(1));
             if checkpoint > session.checkpoint {
                 updates.push((session.checkpoint_key(), checkpoint, session.id));
             }
         }
+        if read_through > self.retained.checkpoint() || self.retained.has_uncommitted() {
+            updates.push((RETAINED_CHECKPOINT.to_string(), read_through, 0));
+        }
         if !updates.is_empty() {
             let pairs: Vec<(&str, u64)> =
                 updates.iter().map(|(k, c, _)| (k.as_str(), *c)).collect();
-            if let Err(e) = self.meta.set_checkpoints(&pairs, Commit::Durable) {
+            let changes = self.retained.changes();
+            let retained: Vec<(&str, Option<&[u8]>)> = changes
+                .iter()
+                .map(|(topic, message)| (topic.as_str(), message.as_deref()))
+                .collect();
+            let committed =
+                self.meta
+                    .set_checkpoints_and_retained(&pairs, &retained, Commit::Durable);
+            if let Err(e) = committed {
                 tracing::error!("failed to commit checkpoints: {e}");
                 return;
             }
+            self.retained.committed(read_through);
             for (_, checkpoint, id) in updates {
                 if let Some(session) = self.sessions.get_mut(&id) {
                     session.checkpoint = checkpoint;
@@ -409,7 +478,7 @@ impl Hub {
                 true => s.checkpoint + 1,
                 false => s.queue.first_needed().unwrap_or(read_through + 1),
             })
-            .fold(read_through + 1, u64::min);
+            .fold(self.retained.replay_from(), u64::min);
         let wal = self.wal.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = wal.remove_segments_below(lowest_needed) {
@@ -448,6 +517,9 @@ impl Hub {
         };
         let message = Arc::new(publish.message);
         self.cache.insert(record.seq, Arc::clone(&message));
+        if message.retain {
+            self.retained.apply(record.seq, &message);
+        }
         for target in publish.targets {
             let Some(session) = self.sessions.get_mut(&target.session) else {
                 continue;
@@ -457,6 +529,7 @@ impl Hub {
             }
             let entry = QueueEntry {
                 seq: record.seq,
+                retained: None,
                 qos: target.qos,
                 retain_as_published: target.retain_as_published,
                 subscription_ids: target.subscription_ids,
@@ -481,8 +554,12 @@ impl Hub {
             let Some(entry) = session.queue.next_to_send(window) else {
                 return;
             };
-            let Some(message) = self.message(entry.seq) else {
-                continue; // unreadable: logged by `message`, and skipped
+            let message = match &entry.retained {
+                Some(message) => Arc::clone(message),
+                None => match self.message(entry.seq) {
+                    Some(message) => message,
+                    None => continue, // unreadable: logged by `message`, and skipped
+                },
             };
             let session = self.sessions.get_mut(&id).expect("looked up above");
             if message.is_expired(now_ms()) {
@@ -495,7 +572,7 @@ impl Hub {
                 packet_id,
                 qos: entry.qos,
                 dup: entry.redelivery,
-                retain: entry.retain_as_published && message.retain,
+                retain: entry.retained.is_some() || (entry.retain_as_published && message.retain),
                 subscription_ids: entry.subscription_ids.clone(),
                 message,
             };

@@ -7,7 +7,7 @@
 
 use crate::hub::events::{Delivery, Protocol};
 use crate::message::{MessageProperties, QoS};
-use crate::routing::SubscriptionOptions;
+use crate::routing::{RetainHandling, SubscriptionOptions};
 use bytes::Bytes;
 use bytestring::ByteString;
 use rmqtt_codec::types::Publish as WirePublish;
@@ -261,6 +261,7 @@ fn from_v3(packet: v3::Packet) -> ClientPacket {
                         no_local: false,
                         retain_as_published: false,
                         subscription_id: None,
+                        retain_handling: RetainHandling::AtSubscribe,
                     };
                     (filter.to_string(), options)
                 })
@@ -315,6 +316,13 @@ fn from_v5(packet: v5::Packet) -> ClientPacket {
                             no_local: options.no_local,
                             retain_as_published: options.retain_as_published,
                             subscription_id: id,
+                            retain_handling: match options.retain_handling {
+                                v5::RetainHandling::AtSubscribe => RetainHandling::AtSubscribe,
+                                v5::RetainHandling::AtSubscribeNew => {
+                                    RetainHandling::AtNewSubscribe
+                                }
+                                v5::RetainHandling::NoAtSubscribe => RetainHandling::Never,
+                            },
                         };
                         (filter.to_string(), options)
                     })
@@ -484,7 +492,7 @@ fn connack_v5(connack: ConnAck) -> v5::ConnectAck {
         max_qos: rmqtt_codec::types::QoS::AtLeastOnce,
         topic_alias_max: connack.topic_alias_max,
         // Retained messages are not offered yet; MQTT 5 clients are told so.
-        retain_available: false,
+        retain_available: true,
         wildcard_subscription_available: true,
         subscription_identifiers_available: true,
         shared_subscription_available: false,

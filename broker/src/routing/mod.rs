@@ -4,4 +4,4 @@
 pub mod subscriptions;
 pub mod topic;
 
-pub use subscriptions::{SubscriptionOptions, SubscriptionTable, Target};
+pub use subscriptions::{RetainHandling, SubscriptionOptions, SubscriptionTable, Target};

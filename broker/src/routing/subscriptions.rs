@@ -20,6 +20,39 @@ pub struct SubscriptionOptions {
     pub retain_as_published: bool,
     /// The subscription identifier to send with each matching message.
     pub subscription_id: Option<u32>,
+    /// When the retained messages matching the filter are sent.
+    pub retain_handling: RetainHandling,
+}
+
+/// MQTT 5 retain handling: when a subscription receives the retained messages that match it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RetainHandling {
+    /// Whenever the subscription is made (3.1.1 behaviour).
+    #[default]
+    AtSubscribe,
+    /// Only when the subscription did not exist before.
+    AtNewSubscribe,
+    /// Never.
+    Never,
+}
+
+impl RetainHandling {
+    /// The wire value (0, 1 or 2).
+    #[must_use]
+    pub fn to_u8(self) -> u8 {
+        self as u8
+    }
+
+    /// The retain handling for a wire value, if valid.
+    #[must_use]
+    pub fn from_u8(value: u8) -> Option<RetainHandling> {
+        match value {
+            0 => Some(RetainHandling::AtSubscribe),
+            1 => Some(RetainHandling::AtNewSubscribe),
+            2 => Some(RetainHandling::Never),
+            _ => None,
+        }
+    }
 }
 
 /// Subscriptions by filter, then by session.
@@ -97,6 +130,7 @@ mod tests {
             no_local: false,
             retain_as_published: false,
             subscription_id: None,
+            retain_handling: RetainHandling::AtSubscribe,
         }
     }
 

@@ -5,13 +5,14 @@
 //!
 //! ```text
 //! version u8 (1) | id u64 | expiry_secs u64 | replay_floor u64
-//! subscriptions u32 count of (filter str16 | options u8 (qos:2 | no_local:1 | rap:1)
+//! subscriptions u32 count of (filter str16
+//!                             | options u8 (qos:2 | no_local:1 | rap:1 | retain_handling:2)
 //!                             | subscription_id u32, 0 = none)
 //! ```
 
 use crate::encoding::{FormatError, put_str16, take_str16, take_u8, take_u32, take_u64};
 use crate::message::QoS;
-use crate::routing::SubscriptionOptions;
+use crate::routing::{RetainHandling, SubscriptionOptions};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::BTreeMap;
 
@@ -41,7 +42,8 @@ impl PersistedSession {
             out.put_u8(
                 options.qos as u8
                     | u8::from(options.no_local) << 2
-                    | u8::from(options.retain_as_published) << 3,
+                    | u8::from(options.retain_as_published) << 3
+                    | options.retain_handling.to_u8() << 4,
             );
             out.put_u32_le(options.subscription_id.unwrap_or(0));
         }
@@ -65,12 +67,15 @@ impl PersistedSession {
             let filter = take_str16(&mut bytes)?;
             let flags = take_u8(&mut bytes)?;
             let qos = QoS::from_u8(flags & 0b11).ok_or(FormatError::QoS(flags & 0b11))?;
+            let retain_handling =
+                RetainHandling::from_u8((flags >> 4) & 0b11).ok_or(FormatError::Flags(flags))?;
             let subscription_id = Some(take_u32(&mut bytes)?).filter(|&id| id != 0);
             let options = SubscriptionOptions {
                 qos,
                 no_local: flags & 0b100 != 0,
                 retain_as_published: flags & 0b1000 != 0,
                 subscription_id,
+                retain_handling,
             };
             subscriptions.insert(filter, options);
         }
@@ -97,17 +102,18 @@ mod tests {
             id: u64,
             expiry_secs: u64,
             replay_floor: u64,
-            filters in proptest::collection::btree_map("[a-z/+#]{1,12}", (0u8..2, any::<bool>(), any::<bool>(), proptest::option::of(1u32..)), 0..5),
+            filters in proptest::collection::btree_map("[a-z/+#]{1,12}", (0u8..2, any::<bool>(), any::<bool>(), proptest::option::of(1u32..), 0u8..3), 0..5),
             cut: prop::sample::Index,
         ) {
             let subscriptions = filters
                 .into_iter()
-                .map(|(filter, (qos, no_local, rap, id))| {
+                .map(|(filter, (qos, no_local, rap, id, handling))| {
                     let options = SubscriptionOptions {
                         qos: QoS::from_u8(qos).unwrap(),
                         no_local,
                         retain_as_published: rap,
                         subscription_id: id,
+                        retain_handling: RetainHandling::from_u8(handling).unwrap(),
                     };
                     (filter, options)
                 })

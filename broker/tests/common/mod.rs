@@ -263,3 +263,22 @@ pub async fn read_packet<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (u8
         .await
         .expect("a packet within 10 s")
 }
+
+/// CONNECT, MQTT 5, clean start, keep-alive 60, no properties.
+pub fn connect_v5(client_id: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    field(b"MQTT", &mut body);
+    body.extend_from_slice(&[5, 2, 0, 60, 0]);
+    field(client_id.as_bytes(), &mut body);
+    packet(0x10, &body)
+}
+
+/// SUBSCRIBE (MQTT 5) to one filter with a raw options byte
+/// (qos | no_local << 2 | retain_as_published << 3 | retain_handling << 4).
+pub fn subscribe_v5(packet_id: u16, filter: &str, options: u8) -> Vec<u8> {
+    let mut body = packet_id.to_be_bytes().to_vec();
+    body.push(0); // no properties
+    field(filter.as_bytes(), &mut body);
+    body.push(options);
+    packet(0x82, &body)
+}
