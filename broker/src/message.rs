@@ -71,6 +71,16 @@ impl Message {
     }
 }
 
+/// A will message, from CONNECT: published when the connection ends without a normal
+/// DISCONNECT, after `delay_secs` (MQTT 5) unless the session resumes first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Will {
+    /// The message; its expiry is set from `expiry_interval_secs` when it is published.
+    pub message: Message,
+    pub expiry_interval_secs: Option<u32>,
+    pub delay_secs: u32,
+}
+
 /// Milliseconds since the Unix epoch, the clock message expiry is measured with.
 #[must_use]
 pub fn now_ms() -> u64 {

@@ -1,7 +1,7 @@
 //! The messages between connections and the hub: [`Event`] (connection to hub, over one bounded
 //! channel) and [`Outbound`] (hub to one connection, over its bounded channel, by `try_send`).
 
-use crate::message::{Message, QoS};
+use crate::message::{Message, QoS, Will};
 use crate::routing::SubscriptionOptions;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
@@ -33,10 +33,11 @@ pub enum Event {
         session: u64,
         packet_id: u16,
     },
-    /// The connection ended.
+    /// The connection ended; with its will if it did not end with a normal DISCONNECT.
     Disconnected {
         session: u64,
         connection: u64,
+        will: Option<Box<Will>>,
     },
 }
 

@@ -18,7 +18,7 @@ use crate::hub::events::{
 };
 use crate::hub::retained::{RETAINED_CHECKPOINT, RetainedMessages};
 use crate::limits::{MESSAGE_CACHE_BYTES_MAX, SUBSCRIPTIONS_PER_SESSION_MAX};
-use crate::message::{Message, QoS, now_ms};
+use crate::message::{Message, QoS, Will, now_ms};
 use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};
 use crate::session::persist::PersistedSession;
 use crate::session::{Attachment, Session};
@@ -181,6 +181,7 @@ impl Hub {
                 },
                 _ = expiry.tick() => {
                     self.expire_sessions(Instant::now());
+                    self.publish_due_wills(Instant::now());
                     self.retained.expire(now_ms());
                     self.checkpoint_and_retain();
                 }
@@ -209,7 +210,8 @@ impl Hub {
             Event::Disconnected {
                 session,
                 connection,
-            } => self.disconnected(session, connection),
+                will,
+            } => self.disconnected(session, connection, will),
         }
     }
 
@@ -236,6 +238,8 @@ impl Hub {
             }
             if request.clean_start {
                 self.remove_session(id);
+            } else if session.pending_will.take().is_some() {
+                tracing::debug!(client_id = %request.client_id, "session resumed within its will delay: will not published");
             }
         }
         let session_present = existing.is_some() && !request.clean_start;
@@ -380,11 +384,19 @@ impl Hub {
         self.pump(id);
     }
 
-    fn disconnected(&mut self, id: u64, connection: u64) {
+    fn disconnected(&mut self, id: u64, connection: u64, will: Option<Box<Will>>) {
+        let attached = self
+            .sessions
+            .get(&id)
+            .and_then(|s| s.attachment.as_ref())
+            .is_some_and(|a| a.connection == connection);
+        if let Some(will) = will {
+            self.will_due(id, attached, will);
+        }
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
-        if session.attachment.as_ref().map(|a| a.connection) != Some(connection) {
+        if !attached {
             return; // a connection that was already taken over
         }
         session.attachment = None;
@@ -396,12 +408,79 @@ impl Hub {
         }
     }
 
+    /// A connection ended without a normal DISCONNECT: its will is published at once, or after
+    /// its delay (capped by the session's expiry) if the session stays detached that long, or
+    /// never if the session was already resumed by a newer connection (MQTT 5 §3.1.2.5).
+    fn will_due(&mut self, id: u64, attached: bool, will: Box<Will>) {
+        let delay = Duration::from_secs(u64::from(will.delay_secs));
+        match self.sessions.get_mut(&id) {
+            Some(session) if !delay.is_zero() && attached && !session.expiry.is_zero() => {
+                session.pending_will = Some((will, Instant::now() + delay.min(session.expiry)));
+            }
+            Some(_) if !delay.is_zero() && !attached => {}
+            Some(_) | None => self.publish_will(id, *will),
+        }
+    }
+
+    fn publish_due_wills(&mut self, now: Instant) {
+        let due: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| s.pending_will.as_ref().is_some_and(|(_, at)| *at <= now))
+            .map(|s| s.id)
+            .collect();
+        for id in due {
+            let will = self
+                .sessions
+                .get_mut(&id)
+                .and_then(|s| s.pending_will.take());
+            if let Some((will, _)) = will {
+                self.publish_will(id, *will);
+            }
+        }
+    }
+
+    /// Routes and logs a will like any publish from its session. The hub does not wait for
+    /// the log: a task does, and a will that cannot be logged (quota) is lost with a log line,
+    /// as there is no client left to hold back.
+    fn publish_will(&mut self, publisher: u64, will: Will) {
+        let mut message = will.message;
+        message.properties.expires_at_ms = will
+            .expiry_interval_secs
+            .map(|secs| now_ms() + u64::from(secs) * 1000);
+        let targets = self
+            .router
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .route(&message.topic, publisher, message.qos);
+        tracing::info!(topic = %message.topic, "publishing a will");
+        let record = PublishRecord {
+            message,
+            publisher,
+            targets,
+        }
+        .encode();
+        let wal = self.wal.clone();
+        tokio::spawn(async move {
+            let logged = match wal.submit(KIND_PUBLISH, record).await {
+                Ok(append) => append.await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = logged {
+                tracing::warn!("failed to log a will: {e}");
+            }
+        });
+    }
+
     fn remove_session(&mut self, id: u64) {
-        let Some(session) = self.sessions.remove(&id) else {
+        let Some(mut session) = self.sessions.remove(&id) else {
             return;
         };
         self.session_by_client.remove(&session.client_id);
         self.router().remove_session(id);
+        if let Some((will, _)) = session.pending_will.take() {
+            self.publish_will(id, *will);
+        }
         if !session.stored {
             return;
         }

@@ -6,7 +6,7 @@
 //! buffered.
 
 use crate::hub::events::{Delivery, Protocol};
-use crate::message::{MessageProperties, QoS};
+use crate::message::{Message, MessageProperties, QoS, Will};
 use crate::routing::{RetainHandling, SubscriptionOptions};
 use bytes::Bytes;
 use bytestring::ByteString;
@@ -57,6 +57,7 @@ pub struct Connect {
     pub topic_alias_max: u16,
     pub username: Option<String>,
     pub password: Option<Bytes>,
+    pub will: Option<Will>,
 }
 
 /// A PUBLISH from a client.
@@ -97,6 +98,8 @@ pub enum ClientPacket {
     PingReq,
     Disconnect {
         session_expiry_secs: Option<u32>,
+        /// MQTT 5 reason 0x04: disconnect, but publish the will.
+        publish_will: bool,
     },
     /// A packet only a server sends (CONNACK, SUBACK, ...) or AUTH, which spool does not offer.
     Unexpected(&'static str),
@@ -242,6 +245,17 @@ fn from_v3(packet: v3::Packet) -> ClientPacket {
             topic_alias_max: 0,
             username: connect.username.map(|u| u.to_string()),
             password: connect.password,
+            will: connect.last_will.map(|will| Will {
+                message: Message {
+                    topic: will.topic.to_string(),
+                    payload: will.message,
+                    qos: qos_from_wire(will.qos),
+                    retain: will.retain,
+                    properties: MessageProperties::default(),
+                },
+                expiry_interval_secs: None,
+                delay_secs: 0,
+            }),
         })),
         v3::Packet::Publish(publish) => ClientPacket::Publish(Box::new(inbound_publish(*publish))),
         v3::Packet::PublishAck { packet_id: id } => ClientPacket::PubAck(packet_id(id)),
@@ -277,6 +291,7 @@ fn from_v3(packet: v3::Packet) -> ClientPacket {
         v3::Packet::PingRequest => ClientPacket::PingReq,
         v3::Packet::Disconnect => ClientPacket::Disconnect {
             session_expiry_secs: None,
+            publish_will: false,
         },
         v3::Packet::ConnectAck(_) => ClientPacket::Unexpected("CONNACK"),
         v3::Packet::SubscribeAck { .. } => ClientPacket::Unexpected("SUBACK"),
@@ -297,6 +312,7 @@ fn from_v5(packet: v5::Packet) -> ClientPacket {
             topic_alias_max: connect.topic_alias_max,
             username: connect.username.map(|u| u.to_string()),
             password: connect.password,
+            will: connect.last_will.map(will_from_v5),
         })),
         v5::Packet::Publish(publish) => ClientPacket::Publish(Box::new(inbound_publish(*publish))),
         v5::Packet::PublishAck(ack) => ClientPacket::PubAck(packet_id(ack.packet_id)),
@@ -340,12 +356,39 @@ fn from_v5(packet: v5::Packet) -> ClientPacket {
         v5::Packet::PingRequest => ClientPacket::PingReq,
         v5::Packet::Disconnect(disconnect) => ClientPacket::Disconnect {
             session_expiry_secs: disconnect.session_expiry_interval_secs,
+            publish_will: disconnect.reason_code
+                == v5::DisconnectReasonCode::DisconnectWithWillMessage,
         },
         v5::Packet::Auth(_) => ClientPacket::Unexpected("AUTH"),
         v5::Packet::ConnectAck(_) => ClientPacket::Unexpected("CONNACK"),
         v5::Packet::SubscribeAck(_) => ClientPacket::Unexpected("SUBACK"),
         v5::Packet::UnsubscribeAck(_) => ClientPacket::Unexpected("UNSUBACK"),
         v5::Packet::PingResponse => ClientPacket::Unexpected("PINGRESP"),
+    }
+}
+
+fn will_from_v5(will: v5::LastWill) -> Will {
+    Will {
+        message: Message {
+            topic: will.topic.to_string(),
+            payload: will.message,
+            qos: qos_from_wire(will.qos),
+            retain: will.retain,
+            properties: MessageProperties {
+                payload_is_utf8: will.is_utf8_payload.unwrap_or(false),
+                expires_at_ms: None,
+                content_type: will.content_type.map(|s| s.to_string()),
+                response_topic: will.response_topic.map(|s| s.to_string()),
+                correlation_data: will.correlation_data,
+                user: will
+                    .user_properties
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            },
+        },
+        expiry_interval_secs: will.message_expiry_interval.map(NonZeroU32::get),
+        delay_secs: will.will_delay_interval_sec.unwrap_or(0),
     }
 }
 

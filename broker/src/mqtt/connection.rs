@@ -14,7 +14,7 @@ use crate::hub::events::{
 use crate::limits::{
     CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX, USER_PROPERTIES_MAX,
 };
-use crate::message::{Message, QoS, now_ms};
+use crate::message::{Message, QoS, Will, now_ms};
 use crate::mqtt::ServerContext;
 use crate::mqtt::codec::{
     self, ClientPacket, ConnAck, DecodeError, InboundPublish, Reason, ServerPacket,
@@ -132,8 +132,18 @@ async fn handshake<S>(
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
-    let (mut framed, protocol, connect) = read_connect(stream, context).await?;
+    let (mut framed, protocol, mut connect) = read_connect(stream, context).await?;
     let limits = &context.limits;
+    if let Some(will) = &connect.will
+        && let Err(e) = topic::validate_name(&will.message.topic)
+    {
+        tracing::info!(
+            "refused a CONNECT with will topic {:?}: {e}",
+            will.message.topic
+        );
+        refuse(&mut framed, protocol, Reason::TopicNameInvalid).await;
+        return None;
+    }
     let assigned = connect
         .client_id
         .is_empty()
@@ -176,6 +186,7 @@ where
         awaiting_release: HashSet::new(),
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(connect.keep_alive_secs),
+        will: connect.will.take().map(Box::new),
     };
     if connection.send(connack).await.is_err() {
         connection
@@ -252,6 +263,8 @@ struct Connection<S> {
     topic_aliases: HashMap<u16, String>,
     /// 1.5 times the client's keep-alive.
     keep_alive: Option<Duration>,
+    /// Published if the connection ends without a normal DISCONNECT.
+    will: Option<Box<Will>>,
 }
 
 impl<S> Connection<S>
@@ -290,6 +303,7 @@ where
             .send(Event::Disconnected {
                 session: self.session,
                 connection: self.connection_id,
+                will: self.will.take(),
             })
             .await;
         if let Some(reason) = close.reason {
@@ -389,7 +403,12 @@ where
                 self.on_unsubscribe(packet_id, filters).await
             }
             ClientPacket::PingReq => self.send(ServerPacket::PingResp).await,
-            ClientPacket::Disconnect { .. } => Err(Close::quietly("client disconnected")),
+            ClientPacket::Disconnect { publish_will, .. } => {
+                if !publish_will {
+                    self.will = None;
+                }
+                Err(Close::quietly("client disconnected"))
+            }
             ClientPacket::Connect(_) => Err(Close::with(Reason::ProtocolError, "a second CONNECT")),
             ClientPacket::Unexpected(what) => Err(Close::with(
                 Reason::ProtocolError,

@@ -6,6 +6,7 @@ pub mod persist;
 
 use crate::delivery::queue::DeliveryQueue;
 use crate::hub::events::{Outbound, Protocol};
+use crate::message::Will;
 use crate::routing::SubscriptionOptions;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
@@ -42,6 +43,8 @@ pub struct Session {
     pub checkpoint: u64,
     /// Whether the metadata store holds a copy, to be removed with the session.
     pub stored: bool,
+    /// A will waiting for its delay while the session is detached, and when it is due.
+    pub pending_will: Option<(Box<Will>, Instant)>,
     next_packet_id: u16,
 }
 
@@ -60,6 +63,7 @@ impl Session {
             checkpoint: 0,
             stored: false,
             next_packet_id: 0,
+            pending_will: None,
         }
     }
 
