@@ -16,9 +16,37 @@ need_rust_component() {
     fi
 }
 
+# Installs Debian packages, as root or through sudo.
+need_debian_package() {
+    if ! command -v "$1" >/dev/null 2>&1; then
+        step "installing Debian package $2"
+        local sudo=""
+        [ "$(id -u)" -eq 0 ] || sudo="sudo"
+        { $sudo apt-get update -qq && $sudo apt-get install -y -qq --no-install-recommends "$2"; } || {
+            echo "$1 is missing; install it with: apt-get install $2" >&2
+            exit 1
+        }
+    fi
+}
+
+# The paho-mqtt the interop tests are written against.
+PAHO_MQTT_VERSION=2.1.0
+need_python_package() {
+    if ! python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_MQTT_VERSION')" 2>/dev/null; then
+        step "installing paho-mqtt $PAHO_MQTT_VERSION from PyPI"
+        python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==$PAHO_MQTT_VERSION" || {
+            echo "paho-mqtt is missing; install it with: python3 -m pip install paho-mqtt==$PAHO_MQTT_VERSION" >&2
+            exit 1
+        }
+    fi
+}
+
 command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with rustup" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "python3 not found: install Python 3.11 or later" >&2; exit 1; }
 need_rust_component fmt rustfmt
 need_rust_component clippy clippy
+need_debian_package mosquitto_sub mosquitto-clients
+need_python_package
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -32,5 +60,9 @@ cargo test --workspace --locked
 
 step "storage tests with failpoints compiled in"
 cargo test -p spool-storage --features failpoints --locked --test failpoints
+
+step "interop: mosquitto-clients and paho-mqtt against spool serve (tests/interop)"
+cargo build -p spool-broker --locked
+SPOOL_BIN=target/debug/spool python3 -m unittest discover -s tests/interop -v
 
 step "all checks passed"
