@@ -299,6 +299,7 @@ fn end_of_segment(
         bytes,
         salt: segment.salt,
         last_good: segment.last_seq,
+        bad_at: offset,
     };
     if let Some(found) = tail.batch_start_after(offset + 1) {
         return Err(corrupt(format!(
@@ -321,13 +322,16 @@ fn end_of_segment(
 
 /// A search of every byte offset after a bad record for records written after it.
 ///
-/// Only frames that could follow `last_good` count: their sequence must be above it and no
-/// further than the bytes left could hold. That cheap filter runs before the checksum, so the
-/// search stays linear in practice, and the salt keeps payload bytes from passing for frames.
+/// Only frames that could follow `last_good` count: their sequence must be above it, and the
+/// records between `last_good` and it must fit between the bad record and it. That cheap
+/// filter runs before the checksum, so the search stays linear in practice, and the salt keeps
+/// payload bytes from passing for frames.
 struct TailSearch<'a> {
     bytes: &'a [u8],
     salt: u32,
     last_good: u64,
+    /// Where the bad record starts.
+    bad_at: usize,
 }
 
 impl TailSearch<'_> {
@@ -335,7 +339,7 @@ impl TailSearch<'_> {
     fn frame_at(&self, at: usize) -> Option<Frame> {
         let rest = &self.bytes[at..];
         let seq = unchecked_frame_seq(rest)?;
-        let seq_max = self.last_good + 1 + rest.len() as u64 / FRAME_HEADER_BYTES;
+        let seq_max = self.last_good + 1 + (at - self.bad_at) as u64 / FRAME_HEADER_BYTES;
         if seq <= self.last_good || seq > seq_max {
             return None;
         }

@@ -265,6 +265,39 @@ fn torn_write_inside_allocated_zeros_is_erased_and_the_allocation_kept() {
 }
 
 #[test]
+fn damage_early_in_a_large_batch_that_a_later_batch_follows_refuses_the_open() {
+    // Goal: law 6 when a later synced batch sits far after the damage: the search for it must
+    // accept any sequence number the records in between could account for, not only nearby
+    // ones. 100 small records written as one batch (the linger gathers them), the second
+    // damaged, then one more batch.
+    let dir = tempfile::tempdir().unwrap();
+    let options = WalOptions {
+        batch_linger: std::time::Duration::from_millis(200),
+        ..unpreallocated()
+    };
+    let (wal, _) = Wal::open(dir.path(), options).unwrap();
+    runtime().block_on(async {
+        let mut pending = Vec::new();
+        for i in 1..=100 {
+            pending.push(wal.submit(1, payload_for(i, 0)).await.unwrap());
+        }
+        for append in pending {
+            append.await.unwrap();
+        }
+        wal.append(1, payload_for(101, 0)).await.unwrap();
+    });
+    wal.close().unwrap();
+    drop(wal);
+    let segment = segments(dir.path()).pop().unwrap();
+    flip_byte(&segment, offset_of(&segment, 2) + 20);
+    let refused = Wal::open(dir.path(), unpreallocated());
+    assert!(
+        matches!(refused, Err(Error::Corrupt { .. })),
+        "acknowledged records must not be cut as a torn tail: {refused:?}"
+    );
+}
+
+#[test]
 fn torn_header_of_a_new_last_segment_is_removed() {
     // Goal: a segment created just before a crash, whose header never reached the disk, held
     // nothing: it is removed and the log continues at its first sequence number.
