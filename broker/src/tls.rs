@@ -96,7 +96,8 @@ fn generated_files(dir: &Path) -> anyhow::Result<TlsFiles> {
         .with_context(|| format!("create TLS directory {}", dir.display()))?;
     let generated = generate().context("generate the TLS CA and server certificate")?;
     let ca_path = files.generated_ca.as_deref().expect("set above");
-    write_file(&dir.join("ca-key.pem"), &generated.ca_key, true)?;
+    // The CA's private key is not kept: nothing more is ever signed with it, and whoever
+    // could read it could mint certificates that clients trusting this CA accept.
     write_file(ca_path, &generated.ca_cert, false)?;
     write_file(&files.key, &generated.server_key, true)?;
     // Written last: its presence means the set is complete.
@@ -107,7 +108,6 @@ fn generated_files(dir: &Path) -> anyhow::Result<TlsFiles> {
 
 struct Generated {
     ca_cert: String,
-    ca_key: String,
     server_cert: String,
     server_key: String,
 }
@@ -134,7 +134,6 @@ fn generate() -> Result<Generated, rcgen::Error> {
     let ca_key = KeyPair::generate()?;
     let ca_cert = ca_params.self_signed(&ca_key)?;
     let ca_cert_pem = ca_cert.pem();
-    let ca_key_pem = ca_key.serialize_pem();
     let issuer = Issuer::new(ca_params, ca_key);
 
     let mut names: Vec<String> = GENERATED_SERVER_NAMES.map(String::from).to_vec();
@@ -154,7 +153,6 @@ fn generate() -> Result<Generated, rcgen::Error> {
     let server_cert = server_params.signed_by(&server_key, &issuer)?;
     Ok(Generated {
         ca_cert: ca_cert_pem,
-        ca_key: ca_key_pem,
         server_cert: server_cert.pem(),
         server_key: server_key.serialize_pem(),
     })

@@ -43,6 +43,9 @@ pub const GATHER_WAIT_US_MAX: u64 = 500;
 /// fill every this many bytes pays for it.
 pub const PREALLOCATE_BYTES_DEFAULT: u64 = 1 << 20;
 
+/// The most `preallocate_bytes` accepted (the writer also never fills past a segment's size).
+pub const PREALLOCATE_BYTES_MAX: u64 = 64 << 20;
+
 /// Writes at least this large extend the file without zero-filling ahead. Zero-filling writes
 /// every byte twice; that pays when fdatasyncs are many and small (their journal commit
 /// dominates), not when a write is large enough that the disk's bandwidth does (measured: 4 KiB

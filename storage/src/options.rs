@@ -4,8 +4,8 @@ use crate::fence::LockPolicy;
 use crate::layout::{FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES};
 use crate::limits::{
     BATCH_BYTES_MAX_DEFAULT, BATCH_RECORDS_MAX_DEFAULT, PREALLOCATE_BYTES_DEFAULT,
-    QUEUE_BYTES_MAX_DEFAULT, RECORD_PAYLOAD_BYTES_MAX, SEGMENT_SIZE_BYTES_DEFAULT,
-    SEGMENT_SIZE_BYTES_MIN,
+    PREALLOCATE_BYTES_MAX, QUEUE_BYTES_MAX_DEFAULT, RECORD_PAYLOAD_BYTES_MAX,
+    SEGMENT_SIZE_BYTES_DEFAULT, SEGMENT_SIZE_BYTES_MIN,
 };
 use crate::{Error, Result};
 use std::time::Duration;
@@ -105,6 +105,11 @@ impl WalOptions {
         }
         if self.queue_bytes_max > tokio::sync::Semaphore::MAX_PERMITS as u64 {
             return invalid("queue_bytes_max is too large".into());
+        }
+        if self.preallocate_bytes > PREALLOCATE_BYTES_MAX {
+            return invalid(format!(
+                "preallocate_bytes must be at most {PREALLOCATE_BYTES_MAX}"
+            ));
         }
         if self.batch_bytes_max == 0 || self.batch_records_max == 0 {
             return invalid("batch bounds must be positive".into());

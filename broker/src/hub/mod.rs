@@ -287,6 +287,9 @@ impl Hub {
         id: u64,
         filters: Vec<(String, SubscriptionOptions)>,
     ) -> Vec<Result<QoS, SubscribeRefusal>> {
+        // A retained publish acknowledged before this SUBSCRIBE must be seen by it: take in
+        // every record that is already durable (its PUBACK may have gone out) first.
+        self.read_durable_records();
         let Some(session) = self.sessions.get_mut(&id) else {
             // The session ended (taken over with a clean start) while this request waited.
             return vec![Err(SubscribeRefusal::Unavailable); filters.len()];
@@ -526,7 +529,9 @@ impl Hub {
             }
         }
         if read_through > self.retained.checkpoint() || self.retained.has_uncommitted() {
-            updates.push((RETAINED_CHECKPOINT.to_string(), read_through, 0));
+            // Replaying after a restart, `read_through` may still be below the checkpoint.
+            let checkpoint = read_through.max(self.retained.checkpoint());
+            updates.push((RETAINED_CHECKPOINT.to_string(), checkpoint, 0));
         }
         if !updates.is_empty() {
             let pairs: Vec<(&str, u64)> =
@@ -576,6 +581,21 @@ impl Hub {
         for id in expired {
             tracing::info!(session = id, "session expired");
             self.remove_session(id);
+        }
+    }
+
+    /// Processes the durable records the tail has not delivered yet, without waiting.
+    fn read_durable_records(&mut self) {
+        loop {
+            match self.tail.try_next() {
+                Ok(Some(record)) => self.on_record(&record),
+                Ok(None) => return,
+                Err(e) => {
+                    // The run loop's reader meets the same error and stops the hub.
+                    tracing::error!("failed to read the write-ahead log: {e}");
+                    return;
+                }
+            }
         }
     }
 

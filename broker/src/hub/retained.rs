@@ -87,6 +87,11 @@ impl RetainedMessages {
         let grows_count = previous == 0 && self.by_topic.len() >= RETAINED_MESSAGES_MAX;
         let bytes = self.bytes - previous + message.size_bytes();
         if grows_count || bytes > RETAINED_BYTES_MAX {
+            // The topic's older message is not current any more: it goes too.
+            if self.by_topic.remove(topic).is_some() {
+                self.bytes -= previous;
+                self.uncommitted.insert(topic.clone(), None);
+            }
             self.refused += 1;
             tracing::warn!(topic = %topic, "retained message refused: the retained-message limits are reached");
             return;

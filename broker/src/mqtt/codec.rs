@@ -534,7 +534,6 @@ fn connack_v5(connack: ConnAck) -> v5::ConnectAck {
         max_packet_size: Some(connack.packet_size_max),
         max_qos: rmqtt_codec::types::QoS::AtLeastOnce,
         topic_alias_max: connack.topic_alias_max,
-        // Retained messages are not offered yet; MQTT 5 clients are told so.
         retain_available: true,
         wildcard_subscription_available: true,
         subscription_identifiers_available: true,
