@@ -18,7 +18,7 @@ use crate::hub::events::{
 };
 use crate::hub::retained::{RETAINED_CHECKPOINT, RetainedMessages};
 use crate::limits::{MESSAGE_CACHE_BYTES_MAX, SUBSCRIPTIONS_PER_SESSION_MAX};
-use crate::message::{Message, QoS, Will, now_ms};
+use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
 use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};
 use crate::session::persist::PersistedSession;
 use crate::session::{Attachment, Session};
@@ -98,22 +98,21 @@ impl Hub {
             retained,
             limits,
         };
-        let replay_from = hub.load_sessions()?;
+        let replay_from = hub.load_sessions()?.min(hub.retained.replay_from());
         let first = hub.wal.first_seq();
-        let retained_from = hub.retained.replay_from();
-        if retained_from < first {
+        if replay_from < first {
             tracing::warn!(
-                retained_from,
+                replay_from,
                 first,
-                "retained changes after the last commit were already removed from the log"
+                "records a session or the retained messages needed were already removed from the log"
             );
         }
-        hub.tail = hub.wal.reader(replay_from.min(retained_from.max(first)))?;
+        hub.tail = hub.wal.reader(replay_from.max(first))?;
         tracing::info!(retained = hub.retained.len(), "restored retained messages");
         Ok(hub)
     }
 
-    /// Restores stored sessions; returns where the log replay must start.
+    /// Restores stored sessions; returns where the log replay must start for them.
     fn load_sessions(&mut self) -> Result<u64, StartError> {
         let checkpoints = self.meta.checkpoints()?;
         let mut replay_from = self.wal.durable_seq() + 1;
@@ -148,20 +147,12 @@ impl Hub {
             self.session_by_client.insert(client_id, stored.id);
             self.sessions.insert(stored.id, session);
         }
-        let first = self.wal.first_seq();
-        if replay_from < first {
-            tracing::warn!(
-                replay_from,
-                first,
-                "records a session needed were already removed from the log"
-            );
-        }
         tracing::info!(
             sessions = self.sessions.len(),
             replay_from,
             "restored persistent sessions"
         );
-        Ok(replay_from.max(first))
+        Ok(replay_from)
     }
 
     /// Runs until `shutdown` is cancelled or the log stops.
@@ -448,21 +439,14 @@ impl Hub {
     /// as there is no client left to hold back.
     fn publish_will(&mut self, publisher: u64, will: Will) {
         let mut message = will.message;
-        message.properties.expires_at_ms = will
-            .expiry_interval_secs
-            .map(|secs| now_ms() + u64::from(secs) * 1000);
-        let targets = self
+        message.properties.expires_at_ms = expires_at_ms(will.expiry_interval_secs);
+        tracing::info!(topic = %message.topic, "publishing a will");
+        let record = self
             .router
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .route(&message.topic, publisher, message.qos);
-        tracing::info!(topic = %message.topic, "publishing a will");
-        let record = PublishRecord {
-            message,
-            publisher,
-            targets,
-        }
-        .encode();
+            .record(message, publisher)
+            .encode();
         let wal = self.wal.clone();
         tokio::spawn(async move {
             let logged = match wal.submit(KIND_PUBLISH, record).await {

@@ -374,18 +374,13 @@ fn will_from_v5(will: v5::LastWill) -> Will {
             payload: will.message,
             qos: qos_from_wire(will.qos),
             retain: will.retain,
-            properties: MessageProperties {
-                payload_is_utf8: will.is_utf8_payload.unwrap_or(false),
-                expires_at_ms: None,
-                content_type: will.content_type.map(|s| s.to_string()),
-                response_topic: will.response_topic.map(|s| s.to_string()),
-                correlation_data: will.correlation_data,
-                user: will
-                    .user_properties
-                    .into_iter()
-                    .map(|(k, v)| (k.to_string(), v.to_string()))
-                    .collect(),
-            },
+            properties: message_properties(
+                will.is_utf8_payload.unwrap_or(false),
+                will.content_type,
+                will.response_topic,
+                will.correlation_data,
+                will.user_properties,
+            ),
         },
         expiry_interval_secs: will.message_expiry_interval.map(NonZeroU32::get),
         delay_secs: will.will_delay_interval_sec.unwrap_or(0),
@@ -404,18 +399,35 @@ fn inbound_publish(publish: WirePublish) -> InboundPublish {
         payload: publish.payload,
         expiry_interval_secs: properties.message_expiry_interval.map(NonZeroU32::get),
         has_subscription_ids: !properties.subscription_ids.is_empty(),
-        properties: MessageProperties {
-            payload_is_utf8: properties.is_utf8_payload,
-            expires_at_ms: None,
-            content_type: properties.content_type.map(|s| s.to_string()),
-            response_topic: properties.response_topic.map(|s| s.to_string()),
-            correlation_data: properties.correlation_data,
-            user: properties
-                .user_properties
-                .into_iter()
-                .map(|(k, v)| (k.to_string(), v.to_string()))
-                .collect(),
-        },
+        properties: message_properties(
+            properties.is_utf8_payload,
+            properties.content_type,
+            properties.response_topic,
+            properties.correlation_data,
+            properties.user_properties,
+        ),
+    }
+}
+
+/// The MQTT 5 properties a message carries to its subscribers, from a PUBLISH or a will (their
+/// expiry is set when the message is logged).
+fn message_properties(
+    payload_is_utf8: bool,
+    content_type: Option<ByteString>,
+    response_topic: Option<ByteString>,
+    correlation_data: Option<Bytes>,
+    user: v5::UserProperties,
+) -> MessageProperties {
+    MessageProperties {
+        payload_is_utf8,
+        expires_at_ms: None,
+        content_type: content_type.map(|s| s.to_string()),
+        response_topic: response_topic.map(|s| s.to_string()),
+        correlation_data,
+        user: user
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
     }
 }
 

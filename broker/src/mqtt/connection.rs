@@ -7,14 +7,14 @@
 //! because the log resolves appends in sequence order. With `PUBLISHES_IN_FLIGHT_MAX` publishes
 //! waiting for durability, the connection stops reading its socket: back-pressure, not memory.
 
-use crate::delivery::record::{KIND_PUBLISH, PublishRecord};
+use crate::delivery::record::KIND_PUBLISH;
 use crate::hub::events::{
     ConnectOutcome, ConnectRequest, Event, Outbound, Protocol, SubscribeRefusal,
 };
 use crate::limits::{
     CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX, USER_PROPERTIES_MAX,
 };
-use crate::message::{Message, QoS, Will, now_ms};
+use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
 use crate::mqtt::ServerContext;
 use crate::mqtt::codec::{
     self, ClientPacket, ConnAck, DecodeError, InboundPublish, Reason, ServerPacket,
@@ -450,9 +450,7 @@ where
                 .await;
         }
         let mut properties = publish.properties;
-        properties.expires_at_ms = publish
-            .expiry_interval_secs
-            .map(|secs| now_ms() + u64::from(secs) * 1000);
+        properties.expires_at_ms = expires_at_ms(publish.expiry_interval_secs);
         let message = Message {
             topic,
             payload: publish.payload,
@@ -460,18 +458,13 @@ where
             retain: publish.retain,
             properties,
         };
-        let targets = self
+        let record = self
             .context
             .router
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .route(&message.topic, self.session, message.qos);
-        let record = PublishRecord {
-            message,
-            publisher: self.session,
-            targets,
-        }
-        .encode();
+            .record(message, self.session)
+            .encode();
         let append = self.append(record, publish.qos, packet_id).await?;
         match (publish.qos, append) {
             (QoS::AtMostOnce, _) | (_, None) => {}

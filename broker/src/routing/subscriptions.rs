@@ -4,7 +4,8 @@
 //! The hub is the only writer; connection tasks read it to route each publish before it is
 //! logged, so that the routing decision is part of the durable record.
 
-use crate::message::QoS;
+use crate::delivery::record::PublishRecord;
+use crate::message::{Message, QoS};
 use std::collections::BTreeMap;
 
 pub use crate::delivery::record::Target;
@@ -81,6 +82,17 @@ impl SubscriptionTable {
             self.by_filter.remove(filter);
         }
         existed
+    }
+
+    /// The log record of a publish: the message with its routing decision.
+    #[must_use]
+    pub fn record(&self, message: Message, publisher: u64) -> PublishRecord {
+        let targets = self.route(&message.topic, publisher, message.qos);
+        PublishRecord {
+            message,
+            publisher,
+            targets,
+        }
     }
 
     /// Removes every subscription of a session.
