@@ -1,5 +1,6 @@
 //! [`Meta`]: the metadata store, on redb, for small state that changes often and must survive a
-//! restart: queue checkpoints first; sessions, retained messages, twins and identities later.
+//! restart: queue checkpoints, sessions, retained messages and QoS 2 receipts; twins and
+//! identities later.
 //!
 //! Checkpoints are committed cheaply (`Commit::Deferred`, not fsynced) as consumers acknowledge,
 //! and made durable in batches (`Commit::Durable`, or `Meta::make_durable`). A crash loses at
@@ -22,6 +23,36 @@ const SESSIONS: TableDefinition<&str, &[u8]> = TableDefinition::new("sessions");
 
 /// topic -> the broker's encoding of the message retained on it (opaque to storage).
 const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
+
+/// session -> the broker's encoding of the QoS 2 packet ids its client sent that are logged and
+/// await PUBREL (opaque to storage).
+const QOS2_RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("qos2_receipts");
+
+/// The tables of keyed state, opaque to storage, that the broker commits together with the
+/// checkpoint saying how far in the log they are complete.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StateTable {
+    /// topic -> the message retained on it.
+    Retained,
+    /// session -> the QoS 2 packet ids its client sent that are logged and await PUBREL.
+    Qos2Receipts,
+}
+
+impl StateTable {
+    fn definition(self) -> TableDefinition<'static, &'static str, &'static [u8]> {
+        match self {
+            StateTable::Retained => RETAINED,
+            StateTable::Qos2Receipts => QOS2_RECEIPTS,
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            StateTable::Retained => "retained messages",
+            StateTable::Qos2Receipts => "QoS 2 receipts",
+        }
+    }
+}
 
 /// How a metadata write is committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -134,28 +165,28 @@ impl Meta {
         self.write_checkpoints(commit, |table| advance_checkpoints(table, updates))
     }
 
-    /// Applies changes to the retained messages (`Some`: store, `None`: remove) and advances
-    /// checkpoints in one transaction: a checkpoint that says "every retained change up to
-    /// here is stored" commits atomically with those changes.
+    /// Applies changes to keyed state (`Some`: store, `None`: remove) and advances checkpoints
+    /// in one transaction: a checkpoint that says "every change up to here is stored" commits
+    /// atomically with those changes.
     ///
     /// # Errors
     /// `Error::Meta`, or `CheckpointBackwards` (and then nothing is written).
-    pub fn set_checkpoints_and_retained(
+    pub fn set_checkpoints_and_state(
         &self,
         updates: &[(&str, u64)],
-        retained: &[(&str, Option<&[u8]>)],
+        changes: &[(StateTable, &str, Option<&[u8]>)],
         commit: Commit,
     ) -> Result<()> {
-        self.write(commit, "commit retained messages", |write| {
-            let mut table = write
-                .open_table(RETAINED)
-                .map_err(|e| meta_error("open retained messages", e))?;
-            for &(topic, message) in retained {
-                match message {
-                    Some(message) => table.insert(topic, message).map(|_| ()),
-                    None => table.remove(topic).map(|_| ()),
+        self.write(commit, "commit state", |write| {
+            for &(table, key, value) in changes {
+                let mut open = write
+                    .open_table(table.definition())
+                    .map_err(|e| meta_error(&format!("open {}", table.name()), e))?;
+                match value {
+                    Some(value) => open.insert(key, value).map(|_| ()),
+                    None => open.remove(key).map(|_| ()),
                 }
-                .map_err(|e| meta_error("write retained message", e))?;
+                .map_err(|e| meta_error(&format!("write {}", table.name()), e))?;
             }
             let mut table = write
                 .open_table(CHECKPOINTS)
@@ -164,12 +195,12 @@ impl Meta {
         })
     }
 
-    /// Every retained message, by topic.
+    /// Every entry of a keyed state table.
     ///
     /// # Errors
     /// `Error::Meta`.
-    pub fn retained(&self) -> Result<BTreeMap<String, Vec<u8>>> {
-        self.read_table(RETAINED, "retained messages", <[u8]>::to_vec)
+    pub fn state(&self, table: StateTable) -> Result<BTreeMap<String, Vec<u8>>> {
+        self.read_table(table.definition(), table.name(), <[u8]>::to_vec)
     }
 
     /// Removes a queue's checkpoint (the queue was deleted).

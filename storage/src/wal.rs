@@ -130,6 +130,25 @@ impl Future for PendingAppend {
     }
 }
 
+/// Room in the append queue taken for one record by [`Wal::reserve`]; dropping it frees the room.
+#[derive(Debug)]
+pub struct Reservation<'a> {
+    wal: &'a Wal,
+    kind: u8,
+    payload: Bytes,
+    room: OwnedSemaphorePermit,
+}
+
+impl Reservation<'_> {
+    /// Queues the record; it gets its sequence number now. Never waits.
+    ///
+    /// # Errors
+    /// `QuotaExceeded`, `Closed`, or the sticky failure.
+    pub fn submit(self) -> Result<PendingAppend> {
+        self.wal.enqueue(self.kind, self.payload, self.room)
+    }
+}
+
 /// What `remove_segments_below` freed.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RetentionReport {
@@ -290,14 +309,28 @@ impl Wal {
     /// # Errors
     /// `InvalidKind`, `RecordTooLarge`, `QuotaExceeded`, `Closed`, or the sticky failure.
     pub async fn submit(&self, kind: u8, payload: Bytes) -> Result<PendingAppend> {
+        self.reserve(kind, payload).await?.submit()
+    }
+
+    /// Waits for room in the queue for a record, without queueing it yet. The caller can then
+    /// decide, under its own lock and without waiting, whether to queue it
+    /// ([`Reservation::submit`]) or not (drop the reservation): the record's sequence number is
+    /// assigned in the same step as that decision.
+    ///
+    /// # Errors
+    /// `InvalidKind`, `RecordTooLarge`, `Closed`, or the sticky failure.
+    pub async fn reserve(&self, kind: u8, payload: Bytes) -> Result<Reservation<'_>> {
         let frame_bytes = self.check_record(kind, &payload)?;
         let room = Arc::clone(&self.shared().queue_room)
             .acquire_many_owned(frame_bytes)
-            .await;
-        match room {
-            Ok(room) => self.enqueue(kind, payload, room),
-            Err(_closed) => Err(self.stopped_error()),
-        }
+            .await
+            .map_err(|_closed| self.stopped_error())?;
+        Ok(Reservation {
+            wal: self,
+            kind,
+            payload,
+            room,
+        })
     }
 
     /// Queues a record without waiting.

@@ -6,7 +6,7 @@
 mod common;
 
 use common::{payload_for, runtime};
-use spool_storage::{Commit, Error, Meta, Wal, WalOptions};
+use spool_storage::{Commit, Error, Meta, StateTable, Wal, WalOptions};
 
 #[test]
 fn durable_checkpoints_survive_a_reopen() {
@@ -110,37 +110,52 @@ fn a_checkpoint_past_the_end_of_the_log_refuses_the_open() {
 }
 
 #[test]
-fn retained_changes_commit_atomically_with_their_checkpoint() {
+fn state_changes_commit_atomically_with_their_checkpoint() {
     // Goal: "every retained change up to this checkpoint is stored" holds across a reopen, and a
     // refused checkpoint writes no retained change either.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("meta.redb");
     let meta = Meta::open(&path).unwrap();
-    meta.set_checkpoints_and_retained(
+    meta.set_checkpoints_and_state(
         &[("retained", 10)],
-        &[("a/b", Some(b"one")), ("a/c", Some(b"two"))],
+        &[
+            (StateTable::Retained, "a/b", Some(b"one")),
+            (StateTable::Retained, "a/c", Some(b"two")),
+            (StateTable::Qos2Receipts, "7", Some(b"ids")),
+        ],
         Commit::Durable,
     )
     .unwrap();
-    meta.set_checkpoints_and_retained(
+    meta.set_checkpoints_and_state(
         &[("retained", 12)],
-        &[("a/b", None), ("a/c", Some(b"three"))],
+        &[
+            (StateTable::Retained, "a/b", None),
+            (StateTable::Retained, "a/c", Some(b"three")),
+        ],
         Commit::Durable,
     )
     .unwrap();
-    let backwards = meta.set_checkpoints_and_retained(
+    let backwards = meta.set_checkpoints_and_state(
         &[("retained", 11)],
-        &[("a/d", Some(b"never"))],
+        &[
+            (StateTable::Retained, "a/d", Some(b"never")),
+            (StateTable::Qos2Receipts, "7", None),
+        ],
         Commit::Durable,
     );
     assert!(matches!(backwards, Err(Error::CheckpointBackwards { .. })));
     drop(meta);
 
     let meta = Meta::open(&path).unwrap();
-    let retained = meta.retained().unwrap();
+    let retained = meta.state(StateTable::Retained).unwrap();
     assert_eq!(
         retained.into_iter().collect::<Vec<_>>(),
         vec![("a/c".to_string(), b"three".to_vec())]
+    );
+    assert_eq!(
+        meta.state(StateTable::Qos2Receipts).unwrap().get("7"),
+        Some(&b"ids".to_vec()),
+        "the refused commit removed nothing"
     );
     assert_eq!(meta.checkpoint("retained").unwrap(), Some(12));
     assert_eq!(meta.durable_checkpoints().get("retained"), Some(&12));

@@ -4,7 +4,8 @@
 //!
 //! Order (law 2): entries are pushed in WAL order and sent in queue order; an in-flight message
 //! that was not acknowledged goes back to the front, in order, when the connection drops, and is
-//! resent first with DUP set.
+//! resent first, with DUP set and its packet id kept (a QoS 2 message the client already
+//! received is resent as PUBREL instead).
 
 use crate::message::{Message, QoS};
 use std::collections::VecDeque;
@@ -24,13 +25,27 @@ pub struct QueueEntry {
     pub subscription_ids: Vec<u32>,
     /// Sent before and not acknowledged: resend with DUP.
     pub redelivery: bool,
+    /// The packet id it was first sent with (QoS 1 and 2), kept for resends.
+    pub packet_id: Option<u16>,
+    /// A QoS 2 message the client received (PUBREC): only its PUBREL remains to be sent.
+    pub released: bool,
 }
 
-/// A message sent and awaiting its acknowledgement.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct InFlight {
-    pub packet_id: u16,
-    pub entry: QueueEntry,
+impl QueueEntry {
+    /// An entry for a logged message, not sent yet.
+    #[must_use]
+    pub fn new(seq: u64, qos: QoS, retain_as_published: bool, subscription_ids: Vec<u32>) -> Self {
+        QueueEntry {
+            seq,
+            retained: None,
+            qos,
+            retain_as_published,
+            subscription_ids,
+            redelivery: false,
+            packet_id: None,
+            released: false,
+        }
+    }
 }
 
 /// What pushing an entry did.
@@ -45,7 +60,8 @@ pub enum Pushed {
 #[derive(Debug)]
 pub struct DeliveryQueue {
     waiting: VecDeque<QueueEntry>,
-    in_flight: VecDeque<InFlight>,
+    /// Sent and awaiting acknowledgement, in the order sent; each has a packet id.
+    in_flight: VecDeque<QueueEntry>,
     /// The most entries (waiting + in flight) kept; beyond it the oldest waiting one goes.
     limit: usize,
     /// Entries dropped because the queue was full (`queue_full`).
@@ -70,11 +86,7 @@ impl DeliveryQueue {
     /// Appends an entry in WAL order (a retained message takes the place of the last record
     /// read, so it may share a sequence number with the entry before it).
     pub fn push(&mut self, entry: QueueEntry) -> Pushed {
-        if let Some(last) = self
-            .waiting
-            .back()
-            .or(self.in_flight.back().map(|f| &f.entry))
-        {
+        if let Some(last) = self.waiting.back().or(self.in_flight.back()) {
             assert!(
                 entry.seq > last.seq || (entry.retained.is_some() && entry.seq == last.seq),
                 "queues are filled in WAL order"
@@ -103,15 +115,20 @@ impl DeliveryQueue {
         self.waiting.push_front(entry);
     }
 
-    /// Records an entry as sent with `packet_id`, awaiting acknowledgement.
-    pub fn sent(&mut self, packet_id: u16, entry: QueueEntry) {
+    /// Records an entry as sent, awaiting acknowledgement.
+    pub fn sent(&mut self, entry: QueueEntry) {
         assert!(entry.qos != QoS::AtMostOnce, "QoS 0 is never in flight");
-        self.in_flight.push_back(InFlight { packet_id, entry });
+        assert!(
+            entry.packet_id.is_some(),
+            "in-flight messages have packet ids"
+        );
+        self.in_flight.push_back(entry);
     }
 
-    /// Acknowledges an in-flight message; false if no message had that packet id.
+    /// Acknowledges an in-flight message (PUBACK, PUBCOMP); false if no message had that
+    /// packet id.
     pub fn acknowledge(&mut self, packet_id: u16) -> bool {
-        match self.in_flight.iter().position(|f| f.packet_id == packet_id) {
+        match self.position(packet_id) {
             Some(at) => {
                 self.in_flight.remove(at);
                 true
@@ -120,17 +137,34 @@ impl DeliveryQueue {
         }
     }
 
+    /// The client received an in-flight QoS 2 message (PUBREC); false if no such message had
+    /// that packet id. It stays in flight, and needed, until PUBCOMP.
+    pub fn received(&mut self, packet_id: u16) -> bool {
+        match self.position(packet_id) {
+            Some(at) if self.in_flight[at].qos == QoS::ExactlyOnce => {
+                self.in_flight[at].released = true;
+                true
+            }
+            Some(_) | None => false,
+        }
+    }
+
+    fn position(&self, packet_id: u16) -> Option<usize> {
+        self.in_flight
+            .iter()
+            .position(|f| f.packet_id == Some(packet_id))
+    }
+
     /// Whether a packet id is in use by an in-flight message.
     #[must_use]
     pub fn packet_id_in_use(&self, packet_id: u16) -> bool {
-        self.in_flight.iter().any(|f| f.packet_id == packet_id)
+        self.position(packet_id).is_some()
     }
 
     /// The connection dropped: everything in flight goes back to the front, in order, to be
     /// resent with DUP.
     pub fn requeue_in_flight(&mut self) {
-        while let Some(in_flight) = self.in_flight.pop_back() {
-            let mut entry = in_flight.entry;
+        while let Some(mut entry) = self.in_flight.pop_back() {
             entry.redelivery = true;
             self.waiting.push_front(entry);
         }
@@ -139,7 +173,7 @@ impl DeliveryQueue {
     /// The lowest sequence number still needed (in flight or waiting).
     #[must_use]
     pub fn first_needed(&self) -> Option<u64> {
-        let in_flight = self.in_flight.front().map(|f| f.entry.seq);
+        let in_flight = self.in_flight.front().map(|f| f.seq);
         let waiting = self.waiting.front().map(|e| e.seq);
         in_flight.into_iter().chain(waiting).min()
     }
@@ -165,34 +199,50 @@ mod tests {
     use super::*;
 
     fn entry(seq: u64) -> QueueEntry {
-        QueueEntry {
-            seq,
-            retained: None,
-            qos: QoS::AtLeastOnce,
-            retain_as_published: false,
-            subscription_ids: Vec::new(),
-            redelivery: false,
-        }
+        QueueEntry::new(seq, QoS::AtLeastOnce, false, Vec::new())
+    }
+
+    fn send(queue: &mut DeliveryQueue, packet_id: u16) {
+        let mut entry = queue.next_to_send(2).unwrap();
+        entry.packet_id = Some(packet_id);
+        queue.sent(entry);
     }
 
     #[test]
-    fn window_bounds_in_flight_and_requeue_keeps_order() {
+    fn window_bounds_in_flight_and_requeue_keeps_order_and_packet_ids() {
         let mut queue = DeliveryQueue::new(100);
         for seq in 1..=5 {
             queue.push(entry(seq));
         }
-        let first = queue.next_to_send(2).unwrap();
-        queue.sent(1, first);
-        let second = queue.next_to_send(2).unwrap();
-        queue.sent(2, second);
+        send(&mut queue, 1);
+        send(&mut queue, 2);
         assert_eq!(queue.next_to_send(2), None, "window of 2 is full");
         assert!(queue.acknowledge(1));
         assert!(!queue.acknowledge(1));
         assert_eq!(queue.first_needed(), Some(2));
         queue.requeue_in_flight();
         let resent = queue.next_to_send(2).unwrap();
-        assert_eq!((resent.seq, resent.redelivery), (2, true));
+        assert_eq!(
+            (resent.seq, resent.redelivery, resent.packet_id),
+            (2, true, Some(2))
+        );
         assert_eq!(queue.next_to_send(2).unwrap().seq, 3);
+    }
+
+    #[test]
+    fn a_received_qos2_message_stays_needed_until_completed_and_resends_as_a_release() {
+        let mut queue = DeliveryQueue::new(100);
+        queue.push(QueueEntry::new(7, QoS::ExactlyOnce, false, Vec::new()));
+        queue.push(entry(8));
+        send(&mut queue, 9);
+        assert!(queue.received(9));
+        assert_eq!(queue.first_needed(), Some(7), "needed until PUBCOMP");
+        queue.requeue_in_flight();
+        let resent = queue.next_to_send(2).unwrap();
+        assert!(resent.released && resent.packet_id == Some(9));
+        queue.sent(resent);
+        assert!(queue.acknowledge(9));
+        assert_eq!(queue.first_needed(), Some(8));
     }
 
     #[test]

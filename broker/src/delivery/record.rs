@@ -1,15 +1,20 @@
-//! The WAL record of a publish: the message and its routing decision (every session queue it
-//! goes to), written once whatever the fan-out. Recovery and live delivery both rebuild queues
-//! from these records, so the format is versioned and its decoder refuses anything malformed
-//! with an error, never a panic.
+//! The broker's WAL records.
+//!
+//! A publish record holds the message and its routing decision (every session queue it goes
+//! to), written once whatever the fan-out. Recovery and live delivery both rebuild queues from
+//! these records, so the format is versioned and its decoder refuses anything malformed with
+//! an error, never a panic. A QoS 2 publish also names its packet id, and a release record
+//! marks the PUBREL that frees it: replaying both rebuilds each session's QoS 2 receipts.
 //!
 //! ```text
-//! version u8 (1) | flags u8 (qos:2 | retain:1 | utf8:1) | publisher u64
+//! publish: version u8 (2) | flags u8 (qos:2 | retain:1 | utf8:1) | publisher u64
+//! qos2_packet_id u16 (0 = none)
 //! topic str16 | payload bytes32 | expires_at_ms u64 (0 = never)
 //! content_type opt-str16 | response_topic opt-str16 | correlation opt-bytes16
 //! user_properties u16 count of (str16, str16)
 //! targets u32 count of (session u64 | options u8 (qos:2 | retain_as_published:1)
 //!                       | subscription_ids u16 count of u32)
+//! release: version u8 (1) | session u64 | packet_id u16
 //! ```
 
 use crate::encoding::{
@@ -21,8 +26,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 
 /// WAL record kinds written by the broker.
 pub const KIND_PUBLISH: u8 = 1;
+pub const KIND_QOS2_RELEASE: u8 = 2;
 
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
+const RELEASE_VERSION: u8 = 1;
 
 /// Where a message goes: one session's queue, with the delivery options of the subscription
 /// that matched.
@@ -41,6 +48,9 @@ pub struct PublishRecord {
     pub message: Message,
     /// The publishing session (0 for the hub itself).
     pub publisher: u64,
+    /// The packet id of a QoS 2 publish from a client: the publisher's session holds it as
+    /// received until the client releases it (PUBREL), and refuses to log it twice.
+    pub qos2_packet_id: Option<u16>,
     pub targets: Vec<Target>,
 }
 
@@ -62,6 +72,7 @@ impl PublishRecord {
             | u8::from(properties.payload_is_utf8) << 3;
         out.put_u8(flags);
         out.put_u64_le(self.publisher);
+        out.put_u16_le(self.qos2_packet_id.unwrap_or(0));
         put_str16(&mut out, &message.topic);
         out.put_u32_le(u32::try_from(message.payload.len()).expect("payload fits in u32"));
         out.put_slice(&message.payload);
@@ -101,6 +112,7 @@ impl PublishRecord {
         let flags = take_u8(&mut bytes)?;
         let qos = QoS::from_u8(flags & 0b11).ok_or(RecordError::QoS(flags & 0b11))?;
         let publisher = take_u64(&mut bytes)?;
+        let qos2_packet_id = Some(take_u16(&mut bytes)?).filter(|&id| id != 0);
         let topic = take_str16(&mut bytes)?;
         let payload_len = take_u32(&mut bytes)? as usize;
         let payload = take_bytes(&mut bytes, payload_len)?;
@@ -134,8 +146,44 @@ impl PublishRecord {
         Ok(PublishRecord {
             message,
             publisher,
+            qos2_packet_id,
             targets,
         })
+    }
+}
+
+/// A client released (PUBREL) the packet id of a QoS 2 publish it sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReleaseRecord {
+    pub session: u64,
+    pub packet_id: u16,
+}
+
+impl ReleaseRecord {
+    #[must_use]
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(11);
+        out.put_u8(RELEASE_VERSION);
+        out.put_u64_le(self.session);
+        out.put_u16_le(self.packet_id);
+        out.freeze()
+    }
+
+    /// # Errors
+    /// `RecordError` for anything that is not a well-formed release record.
+    pub fn decode(mut bytes: Bytes) -> Result<ReleaseRecord, RecordError> {
+        let version = take_u8(&mut bytes)?;
+        if version != RELEASE_VERSION {
+            return Err(RecordError::Version(version));
+        }
+        let record = ReleaseRecord {
+            session: take_u64(&mut bytes)?,
+            packet_id: take_u16(&mut bytes)?,
+        };
+        if !bytes.is_empty() {
+            return Err(RecordError::Trailing(bytes.len()));
+        }
+        Ok(record)
     }
 }
 
@@ -205,19 +253,23 @@ mod tests {
             any::<bool>(),
             properties,
             any::<u64>(),
+            proptest::option::of(1u16..),
             proptest::collection::vec(target, 0..5),
         )
             .prop_map(
-                |(topic, payload, qos, retain, properties, publisher, targets)| PublishRecord {
-                    message: Message {
-                        topic,
-                        payload: Bytes::from(payload),
-                        qos: QoS::from_u8(qos).unwrap(),
-                        retain,
-                        properties,
-                    },
-                    publisher,
-                    targets,
+                |(topic, payload, qos, retain, properties, publisher, qos2_packet_id, targets)| {
+                    PublishRecord {
+                        message: Message {
+                            topic,
+                            payload: Bytes::from(payload),
+                            qos: QoS::from_u8(qos).unwrap(),
+                            retain,
+                            properties,
+                        },
+                        publisher,
+                        qos2_packet_id,
+                        targets,
+                    }
                 },
             )
     }
@@ -242,7 +294,16 @@ mod tests {
 
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
-            let _ = PublishRecord::decode(Bytes::from(bytes));
+            let _ = PublishRecord::decode(Bytes::from(bytes.clone()));
+            let _ = ReleaseRecord::decode(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn release_records_round_trip(session: u64, packet_id: u16, cut in 0usize..11) {
+            let record = ReleaseRecord { session, packet_id };
+            let bytes = record.encode();
+            prop_assert_eq!(ReleaseRecord::decode(bytes.clone()).unwrap(), record);
+            prop_assert!(ReleaseRecord::decode(bytes.slice(..cut)).is_err());
         }
     }
 }

@@ -3,6 +3,7 @@
 
 use crate::message::{Message, QoS, Will};
 use crate::routing::SubscriptionOptions;
+use crate::session::receipts::SharedReceipts;
 use std::sync::Arc;
 use tokio::sync::{mpsc, oneshot};
 
@@ -28,8 +29,14 @@ pub enum Event {
         filters: Vec<String>,
         reply: oneshot::Sender<Vec<bool>>,
     },
-    /// The client acknowledged a message the hub sent it (PUBACK).
+    /// The client acknowledged a message the hub sent it: PUBACK, PUBCOMP, or a PUBREC that
+    /// refused it (MQTT 5).
     Acknowledge {
+        session: u64,
+        packet_id: u16,
+    },
+    /// The client received a QoS 2 message (PUBREC): release it (PUBREL).
+    Received {
         session: u64,
         packet_id: u16,
     },
@@ -59,10 +66,12 @@ pub struct ConnectRequest {
 }
 
 /// The hub's answer to a CONNECT.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectOutcome {
     pub session: u64,
     pub session_present: bool,
+    /// The session's unreleased QoS 2 packet ids from its client.
+    pub receipts: SharedReceipts,
 }
 
 /// Why the hub refused a subscription.
@@ -78,6 +87,8 @@ pub enum SubscribeRefusal {
 #[derive(Debug)]
 pub enum Outbound {
     Publish(Delivery),
+    /// PUBREL for a QoS 2 message the client received.
+    Release(u16),
     /// Another connection took the session over: disconnect (MQTT 5 reason 0x8E).
     SessionTakenOver,
 }

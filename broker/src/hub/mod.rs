@@ -11,7 +11,7 @@ pub mod retained;
 
 use crate::delivery::cache::MessageCache;
 use crate::delivery::queue::{Pushed, QueueEntry};
-use crate::delivery::record::{KIND_PUBLISH, PublishRecord};
+use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord};
 use crate::encoding::FormatError;
 use crate::hub::events::{
     ConnectOutcome, ConnectRequest, Delivery, Event, Outbound, SubscribeRefusal,
@@ -21,8 +21,9 @@ use crate::limits::{MESSAGE_CACHE_BYTES_MAX, SUBSCRIPTIONS_PER_SESSION_MAX};
 use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
 use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};
 use crate::session::persist::PersistedSession;
+use crate::session::receipts::{self, Qos2Receipts};
 use crate::session::{Attachment, Session};
-use spool_storage::{Commit, Meta, Record, Wal, WalReader};
+use spool_storage::{Commit, Meta, Record, StateTable, Wal, WalReader};
 use std::collections::HashMap;
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
@@ -53,7 +54,16 @@ pub enum StartError {
     },
     #[error("the stored retained message of topic {topic:?} is corrupt: {source}")]
     CorruptRetained { topic: String, source: FormatError },
+    #[error("the stored QoS 2 receipts of client {client_id:?} are corrupt: {source}")]
+    CorruptReceipts {
+        client_id: String,
+        source: FormatError,
+    },
 }
+
+/// The checkpoint of the stored QoS 2 receipts: every publish and release record up to it is
+/// reflected in them.
+const RECEIPTS_CHECKPOINT: &str = "qos2-receipts";
 
 /// The hub's state; see the module documentation.
 pub struct Hub {
@@ -68,6 +78,8 @@ pub struct Hub {
     next_session_id: u64,
     cache: MessageCache,
     retained: RetainedMessages,
+    /// Where the stored QoS 2 receipts are complete (see `session::receipts`).
+    receipts_checkpoint: u64,
     limits: HubLimits,
 }
 
@@ -96,9 +108,11 @@ impl Hub {
             next_session_id,
             cache: MessageCache::new(MESSAGE_CACHE_BYTES_MAX),
             retained,
+            receipts_checkpoint: 0,
             limits,
         };
         let replay_from = hub.load_sessions()?.min(hub.retained.replay_from());
+        hub.restore_receipts()?;
         let first = hub.wal.first_seq();
         if replay_from < first {
             tracing::warn!(
@@ -155,6 +169,72 @@ impl Hub {
         Ok(replay_from)
     }
 
+    /// Rebuilds the stored sessions' QoS 2 receipts: as stored at their checkpoint, then every
+    /// publish and release record after it. This happens before any client connects, and
+    /// stored receipts of sessions that no longer exist are removed.
+    fn restore_receipts(&mut self) -> Result<(), StartError> {
+        self.receipts_checkpoint = self.meta.checkpoint(RECEIPTS_CHECKPOINT)?.unwrap_or(0);
+        let mut orphans = Vec::new();
+        for (key, bytes) in self.meta.state(StateTable::Qos2Receipts)? {
+            let Some(session) = key.parse().ok().and_then(|id| self.sessions.get_mut(&id)) else {
+                orphans.push(key);
+                continue;
+            };
+            let stored =
+                Qos2Receipts::decode(&bytes).map_err(|source| StartError::CorruptReceipts {
+                    client_id: session.client_id.clone(),
+                    source,
+                })?;
+            *receipts::lock(&session.receipts) = stored;
+            session.receipts_stored = Some(bytes);
+        }
+        let removals: Vec<_> = orphans
+            .iter()
+            .map(|key| (StateTable::Qos2Receipts, key.as_str(), None))
+            .collect();
+        self.meta
+            .set_checkpoints_and_state(&[], &removals, Commit::Durable)?;
+        let first = self.wal.first_seq();
+        if self.receipts_checkpoint + 1 < first {
+            tracing::warn!(
+                checkpoint = self.receipts_checkpoint,
+                first,
+                "records the QoS 2 receipts needed were already removed from the log"
+            );
+        }
+        let mut reader = self.wal.reader((self.receipts_checkpoint + 1).max(first))?;
+        while let Some(record) = reader.try_next()? {
+            self.apply_to_receipts(&record);
+        }
+        Ok(())
+    }
+
+    /// Replays one record into the receipts of its session (undecodable records are reported
+    /// when the hub delivers them).
+    fn apply_to_receipts(&mut self, record: &Record) {
+        let change = match record.kind {
+            KIND_PUBLISH => PublishRecord::decode(record.payload.clone())
+                .ok()
+                .and_then(|p| Some((p.publisher, p.qos2_packet_id?, true))),
+            KIND_QOS2_RELEASE => ReleaseRecord::decode(record.payload.clone())
+                .ok()
+                .map(|r| (r.session, r.packet_id, false)),
+            _ => None,
+        };
+        let Some((id, packet_id, logged)) = change else {
+            return;
+        };
+        let Some(session) = self.sessions.get(&id) else {
+            return;
+        };
+        let mut receipts = receipts::lock(&session.receipts);
+        if logged {
+            receipts.insert(packet_id, record.seq);
+        } else {
+            receipts.release(packet_id);
+        }
+    }
+
     /// Runs until `shutdown` is cancelled or the log stops.
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
         let mut expiry = tokio::time::interval(Duration::from_secs(1));
@@ -198,6 +278,7 @@ impl Hub {
                 let _ = reply.send(self.unsubscribe(session, &filters));
             }
             Event::Acknowledge { session, packet_id } => self.acknowledge(session, packet_id),
+            Event::Received { session, packet_id } => self.received(session, packet_id),
             Event::Disconnected {
                 session,
                 connection,
@@ -261,6 +342,7 @@ impl Hub {
             outbound: request.outbound,
             window: usize::from(request.receive_max.min(self.limits.in_flight_max).max(1)),
         });
+        let receipts = Arc::clone(&session.receipts);
         if let Err(e) = self.store_session(id) {
             // The session works; only its survival across a restart is at risk. Subscribing
             // stores it again, and refuses the subscription if that fails too.
@@ -269,6 +351,7 @@ impl Hub {
         let _ = request.reply.send(ConnectOutcome {
             session: id,
             session_present,
+            receipts,
         });
         self.pump(id);
     }
@@ -288,16 +371,13 @@ impl Hub {
         let mut router = self.router.write().unwrap_or_else(PoisonError::into_inner);
         let mut outcomes = Vec::with_capacity(filters.len());
         let mut retained_for = Vec::new();
-        for (filter, mut options) in filters {
+        for (filter, options) in filters {
             let full = session.subscriptions.len() >= SUBSCRIPTIONS_PER_SESSION_MAX
                 && !session.subscriptions.contains_key(&filter);
             if full {
                 outcomes.push(Err(SubscribeRefusal::QuotaExceeded));
                 continue;
             }
-            // QoS 2 towards subscribers comes with durable exactly-once state; until then the
-            // broker grants at most QoS 1, which MQTT allows (the SUBACK says so).
-            options.qos = options.qos.min(QoS::AtLeastOnce);
             router.subscribe(id, &filter, options);
             let is_new = session
                 .subscriptions
@@ -333,13 +413,11 @@ impl Hub {
         };
         for (filter, options) in subscriptions {
             for message in self.retained.matching(filter, now) {
+                let qos = message.qos.min(options.qos);
+                let ids = options.subscription_id.into_iter().collect();
                 let entry = QueueEntry {
-                    seq: position,
-                    qos: message.qos.min(options.qos),
                     retained: Some(message),
-                    retain_as_published: true,
-                    subscription_ids: options.subscription_id.into_iter().collect(),
-                    redelivery: false,
+                    ..QueueEntry::new(position, qos, true, ids)
                 };
                 if session.queue.push(entry) == Pushed::DroppedOldest {
                     tracing::warn!(client_id = %session.client_id, "queue full: dropped its oldest message (queue_full)");
@@ -376,6 +454,24 @@ impl Hub {
             tracing::debug!(client_id = %session.client_id, packet_id, "acknowledgement for no message in flight");
         }
         self.pump(id);
+    }
+
+    /// PUBREC: the client has the QoS 2 message; release it. The channel has room, since it
+    /// holds at most one packet per in-flight message and the PUBLISH left it.
+    fn received(&mut self, id: u64, packet_id: u16) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if !session.queue.received(packet_id) {
+            tracing::debug!(client_id = %session.client_id, packet_id, "PUBREC for no QoS 2 message in flight");
+            return;
+        }
+        if let Some(attachment) = &session.attachment
+            && let Err(TrySendError::Full(_)) =
+                attachment.outbound.try_send(Outbound::Release(packet_id))
+        {
+            tracing::error!(client_id = %session.client_id, packet_id, "no room for a PUBREL: it is sent again when the client reconnects");
+        }
     }
 
     fn disconnected(&mut self, id: u64, connection: u64, will: Option<Box<Will>>) {
@@ -471,12 +567,22 @@ impl Hub {
         if !session.stored {
             return;
         }
+        let receipts_key = session.id.to_string();
         let forget = self
             .meta
             .put_session(&session.client_id, None)
             .and_then(|()| {
                 self.meta
                     .remove_checkpoint(&session.checkpoint_key(), Commit::Durable)
+            })
+            .and_then(|()| match session.receipts_stored {
+                // A leftover is harmless: it is removed at the next start.
+                Some(_) => self.meta.set_checkpoints_and_state(
+                    &[],
+                    &[(StateTable::Qos2Receipts, &receipts_key, None)],
+                    Commit::Deferred,
+                ),
+                None => Ok(()),
             });
         if let Err(e) = forget {
             tracing::error!(client_id = %session.client_id, "failed to remove a stored session: {e}");
@@ -517,22 +623,12 @@ impl Hub {
             let checkpoint = read_through.max(self.retained.checkpoint());
             updates.push((RETAINED_CHECKPOINT.to_string(), checkpoint, 0));
         }
-        if !updates.is_empty() {
-            let pairs: Vec<(&str, u64)> =
-                updates.iter().map(|(k, c, _)| (k.as_str(), *c)).collect();
-            let changes = self.retained.changes();
-            let retained: Vec<(&str, Option<&[u8]>)> = changes
-                .iter()
-                .map(|(topic, message)| (topic.as_str(), message.as_deref()))
-                .collect();
-            let committed =
-                self.meta
-                    .set_checkpoints_and_retained(&pairs, &retained, Commit::Durable);
-            if let Err(e) = committed {
-                tracing::error!("failed to commit checkpoints: {e}");
-                return;
-            }
-            self.retained.committed(read_through);
+        // Receipts are complete through any durable record (see `session::receipts`).
+        let receipts_through = self.wal.durable_seq().max(self.receipts_checkpoint);
+        if receipts_through > self.receipts_checkpoint {
+            updates.push((RECEIPTS_CHECKPOINT.to_string(), receipts_through, 0));
+        }
+        if !updates.is_empty() && self.commit_progress(&updates, read_through, receipts_through) {
             for (_, checkpoint, id) in updates {
                 if let Some(session) = self.sessions.get_mut(&id) {
                     session.checkpoint = checkpoint;
@@ -546,13 +642,67 @@ impl Hub {
                 true => s.checkpoint + 1,
                 false => s.queue.first_needed().unwrap_or(read_through + 1),
             })
-            .fold(self.retained.replay_from(), u64::min);
+            .fold(
+                self.retained
+                    .replay_from()
+                    .min(self.receipts_checkpoint + 1),
+                u64::min,
+            );
         let wal = self.wal.clone();
         tokio::task::spawn_blocking(move || {
             if let Err(e) = wal.remove_segments_below(lowest_needed) {
                 tracing::error!("failed to remove old log segments: {e}");
             }
         });
+    }
+
+    /// Commits checkpoints with the retained changes read through `read_through` and the
+    /// receipts complete through `receipts_through`, in one durable transaction.
+    fn commit_progress(
+        &mut self,
+        updates: &[(String, u64, u64)],
+        read_through: u64,
+        receipts_through: u64,
+    ) -> bool {
+        let receipts: Vec<(u64, String, Vec<u8>)> = self
+            .sessions
+            .values()
+            .filter(|s| s.is_persistent())
+            .filter_map(|s| {
+                let stored = receipts::lock(&s.receipts)
+                    .through(receipts_through)
+                    .encode();
+                let unchanged = match &s.receipts_stored {
+                    Some(before) => *before == stored,
+                    None => receipts::lock(&s.receipts).is_empty(),
+                };
+                (!unchanged).then(|| (s.id, s.id.to_string(), stored))
+            })
+            .collect();
+        let retained = self.retained.changes();
+        let changes: Vec<(StateTable, &str, Option<&[u8]>)> = retained
+            .iter()
+            .map(|(topic, message)| (StateTable::Retained, topic.as_str(), message.as_deref()))
+            .chain(receipts.iter().map(|(_, key, stored)| {
+                (StateTable::Qos2Receipts, key.as_str(), Some(&stored[..]))
+            }))
+            .collect();
+        let pairs: Vec<(&str, u64)> = updates.iter().map(|(k, c, _)| (k.as_str(), *c)).collect();
+        let committed = self
+            .meta
+            .set_checkpoints_and_state(&pairs, &changes, Commit::Durable);
+        if let Err(e) = committed {
+            tracing::error!("failed to commit checkpoints: {e}");
+            return false;
+        }
+        self.retained.committed(read_through);
+        self.receipts_checkpoint = receipts_through;
+        for (id, _, stored) in receipts {
+            if let Some(session) = self.sessions.get_mut(&id) {
+                session.receipts_stored = Some(stored);
+            }
+        }
+        true
     }
 
     fn expire_sessions(&mut self, now: Instant) {
@@ -610,14 +760,12 @@ impl Hub {
             if record.seq <= session.replay_floor {
                 continue; // acknowledged before the last restart
             }
-            let entry = QueueEntry {
-                seq: record.seq,
-                retained: None,
-                qos: target.qos,
-                retain_as_published: target.retain_as_published,
-                subscription_ids: target.subscription_ids,
-                redelivery: false,
-            };
+            let entry = QueueEntry::new(
+                record.seq,
+                target.qos,
+                target.retain_as_published,
+                target.subscription_ids,
+            );
             if session.queue.push(entry) == Pushed::DroppedOldest {
                 tracing::warn!(client_id = %session.client_id, "queue full: dropped its oldest message (queue_full)");
             }
@@ -634,44 +782,56 @@ impl Hub {
             let Some(window) = session.attachment.as_ref().map(|a| a.window) else {
                 return;
             };
-            let Some(entry) = session.queue.next_to_send(window) else {
+            let Some(mut entry) = session.queue.next_to_send(window) else {
                 return;
             };
-            let message = match &entry.retained {
-                Some(message) => Arc::clone(message),
-                None => match self.message(entry.seq) {
-                    Some(message) => message,
-                    None => continue, // unreadable: logged by `message`, and skipped
+            if entry.qos != QoS::AtMostOnce && entry.packet_id.is_none() {
+                let Some(packet_id) = session.packet_id_for(&entry) else {
+                    session.queue.unsend(entry); // its id is in flight: wait for that ack
+                    return;
+                };
+                entry.packet_id = Some(packet_id);
+            }
+            let outbound = match (entry.released, entry.packet_id) {
+                (true, Some(packet_id)) => Outbound::Release(packet_id),
+                _ => match self.delivery(id, &entry) {
+                    Some(delivery) => Outbound::Publish(delivery),
+                    None => continue, // expired or unreadable: counted and logged, and skipped
                 },
             };
             let session = self.sessions.get_mut(&id).expect("looked up above");
-            if message.is_expired(now_ms()) {
-                session.queue.dropped_expired += 1;
-                tracing::info!(client_id = %session.client_id, seq = entry.seq, "message expired before delivery (ttl_expiry)");
-                continue;
-            }
-            let packet_id = (entry.qos != QoS::AtMostOnce).then(|| session.allocate_packet_id());
-            let delivery = Delivery {
-                packet_id,
-                qos: entry.qos,
-                dup: entry.redelivery,
-                retain: entry.retained.is_some() || (entry.retain_as_published && message.retain),
-                subscription_ids: entry.subscription_ids.clone(),
-                message,
-            };
-            let outbound = &session.attachment.as_ref().expect("attached").outbound;
-            match outbound.try_send(Outbound::Publish(delivery)) {
-                Ok(()) => {
-                    if let Some(packet_id) = packet_id {
-                        session.queue.sent(packet_id, entry);
-                    }
-                }
+            let channel = &session.attachment.as_ref().expect("attached").outbound;
+            match channel.try_send(outbound) {
+                Ok(()) if entry.qos != QoS::AtMostOnce => session.queue.sent(entry),
+                Ok(()) => {}
                 Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
                     session.queue.unsend(entry);
                     return;
                 }
             }
         }
+    }
+
+    /// The PUBLISH for a queue entry, or `None` if its message expired or cannot be read.
+    fn delivery(&mut self, id: u64, entry: &QueueEntry) -> Option<Delivery> {
+        let message = match &entry.retained {
+            Some(message) => Arc::clone(message),
+            None => self.message(entry.seq)?,
+        };
+        let session = self.sessions.get_mut(&id)?;
+        if message.is_expired(now_ms()) {
+            session.queue.dropped_expired += 1;
+            tracing::info!(client_id = %session.client_id, seq = entry.seq, "message expired before delivery (ttl_expiry)");
+            return None;
+        }
+        Some(Delivery {
+            packet_id: entry.packet_id,
+            qos: entry.qos,
+            dup: entry.redelivery,
+            retain: entry.retained.is_some() || (entry.retain_as_published && message.retain),
+            subscription_ids: entry.subscription_ids.clone(),
+            message,
+        })
     }
 
     /// A logged message, from the cache or read back from the log.

@@ -42,7 +42,7 @@ impl RetainedMessages {
             checkpoint,
             ..RetainedMessages::default()
         };
-        for (topic, bytes) in meta.retained()? {
+        for (topic, bytes) in meta.state(spool_storage::StateTable::Retained)? {
             let record = PublishRecord::decode(bytes.into()).map_err(|source| {
                 StartError::CorruptRetained {
                     topic: topic.clone(),
@@ -164,6 +164,7 @@ fn encode(message: &Message) -> Vec<u8> {
     PublishRecord {
         message: message.clone(),
         publisher: 0,
+        qos2_packet_id: None,
         targets: Vec::new(),
     }
     .encode()

@@ -84,7 +84,11 @@ pub enum ClientPacket {
     Connect(Box<Connect>),
     Publish(Box<InboundPublish>),
     PubAck(u16),
-    PubRec(u16),
+    /// `refused`: an MQTT 5 reason code of 0x80 or above, which ends the exchange (§4.3.3).
+    PubRec {
+        packet_id: u16,
+        refused: bool,
+    },
     PubRel(u16),
     PubComp(u16),
     Subscribe {
@@ -125,6 +129,7 @@ pub enum Reason {
     TopicAliasInvalid,
     ReceiveMaximumExceeded,
     NoSubscriptionExisted,
+    PacketIdentifierNotFound,
     ImplementationSpecificError,
 }
 
@@ -135,6 +140,7 @@ impl Reason {
         match self {
             Reason::Success => 0x00,
             Reason::NoSubscriptionExisted => 0x11,
+            Reason::PacketIdentifierNotFound => 0x92,
             Reason::UnspecifiedError => 0x80,
             Reason::ImplementationSpecificError => 0x83,
             Reason::MalformedPacket => 0x81,
@@ -182,9 +188,11 @@ pub enum ServerPacket {
     },
     PubRel {
         packet_id: u16,
+        reason: Reason,
     },
     PubComp {
         packet_id: u16,
+        reason: Reason,
     },
     SubAck {
         packet_id: u16,
@@ -259,7 +267,10 @@ fn from_v3(packet: v3::Packet) -> ClientPacket {
         })),
         v3::Packet::Publish(publish) => ClientPacket::Publish(Box::new(inbound_publish(*publish))),
         v3::Packet::PublishAck { packet_id: id } => ClientPacket::PubAck(packet_id(id)),
-        v3::Packet::PublishReceived { packet_id: id } => ClientPacket::PubRec(packet_id(id)),
+        v3::Packet::PublishReceived { packet_id: id } => ClientPacket::PubRec {
+            packet_id: packet_id(id),
+            refused: false,
+        },
         v3::Packet::PublishRelease { packet_id: id } => ClientPacket::PubRel(packet_id(id)),
         v3::Packet::PublishComplete { packet_id: id } => ClientPacket::PubComp(packet_id(id)),
         v3::Packet::Subscribe {
@@ -316,7 +327,10 @@ fn from_v5(packet: v5::Packet) -> ClientPacket {
         })),
         v5::Packet::Publish(publish) => ClientPacket::Publish(Box::new(inbound_publish(*publish))),
         v5::Packet::PublishAck(ack) => ClientPacket::PubAck(packet_id(ack.packet_id)),
-        v5::Packet::PublishReceived(ack) => ClientPacket::PubRec(packet_id(ack.packet_id)),
+        v5::Packet::PublishReceived(ack) => ClientPacket::PubRec {
+            packet_id: packet_id(ack.packet_id),
+            refused: ack.reason_code as u8 >= 0x80,
+        },
         v5::Packet::PublishRelease(ack) => ClientPacket::PubRel(packet_id(ack.packet_id)),
         v5::Packet::PublishComplete(ack) => ClientPacket::PubComp(packet_id(ack.packet_id)),
         v5::Packet::Subscribe(subscribe) => {
@@ -458,10 +472,10 @@ fn to_v3(packet: ServerPacket) -> Option<v3::Packet> {
         ServerPacket::PubRec { packet_id, .. } => v3::Packet::PublishReceived {
             packet_id: nonzero(packet_id),
         },
-        ServerPacket::PubRel { packet_id } => v3::Packet::PublishRelease {
+        ServerPacket::PubRel { packet_id, .. } => v3::Packet::PublishRelease {
             packet_id: nonzero(packet_id),
         },
-        ServerPacket::PubComp { packet_id } => v3::Packet::PublishComplete {
+        ServerPacket::PubComp { packet_id, .. } => v3::Packet::PublishComplete {
             packet_id: nonzero(packet_id),
         },
         ServerPacket::SubAck { packet_id, granted } => v3::Packet::SubscribeAck {
@@ -494,8 +508,12 @@ fn to_v5(packet: ServerPacket) -> v5::Packet {
         ServerPacket::PubRec { packet_id, reason } => {
             v5::Packet::PublishReceived(publish_ack(packet_id, reason))
         }
-        ServerPacket::PubRel { packet_id } => v5::Packet::PublishRelease(publish_ack2(packet_id)),
-        ServerPacket::PubComp { packet_id } => v5::Packet::PublishComplete(publish_ack2(packet_id)),
+        ServerPacket::PubRel { packet_id, reason } => {
+            v5::Packet::PublishRelease(publish_ack2(packet_id, reason))
+        }
+        ServerPacket::PubComp { packet_id, reason } => {
+            v5::Packet::PublishComplete(publish_ack2(packet_id, reason))
+        }
         ServerPacket::SubAck { packet_id, granted } => v5::Packet::SubscribeAck(v5::SubscribeAck {
             packet_id: nonzero(packet_id),
             properties: Vec::new(),
@@ -544,7 +562,7 @@ fn connack_v5(connack: ConnAck) -> v5::ConnectAck {
         assigned_client_id: connack.assigned_client_id.map(ByteString::from),
         receive_max: nonzero(connack.receive_max),
         max_packet_size: Some(connack.packet_size_max),
-        max_qos: rmqtt_codec::types::QoS::AtLeastOnce,
+        max_qos: rmqtt_codec::types::QoS::ExactlyOnce,
         topic_alias_max: connack.topic_alias_max,
         retain_available: true,
         wildcard_subscription_available: true,
@@ -565,10 +583,13 @@ fn publish_ack(packet_id: u16, reason: Reason) -> v5::PublishAck {
     }
 }
 
-fn publish_ack2(packet_id: u16) -> v5::PublishAck2 {
+fn publish_ack2(packet_id: u16, reason: Reason) -> v5::PublishAck2 {
     v5::PublishAck2 {
         packet_id: nonzero(packet_id),
-        reason_code: v5::PublishAck2Reason::Success,
+        reason_code: match reason {
+            Reason::Success => v5::PublishAck2Reason::Success,
+            _ => v5::PublishAck2Reason::PacketIdNotFound,
+        },
         properties: Vec::new(),
         reason_string: None,
     }

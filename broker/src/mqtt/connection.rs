@@ -3,11 +3,15 @@
 //! keep-alive deadline.
 //!
 //! A QoS 1 publish is routed, appended to the write-ahead log, and acknowledged only when the
-//! log says it is durable (law 1). Acknowledgements go out in the order the publishes came in,
+//! log says it is durable (law 1). Acknowledgements go out in the order the packets came in,
 //! because the log resolves appends in sequence order. With `PUBLISHES_IN_FLIGHT_MAX` publishes
 //! waiting for durability, the connection stops reading its socket: back-pressure, not memory.
+//!
+//! A QoS 2 publish is logged once per packet id until the client releases it: its PUBREC comes
+//! when the record is durable, and the PUBCOMP when a release record is (see
+//! `session::receipts`), so neither a resend nor a restart can log it twice.
 
-use crate::delivery::record::KIND_PUBLISH;
+use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord};
 use crate::hub::events::{
     ConnectOutcome, ConnectRequest, Event, Outbound, Protocol, SubscribeRefusal,
 };
@@ -20,10 +24,11 @@ use crate::mqtt::codec::{
     self, ClientPacket, ConnAck, DecodeError, InboundPublish, Reason, ServerPacket,
 };
 use crate::routing::topic;
+use crate::session::receipts::{self, SharedReceipts};
 use futures::{SinkExt, StreamExt};
 use rmqtt_codec::{MqttCodec, MqttPacket};
-use spool_storage::PendingAppend;
-use std::collections::{HashMap, HashSet, VecDeque};
+use spool_storage::{PendingAppend, Reservation, Wal};
+use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::{Arc, PoisonError};
 use std::time::Duration;
@@ -56,11 +61,29 @@ impl Close {
     }
 }
 
-/// A publish waiting for durability before its acknowledgement.
+/// An acknowledgement waiting for a record to be durable.
 struct AwaitingDurability {
-    packet_id: u16,
-    qos: QoS,
-    append: PendingAppend,
+    ack: Ack,
+    durable: Durable,
+}
+
+/// What goes out once the record is durable.
+#[derive(Debug, Clone, Copy)]
+enum Ack {
+    /// PUBACK.
+    Accepted(u16),
+    /// PUBREC.
+    Received(u16),
+    /// PUBCOMP; `found`: the packet id was held (MQTT 5 says 0x92 otherwise).
+    Completed { packet_id: u16, found: bool },
+}
+
+/// The record an acknowledgement waits for.
+enum Durable {
+    /// Appended by this connection.
+    Append(PendingAppend),
+    /// Already logged at this sequence number (a resent QoS 2 publish).
+    Through(u64),
 }
 
 /// Serves one client until it disconnects or breaks the protocol.
@@ -156,6 +179,7 @@ where
         ConnectOutcome {
             session,
             session_present,
+            receipts,
         },
     )) = register(context, connection_id, &connect, protocol, &client_id).await
     else {
@@ -183,7 +207,8 @@ where
         client_id,
         outbound,
         awaiting_durability: VecDeque::new(),
-        awaiting_release: HashSet::new(),
+        publishes_awaiting_ack: 0,
+        receipts,
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(connect.keep_alive_secs),
         will: connect.will.take().map(Box::new),
@@ -254,11 +279,13 @@ struct Connection<S> {
     session: u64,
     client_id: String,
     outbound: mpsc::Receiver<Outbound>,
-    /// This client's QoS 1/2 publishes, in arrival order, until they are durable.
+    /// Acknowledgements of this client's packets, in arrival order, until their records are
+    /// durable.
     awaiting_durability: VecDeque<AwaitingDurability>,
-    /// QoS 2 packet ids that were PUBREC'd and await PUBREL: a resent PUBLISH with one of them is
-    /// a duplicate, not a new message.
-    awaiting_release: HashSet<u16>,
+    /// The QoS 1 publishes among them (QoS 2 ones count in `receipts` until PUBCOMP).
+    publishes_awaiting_ack: usize,
+    /// The session's unreleased QoS 2 packet ids, shared with the hub.
+    receipts: SharedReceipts,
     /// MQTT 5 topic aliases the client established.
     topic_aliases: HashMap<u16, String>,
     /// 1.5 times the client's keep-alive.
@@ -277,7 +304,7 @@ where
             let reading = self.awaiting_durability.len() < PUBLISHES_IN_FLIGHT_MAX;
             let result = tokio::select! {
                 () = self.context.shutdown.cancelled() => Err(Close::with(Reason::ServerShuttingDown, "server shutting down")),
-                durable = next_durable(&mut self.awaiting_durability) => self.acknowledge_publish(durable).await,
+                durable = next_durable(&mut self.awaiting_durability, &self.context.wal) => self.acknowledge(durable).await,
                 outbound = self.outbound.recv() => self.on_outbound(outbound).await,
                 packet = self.framed.next(), if reading => {
                     deadline = self.keep_alive.map(|k| Instant::now() + k);
@@ -328,32 +355,34 @@ where
             .map_err(|e| Close::quietly(format!("failed to send: {e}")))
     }
 
-    async fn acknowledge_publish(
+    async fn acknowledge(
         &mut self,
-        (awaiting, result): (AwaitingDurability, spool_storage::Result<u64>),
+        (ack, result): (Ack, spool_storage::Result<()>),
     ) -> Result<(), Close> {
         if let Err(e) = result {
-            tracing::error!("failed to log a publish: {e}");
+            tracing::error!("failed to log a record: {e}");
             return Err(Close::with(
                 Reason::ServerUnavailable,
                 "the write-ahead log failed",
             ));
         }
-        let packet_id = awaiting.packet_id;
-        let ack = match awaiting.qos {
-            QoS::ExactlyOnce => {
-                self.awaiting_release.insert(packet_id);
-                ServerPacket::PubRec {
-                    packet_id,
-                    reason: Reason::Success,
-                }
+        let reason = Reason::Success;
+        let packet = match ack {
+            Ack::Accepted(packet_id) => {
+                self.publishes_awaiting_ack -= 1;
+                ServerPacket::PubAck { packet_id, reason }
             }
-            QoS::AtLeastOnce | QoS::AtMostOnce => ServerPacket::PubAck {
+            Ack::Received(packet_id) => ServerPacket::PubRec { packet_id, reason },
+            Ack::Completed { packet_id, found } => ServerPacket::PubComp {
                 packet_id,
-                reason: Reason::Success,
+                reason: if found {
+                    reason
+                } else {
+                    Reason::PacketIdentifierNotFound
+                },
             },
         };
-        self.send(ack).await
+        self.send(packet).await
     }
 
     async fn on_outbound(&mut self, outbound: Option<Outbound>) -> Result<(), Close> {
@@ -367,6 +396,10 @@ where
                 self.send(ServerPacket::Publish(Box::new(delivery), expiry))
                     .await
             }
+            Some(Outbound::Release(packet_id)) => {
+                let reason = Reason::Success;
+                self.send(ServerPacket::PubRel { packet_id, reason }).await
+            }
             Some(Outbound::SessionTakenOver) => {
                 Err(Close::with(Reason::SessionTakenOver, "session taken over"))
             }
@@ -377,25 +410,24 @@ where
     async fn on_packet(&mut self, packet: ClientPacket) -> Result<(), Close> {
         match packet {
             ClientPacket::Publish(publish) => self.on_publish(*publish).await,
-            ClientPacket::PubAck(packet_id) => {
-                let event = Event::Acknowledge {
-                    session: self.session,
-                    packet_id,
-                };
-                self.context
-                    .hub
-                    .send(event)
+            ClientPacket::PubAck(packet_id)
+            | ClientPacket::PubComp(packet_id)
+            | ClientPacket::PubRec {
+                packet_id,
+                refused: true,
+            } => {
+                let session = self.session;
+                self.tell_hub(Event::Acknowledge { session, packet_id })
                     .await
-                    .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))
             }
-            ClientPacket::PubRel(packet_id) => {
-                self.awaiting_release.remove(&packet_id);
-                self.send(ServerPacket::PubComp { packet_id }).await
+            ClientPacket::PubRec {
+                packet_id,
+                refused: false,
+            } => {
+                let session = self.session;
+                self.tell_hub(Event::Received { session, packet_id }).await
             }
-            ClientPacket::PubRec(_) | ClientPacket::PubComp(_) => Err(Close::with(
-                Reason::ProtocolError,
-                "PUBREC/PUBCOMP for a QoS 2 message the server never sent",
-            )),
+            ClientPacket::PubRel(packet_id) => self.on_release(packet_id).await,
             ClientPacket::Subscribe { packet_id, filters } => {
                 self.on_subscribe(packet_id, filters).await
             }
@@ -425,13 +457,6 @@ where
                 "PUBLISH with a subscription identifier",
             ));
         }
-        if publish.qos == QoS::ExactlyOnce && self.protocol == Protocol::V5 {
-            // CONNACK told MQTT 5 clients the maximum QoS is 1.
-            return Err(Close::with(
-                Reason::ProtocolError,
-                "QoS 2 above the advertised maximum",
-            ));
-        }
         if publish.properties.user.len() > USER_PROPERTIES_MAX {
             let why = format!("more than {USER_PROPERTIES_MAX} user properties");
             return Err(Close::with(Reason::ImplementationSpecificError, why));
@@ -440,15 +465,7 @@ where
         topic::validate_name(&topic)
             .map_err(|e| Close::with(Reason::TopicNameInvalid, format!("topic {topic:?}: {e}")))?;
         let packet_id = publish.packet_id.unwrap_or(0);
-        if publish.qos == QoS::ExactlyOnce && self.awaiting_release.contains(&packet_id) {
-            // Already logged and PUBREC'd: a resend, not a new message.
-            return self
-                .send(ServerPacket::PubRec {
-                    packet_id,
-                    reason: Reason::Success,
-                })
-                .await;
-        }
+        self.check_receive_maximum(publish.qos, packet_id)?;
         let mut properties = publish.properties;
         properties.expires_at_ms = expires_at_ms(publish.expiry_interval_secs);
         let message = Message {
@@ -458,37 +475,114 @@ where
             retain: publish.retain,
             properties,
         };
-        let record = self
+        let mut record = self
             .context
             .router
             .read()
             .unwrap_or_else(PoisonError::into_inner)
-            .record(message, self.session)
-            .encode();
-        let append = self.append(record, publish.qos, packet_id).await?;
-        match (publish.qos, append) {
-            (QoS::AtMostOnce, _) | (_, None) => {}
-            (qos, Some(append)) => self.awaiting_durability.push_back(AwaitingDurability {
-                packet_id,
-                qos,
-                append,
-            }),
+            .record(message, self.session);
+        if publish.qos == QoS::ExactlyOnce {
+            record.qos2_packet_id = Some(packet_id);
+        }
+        let durable = self
+            .append(KIND_PUBLISH, record.encode(), publish.qos, packet_id)
+            .await?;
+        let ack = match publish.qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Ack::Accepted(packet_id),
+            QoS::ExactlyOnce => Ack::Received(packet_id),
+        };
+        if let Some(durable) = durable {
+            self.publishes_awaiting_ack += usize::from(matches!(ack, Ack::Accepted(_)));
+            self.awaiting_durability
+                .push_back(AwaitingDurability { ack, durable });
         }
         Ok(())
     }
 
-    /// Queues a record in the log. When the log's quota is full, an MQTT 5 client gets "quota
+    /// MQTT 5 clients may have at most the receive maximum the CONNACK announced of QoS 1 and
+    /// 2 publishes unacknowledged (§3.3.4); 3.1.1 clients, which were not told, get
+    /// `PUBLISHES_IN_FLIGHT_MAX`. A resent QoS 2 publish is not a new one.
+    fn check_receive_maximum(&self, qos: QoS, packet_id: u16) -> Result<(), Close> {
+        if qos == QoS::AtMostOnce {
+            return Ok(());
+        }
+        let receipts = receipts::lock(&self.receipts);
+        if qos == QoS::ExactlyOnce && receipts.get(packet_id).is_some() {
+            return Ok(());
+        }
+        let limit = match self.protocol {
+            Protocol::V5 => usize::from(self.context.limits.receive_max),
+            Protocol::V311 => PUBLISHES_IN_FLIGHT_MAX,
+        };
+        let unacknowledged = self.publishes_awaiting_ack + receipts.len();
+        if unacknowledged < limit {
+            return Ok(());
+        }
+        Err(Close::with(
+            Reason::ReceiveMaximumExceeded,
+            format!("more than {limit} QoS 1 and 2 publishes unacknowledged"),
+        ))
+    }
+
+    /// PUBREL: logs the release of a QoS 2 packet id, then answers PUBCOMP once that is
+    /// durable. Even an id no longer held is logged: its PUBCOMP then waits for every record
+    /// before it, among them the release that freed it.
+    async fn on_release(&mut self, packet_id: u16) -> Result<(), Close> {
+        let record = ReleaseRecord {
+            session: self.session,
+            packet_id,
+        };
+        // Only the reason code depends on it, so reading it apart from the release is fine.
+        let found = receipts::lock(&self.receipts).get(packet_id).is_some();
+        let durable = self
+            .append(
+                KIND_QOS2_RELEASE,
+                record.encode(),
+                QoS::ExactlyOnce,
+                packet_id,
+            )
+            .await?;
+        if let Some(durable) = durable {
+            self.awaiting_durability.push_back(AwaitingDurability {
+                ack: Ack::Completed { packet_id, found },
+                durable,
+            });
+        }
+        Ok(())
+    }
+
+    async fn tell_hub(&mut self, event: Event) -> Result<(), Close> {
+        self.context
+            .hub
+            .send(event)
+            .await
+            .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))
+    }
+
+    /// Queues a record in the log; `None` when it was not (QoS 0 over quota, or the client was
+    /// told "quota exceeded"). When the log's quota is full, an MQTT 5 client gets "quota
     /// exceeded" for a QoS 1/2 publish (nothing was accepted, it may retry); a 3.1.1 client,
-    /// which has no way to be told, waits while the connection stops reading (back-pressure).
+    /// which has no way to be told, waits while the connection stops reading (back-pressure),
+    /// and so does a release, which frees a packet id and must not be refused.
     async fn append(
         &mut self,
+        kind: u8,
         record: bytes::Bytes,
         qos: QoS,
         packet_id: u16,
-    ) -> Result<Option<PendingAppend>, Close> {
+    ) -> Result<Option<Durable>, Close> {
+        let context = Arc::clone(&self.context);
         loop {
-            match self.context.wal.submit(KIND_PUBLISH, record.clone()).await {
-                Ok(append) => return Ok(Some(append)),
+            let submitted = match context.wal.reserve(kind, record.clone()).await {
+                Ok(reservation) if qos == QoS::ExactlyOnce => {
+                    submit_exactly_once(&self.receipts, reservation, kind, packet_id)
+                }
+                Ok(reservation) => reservation.submit().map(Durable::Append),
+                Err(e) => Err(e),
+            };
+            match submitted {
+                Ok(durable) => return Ok(Some(durable)),
                 Err(spool_storage::Error::QuotaExceeded { quota_bytes }) => {
                     tracing::warn!(
                         quota_bytes,
@@ -497,7 +591,7 @@ where
                     if qos == QoS::AtMostOnce {
                         return Ok(None); // QoS 0 promises nothing; counted in the log line above
                     }
-                    if self.protocol == Protocol::V5 {
+                    if self.protocol == Protocol::V5 && kind == KIND_PUBLISH {
                         let packet = match qos {
                             QoS::ExactlyOnce => ServerPacket::PubRec {
                                 packet_id,
@@ -624,16 +718,50 @@ async fn ask_hub<T>(
     answer.await.map_err(|_| hub_stopped())
 }
 
-/// Waits for the oldest publish to become durable (never, if there is none).
+/// Submits a QoS 2 publish or release under the receipts' lock, so the log holds them in the
+/// order the receipts change. A publish whose packet id is held is a resend: it is not logged
+/// again, and its PUBREC waits for the first record.
+fn submit_exactly_once(
+    shared: &SharedReceipts,
+    reservation: Reservation<'_>,
+    kind: u8,
+    packet_id: u16,
+) -> spool_storage::Result<Durable> {
+    let mut receipts = receipts::lock(shared);
+    if kind == KIND_QOS2_RELEASE {
+        let append = reservation.submit()?;
+        receipts.release(packet_id);
+        return Ok(Durable::Append(append));
+    }
+    if let Some(seq) = receipts.get(packet_id) {
+        return Ok(Durable::Through(seq));
+    }
+    let append = reservation.submit()?;
+    receipts.insert(packet_id, append.seq());
+    Ok(Durable::Append(append))
+}
+
+/// Waits for the oldest acknowledgement's record to become durable (never, if there is none).
 async fn next_durable(
     awaiting: &mut VecDeque<AwaitingDurability>,
-) -> (AwaitingDurability, spool_storage::Result<u64>) {
+    wal: &Wal,
+) -> (Ack, spool_storage::Result<()>) {
     let Some(front) = awaiting.front_mut() else {
         return std::future::pending().await;
     };
-    let result = (&mut front.append).await;
+    let result = match &mut front.durable {
+        Durable::Append(append) => append.await.map(|_| ()),
+        Durable::Through(seq) => {
+            let seq = *seq;
+            let mut durable = wal.watch_durable();
+            match durable.wait_for(|&through| through >= seq).await {
+                Ok(_) => Ok(()),
+                Err(_) => Err(spool_storage::Error::Closed),
+            }
+        }
+    };
     let done = awaiting.pop_front().expect("front exists");
-    (done, result)
+    (done.ack, result)
 }
 
 /// How long a client may stay silent: one and a half keep-alive periods (MQTT §3.1.2.10).

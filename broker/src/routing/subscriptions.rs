@@ -91,6 +91,7 @@ impl SubscriptionTable {
         PublishRecord {
             message,
             publisher,
+            qos2_packet_id: None,
             targets,
         }
     }

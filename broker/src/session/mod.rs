@@ -3,11 +3,13 @@
 //! socket: the hub hands it packets to send through the connection's bounded channel.
 
 pub mod persist;
+pub mod receipts;
 
-use crate::delivery::queue::DeliveryQueue;
+use crate::delivery::queue::{DeliveryQueue, QueueEntry};
 use crate::hub::events::{Outbound, Protocol};
 use crate::message::Will;
 use crate::routing::SubscriptionOptions;
+use receipts::SharedReceipts;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -45,6 +47,10 @@ pub struct Session {
     pub stored: bool,
     /// A will waiting for its delay while the session is detached, and when it is due.
     pub pending_will: Option<(Box<Will>, Instant)>,
+    /// The QoS 2 packet ids its client sent and has not released, shared with its connection.
+    pub receipts: SharedReceipts,
+    /// The receipts as last stored (encoded), so unchanged ones are not written again.
+    pub receipts_stored: Option<Vec<u8>>,
     next_packet_id: u16,
 }
 
@@ -64,17 +70,27 @@ impl Session {
             stored: false,
             next_packet_id: 0,
             pending_will: None,
+            receipts: SharedReceipts::default(),
+            receipts_stored: None,
         }
     }
 
-    /// A packet identifier not used by any in-flight message. The window is far below 65535, so
-    /// one is always free.
-    pub fn allocate_packet_id(&mut self) -> u16 {
+    /// The packet id to first send an entry with, or `None` while it is taken by another
+    /// in-flight message (the queue then waits for that one's acknowledgement). A logged
+    /// message's id comes from its sequence number, so it is the same when the message is
+    /// sent again after a restart, and a QoS 2 receiver that already has it recognises it
+    /// (MQTT §4.3.3). A retained message, not logged for this queue, takes any free id; the
+    /// window is far below 65535, so one is always free.
+    pub fn packet_id_for(&mut self, entry: &QueueEntry) -> Option<u16> {
+        if entry.retained.is_none() {
+            let id = u16::try_from(entry.seq % u64::from(u16::MAX)).expect("below u16::MAX") + 1;
+            return (!self.queue.packet_id_in_use(id)).then_some(id);
+        }
         assert!(self.queue.in_flight_len() < usize::from(u16::MAX));
         loop {
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
             if !self.queue.packet_id_in_use(self.next_packet_id) {
-                return self.next_packet_id;
+                return Some(self.next_packet_id);
             }
         }
     }
