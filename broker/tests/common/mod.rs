@@ -92,6 +92,7 @@ pub enum Seen {
     ConnAck(rumqttc::ConnAck),
     SubAck(rumqttc::SubAck),
     PubAck(u16),
+    PubComp(u16),
     Disconnected(String),
 }
 
@@ -119,6 +120,7 @@ pub fn connect(options: rumqttc::MqttOptions) -> Client {
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(c))) => Seen::ConnAck(c),
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(s))) => Seen::SubAck(s),
                 Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubAck(a))) => Seen::PubAck(a.pkid),
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::PubComp(c))) => Seen::PubComp(c.pkid),
                 Ok(_) => continue,
                 Err(e) => {
                     let _ = tx.send(Seen::Disconnected(e.to_string()));
@@ -164,11 +166,11 @@ impl Client {
         }
     }
 
-    /// Waits for `count` PUBACKs (skipping other events).
+    /// Waits for `count` PUBACKs or PUBCOMPs (skipping other events).
     pub async fn acks(&mut self, count: u64) {
         let mut acks = 0;
         while acks < count {
-            if let Seen::PubAck(_) = self.next(10).await {
+            if let Seen::PubAck(_) | Seen::PubComp(_) = self.next(10).await {
                 acks += 1;
             }
         }
@@ -234,11 +236,36 @@ pub fn subscribe_v311(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
 
 /// PUBLISH at QoS 1 (MQTT 3.1.1).
 pub fn publish_qos1_v311(packet_id: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    publish_v311(1, false, packet_id, topic, payload)
+}
+
+/// PUBLISH at QoS 1 or 2 (MQTT 3.1.1), with DUP set if `dup`.
+pub fn publish_v311(qos: u8, dup: bool, packet_id: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
     let mut body = Vec::new();
     field(topic.as_bytes(), &mut body);
     body.extend_from_slice(&packet_id.to_be_bytes());
     body.extend_from_slice(payload);
-    packet(0x32, &body)
+    packet(0x30 | qos << 1 | u8::from(dup) << 3, &body)
+}
+
+/// PUBLISH at QoS 1 or 2 (MQTT 5), no properties.
+pub fn publish_v5(qos: u8, dup: bool, packet_id: u16, topic: &str, payload: &[u8]) -> Vec<u8> {
+    let mut body = Vec::new();
+    field(topic.as_bytes(), &mut body);
+    body.extend_from_slice(&packet_id.to_be_bytes());
+    body.push(0); // no properties
+    body.extend_from_slice(payload);
+    packet(0x30 | qos << 1 | u8::from(dup) << 3, &body)
+}
+
+pub const PUBACK: u8 = 0x40;
+pub const PUBREC: u8 = 0x50;
+pub const PUBREL: u8 = 0x62;
+pub const PUBCOMP: u8 = 0x70;
+
+/// PUBACK, PUBREC, PUBREL or PUBCOMP (the constants above) for `packet_id`.
+pub fn ack(first_byte: u8, packet_id: u16) -> Vec<u8> {
+    packet(first_byte, &packet_id.to_be_bytes())
 }
 
 /// Reads one whole packet: its fixed header byte and body.

@@ -1,0 +1,230 @@
+//! QoS 2, exactly once, both ways: a publish is logged once per packet id however often the
+//! client resends it, across reconnects and SIGKILL restarts; towards a subscriber, the
+//! packet id survives a restart and a received message is released (PUBREL), not resent.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{
+    PUBCOMP, PUBREC, PUBREL, Spool, ack, connect, connect_v5, connect_v311, options, publish_v5,
+    publish_v311, read_packet, subscribe_v311,
+};
+use rumqttc::QoS;
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+/// Connects over raw TCP and checks the CONNACK's session-present flag.
+async fn connect_raw(spool: &Spool, client_id: &str, present: bool) -> TcpStream {
+    let mut stream = TcpStream::connect(spool.addr).await.unwrap();
+    stream
+        .write_all(&connect_v311(client_id, false))
+        .await
+        .unwrap();
+    let connack = read_packet(&mut stream).await;
+    assert_eq!(connack, (0x20, vec![u8::from(present), 0]), "{client_id}");
+    stream
+}
+
+/// Sends `packet` and checks that `expected` (kind, packet id) comes back.
+async fn exchange(stream: &mut TcpStream, packet: &[u8], expected: (u8, u16)) {
+    stream.write_all(packet).await.unwrap();
+    let (kind, body) = read_packet(stream).await;
+    assert_eq!(
+        (kind, u16::from_be_bytes([body[0], body[1]])),
+        expected,
+        "{body:?}"
+    );
+}
+
+/// Reads a QoS 2 PUBLISH (DUP may be set): its packet id and payload.
+async fn read_qos2_publish(stream: &mut TcpStream, topic: &str) -> (u16, Vec<u8>) {
+    let (kind, body) = read_packet(stream).await;
+    assert_eq!(kind & !0x08, 0x34, "a QoS 2 PUBLISH");
+    let at = 2 + topic.len();
+    assert_eq!(&body[2..at], topic.as_bytes());
+    (
+        u16::from_be_bytes([body[at], body[at + 1]]),
+        body[at + 2..].to_vec(),
+    )
+}
+
+/// Nothing more arrives on `stream` within half a second.
+async fn assert_quiet(stream: &mut TcpStream) {
+    let more = tokio::time::timeout(Duration::from_millis(500), read_packet(stream)).await;
+    if let Ok((kind, body)) = more {
+        panic!("unexpected packet {kind:#04x} {body:?}");
+    }
+}
+
+#[tokio::test]
+async fn qos2_messages_arrive_once_and_in_order_with_rumqttc() {
+    // Goal: a real client publishing at QoS 2 to a QoS 2 subscription gets every PUBCOMP, and
+    // the subscriber gets every message once, in order, at QoS 2.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect(options(spool.addr, "q2-sub", true));
+    subscriber.connected().await;
+    subscriber.subscribe("q2/#", QoS::ExactlyOnce).await;
+    let mut publisher = connect(options(spool.addr, "q2-pub", true));
+    publisher.connected().await;
+    for i in 0..200u32 {
+        publisher
+            .client
+            .publish("q2/n", QoS::ExactlyOnce, false, i.to_be_bytes().to_vec())
+            .await
+            .unwrap();
+    }
+    publisher.acks(200).await;
+    let seen = subscriber.publishes(200).await;
+    for (i, publish) in seen.iter().enumerate() {
+        assert_eq!(publish.qos, QoS::ExactlyOnce);
+        assert_eq!(
+            publish.payload.as_ref(),
+            &u32::try_from(i).unwrap().to_be_bytes()
+        );
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(500), subscriber.publishes(1)).await;
+    assert!(extra.is_err(), "a message arrived twice");
+}
+
+/// A publisher's QoS 2 publish is PUBREC'd, spool is killed `after` that, and the publisher
+/// resends it (DUP, same packet id) to the restarted spool, then reuses the id once released.
+async fn resend_across_a_restart(after: Duration) {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect_raw(&spool, "sub", false).await;
+    subscriber
+        .write_all(&subscribe_v311(1, "q2/t", 2))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut subscriber).await, (0x90, vec![0, 1, 2]));
+    drop(subscriber);
+
+    let mut publisher = connect_raw(&spool, "pub", false).await;
+    let first = publish_v311(2, false, 7, "q2/t", b"first");
+    exchange(&mut publisher, &first, (PUBREC, 7)).await;
+    tokio::time::sleep(after).await;
+    spool.kill();
+
+    let spool = Spool::start(dir.path(), &[]);
+    let mut publisher = connect_raw(&spool, "pub", true).await;
+    let resent = publish_v311(2, true, 7, "q2/t", b"first");
+    exchange(&mut publisher, &resent, (PUBREC, 7)).await;
+    exchange(&mut publisher, &ack(PUBREL, 7), (PUBCOMP, 7)).await;
+    let second = publish_v311(2, false, 7, "q2/t", b"second");
+    exchange(&mut publisher, &second, (PUBREC, 7)).await;
+    exchange(&mut publisher, &ack(PUBREL, 7), (PUBCOMP, 7)).await;
+
+    let mut subscriber = connect_raw(&spool, "sub", true).await;
+    let mut packet_ids = Vec::new();
+    for expected in [&b"first"[..], b"second"] {
+        let (packet_id, payload) = read_qos2_publish(&mut subscriber, "q2/t").await;
+        assert_eq!(payload, expected);
+        packet_ids.push(packet_id);
+    }
+    for packet_id in packet_ids {
+        exchange(
+            &mut subscriber,
+            &ack(PUBREC, packet_id),
+            (PUBREL, packet_id),
+        )
+        .await;
+        subscriber
+            .write_all(&ack(PUBCOMP, packet_id))
+            .await
+            .unwrap();
+    }
+    assert_quiet(&mut subscriber).await;
+}
+
+#[tokio::test]
+async fn a_resent_qos2_publish_is_logged_once_across_a_restart() {
+    // Goal: exactly once holds when spool dies right after the PUBREC (the receipt is rebuilt
+    // from the log) and after its periodic commit (the receipt is read from the metadata
+    // store). Keeping receipts only in memory, or only per connection, delivers "first" twice.
+    resend_across_a_restart(Duration::ZERO).await;
+    resend_across_a_restart(Duration::from_millis(1500)).await;
+}
+
+#[tokio::test]
+async fn a_received_qos2_message_is_released_not_resent_and_keeps_its_packet_id() {
+    // Goal: a subscriber that has not answered a QoS 2 PUBLISH gets it again with the same
+    // packet id after spool restarts (so a client holding that id drops the copy); once it
+    // answered PUBREC, a reconnect brings the PUBREL again, not the message.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect_raw(&spool, "sub", false).await;
+    subscriber
+        .write_all(&subscribe_v311(1, "q2/t", 2))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut subscriber).await, (0x90, vec![0, 1, 2]));
+    let mut publisher = connect_raw(&spool, "pub", false).await;
+    let message = publish_v311(2, false, 1, "q2/t", b"once");
+    exchange(&mut publisher, &message, (PUBREC, 1)).await;
+    exchange(&mut publisher, &ack(PUBREL, 1), (PUBCOMP, 1)).await;
+    let (packet_id, payload) = read_qos2_publish(&mut subscriber, "q2/t").await;
+    assert_eq!(payload, b"once");
+    spool.kill();
+
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect_raw(&spool, "sub", true).await;
+    let (again, payload) = read_qos2_publish(&mut subscriber, "q2/t").await;
+    assert_eq!((again, payload.as_slice()), (packet_id, &b"once"[..]));
+    exchange(
+        &mut subscriber,
+        &ack(PUBREC, packet_id),
+        (PUBREL, packet_id),
+    )
+    .await;
+    drop(subscriber);
+
+    let mut subscriber = connect_raw(&spool, "sub", true).await;
+    let (kind, body) = read_packet(&mut subscriber).await;
+    assert_eq!((kind, body), (PUBREL, packet_id.to_be_bytes().to_vec()));
+    subscriber
+        .write_all(&ack(PUBCOMP, packet_id))
+        .await
+        .unwrap();
+    // The PINGRESP proves the PUBCOMP was handled before the next connection takes over.
+    subscriber.write_all(&[0xC0, 0]).await.unwrap();
+    assert_eq!(read_packet(&mut subscriber).await, (0xD0, vec![]));
+    drop(subscriber);
+    let mut subscriber = connect_raw(&spool, "sub", true).await;
+    assert_quiet(&mut subscriber).await;
+}
+
+#[tokio::test]
+async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected_with_0x93() {
+    // Goal: the server's receive maximum bounds the QoS 2 publishes a client may leave
+    // unreleased; a resend of one it holds is not a new one.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &["--max-inflight", "2"]);
+    let mut client = TcpStream::connect(spool.addr).await.unwrap();
+    client.write_all(&connect_v5("greedy")).await.unwrap();
+    let (kind, connack) = read_packet(&mut client).await;
+    assert_eq!(kind, 0x20);
+    // Receive Maximum property (0x21) with value 2.
+    assert!(connack.windows(3).any(|w| w == [0x21, 0, 2]), "{connack:?}");
+    for packet_id in 1..=2 {
+        let publish = publish_v5(2, false, packet_id, "q2/t", b"x");
+        exchange(&mut client, &publish, (PUBREC, packet_id)).await;
+    }
+    exchange(
+        &mut client,
+        &publish_v5(2, true, 1, "q2/t", b"x"),
+        (PUBREC, 1),
+    )
+    .await;
+    client
+        .write_all(&publish_v5(2, false, 3, "q2/t", b"x"))
+        .await
+        .unwrap();
+    let (kind, body) = read_packet(&mut client).await;
+    assert_eq!(
+        (kind, body[0]),
+        (0xE0, 0x93),
+        "DISCONNECT, receive maximum exceeded"
+    );
+}
