@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Seconds a persistent MQTT 3.1.1 session outlives its connection [default: 604800].
     #[arg(long, env = "SPOOL_SESSION_EXPIRY_SECS")]
     pub session_expiry_secs: Option<u64>,
+    /// The longest keep-alive, in seconds, an MQTT 5 client gets: a longer one, or none (0),
+    /// is replaced by this one in CONNACK (server keep-alive) [default: 65535].
+    #[arg(long, env = "SPOOL_MAX_KEEP_ALIVE")]
+    pub max_keep_alive: Option<u16>,
 }
 
 /// The same settings as they appear in `spool.toml`.
@@ -67,6 +71,7 @@ struct FileConfig {
     session_queue_max: Option<usize>,
     wal_quota_bytes: Option<u64>,
     session_expiry_secs: Option<u64>,
+    max_keep_alive: Option<u16>,
 }
 
 /// The resolved configuration.
@@ -84,6 +89,7 @@ pub struct Config {
     pub session_queue_max: usize,
     pub wal_quota_bytes: u64,
     pub session_expiry_v311: Duration,
+    pub max_keep_alive_secs: u16,
 }
 
 impl Config {
@@ -147,6 +153,10 @@ impl Config {
                     .or(file.session_expiry_secs)
                     .unwrap_or(7 * 24 * 3600),
             ),
+            max_keep_alive_secs: args
+                .max_keep_alive
+                .or(file.max_keep_alive)
+                .unwrap_or(u16::MAX),
         };
         config.validate()?;
         Ok(config)
@@ -155,6 +165,10 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
         anyhow::ensure!(self.max_inflight > 0, "max_inflight must be positive");
+        anyhow::ensure!(
+            self.max_keep_alive_secs > 0,
+            "max_keep_alive must be positive"
+        );
         anyhow::ensure!(
             self.session_queue_max > 0,
             "session_queue_max must be positive"

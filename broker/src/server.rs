@@ -99,6 +99,7 @@ impl Server {
             packet_size_max: config.max_packet_size,
             receive_max: config.max_inflight,
             topic_alias_max: 64,
+            keep_alive_max_secs: config.max_keep_alive_secs,
         };
         let context = Arc::new(ServerContext::new(
             events,

@@ -261,3 +261,35 @@ fn too_many_user_properties_end_only_that_connection() {
     other.read_exact(&mut header).unwrap();
     assert_eq!(header[0], 0x20, "the broker still serves others");
 }
+
+#[tokio::test]
+async fn server_keep_alive_replaces_a_longer_one_and_is_enforced() {
+    // Goal: with --max-keep-alive 1, an MQTT 5 client asking for 60 s is told 1 s in CONNACK
+    // (server keep-alive, property 0x13) and is disconnected with 0x8D once silent for 1.5 s,
+    // while an MQTT 3.1.1 client keeps its own keep-alive.
+    use common::{connect_v5, connect_v311, read_packet};
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &["--max-keep-alive", "1"]);
+    let mut v5 = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
+    v5.write_all(&connect_v5("short")).await.unwrap();
+    let (kind, connack) = read_packet(&mut v5).await;
+    assert_eq!(kind, 0x20);
+    assert!(connack.windows(3).any(|w| w == [0x13, 0, 1]), "{connack:?}");
+    let mut v311 = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
+    v311.write_all(&connect_v311("long", true)).await.unwrap();
+    assert_eq!(read_packet(&mut v311).await, (0x20, vec![0, 0]));
+    // read_packet waits 10 s: far less than the 90 s the client's own keep-alive allows.
+    let (kind, body) = read_packet(&mut v5).await;
+    assert_eq!(
+        (kind, body[0]),
+        (0xE0, 0x8D),
+        "DISCONNECT, keep-alive timeout"
+    );
+    v311.write_all(&[0xC0, 0]).await.unwrap();
+    assert_eq!(
+        read_packet(&mut v311).await,
+        (0xD0, vec![]),
+        "still connected"
+    );
+}

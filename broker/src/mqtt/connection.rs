@@ -189,6 +189,8 @@ where
     if let Some(size) = connect.packet_size_max {
         codec::limit_outbound(framed.codec_mut(), size);
     }
+    let server_keep_alive_secs = server_keep_alive(protocol, connect.keep_alive_secs, limits);
+    let keep_alive_secs = server_keep_alive_secs.unwrap_or(connect.keep_alive_secs);
     let connack = ServerPacket::ConnAck(ConnAck {
         session_present,
         reason: Reason::Success,
@@ -196,7 +198,7 @@ where
         receive_max: limits.receive_max,
         packet_size_max: limits.packet_size_max,
         topic_alias_max: limits.topic_alias_max,
-        server_keep_alive_secs: None,
+        server_keep_alive_secs,
     });
     let mut connection = Connection {
         framed,
@@ -210,7 +212,7 @@ where
         publishes_awaiting_ack: 0,
         receipts,
         topic_aliases: HashMap::new(),
-        keep_alive: keep_alive_window(connect.keep_alive_secs),
+        keep_alive: keep_alive_window(keep_alive_secs),
         will: connect.will.take().map(Box::new),
     };
     if connection.send(connack).await.is_err() {
@@ -762,6 +764,17 @@ async fn next_durable(
     };
     let done = awaiting.pop_front().expect("front exists");
     (done.ack, result)
+}
+
+/// The keep-alive an MQTT 5 client is told to use instead of its own (§3.2.2.3.14): the
+/// configured maximum, when it asked for more or for none. MQTT 3.1.1 has no way to say it.
+fn server_keep_alive(
+    protocol: Protocol,
+    requested_secs: u16,
+    limits: &crate::mqtt::ConnectionLimits,
+) -> Option<u16> {
+    let max = limits.keep_alive_max_secs;
+    (protocol == Protocol::V5 && (requested_secs == 0 || requested_secs > max)).then_some(max)
 }
 
 /// How long a client may stay silent: one and a half keep-alive periods (MQTT §3.1.2.10).

@@ -22,6 +22,8 @@ pub struct ConnectionLimits {
     pub receive_max: u16,
     /// Topic aliases a client may establish (MQTT 5).
     pub topic_alias_max: u16,
+    /// The longest keep-alive an MQTT 5 client gets (server keep-alive).
+    pub keep_alive_max_secs: u16,
 }
 
 /// What every connection task shares.
