@@ -124,13 +124,18 @@ impl SegmentHeader {
         if bytes[0..8] != MAGIC_SEGMENT {
             return Err("not a spool segment (bad magic)".into());
         }
+        // The version comes before the checksum: another version's header may have another
+        // length, and its checksum in another place.
+        let version = u32_at(bytes, 8);
+        if version != FORMAT_VERSION {
+            return Err(format!(
+                "unsupported format version {version} (this spool reads version \
+                 {FORMAT_VERSION}), or a damaged header"
+            ));
+        }
         let stored_crc = u32_at(bytes, 32);
         if crc32c::crc32c(&bytes[0..32]) != stored_crc {
             return Err("segment header checksum mismatch".into());
-        }
-        let version = u32_at(bytes, 8);
-        if version != FORMAT_VERSION {
-            return Err(format!("unsupported format version {version}"));
         }
         Ok(SegmentHeader {
             epoch: u64_at(bytes, 12),
@@ -303,6 +308,19 @@ mod tests {
                 "flip at {at} accepted"
             );
         }
+    }
+
+    #[test]
+    fn a_header_of_another_version_is_named_as_such() {
+        // Version 1 had no salt: magic | version | epoch | first_seq | crc32c, 32 bytes.
+        let mut old = MAGIC_SEGMENT.to_vec();
+        old.extend_from_slice(&1u32.to_le_bytes());
+        old.extend_from_slice(&[0; 16]);
+        let crc = crc32c::crc32c(&old);
+        old.extend_from_slice(&crc.to_le_bytes());
+        old.extend_from_slice(&[0xAB; 4]); // the first bytes of a record
+        let error = SegmentHeader::decode(&old).unwrap_err();
+        assert!(error.contains("unsupported format version 1"), "{error}");
     }
 
     proptest! {
