@@ -165,3 +165,31 @@ async fn an_invalid_will_topic_is_refused_at_connect() {
     let (kind, body) = read_packet(&mut stream).await;
     assert_eq!((kind, body[1]), (0x20, 0x90), "CONNACK: topic name invalid");
 }
+
+#[tokio::test]
+async fn a_will_with_too_many_user_properties_is_refused_at_connect() {
+    // Goal: a will is held to the same user-property limit as a PUBLISH (its log record counts
+    // them in a u16): the CONNECT is refused with 0x83 instead of the will failing later.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut body = Vec::new();
+    field(b"MQTT", &mut body);
+    body.extend_from_slice(&[5, 0x02 | 0x04 | 1 << 3, 0, 60, 0]);
+    field(b"crowded", &mut body);
+    let mut properties = Vec::new();
+    for _ in 0..2000 {
+        properties.extend_from_slice(&[0x26, 0, 0, 0, 0]); // an empty user property
+    }
+    varint(properties.len(), &mut body);
+    body.extend_from_slice(&properties);
+    field(b"will/crowded", &mut body);
+    field(b"x", &mut body);
+    let mut stream = TcpStream::connect(spool.addr).await.unwrap();
+    stream.write_all(&packet(0x10, &body)).await.unwrap();
+    let (kind, body) = read_packet(&mut stream).await;
+    assert_eq!(
+        (kind, body[1]),
+        (0x20, 0x83),
+        "CONNACK: implementation specific"
+    );
+}

@@ -157,14 +157,8 @@ where
 {
     let (mut framed, protocol, mut connect) = read_connect(stream, context).await?;
     let limits = &context.limits;
-    if let Some(will) = &connect.will
-        && let Err(e) = topic::validate_name(&will.message.topic)
-    {
-        tracing::info!(
-            "refused a CONNECT with will topic {:?}: {e}",
-            will.message.topic
-        );
-        refuse(&mut framed, protocol, Reason::TopicNameInvalid).await;
+    if let Some(reason) = connect.will.as_ref().and_then(refuse_will) {
+        refuse(&mut framed, protocol, reason).await;
         return None;
     }
     let assigned = connect
@@ -222,6 +216,22 @@ where
         return None;
     }
     Some(connection)
+}
+
+/// Why a CONNECT's will cannot be accepted, if it cannot.
+fn refuse_will(will: &Will) -> Option<Reason> {
+    if let Err(e) = topic::validate_name(&will.message.topic) {
+        let topic = &will.message.topic;
+        tracing::info!("refused a CONNECT with will topic {topic:?}: {e}");
+        return Some(Reason::TopicNameInvalid);
+    }
+    if will.message.properties.user.len() > USER_PROPERTIES_MAX {
+        tracing::info!(
+            "refused a CONNECT whose will has more than {USER_PROPERTIES_MAX} user properties"
+        );
+        return Some(Reason::ImplementationSpecificError);
+    }
+    None
 }
 
 /// Asks the hub to attach this connection to the client's session.
