@@ -23,6 +23,8 @@ pub const RETAINED_CHECKPOINT: &str = "retained";
 pub struct RetainedMessages {
     by_topic: BTreeMap<String, Arc<Message>>,
     bytes: usize,
+    /// How many of them have an expiry: with none, nothing needs scanning for expiry.
+    expiring: usize,
     /// Changes not yet in the metadata store: a message to store, or `None` to remove.
     uncommitted: BTreeMap<String, Option<Arc<Message>>>,
     /// Every retained change in records up to here is in the metadata store.
@@ -49,8 +51,7 @@ impl RetainedMessages {
                     source,
                 }
             })?;
-            retained.bytes += record.message.size_bytes();
-            retained.by_topic.insert(topic, Arc::new(record.message));
+            retained.insert(topic, Arc::new(record.message));
         }
         Ok(retained)
     }
@@ -76,37 +77,65 @@ impl RetainedMessages {
             return;
         }
         let topic = &message.topic;
-        let previous = self.by_topic.get(topic).map_or(0, |m| m.size_bytes());
+        // The topic's older message is not current any more, whatever happens to this one.
+        let had_previous = self.remove(topic);
         if message.payload.is_empty() {
-            if self.by_topic.remove(topic).is_some() {
-                self.bytes -= previous;
+            if had_previous {
                 self.uncommitted.insert(topic.clone(), None);
             }
             return;
         }
-        let grows_count = previous == 0 && self.by_topic.len() >= RETAINED_MESSAGES_MAX;
-        let bytes = self.bytes - previous + message.size_bytes();
-        if grows_count || bytes > RETAINED_BYTES_MAX {
-            // The topic's older message is not current any more: it goes too.
-            if self.by_topic.remove(topic).is_some() {
-                self.bytes -= previous;
+        let full = self.by_topic.len() >= RETAINED_MESSAGES_MAX
+            || self.bytes + message.size_bytes() > RETAINED_BYTES_MAX;
+        if full {
+            if had_previous {
                 self.uncommitted.insert(topic.clone(), None);
             }
             self.refused += 1;
             tracing::warn!(topic = %topic, "retained message refused: the retained-message limits are reached");
             return;
         }
-        self.bytes = bytes;
-        self.by_topic.insert(topic.clone(), Arc::clone(message));
+        self.insert(topic.clone(), Arc::clone(message));
         self.uncommitted
             .insert(topic.clone(), Some(Arc::clone(message)));
     }
 
-    /// The unexpired retained messages whose topics match `filter`.
+    fn insert(&mut self, topic: String, message: Arc<Message>) {
+        self.bytes += message.size_bytes();
+        self.expiring += usize::from(message.properties.expires_at_ms.is_some());
+        if let Some(replaced) = self.by_topic.insert(topic, message) {
+            self.forget(&replaced);
+        }
+    }
+
+    /// Removes a topic's message; false if it had none.
+    fn remove(&mut self, topic: &str) -> bool {
+        match self.by_topic.remove(topic) {
+            Some(message) => {
+                self.forget(&message);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn forget(&mut self, message: &Message) {
+        self.bytes -= message.size_bytes();
+        self.expiring -= usize::from(message.properties.expires_at_ms.is_some());
+    }
+
+    /// The unexpired retained messages whose topics match `filter`. Only topics that start
+    /// with the filter's levels before its first wildcard are looked at (all of them for a
+    /// filter such as `#` or `+/x`).
     #[must_use]
     pub fn matching(&self, filter: &str, now_ms: u64) -> Vec<Arc<Message>> {
+        let prefix = literal_prefix(filter);
         self.by_topic
-            .iter()
+            .range::<str, _>((
+                std::ops::Bound::Included(prefix),
+                std::ops::Bound::Unbounded,
+            ))
+            .take_while(|(topic, _)| topic.starts_with(prefix))
             .filter(|(topic, message)| topic::matches(filter, topic) && !message.is_expired(now_ms))
             .map(|(_, message)| Arc::clone(message))
             .collect()
@@ -134,6 +163,9 @@ impl RetainedMessages {
 
     /// Drops expired messages (a removal the store learns with the next commit).
     pub fn expire(&mut self, now_ms: u64) {
+        if self.expiring == 0 {
+            return;
+        }
         let expired: Vec<String> = self
             .by_topic
             .iter()
@@ -141,8 +173,7 @@ impl RetainedMessages {
             .map(|(topic, _)| topic.clone())
             .collect();
         for topic in expired {
-            if let Some(message) = self.by_topic.remove(&topic) {
-                self.bytes -= message.size_bytes();
+            if self.remove(&topic) {
                 self.uncommitted.insert(topic, None);
             }
         }
@@ -156,6 +187,53 @@ impl RetainedMessages {
     #[must_use]
     pub fn is_empty(&self) -> bool {
         self.by_topic.is_empty()
+    }
+}
+
+/// What every topic matching `filter` starts with: the part before its first wildcard level
+/// (`a/b/` for `a/b/+/c`; `a` for `a/#`, which also matches `a` itself), or the whole filter.
+fn literal_prefix(filter: &str) -> &str {
+    let mut end = 0;
+    for level in filter.split('/') {
+        match level {
+            "+" => return &filter[..end],
+            "#" => return &filter[..end.saturating_sub(1)],
+            _ => end = (end + level.len() + 1).min(filter.len()),
+        }
+    }
+    filter
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Goal: looking only at topics with the filter's literal prefix finds exactly what a
+        /// scan of every topic finds.
+        #[test]
+        fn prefix_lookup_finds_what_a_full_scan_finds(
+            topics in proptest::collection::btree_set("[ab$]{0,2}(/[ab]{0,2}){0,3}", 0..30),
+            filter in "([ab]{0,2}|\\+)(/([ab]{0,2}|\\+)){0,3}(/#)?|#",
+        ) {
+            let mut retained = RetainedMessages::default();
+            for (seq, topic) in topics.iter().enumerate() {
+                let message = Arc::new(Message {
+                    topic: topic.clone(),
+                    payload: bytes::Bytes::from_static(b"x"),
+                    qos: crate::message::QoS::AtMostOnce,
+                    retain: true,
+                    properties: crate::message::MessageProperties::default(),
+                });
+                retained.apply(seq as u64 + 1, &message);
+            }
+            let found: Vec<String> =
+                retained.matching(&filter, 0).iter().map(|m| m.topic.clone()).collect();
+            let scanned: Vec<String> =
+                topics.iter().filter(|t| topic::matches(&filter, t)).cloned().collect();
+            prop_assert_eq!(found, scanned);
+        }
     }
 }
 
