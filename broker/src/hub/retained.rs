@@ -204,6 +204,18 @@ fn literal_prefix(filter: &str) -> &str {
     filter
 }
 
+/// A retained message as stored: a publish record without targets.
+fn encode(message: &Message) -> Vec<u8> {
+    PublishRecord {
+        message: message.clone(),
+        publisher: 0,
+        qos2_packet_id: None,
+        targets: Vec::new(),
+    }
+    .encode()
+    .to_vec()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -235,16 +247,4 @@ mod tests {
             prop_assert_eq!(found, scanned);
         }
     }
-}
-
-/// A retained message as stored: a publish record without targets.
-fn encode(message: &Message) -> Vec<u8> {
-    PublishRecord {
-        message: message.clone(),
-        publisher: 0,
-        qos2_packet_id: None,
-        targets: Vec::new(),
-    }
-    .encode()
-    .to_vec()
 }
