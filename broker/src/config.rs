@@ -36,6 +36,10 @@ pub struct ServeArgs {
     /// The largest MQTT packet accepted, in bytes [default: 1048576].
     #[arg(long, env = "SPOOL_MAX_PACKET_SIZE")]
     pub max_packet_size: Option<u32>,
+    /// Sessions kept, connected or persistent and offline; a CONNECT that would create one
+    /// more is refused [default: 100000].
+    #[arg(long, env = "SPOOL_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
     /// Messages in flight towards one client (its receive maximum caps it) [default: 64].
     #[arg(long, env = "SPOOL_MAX_INFLIGHT")]
     pub max_inflight: Option<u16>,
@@ -68,6 +72,7 @@ struct FileConfig {
     max_connections: Option<usize>,
     max_packet_size: Option<u32>,
     max_inflight: Option<u16>,
+    max_sessions: Option<usize>,
     session_queue_max: Option<usize>,
     wal_quota_bytes: Option<u64>,
     session_expiry_secs: Option<u64>,
@@ -86,6 +91,7 @@ pub struct Config {
     pub max_connections: usize,
     pub max_packet_size: u32,
     pub max_inflight: u16,
+    pub max_sessions: usize,
     pub session_queue_max: usize,
     pub wal_quota_bytes: u64,
     pub session_expiry_v311: Duration,
@@ -140,6 +146,7 @@ impl Config {
                 .or(file.max_packet_size)
                 .unwrap_or(1 << 20),
             max_inflight: args.max_inflight.or(file.max_inflight).unwrap_or(64),
+            max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(100_000),
             session_queue_max: args
                 .session_queue_max
                 .or(file.session_queue_max)
@@ -165,6 +172,7 @@ impl Config {
     fn validate(&self) -> anyhow::Result<()> {
         anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
         anyhow::ensure!(self.max_inflight > 0, "max_inflight must be positive");
+        anyhow::ensure!(self.max_sessions > 0, "max_sessions must be positive");
         anyhow::ensure!(
             self.max_keep_alive_secs > 0,
             "max_keep_alive must be positive"

@@ -87,6 +87,7 @@ impl Server {
         let router = Arc::new(RwLock::new(SubscriptionTable::default()));
         let limits = HubLimits {
             in_flight_max: config.max_inflight,
+            sessions_max: config.max_sessions,
             session_queue_max: config.session_queue_max,
             session_expiry_v311: config.session_expiry_v311,
         };

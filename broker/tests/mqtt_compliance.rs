@@ -293,3 +293,49 @@ async fn server_keep_alive_replaces_a_longer_one_and_is_enforced() {
         "still connected"
     );
 }
+
+#[tokio::test]
+async fn a_new_session_beyond_the_session_limit_is_refused() {
+    // Goal: with --max-sessions 2, persistent sessions count while offline; a third client id
+    // is refused (MQTT 5: quota exceeded, 3.1.1: server unavailable), an existing one resumes,
+    // and a slot freed by a clean disconnect is usable again.
+    use common::{connect_v5, connect_v311, read_packet};
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &["--max-sessions", "2"]);
+    let connack = |client_id: &str, v5: bool, clean: bool| {
+        let connect = if v5 {
+            connect_v5(client_id)
+        } else {
+            connect_v311(client_id, clean)
+        };
+        async move {
+            let mut stream = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
+            stream.write_all(&connect).await.unwrap();
+            let (kind, body) = read_packet(&mut stream).await;
+            assert_eq!(kind, 0x20);
+            (stream, body[1])
+        }
+    };
+    let (offline, accepted) = connack("kept", false, false).await;
+    assert_eq!(accepted, 0);
+    drop(offline);
+    let (_online, accepted) = connack("online", false, true).await;
+    assert_eq!(accepted, 0);
+    assert_eq!(connack("third", true, true).await.1, 0x97, "quota exceeded");
+    assert_eq!(
+        connack("third", false, true).await.1,
+        3,
+        "server unavailable"
+    );
+    assert_eq!(
+        connack("kept", false, false).await.1,
+        0,
+        "an existing session resumes"
+    );
+    let (mut kept, _) = connack("kept", false, true).await; // clean: the stored session ends
+    kept.write_all(&[0xE0, 0]).await.unwrap();
+    drop(kept);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(connack("third", false, true).await.1, 0, "a slot was freed");
+}

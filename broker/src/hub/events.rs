@@ -62,7 +62,7 @@ pub struct ConnectRequest {
     /// The client's receive maximum: the in-flight window towards it.
     pub receive_max: u16,
     pub outbound: mpsc::Sender<Outbound>,
-    pub reply: oneshot::Sender<ConnectOutcome>,
+    pub reply: oneshot::Sender<Result<ConnectOutcome, ConnectRefusal>>,
 }
 
 /// The hub's answer to a CONNECT.
@@ -72,6 +72,13 @@ pub struct ConnectOutcome {
     pub session_present: bool,
     /// The session's unreleased QoS 2 packet ids from its client.
     pub receipts: SharedReceipts,
+}
+
+/// Why the hub refused a CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectRefusal {
+    /// The session limit is reached and this session would be new.
+    SessionsFull,
 }
 
 /// Why the hub refused a subscription.

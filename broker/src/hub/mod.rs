@@ -14,7 +14,7 @@ use crate::delivery::queue::{Pushed, QueueEntry};
 use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord};
 use crate::encoding::FormatError;
 use crate::hub::events::{
-    ConnectOutcome, ConnectRequest, Delivery, Event, Outbound, SubscribeRefusal,
+    ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, SubscribeRefusal,
 };
 use crate::hub::retained::{RETAINED_CHECKPOINT, RetainedMessages};
 use crate::limits::{MESSAGE_CACHE_BYTES_MAX, SUBSCRIPTIONS_PER_SESSION_MAX};
@@ -36,6 +36,8 @@ use tokio_util::sync::CancellationToken;
 pub struct HubLimits {
     /// The most messages in flight towards one client.
     pub in_flight_max: u16,
+    /// The most sessions, connected or not; a CONNECT that would create one more is refused.
+    pub sessions_max: usize,
     /// The most messages one session's queue keeps.
     pub session_queue_max: usize,
     /// How long a persistent MQTT 3.1.1 session outlives its connection.
@@ -317,6 +319,12 @@ impl Hub {
         let session_present = existing.is_some() && !request.clean_start;
         let id = match self.session_by_client.get(&request.client_id) {
             Some(&id) => id,
+            None if self.sessions.len() >= self.limits.sessions_max => {
+                let max = self.limits.sessions_max;
+                tracing::warn!(client_id = %request.client_id, "refused a new session: {max} sessions exist");
+                let _ = request.reply.send(Err(ConnectRefusal::SessionsFull));
+                return;
+            }
             None => {
                 let id = self.next_session_id;
                 self.next_session_id += 1;
@@ -348,11 +356,11 @@ impl Hub {
             // stores it again, and refuses the subscription if that fails too.
             tracing::error!(client_id = %request.client_id, "failed to store the session: {e}");
         }
-        let _ = request.reply.send(ConnectOutcome {
+        let _ = request.reply.send(Ok(ConnectOutcome {
             session: id,
             session_present,
             receipts,
-        });
+        }));
         self.pump(id);
     }
 

@@ -13,7 +13,7 @@
 
 use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord};
 use crate::hub::events::{
-    ConnectOutcome, ConnectRequest, Event, Outbound, Protocol, SubscribeRefusal,
+    ConnectOutcome, ConnectRefusal, ConnectRequest, Event, Outbound, Protocol, SubscribeRefusal,
 };
 use crate::limits::{
     CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX, USER_PROPERTIES_MAX,
@@ -168,18 +168,23 @@ where
     let client_id = assigned
         .clone()
         .unwrap_or_else(|| connect.client_id.clone());
-    let Some((
-        outbound,
-        ConnectOutcome {
-            session,
-            session_present,
-            receipts,
-        },
-    )) = register(context, connection_id, &connect, protocol, &client_id).await
-    else {
-        refuse(&mut framed, protocol, Reason::ServerUnavailable).await;
-        return None;
-    };
+    let (outbound, outcome) =
+        match register(context, connection_id, &connect, protocol, &client_id).await {
+            Some((outbound, Ok(outcome))) => (outbound, outcome),
+            Some((_, Err(ConnectRefusal::SessionsFull))) => {
+                refuse(&mut framed, protocol, Reason::QuotaExceeded).await;
+                return None;
+            }
+            None => {
+                refuse(&mut framed, protocol, Reason::ServerUnavailable).await;
+                return None;
+            }
+        };
+    let ConnectOutcome {
+        session,
+        session_present,
+        receipts,
+    } = outcome;
     if let Some(size) = connect.packet_size_max {
         codec::limit_outbound(framed.codec_mut(), size);
     }
@@ -241,7 +246,10 @@ async fn register(
     connect: &codec::Connect,
     protocol: Protocol,
     client_id: &str,
-) -> Option<(mpsc::Receiver<Outbound>, ConnectOutcome)> {
+) -> Option<(
+    mpsc::Receiver<Outbound>,
+    Result<ConnectOutcome, ConnectRefusal>,
+)> {
     let limits = &context.limits;
     let window = connect
         .receive_max
