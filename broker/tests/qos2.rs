@@ -6,8 +6,8 @@
 mod common;
 
 use common::{
-    PUBCOMP, PUBREC, PUBREL, Spool, ack, connect, connect_v5, connect_v311, options, publish_v5,
-    publish_v311, read_packet, subscribe_v311,
+    PUBACK, PUBCOMP, PUBREC, PUBREL, Spool, ack, connect, connect_v5, connect_v311, options,
+    publish_v5, publish_v311, read_packet, subscribe_v311,
 };
 use rumqttc::QoS;
 use std::time::Duration;
@@ -161,6 +161,17 @@ async fn a_received_qos2_message_is_released_not_resent_and_keeps_its_packet_id(
         .unwrap();
     assert_eq!(read_packet(&mut subscriber).await, (0x90, vec![0, 1, 2]));
     let mut publisher = connect_raw(&spool, "pub", false).await;
+    // Two QoS 1 messages first, acknowledged and checkpointed, so that a packet id counter
+    // restarting with the process would give "once" another id than before.
+    for (packet_id, payload) in [(10, &b"warm-1"[..]), (11, b"warm-2")] {
+        let warm = publish_v311(1, false, packet_id, "q2/t", payload);
+        exchange(&mut publisher, &warm, (PUBACK, packet_id)).await;
+        let (kind, body) = read_packet(&mut subscriber).await;
+        assert_eq!((kind, &body[body.len() - payload.len()..]), (0x32, payload));
+        let packet_id = u16::from_be_bytes([body[6], body[7]]);
+        subscriber.write_all(&ack(PUBACK, packet_id)).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
     let message = publish_v311(2, false, 1, "q2/t", b"once");
     exchange(&mut publisher, &message, (PUBREC, 1)).await;
     exchange(&mut publisher, &ack(PUBREL, 1), (PUBCOMP, 1)).await;
@@ -226,5 +237,17 @@ async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected_with_0x93() 
         (kind, body[0]),
         (0xE0, 0x93),
         "DISCONNECT, receive maximum exceeded"
+    );
+
+    // A PUBREL for an id the server does not hold: PUBCOMP with 0x92.
+    let mut client = TcpStream::connect(spool.addr).await.unwrap();
+    client.write_all(&connect_v5("stray")).await.unwrap();
+    assert_eq!(read_packet(&mut client).await.0, 0x20);
+    client.write_all(&ack(PUBREL, 9)).await.unwrap();
+    let (kind, body) = read_packet(&mut client).await;
+    assert_eq!(
+        (kind, &body[..3]),
+        (PUBCOMP, &[0, 9, 0x92][..]),
+        "packet id not found"
     );
 }

@@ -145,7 +145,17 @@ impl Reservation<'_> {
     /// # Errors
     /// `QuotaExceeded`, `Closed`, or the sticky failure.
     pub fn submit(self) -> Result<PendingAppend> {
-        self.wal.enqueue(self.kind, self.payload, self.room)
+        self.wal.enqueue(self.kind, self.payload, self.room, false)
+    }
+
+    /// Queues the record even when the log is at its quota: for small records that let
+    /// consumers free space (a client's release of a packet id), which refusing could
+    /// deadlock. The caller bounds how many it writes.
+    ///
+    /// # Errors
+    /// `Closed`, or the sticky failure.
+    pub fn submit_beyond_quota(self) -> Result<PendingAppend> {
+        self.wal.enqueue(self.kind, self.payload, self.room, true)
     }
 }
 
@@ -340,7 +350,7 @@ impl Wal {
     pub fn try_submit(&self, kind: u8, payload: Bytes) -> Result<PendingAppend> {
         let frame_bytes = self.check_record(kind, &payload)?;
         match Arc::clone(&self.shared().queue_room).try_acquire_many_owned(frame_bytes) {
-            Ok(room) => self.enqueue(kind, payload, room),
+            Ok(room) => self.enqueue(kind, payload, room, false),
             Err(tokio::sync::TryAcquireError::NoPermits) => Err(Error::QueueFull),
             Err(tokio::sync::TryAcquireError::Closed) => Err(self.stopped_error()),
         }
@@ -367,6 +377,7 @@ impl Wal {
         kind: u8,
         payload: Bytes,
         room: OwnedSemaphorePermit,
+        beyond_quota: bool,
     ) -> Result<PendingAppend> {
         let shared = self.shared();
         let frame_bytes = FRAME_HEADER_BYTES + payload.len() as u64;
@@ -377,6 +388,7 @@ impl Wal {
             QueueState::Failed(error) => return Err(error.clone()),
         }
         if let Some(quota_bytes) = shared.options.quota_bytes
+            && !beyond_quota
             && queue.usage_bytes + frame_bytes > quota_bytes
         {
             return Err(Error::QuotaExceeded { quota_bytes });

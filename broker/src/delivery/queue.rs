@@ -62,6 +62,8 @@ pub struct DeliveryQueue {
     waiting: VecDeque<QueueEntry>,
     /// Sent and awaiting acknowledgement, in the order sent; each has a packet id.
     in_flight: VecDeque<QueueEntry>,
+    /// Packet ids of in-flight QoS 2 messages the client received, whose PUBREL is not sent yet.
+    releases_due: VecDeque<u16>,
     /// The most entries (waiting + in flight) kept; beyond it the oldest waiting one goes.
     limit: usize,
     /// Entries dropped because the queue was full (`queue_full`).
@@ -77,6 +79,7 @@ impl DeliveryQueue {
         DeliveryQueue {
             waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
+            releases_due: VecDeque::new(),
             limit,
             dropped_full: 0,
             dropped_expired: 0,
@@ -93,8 +96,14 @@ impl DeliveryQueue {
             );
         }
         let mut pushed = Pushed::Queued;
-        if self.len() >= self.limit && !self.waiting.is_empty() {
-            self.waiting.pop_front();
+        // An entry sent before keeps its place: the client may hold its packet id (QoS 2),
+        // and would take a later message with that id for a copy. Those are at most a
+        // window's worth, so the queue stays bounded.
+        let oldest_unsent = self.waiting.iter().position(|e| e.packet_id.is_none());
+        if self.len() >= self.limit
+            && let Some(at) = oldest_unsent
+        {
+            self.waiting.remove(at);
             self.dropped_full += 1;
             pushed = Pushed::DroppedOldest;
         }
@@ -131,6 +140,7 @@ impl DeliveryQueue {
         match self.position(packet_id) {
             Some(at) => {
                 self.in_flight.remove(at);
+                self.releases_due.retain(|&due| due != packet_id);
                 true
             }
             None => false,
@@ -138,15 +148,27 @@ impl DeliveryQueue {
     }
 
     /// The client received an in-flight QoS 2 message (PUBREC); false if no such message had
-    /// that packet id. It stays in flight, and needed, until PUBCOMP.
+    /// that packet id. It stays in flight, and needed, until PUBCOMP; its PUBREL is due.
     pub fn received(&mut self, packet_id: u16) -> bool {
         match self.position(packet_id) {
             Some(at) if self.in_flight[at].qos == QoS::ExactlyOnce => {
-                self.in_flight[at].released = true;
+                if !self.in_flight[at].released {
+                    self.in_flight[at].released = true;
+                    self.releases_due.push_back(packet_id);
+                }
                 true
             }
             Some(_) | None => false,
         }
+    }
+
+    /// The next PUBREL to send, if any; put it back with `release_unsent` if it cannot go.
+    pub fn take_release(&mut self) -> Option<u16> {
+        self.releases_due.pop_front()
+    }
+
+    pub fn release_unsent(&mut self, packet_id: u16) {
+        self.releases_due.push_front(packet_id);
     }
 
     fn position(&self, packet_id: u16) -> Option<usize> {
@@ -164,6 +186,7 @@ impl DeliveryQueue {
     /// The connection dropped: everything in flight goes back to the front, in order, to be
     /// resent with DUP.
     pub fn requeue_in_flight(&mut self) {
+        self.releases_due.clear(); // their entries go back as `released`, resent as PUBREL
         while let Some(mut entry) = self.in_flight.pop_back() {
             entry.redelivery = true;
             self.waiting.push_front(entry);
@@ -235,7 +258,14 @@ mod tests {
         queue.push(QueueEntry::new(7, QoS::ExactlyOnce, false, Vec::new()));
         queue.push(entry(8));
         send(&mut queue, 9);
-        assert!(queue.received(9));
+        assert!(
+            queue.received(9) && queue.received(9),
+            "a repeated PUBREC is harmless"
+        );
+        assert_eq!(
+            (queue.take_release(), queue.take_release()),
+            (Some(9), None)
+        );
         assert_eq!(queue.first_needed(), Some(7), "needed until PUBCOMP");
         queue.requeue_in_flight();
         let resent = queue.next_to_send(2).unwrap();

@@ -8,7 +8,7 @@
 //!
 //! ```text
 //! publish: version u8 (2) | flags u8 (qos:2 | retain:1 | utf8:1) | publisher u64
-//! qos2_packet_id u16 (0 = none)
+//! qos2_packet_id u16 (0 = none; absent in version 1)
 //! topic str16 | payload bytes32 | expires_at_ms u64 (0 = never)
 //! content_type opt-str16 | response_topic opt-str16 | correlation opt-bytes16
 //! user_properties u16 count of (str16, str16)
@@ -106,13 +106,17 @@ impl PublishRecord {
     /// `RecordError` for anything that is not a well-formed record.
     pub fn decode(mut bytes: Bytes) -> Result<PublishRecord, RecordError> {
         let version = take_u8(&mut bytes)?;
-        if version != VERSION {
+        if version != VERSION && version != 1 {
             return Err(RecordError::Version(version));
         }
         let flags = take_u8(&mut bytes)?;
         let qos = QoS::from_u8(flags & 0b11).ok_or(RecordError::QoS(flags & 0b11))?;
         let publisher = take_u64(&mut bytes)?;
-        let qos2_packet_id = Some(take_u16(&mut bytes)?).filter(|&id| id != 0);
+        // Version 1 (before QoS 2 receipts) is version 2 without this field.
+        let qos2_packet_id = match version {
+            1 => None,
+            _ => Some(take_u16(&mut bytes)?).filter(|&id| id != 0),
+        };
         let topic = take_str16(&mut bytes)?;
         let payload_len = take_u32(&mut bytes)? as usize;
         let payload = take_bytes(&mut bytes, payload_len)?;
@@ -296,6 +300,16 @@ mod tests {
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = PublishRecord::decode(Bytes::from(bytes.clone()));
             let _ = ReleaseRecord::decode(Bytes::from(bytes));
+        }
+
+        /// Goal: records written before QoS 2 receipts existed still decode.
+        #[test]
+        fn version_1_records_decode(mut record in arb_record()) {
+            record.qos2_packet_id = None;
+            let mut old = record.encode().to_vec();
+            old[0] = 1;
+            old.drain(10..12); // the packet id after version, flags and publisher
+            prop_assert_eq!(PublishRecord::decode(Bytes::from(old)).unwrap(), record);
         }
 
         #[test]

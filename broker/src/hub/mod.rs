@@ -350,6 +350,7 @@ impl Hub {
             outbound: request.outbound,
             window: usize::from(request.receive_max.min(self.limits.in_flight_max).max(1)),
         });
+        receipts::lock(&session.receipts).set_owner(request.connection);
         let receipts = Arc::clone(&session.receipts);
         if let Err(e) = self.store_session(id) {
             // The session works; only its survival across a restart is at risk. Subscribing
@@ -421,7 +422,10 @@ impl Hub {
         };
         for (filter, options) in subscriptions {
             for message in self.retained.matching(filter, now) {
-                let qos = message.qos.min(options.qos);
+                // At most QoS 1: a retained copy is not in the log, so its packet id would not
+                // survive a restart, and a client still holding it for QoS 2 would take a
+                // later message with that id for a resend and drop it.
+                let qos = message.qos.min(options.qos).min(QoS::AtLeastOnce);
                 let ids = options.subscription_id.into_iter().collect();
                 let entry = QueueEntry {
                     retained: Some(message),
@@ -464,8 +468,7 @@ impl Hub {
         self.pump(id);
     }
 
-    /// PUBREC: the client has the QoS 2 message; release it. The channel has room, since it
-    /// holds at most one packet per in-flight message and the PUBLISH left it.
+    /// PUBREC: the client has the QoS 2 message; its PUBREL is due.
     fn received(&mut self, id: u64, packet_id: u16) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
@@ -474,12 +477,7 @@ impl Hub {
             tracing::debug!(client_id = %session.client_id, packet_id, "PUBREC for no QoS 2 message in flight");
             return;
         }
-        if let Some(attachment) = &session.attachment
-            && let Err(TrySendError::Full(_)) =
-                attachment.outbound.try_send(Outbound::Release(packet_id))
-        {
-            tracing::error!(client_id = %session.client_id, packet_id, "no room for a PUBREL: it is sent again when the client reconnects");
-        }
+        self.pump(id);
     }
 
     fn disconnected(&mut self, id: u64, connection: u64, will: Option<Box<Will>>) {
@@ -572,9 +570,14 @@ impl Hub {
         if let Some((will, _)) = session.pending_will.take() {
             self.publish_will(id, *will);
         }
-        if !session.stored {
-            return;
+        if session.stored {
+            self.forget_stored(&session);
         }
+    }
+
+    /// Removes what the metadata store holds of a session: the session, its checkpoint and
+    /// its QoS 2 receipts.
+    fn forget_stored(&self, session: &Session) {
         let receipts_key = session.id.to_string();
         let forget = self
             .meta
@@ -597,14 +600,24 @@ impl Hub {
         }
     }
 
-    /// Stores a persistent session (durably); a clean one is not stored. A session stored once
-    /// stays marked, so its stored copy is removed with it even if it stopped being persistent.
+    /// Stores a persistent session (durably). A session that stopped being persistent (an
+    /// MQTT 5 client reconnecting with expiry 0) loses its stored copy: after a crash it must
+    /// not come back, and neither must QoS 2 receipts no longer kept up to date.
     fn store_session(&mut self, id: u64) -> spool_storage::Result<()> {
         match self.sessions.get_mut(&id) {
             Some(session) if session.is_persistent() => {
                 let stored = session.to_persisted().encode();
                 self.meta.put_session(&session.client_id, Some(&stored))?;
                 session.stored = true;
+                Ok(())
+            }
+            Some(session) if session.stored => {
+                session.stored = false;
+                let session = &self.sessions[&id];
+                self.forget_stored(session);
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.receipts_stored = None;
+                }
                 Ok(())
             }
             Some(_) | None => Ok(()),
@@ -781,15 +794,28 @@ impl Hub {
         }
     }
 
-    /// Sends what the session's window allows.
+    /// Sends the PUBRELs due, then what the session's window allows. The connection's channel
+    /// always keeps a slot per in-flight message, so a PUBREL never waits behind QoS 0
+    /// messages for an acknowledgement that cannot come before it.
     fn pump(&mut self, id: u64) {
         loop {
             let Some(session) = self.sessions.get_mut(&id) else {
                 return;
             };
-            let Some(window) = session.attachment.as_ref().map(|a| a.window) else {
+            let Some(attachment) = session.attachment.as_ref() else {
                 return;
             };
+            let (window, channel) = (attachment.window, attachment.outbound.clone());
+            if let Some(packet_id) = session.queue.take_release() {
+                if channel.try_send(Outbound::Release(packet_id)).is_err() {
+                    session.queue.release_unsent(packet_id);
+                    return;
+                }
+                continue;
+            }
+            if channel.capacity() <= session.queue.in_flight_len() {
+                return;
+            }
             let Some(mut entry) = session.queue.next_to_send(window) else {
                 return;
             };
@@ -807,13 +833,12 @@ impl Hub {
                     None => continue, // expired or unreadable: counted and logged, and skipped
                 },
             };
-            let session = self.sessions.get_mut(&id).expect("looked up above");
-            let channel = &session.attachment.as_ref().expect("attached").outbound;
+            let queue = &mut self.sessions.get_mut(&id).expect("looked up above").queue;
             match channel.try_send(outbound) {
-                Ok(()) if entry.qos != QoS::AtMostOnce => session.queue.sent(entry),
+                Ok(()) if entry.qos != QoS::AtMostOnce => queue.sent(entry),
                 Ok(()) => {}
                 Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
-                    session.queue.unsend(entry);
+                    queue.unsend(entry);
                     return;
                 }
             }
@@ -827,7 +852,8 @@ impl Hub {
             None => self.message(entry.seq)?,
         };
         let session = self.sessions.get_mut(&id)?;
-        if message.is_expired(now_ms()) {
+        // Once sent, a message is delivered to the end (the client may hold its packet id).
+        if !entry.redelivery && message.is_expired(now_ms()) {
             session.queue.dropped_expired += 1;
             tracing::info!(client_id = %session.client_id, seq = entry.seq, "message expired before delivery (ttl_expiry)");
             return None;

@@ -596,14 +596,24 @@ where
         loop {
             let submitted = match context.wal.reserve(kind, record.clone()).await {
                 Ok(reservation) if qos == QoS::ExactlyOnce => {
-                    submit_exactly_once(&self.receipts, reservation, kind, packet_id)
+                    let receipts = &self.receipts;
+                    submit_exactly_once(receipts, self.connection_id, reservation, kind, packet_id)
                 }
-                Ok(reservation) => reservation.submit().map(Durable::Append),
-                Err(e) => Err(e),
+                Ok(reservation) => reservation
+                    .submit()
+                    .map(Durable::Append)
+                    .map_err(Submit::Log),
+                Err(e) => Err(Submit::Log(e)),
             };
-            match submitted {
+            let error = match submitted {
                 Ok(durable) => return Ok(Some(durable)),
-                Err(spool_storage::Error::QuotaExceeded { quota_bytes }) => {
+                Err(Submit::TakenOver) => {
+                    return Err(Close::with(Reason::SessionTakenOver, "session taken over"));
+                }
+                Err(Submit::Log(error)) => error,
+            };
+            match error {
+                spool_storage::Error::QuotaExceeded { quota_bytes } => {
                     tracing::warn!(
                         quota_bytes,
                         "write-ahead log quota reached: holding back publishes"
@@ -625,15 +635,21 @@ where
                         self.send(packet).await?;
                         return Ok(None);
                     }
+                    if context.shutdown.is_cancelled() {
+                        return Err(Close::with(
+                            Reason::ServerShuttingDown,
+                            "server shutting down",
+                        ));
+                    }
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-                Err(spool_storage::Error::RecordTooLarge { size, max }) => {
+                spool_storage::Error::RecordTooLarge { size, max } => {
                     return Err(Close::with(
                         Reason::PacketTooLarge,
                         format!("message of {size} bytes above {max}"),
                     ));
                 }
-                Err(e) => {
+                e => {
                     tracing::error!("failed to log a publish: {e}");
                     return Err(Close::with(
                         Reason::ServerUnavailable,
@@ -738,18 +754,36 @@ async fn ask_hub<T>(
     answer.await.map_err(|_| hub_stopped())
 }
 
+/// Why a record was not queued.
+enum Submit {
+    Log(spool_storage::Error),
+    /// The session was taken over by a newer connection.
+    TakenOver,
+}
+
+impl From<spool_storage::Error> for Submit {
+    fn from(error: spool_storage::Error) -> Submit {
+        Submit::Log(error)
+    }
+}
+
 /// Submits a QoS 2 publish or release under the receipts' lock, so the log holds them in the
 /// order the receipts change. A publish whose packet id is held is a resend: it is not logged
 /// again, and its PUBREC waits for the first record.
 fn submit_exactly_once(
     shared: &SharedReceipts,
+    connection: u64,
     reservation: Reservation<'_>,
     kind: u8,
     packet_id: u16,
-) -> spool_storage::Result<Durable> {
+) -> Result<Durable, Submit> {
     let mut receipts = receipts::lock(shared);
+    if receipts.owner() != connection {
+        return Err(Submit::TakenOver);
+    }
     if kind == KIND_QOS2_RELEASE {
-        let append = reservation.submit()?;
+        // Bounded by the receive maximum, and refusing it could keep the log full for good.
+        let append = reservation.submit_beyond_quota()?;
         receipts.release(packet_id);
         return Ok(Durable::Append(append));
     }

@@ -5,9 +5,11 @@
 //!
 //! The session (in the hub) and its connection share the receipts behind a mutex. A connection
 //! decides "new or resent" and takes the record's sequence number in one step under the lock
-//! (`Wal::reserve`, then `Reservation::submit`), so during a takeover two connections cannot
-//! both log one packet id, and the log holds the publish and release records in the order the
-//! receipts changed.
+//! (`Wal::reserve`, then `Reservation::submit`), so the log holds the publish and release
+//! records in the order the receipts changed. Only the connection the session is attached to
+//! may change them (`owner`, set by the hub on CONNECT): a taken-over connection still
+//! finishing a publish cannot log a packet id its successor already released, which would
+//! leave a receipt the client does not know of and make it drop its next message with that id.
 //!
 //! They survive a restart: once a second the hub stores each persistent session's receipts with
 //! a checkpoint, and a restart replays the publish and release records after it.
@@ -28,6 +30,8 @@ const VERSION: u8 = 1;
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Qos2Receipts {
     logged: BTreeMap<u16, u64>,
+    /// The connection allowed to change them; not stored.
+    owner: u64,
 }
 
 /// The receipts as a session and its connection share them.
@@ -40,6 +44,16 @@ pub fn lock(receipts: &SharedReceipts) -> MutexGuard<'_, Qos2Receipts> {
 }
 
 impl Qos2Receipts {
+    /// Hands the receipts to a newly attached connection.
+    pub fn set_owner(&mut self, connection: u64) {
+        self.owner = connection;
+    }
+
+    #[must_use]
+    pub fn owner(&self) -> u64 {
+        self.owner
+    }
+
     /// The sequence number of the record that logged `packet_id`, if it is unreleased.
     #[must_use]
     pub fn get(&self, packet_id: u16) -> Option<u64> {
@@ -77,6 +91,7 @@ impl Qos2Receipts {
                 .filter(|&(_, &logged_at)| logged_at <= seq)
                 .map(|(&id, &at)| (id, at))
                 .collect(),
+            owner: self.owner,
         }
     }
 
@@ -111,7 +126,7 @@ impl Qos2Receipts {
         if !bytes.is_empty() {
             return Err(FormatError::Trailing(bytes.len()));
         }
-        Ok(Qos2Receipts { logged })
+        Ok(Qos2Receipts { logged, owner: 0 })
     }
 }
 
@@ -127,7 +142,7 @@ mod tests {
             cut: prop::sample::Index,
             flip: prop::sample::Index,
         ) {
-            let receipts = Qos2Receipts { logged };
+            let receipts = Qos2Receipts { logged, owner: 0 };
             let bytes = receipts.encode();
             prop_assert_eq!(Qos2Receipts::decode(&bytes).unwrap(), receipts);
             prop_assert!(Qos2Receipts::decode(&bytes[..cut.index(bytes.len())]).is_err());
