@@ -15,6 +15,10 @@ pub const CONNECT_TIMEOUT_SECS: u64 = 10;
 /// How long a new MQTTS connection has to finish its TLS handshake.
 pub const TLS_HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a connection closed with a DISCONNECT keeps reading (and dropping) what the
+/// client still sends, so that the client can read the DISCONNECT.
+pub const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// QoS 1 publishes of one connection waiting for durability; beyond it the connection stops
 /// reading its socket until the oldest is acknowledged.
 pub const PUBLISHES_IN_FLIGHT_MAX: usize = 1024;

@@ -228,10 +228,16 @@ async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected_with_0x93() 
         (PUBREC, 1),
     )
     .await;
-    client
-        .write_all(&publish_v5(2, false, 3, "q2/t", b"x"))
-        .await
-        .unwrap();
+    // The publish beyond the limit, then more that the client sends before it reads the
+    // DISCONNECT: spool must keep reading them for a moment instead of resetting the
+    // connection, which would fail these writes and could destroy the DISCONNECT.
+    let beyond = publish_v5(2, false, 3, "q2/t", b"x");
+    client.write_all(&beyond).await.unwrap();
+    for packet_id in 4..14 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let more = publish_v5(2, false, packet_id, "q2/t", b"x");
+        client.write_all(&more).await.unwrap();
+    }
     let (kind, body) = read_packet(&mut client).await;
     assert_eq!(
         (kind, body[0]),

@@ -16,7 +16,8 @@ use crate::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Event, Outbound, Protocol, SubscribeRefusal,
 };
 use crate::limits::{
-    CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX, USER_PROPERTIES_MAX,
+    CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
+    USER_PROPERTIES_MAX,
 };
 use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
 use crate::mqtt::ServerContext;
@@ -354,7 +355,9 @@ where
             })
             .await;
         if let Some(reason) = close.reason {
-            let _ = self.send(ServerPacket::Disconnect(reason)).await;
+            if self.send(ServerPacket::Disconnect(reason)).await.is_ok() {
+                self.close_after_disconnect().await;
+            }
             tracing::info!(
                 "disconnected (reason {:#04x}): {}",
                 reason.code(),
@@ -363,6 +366,21 @@ where
         } else {
             tracing::debug!("disconnected: {}", close.why);
         }
+    }
+
+    /// Lets the client read the DISCONNECT: closing a socket that still holds unread bytes
+    /// (publishes the client sent before it saw the DISCONNECT) sends a TCP reset, and the
+    /// client's kernel may throw the DISCONNECT away before the client reads it. So: FIN
+    /// first, then read and drop what still comes, for at most `CLOSE_DRAIN`.
+    async fn close_after_disconnect(&mut self) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let stream = self.framed.get_mut();
+        let _ = stream.shutdown().await;
+        let drain = async {
+            let mut discard = [0u8; 4096];
+            while let Ok(1..) = stream.read(&mut discard).await {}
+        };
+        let _ = timeout(CLOSE_DRAIN, drain).await;
     }
 
     async fn send(&mut self, packet: ServerPacket) -> Result<(), Close> {
