@@ -339,3 +339,46 @@ async fn a_new_session_beyond_the_session_limit_is_refused() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(connack("third", false, true).await.1, 0, "a slot was freed");
 }
+
+#[tokio::test]
+async fn a_v5_disconnect_can_change_the_session_expiry() {
+    // Goal: MQTT 5 DISCONNECT's session expiry replaces the CONNECT's (Paho's
+    // test_session_expiry), and one that would revive a session that ends with its connection
+    // is a protocol error (§3.14.2.2.2).
+    use common::{field, read_packet};
+    use tokio::io::AsyncWriteExt;
+    fn connect(client_id: &str, clean_start: bool, expiry: u32) -> Vec<u8> {
+        let mut body = Vec::new();
+        field(b"MQTT", &mut body);
+        body.extend_from_slice(&[5, if clean_start { 2 } else { 0 }, 0, 60, 5, 0x11]);
+        body.extend_from_slice(&expiry.to_be_bytes());
+        field(client_id.as_bytes(), &mut body);
+        packet(0x10, &body)
+    }
+    let disconnect_with_expiry = |expiry: u32| {
+        let mut body = vec![0, 5, 0x11];
+        body.extend_from_slice(&expiry.to_be_bytes());
+        packet(0xE0, &body)
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let session_present = |client_id: &'static str, clean_start: bool, expiry: u32| async move {
+        let mut stream = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
+        let connect = connect(client_id, clean_start, expiry);
+        stream.write_all(&connect).await.unwrap();
+        let (kind, body) = read_packet(&mut stream).await;
+        assert_eq!((kind, body[1]), (0x20, 0), "accepted");
+        (stream, body[0] == 1)
+    };
+    let (mut stream, _) = session_present("longer", true, 1).await;
+    stream.write_all(&disconnect_with_expiry(5)).await.unwrap();
+    drop(stream);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_stream, present) = session_present("longer", false, 1).await;
+    assert!(present, "the DISCONNECT's 5 s replaced the CONNECT's 1 s");
+
+    let (mut stream, _) = session_present("none", true, 0).await;
+    stream.write_all(&disconnect_with_expiry(5)).await.unwrap();
+    let (kind, body) = read_packet(&mut stream).await;
+    assert_eq!((kind, body[0]), (0xE0, 0x82), "DISCONNECT, protocol error");
+}

@@ -40,11 +40,13 @@ pub enum Event {
         session: u64,
         packet_id: u16,
     },
-    /// The connection ended; with its will if it did not end with a normal DISCONNECT.
+    /// The connection ended; with its will if it did not end with a normal DISCONNECT, and
+    /// the session expiry its MQTT 5 DISCONNECT set, if any.
     Disconnected {
         session: u64,
         connection: u64,
         will: Option<Box<Will>>,
+        session_expiry_secs: Option<u32>,
     },
 }
 

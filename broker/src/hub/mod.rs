@@ -285,7 +285,8 @@ impl Hub {
                 session,
                 connection,
                 will,
-            } => self.disconnected(session, connection, will),
+                session_expiry_secs,
+            } => self.disconnected(session, connection, will, session_expiry_secs),
         }
     }
 
@@ -480,7 +481,13 @@ impl Hub {
         self.pump(id);
     }
 
-    fn disconnected(&mut self, id: u64, connection: u64, will: Option<Box<Will>>) {
+    fn disconnected(
+        &mut self,
+        id: u64,
+        connection: u64,
+        will: Option<Box<Will>>,
+        session_expiry_secs: Option<u32>,
+    ) {
         let attached = self
             .sessions
             .get(&id)
@@ -497,10 +504,21 @@ impl Hub {
         }
         session.attachment = None;
         session.queue.requeue_in_flight();
+        if let Some(secs) = session_expiry_secs {
+            session.expiry = Duration::from_secs(u64::from(secs));
+        }
         if session.expiry.is_zero() {
             self.remove_session(id);
-        } else {
-            session.detached_at = Some(Instant::now());
+            return;
+        }
+        session.detached_at = Some(Instant::now());
+        if session_expiry_secs.is_some()
+            && let Err(e) = self.store_session(id)
+        {
+            tracing::error!(
+                session = id,
+                "failed to store the session's new expiry: {e}"
+            );
         }
     }
 

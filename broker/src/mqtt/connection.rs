@@ -214,6 +214,8 @@ where
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(keep_alive_secs),
         will: connect.will.take().map(Box::new),
+        connect_session_expiry_secs: connect.session_expiry_secs,
+        session_expiry_update: None,
     };
     if connection.send(connack).await.is_err() {
         connection
@@ -313,6 +315,10 @@ struct Connection<S> {
     keep_alive: Option<Duration>,
     /// Published if the connection ends without a normal DISCONNECT.
     will: Option<Box<Will>>,
+    /// The session expiry the CONNECT asked for (MQTT 5).
+    connect_session_expiry_secs: u32,
+    /// A new session expiry from the client's DISCONNECT (MQTT 5).
+    session_expiry_update: Option<u32>,
 }
 
 impl<S> Connection<S>
@@ -352,6 +358,7 @@ where
                 session: self.session,
                 connection: self.connection_id,
                 will: self.will.take(),
+                session_expiry_secs: self.session_expiry_update,
             })
             .await;
         if let Some(reason) = close.reason {
@@ -473,7 +480,20 @@ where
                 self.on_unsubscribe(packet_id, filters).await
             }
             ClientPacket::PingReq => self.send(ServerPacket::PingResp).await,
-            ClientPacket::Disconnect { publish_will, .. } => {
+            ClientPacket::Disconnect {
+                publish_will,
+                session_expiry_secs,
+            } => {
+                if session_expiry_secs.is_some_and(|secs| secs > 0)
+                    && self.connect_session_expiry_secs == 0
+                {
+                    // MQTT 5 §3.14.2.2.2: a session that ends with the connection stays so.
+                    return Err(Close::with(
+                        Reason::ProtocolError,
+                        "DISCONNECT set a session expiry after CONNECT set none",
+                    ));
+                }
+                self.session_expiry_update = session_expiry_secs;
                 if !publish_will {
                     self.will = None;
                 }
