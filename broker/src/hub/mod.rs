@@ -423,10 +423,9 @@ impl Hub {
         };
         for (filter, options) in subscriptions {
             for message in self.retained.matching(filter, now) {
-                // At most QoS 1: a retained copy is not in the log, so its packet id would not
-                // survive a restart, and a client still holding it for QoS 2 would take a
-                // later message with that id for a resend and drop it.
-                let qos = message.qos.min(options.qos).min(QoS::AtLeastOnce);
+                // MQTT requires the lower of the two QoS even here. A retained copy is not in
+                // the log, so it is not sent again after a restart (see the README).
+                let qos = message.qos.min(options.qos);
                 let ids = options.subscription_id.into_iter().collect();
                 let entry = QueueEntry {
                     retained: Some(message),
