@@ -26,6 +26,17 @@ async fn connect_raw(spool: &Spool, client_id: &str, present: bool) -> TcpStream
     stream
 }
 
+/// A new persistent session "sub" subscribed to `q2/t` at QoS 2.
+async fn qos2_subscriber(spool: &Spool) -> TcpStream {
+    let mut subscriber = connect_raw(spool, "sub", false).await;
+    subscriber
+        .write_all(&subscribe_v311(1, "q2/t", 2))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut subscriber).await, (0x90, vec![0, 1, 2]));
+    subscriber
+}
+
 /// Sends `packet` and checks that `expected` (kind, packet id) comes back.
 async fn exchange(stream: &mut TcpStream, packet: &[u8], expected: (u8, u16)) {
     stream.write_all(packet).await.unwrap();
@@ -93,13 +104,7 @@ async fn qos2_messages_arrive_once_and_in_order_with_rumqttc() {
 async fn resend_across_a_restart(after: Duration) {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &[]);
-    let mut subscriber = connect_raw(&spool, "sub", false).await;
-    subscriber
-        .write_all(&subscribe_v311(1, "q2/t", 2))
-        .await
-        .unwrap();
-    assert_eq!(read_packet(&mut subscriber).await, (0x90, vec![0, 1, 2]));
-    drop(subscriber);
+    drop(qos2_subscriber(&spool).await);
 
     let mut publisher = connect_raw(&spool, "pub", false).await;
     let first = publish_v311(2, false, 7, "q2/t", b"first");
@@ -154,12 +159,7 @@ async fn a_received_qos2_message_is_released_not_resent_and_keeps_its_packet_id(
     // answered PUBREC, a reconnect brings the PUBREL again, not the message.
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &[]);
-    let mut subscriber = connect_raw(&spool, "sub", false).await;
-    subscriber
-        .write_all(&subscribe_v311(1, "q2/t", 2))
-        .await
-        .unwrap();
-    assert_eq!(read_packet(&mut subscriber).await, (0x90, vec![0, 1, 2]));
+    let mut subscriber = qos2_subscriber(&spool).await;
     let mut publisher = connect_raw(&spool, "pub", false).await;
     // Two QoS 1 messages first, acknowledged and checkpointed, so that a packet id counter
     // restarting with the process would give "once" another id than before.
