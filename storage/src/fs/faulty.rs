@@ -155,12 +155,13 @@ impl FaultyFs {
 }
 
 /// What survives of one file in a torn-write crash: any unsynced sector may or may not have
-/// reached the disk, and the size may or may not have been updated.
+/// reached the disk, and the size may or may not have been updated (a file that grew keeps
+/// any length in between; one truncated since its last sync keeps the old or the new one).
 fn torn_image(live: &[u8], durable: &[u8], rng: &mut SplitMix64) -> Vec<u8> {
-    let len = if live.len() > durable.len() {
-        durable.len() + rng.below(live.len() - durable.len() + 1)
-    } else {
-        durable.len()
+    let len = match live.len().cmp(&durable.len()) {
+        std::cmp::Ordering::Greater => durable.len() + rng.below(live.len() - durable.len() + 1),
+        std::cmp::Ordering::Less if rng.below(2) == 1 => live.len(),
+        std::cmp::Ordering::Less | std::cmp::Ordering::Equal => durable.len(),
     };
     let mut image = vec![0u8; len];
     let keep = durable.len().min(len);
@@ -168,6 +169,9 @@ fn torn_image(live: &[u8], durable: &[u8], rng: &mut SplitMix64) -> Vec<u8> {
     for start in (0..len).step_by(SECTOR_BYTES) {
         let end = (start + SECTOR_BYTES).min(len);
         let live_end = end.min(live.len());
+        if start >= live_end {
+            continue; // cut from the live file: the old bytes stay
+        }
         let differs = live_end < end || live[start..live_end] != image[start..live_end];
         if differs && rng.below(2) == 1 {
             image[start..live_end].copy_from_slice(&live[start..live_end]);
