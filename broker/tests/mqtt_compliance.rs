@@ -382,3 +382,38 @@ async fn a_v5_disconnect_can_change_the_session_expiry() {
     let (kind, body) = read_packet(&mut stream).await;
     assert_eq!((kind, body[0]), (0xE0, 0x82), "DISCONNECT, protocol error");
 }
+
+#[tokio::test]
+async fn a_shared_subscription_is_refused_not_granted() {
+    // Goal: spool has no shared subscriptions (its CONNACK says so), so a `$share/...` filter
+    // gets 0x9E in the SUBACK (0x80 for 3.1.1) while the other filters are granted; granting it
+    // would leave the client waiting for messages that never come.
+    use common::{connect_v5, connect_v311, read_packet, subscribe_v5, subscribe_v311};
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut v5 = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
+    v5.write_all(&connect_v5("sharer")).await.unwrap();
+    assert_eq!(read_packet(&mut v5).await.0, 0x20);
+    v5.write_all(&subscribe_v5(1, "$share/group/a", 1))
+        .await
+        .unwrap();
+    let (kind, body) = read_packet(&mut v5).await;
+    assert_eq!((kind, body.last()), (0x90, Some(&0x9E)), "{body:?}");
+    v5.write_all(&subscribe_v5(2, "a/b", 1)).await.unwrap();
+    let (kind, body) = read_packet(&mut v5).await;
+    assert_eq!(
+        (kind, body.last()),
+        (0x90, Some(&1)),
+        "an ordinary filter is granted"
+    );
+    let mut v311 = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
+    v311.write_all(&connect_v311("sharer-3", true))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut v311).await, (0x20, vec![0, 0]));
+    v311.write_all(&subscribe_v311(1, "$share/group/a", 1))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut v311).await, (0x90, vec![0, 1, 0x80]));
+}

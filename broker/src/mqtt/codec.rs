@@ -130,6 +130,7 @@ pub enum Reason {
     ReceiveMaximumExceeded,
     NoSubscriptionExisted,
     PacketIdentifierNotFound,
+    SharedSubscriptionsNotSupported,
     ImplementationSpecificError,
 }
 
@@ -141,6 +142,7 @@ impl Reason {
             Reason::Success => 0x00,
             Reason::NoSubscriptionExisted => 0x11,
             Reason::PacketIdentifierNotFound => 0x92,
+            Reason::SharedSubscriptionsNotSupported => 0x9E,
             Reason::UnspecifiedError => 0x80,
             Reason::ImplementationSpecificError => 0x83,
             Reason::MalformedPacket => 0x81,

@@ -729,6 +729,13 @@ where
         let mut granted: Vec<Result<QoS, Reason>> = Vec::with_capacity(filters.len());
         let mut valid = Vec::new();
         for (filter, options) in filters {
+            if filter.starts_with("$share/") {
+                // CONNACK said shared subscriptions are not available: refuse rather than
+                // grant a filter that no topic would ever match (MQTT 5 §3.9.3).
+                tracing::info!("refused shared subscription {filter:?}: not supported");
+                granted.push(Err(Reason::SharedSubscriptionsNotSupported));
+                continue;
+            }
             match topic::validate_filter(&filter) {
                 Ok(()) => {
                     granted.push(Ok(options.qos));
