@@ -267,18 +267,14 @@ async fn server_keep_alive_replaces_a_longer_one_and_is_enforced() {
     // Goal: with --max-keep-alive 1, an MQTT 5 client asking for 60 s is told 1 s in CONNACK
     // (server keep-alive, property 0x13) and is disconnected with 0x8D once silent for 1.5 s,
     // while an MQTT 3.1.1 client keeps its own keep-alive.
-    use common::{connect_v5, connect_v311, read_packet};
+    use common::{connect_v5, connect_v311, raw_connect, read_packet};
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &["--max-keep-alive", "1"]);
-    let mut v5 = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
-    v5.write_all(&connect_v5("short")).await.unwrap();
-    let (kind, connack) = read_packet(&mut v5).await;
-    assert_eq!(kind, 0x20);
+    let (mut v5, connack) = raw_connect(spool.addr, &connect_v5("short")).await;
     assert!(connack.windows(3).any(|w| w == [0x13, 0, 1]), "{connack:?}");
-    let mut v311 = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
-    v311.write_all(&connect_v311("long", true)).await.unwrap();
-    assert_eq!(read_packet(&mut v311).await, (0x20, vec![0, 0]));
+    let (mut v311, connack) = raw_connect(spool.addr, &connect_v311("long", true)).await;
+    assert_eq!(connack, vec![0, 0]);
     // read_packet waits 10 s: far less than the 90 s the client's own keep-alive allows.
     let (kind, body) = read_packet(&mut v5).await;
     assert_eq!(
@@ -299,7 +295,7 @@ async fn a_new_session_beyond_the_session_limit_is_refused() {
     // Goal: with --max-sessions 2, persistent sessions count while offline; a third client id
     // is refused (MQTT 5: quota exceeded, 3.1.1: server unavailable), an existing one resumes,
     // and a slot freed by a clean disconnect is usable again.
-    use common::{connect_v5, connect_v311, read_packet};
+    use common::{connect_v5, connect_v311, raw_connect};
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &["--max-sessions", "2"]);
@@ -310,11 +306,8 @@ async fn a_new_session_beyond_the_session_limit_is_refused() {
             connect_v311(client_id, clean)
         };
         async move {
-            let mut stream = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
-            stream.write_all(&connect).await.unwrap();
-            let (kind, body) = read_packet(&mut stream).await;
-            assert_eq!(kind, 0x20);
-            (stream, body[1])
+            let (stream, connack) = raw_connect(spool.addr, &connect).await;
+            (stream, connack[1])
         }
     };
     let (offline, accepted) = connack("kept", false, false).await;
@@ -345,7 +338,7 @@ async fn a_v5_disconnect_can_change_the_session_expiry() {
     // Goal: MQTT 5 DISCONNECT's session expiry replaces the CONNECT's (Paho's
     // test_session_expiry), and one that would revive a session that ends with its connection
     // is a protocol error (§3.14.2.2.2).
-    use common::{field, read_packet};
+    use common::{field, raw_connect, read_packet};
     use tokio::io::AsyncWriteExt;
     fn connect(client_id: &str, clean_start: bool, expiry: u32) -> Vec<u8> {
         let mut body = Vec::new();
@@ -363,12 +356,10 @@ async fn a_v5_disconnect_can_change_the_session_expiry() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &[]);
     let session_present = |client_id: &'static str, clean_start: bool, expiry: u32| async move {
-        let mut stream = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
         let connect = connect(client_id, clean_start, expiry);
-        stream.write_all(&connect).await.unwrap();
-        let (kind, body) = read_packet(&mut stream).await;
-        assert_eq!((kind, body[1]), (0x20, 0), "accepted");
-        (stream, body[0] == 1)
+        let (stream, connack) = raw_connect(spool.addr, &connect).await;
+        assert_eq!(connack[1], 0, "accepted");
+        (stream, connack[0] == 1)
     };
     let (mut stream, _) = session_present("longer", true, 1).await;
     stream.write_all(&disconnect_with_expiry(5)).await.unwrap();
@@ -388,13 +379,13 @@ async fn a_shared_subscription_is_refused_not_granted() {
     // Goal: spool has no shared subscriptions (its CONNACK says so), so a `$share/...` filter
     // gets 0x9E in the SUBACK (0x80 for 3.1.1) while the other filters are granted; granting it
     // would leave the client waiting for messages that never come.
-    use common::{connect_v5, connect_v311, read_packet, subscribe_v5, subscribe_v311};
+    use common::{
+        connect_v5, connect_v311, raw_connect, read_packet, subscribe_v5, subscribe_v311,
+    };
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &[]);
-    let mut v5 = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
-    v5.write_all(&connect_v5("sharer")).await.unwrap();
-    assert_eq!(read_packet(&mut v5).await.0, 0x20);
+    let (mut v5, _) = raw_connect(spool.addr, &connect_v5("sharer")).await;
     v5.write_all(&subscribe_v5(1, "$share/group/a", 1))
         .await
         .unwrap();
@@ -407,11 +398,8 @@ async fn a_shared_subscription_is_refused_not_granted() {
         (0x90, Some(&1)),
         "an ordinary filter is granted"
     );
-    let mut v311 = tokio::net::TcpStream::connect(spool.addr).await.unwrap();
-    v311.write_all(&connect_v311("sharer-3", true))
-        .await
-        .unwrap();
-    assert_eq!(read_packet(&mut v311).await, (0x20, vec![0, 0]));
+    let (mut v311, connack) = raw_connect(spool.addr, &connect_v311("sharer-3", true)).await;
+    assert_eq!(connack, vec![0, 0]);
     v311.write_all(&subscribe_v311(1, "$share/group/a", 1))
         .await
         .unwrap();

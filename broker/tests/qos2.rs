@@ -7,7 +7,7 @@ mod common;
 
 use common::{
     PUBACK, PUBCOMP, PUBREC, PUBREL, Spool, ack, connect, connect_v5, connect_v311, options,
-    publish_v5, publish_v311, read_packet, subscribe_v311,
+    publish_v5, publish_v311, raw_connect, read_packet, subscribe_v311,
 };
 use rumqttc::QoS;
 use std::time::Duration;
@@ -16,13 +16,8 @@ use tokio::net::TcpStream;
 
 /// Connects over raw TCP and checks the CONNACK's session-present flag.
 async fn connect_raw(spool: &Spool, client_id: &str, present: bool) -> TcpStream {
-    let mut stream = TcpStream::connect(spool.addr).await.unwrap();
-    stream
-        .write_all(&connect_v311(client_id, false))
-        .await
-        .unwrap();
-    let connack = read_packet(&mut stream).await;
-    assert_eq!(connack, (0x20, vec![u8::from(present), 0]), "{client_id}");
+    let (stream, connack) = raw_connect(spool.addr, &connect_v311(client_id, false)).await;
+    assert_eq!(connack, vec![u8::from(present), 0], "{client_id}");
     stream
 }
 
@@ -212,10 +207,7 @@ async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected_with_0x93() 
     // unreleased; a resend of one it holds is not a new one.
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &["--max-inflight", "2"]);
-    let mut client = TcpStream::connect(spool.addr).await.unwrap();
-    client.write_all(&connect_v5("greedy")).await.unwrap();
-    let (kind, connack) = read_packet(&mut client).await;
-    assert_eq!(kind, 0x20);
+    let (mut client, connack) = raw_connect(spool.addr, &connect_v5("greedy")).await;
     // Receive Maximum property (0x21) with value 2.
     assert!(connack.windows(3).any(|w| w == [0x21, 0, 2]), "{connack:?}");
     for packet_id in 1..=2 {
@@ -246,9 +238,7 @@ async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected_with_0x93() 
     );
 
     // A PUBREL for an id the server does not hold: PUBCOMP with 0x92.
-    let mut client = TcpStream::connect(spool.addr).await.unwrap();
-    client.write_all(&connect_v5("stray")).await.unwrap();
-    assert_eq!(read_packet(&mut client).await.0, 0x20);
+    let (mut client, _) = raw_connect(spool.addr, &connect_v5("stray")).await;
     client.write_all(&ack(PUBREL, 9)).await.unwrap();
     let (kind, body) = read_packet(&mut client).await;
     assert_eq!(

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{Seen, Spool, connect, field, options, packet, read_packet, varint};
+use common::{Seen, Spool, connect, field, options, packet, raw_connect, varint};
 use rumqttc::QoS;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -41,11 +41,8 @@ fn connect_with_will(
 }
 
 async fn connect_raw(addr: SocketAddr, connect: &[u8]) -> TcpStream {
-    let mut stream = TcpStream::connect(addr).await.unwrap();
-    stream.write_all(connect).await.unwrap();
-    let (kind, body) = read_packet(&mut stream).await;
-    assert_eq!(kind, 0x20, "CONNACK");
-    assert_eq!(body[1], 0, "accepted");
+    let (stream, connack) = raw_connect(addr, connect).await;
+    assert_eq!(connack[1], 0, "accepted");
     stream
 }
 
@@ -157,13 +154,9 @@ async fn v5_will_delay_holds_the_will_back_and_a_resumed_session_cancels_it() {
 async fn an_invalid_will_topic_is_refused_at_connect() {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &[]);
-    let mut stream = TcpStream::connect(spool.addr).await.unwrap();
-    stream
-        .write_all(&connect_with_will("bad", "will/#", b"x", Some((0, 0))))
-        .await
-        .unwrap();
-    let (kind, body) = read_packet(&mut stream).await;
-    assert_eq!((kind, body[1]), (0x20, 0x90), "CONNACK: topic name invalid");
+    let connect = connect_with_will("bad", "will/#", b"x", Some((0, 0)));
+    let (_, connack) = raw_connect(spool.addr, &connect).await;
+    assert_eq!(connack[1], 0x90, "CONNACK: topic name invalid");
 }
 
 #[tokio::test]
@@ -184,12 +177,6 @@ async fn a_will_with_too_many_user_properties_is_refused_at_connect() {
     body.extend_from_slice(&properties);
     field(b"will/crowded", &mut body);
     field(b"x", &mut body);
-    let mut stream = TcpStream::connect(spool.addr).await.unwrap();
-    stream.write_all(&packet(0x10, &body)).await.unwrap();
-    let (kind, body) = read_packet(&mut stream).await;
-    assert_eq!(
-        (kind, body[1]),
-        (0x20, 0x83),
-        "CONNACK: implementation specific"
-    );
+    let (_, connack) = raw_connect(spool.addr, &packet(0x10, &body)).await;
+    assert_eq!(connack[1], 0x83, "CONNACK: implementation specific");
 }

@@ -99,9 +99,8 @@ impl DeliveryQueue {
         // An entry sent before keeps its place: the client may hold its packet id (QoS 2),
         // and would take a later message with that id for a copy. Those are at most a
         // window's worth, so the queue stays bounded.
-        let oldest_unsent = self.waiting.iter().position(|e| e.packet_id.is_none());
         if self.len() >= self.limit
-            && let Some(at) = oldest_unsent
+            && let Some(at) = self.waiting.iter().position(|e| e.packet_id.is_none())
         {
             self.waiting.remove(at);
             self.dropped_full += 1;

@@ -588,32 +588,7 @@ impl Hub {
             self.publish_will(id, *will);
         }
         if session.stored {
-            self.forget_stored(&session);
-        }
-    }
-
-    /// Removes what the metadata store holds of a session: the session, its checkpoint and
-    /// its QoS 2 receipts.
-    fn forget_stored(&self, session: &Session) {
-        let receipts_key = session.id.to_string();
-        let forget = self
-            .meta
-            .put_session(&session.client_id, None)
-            .and_then(|()| {
-                self.meta
-                    .remove_checkpoint(&session.checkpoint_key(), Commit::Durable)
-            })
-            .and_then(|()| match session.receipts_stored {
-                // A leftover is harmless: it is removed at the next start.
-                Some(_) => self.meta.set_checkpoints_and_state(
-                    &[],
-                    &[(StateTable::Qos2Receipts, &receipts_key, None)],
-                    Commit::Deferred,
-                ),
-                None => Ok(()),
-            });
-        if let Err(e) = forget {
-            tracing::error!(client_id = %session.client_id, "failed to remove a stored session: {e}");
+            forget_stored(&self.meta, &mut session);
         }
     }
 
@@ -629,12 +604,7 @@ impl Hub {
                 Ok(())
             }
             Some(session) if session.stored => {
-                session.stored = false;
-                let session = &self.sessions[&id];
-                self.forget_stored(session);
-                if let Some(session) = self.sessions.get_mut(&id) {
-                    session.receipts_stored = None;
-                }
+                forget_stored(&self.meta, session);
                 Ok(())
             }
             Some(_) | None => Ok(()),
@@ -707,14 +677,13 @@ impl Hub {
             .values()
             .filter(|s| s.is_persistent())
             .filter_map(|s| {
-                let stored = receipts::lock(&s.receipts)
-                    .through(receipts_through)
-                    .encode();
+                let current = receipts::lock(&s.receipts).through(receipts_through);
+                let encoded = current.encode();
                 let unchanged = match &s.receipts_stored {
-                    Some(before) => *before == stored,
-                    None => receipts::lock(&s.receipts).is_empty(),
+                    Some(before) => *before == encoded,
+                    None => current.is_empty(),
                 };
-                (!unchanged).then(|| (s.id, s.id.to_string(), stored))
+                (!unchanged).then(|| (s.id, s.id.to_string(), encoded))
             })
             .collect();
         let retained = self.retained.changes();
@@ -822,15 +791,19 @@ impl Hub {
             let Some(attachment) = session.attachment.as_ref() else {
                 return;
             };
-            let (window, channel) = (attachment.window, attachment.outbound.clone());
+            let window = attachment.window;
             if let Some(packet_id) = session.queue.take_release() {
-                if channel.try_send(Outbound::Release(packet_id)).is_err() {
+                if attachment
+                    .outbound
+                    .try_send(Outbound::Release(packet_id))
+                    .is_err()
+                {
                     session.queue.release_unsent(packet_id);
                     return;
                 }
                 continue;
             }
-            if channel.capacity() <= session.queue.in_flight_len() {
+            if attachment.outbound.capacity() <= session.queue.in_flight_len() {
                 return;
             }
             let Some(mut entry) = session.queue.next_to_send(window) else {
@@ -850,12 +823,13 @@ impl Hub {
                     None => continue, // expired or unreadable: counted and logged, and skipped
                 },
             };
-            let queue = &mut self.sessions.get_mut(&id).expect("looked up above").queue;
+            let session = self.sessions.get_mut(&id).expect("looked up above");
+            let channel = &session.attachment.as_ref().expect("attached").outbound;
             match channel.try_send(outbound) {
-                Ok(()) if entry.qos != QoS::AtMostOnce => queue.sent(entry),
+                Ok(()) if entry.qos != QoS::AtMostOnce => session.queue.sent(entry),
                 Ok(()) => {}
                 Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
-                    queue.unsend(entry);
+                    session.queue.unsend(entry);
                     return;
                 }
             }
@@ -909,4 +883,27 @@ impl Hub {
             }
         }
     }
+}
+
+/// Removes what the metadata store holds of a session: the session, its checkpoint and its
+/// QoS 2 receipts.
+fn forget_stored(meta: &Meta, session: &mut Session) {
+    let receipts_key = session.id.to_string();
+    let forget = meta
+        .put_session(&session.client_id, None)
+        .and_then(|()| meta.remove_checkpoint(&session.checkpoint_key(), Commit::Durable))
+        .and_then(|()| match session.receipts_stored {
+            // A leftover is harmless: it is removed at the next start.
+            Some(_) => meta.set_checkpoints_and_state(
+                &[],
+                &[(StateTable::Qos2Receipts, &receipts_key, None)],
+                Commit::Deferred,
+            ),
+            None => Ok(()),
+        });
+    if let Err(e) = forget {
+        tracing::error!(client_id = %session.client_id, "failed to remove a stored session: {e}");
+    }
+    session.stored = false;
+    session.receipts_stored = None;
 }

@@ -630,9 +630,8 @@ where
         qos: QoS,
         packet_id: u16,
     ) -> Result<Option<Durable>, Close> {
-        let context = Arc::clone(&self.context);
         loop {
-            let submitted = match context.wal.reserve(kind, record.clone()).await {
+            let submitted = match self.context.wal.reserve(kind, record.clone()).await {
                 Ok(reservation) if qos == QoS::ExactlyOnce => {
                     let receipts = &self.receipts;
                     submit_exactly_once(receipts, self.connection_id, reservation, kind, packet_id)
@@ -673,7 +672,7 @@ where
                         self.send(packet).await?;
                         return Ok(None);
                     }
-                    if context.shutdown.is_cancelled() {
+                    if self.context.shutdown.is_cancelled() {
                         return Err(Close::with(
                             Reason::ServerShuttingDown,
                             "server shutting down",

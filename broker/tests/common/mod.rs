@@ -291,6 +291,17 @@ pub async fn read_packet<S: tokio::io::AsyncRead + Unpin>(stream: &mut S) -> (u8
         .expect("a packet within 10 s")
 }
 
+/// Opens a raw TCP connection and sends `connect`; returns the stream and the CONNACK's body
+/// (acknowledge flags, reason code, then MQTT 5 properties).
+pub async fn raw_connect(addr: SocketAddr, connect: &[u8]) -> (tokio::net::TcpStream, Vec<u8>) {
+    use tokio::io::AsyncWriteExt;
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(connect).await.unwrap();
+    let (kind, connack) = read_packet(&mut stream).await;
+    assert_eq!(kind, 0x20, "CONNACK");
+    (stream, connack)
+}
+
 /// CONNECT, MQTT 5, clean start, keep-alive 60, no properties.
 pub fn connect_v5(client_id: &str) -> Vec<u8> {
     let mut body = Vec::new();
