@@ -139,7 +139,13 @@ pub struct Reservation<'a> {
     room: OwnedSemaphorePermit,
 }
 
-impl Reservation<'_> {
+impl<'a> Reservation<'a> {
+    /// The log the room was taken in.
+    #[must_use]
+    pub fn wal(&self) -> &'a Wal {
+        self.wal
+    }
+
     /// Queues the record; it gets its sequence number now. Never waits.
     ///
     /// # Errors
@@ -436,6 +442,12 @@ impl Wal {
     #[must_use]
     pub fn durable_seq(&self) -> u64 {
         *self.shared().durable.borrow()
+    }
+
+    /// The sequence number of the last record queued, durable or not (0 if none).
+    #[must_use]
+    pub fn last_submitted_seq(&self) -> u64 {
+        self.shared().lock_queue().next_seq - 1
     }
 
     /// A receiver that changes whenever more records become durable.

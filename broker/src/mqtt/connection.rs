@@ -583,9 +583,8 @@ where
         ))
     }
 
-    /// PUBREL: logs the release of a QoS 2 packet id, then answers PUBCOMP once that is
-    /// durable. Even an id no longer held is logged: its PUBCOMP then waits for every record
-    /// before it, among them the release that freed it.
+    /// PUBREL: logs the release of a held QoS 2 packet id, then answers PUBCOMP once that is
+    /// durable (see `submit_exactly_once` for an id not held).
     async fn on_release(&mut self, packet_id: u16) -> Result<(), Close> {
         let record = ReleaseRecord {
             session: self.session,
@@ -826,6 +825,11 @@ fn submit_exactly_once(
         return Err(Submit::TakenOver);
     }
     if kind == KIND_QOS2_RELEASE {
+        if receipts.get(packet_id).is_none() {
+            // Nothing to release, so nothing to log; the PUBCOMP still waits for every record
+            // queued so far, among them the release that freed this id.
+            return Ok(Durable::Through(reservation.wal().last_submitted_seq()));
+        }
         // Bounded by the receive maximum, and refusing it could keep the log full for good.
         let append = reservation.submit_beyond_quota()?;
         receipts.release(packet_id);
