@@ -7,7 +7,7 @@ use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::SubscriptionTable;
 use crate::tls::{self, TlsFiles};
 use anyhow::Context;
-use spool_storage::{Meta, Wal, WalOptions};
+use spool_storage::{FileSystem, Meta, RealFs, Wal, WalOptions};
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -46,7 +46,7 @@ fn wal_options(config: &Config) -> WalOptions {
 
 /// Opens the metadata store, then the log, which must reach every checkpoint the metadata
 /// holds, or it lost acknowledged messages (recovery refuses it).
-fn open_storage(config: &Config) -> anyhow::Result<(Arc<Meta>, Wal)> {
+fn open_storage(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<(Arc<Meta>, Wal)> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
     let meta_path = config.data_dir.join("meta.redb");
@@ -58,7 +58,7 @@ fn open_storage(config: &Config) -> anyhow::Result<(Arc<Meta>, Wal)> {
         required_last_seq: meta.highest_checkpoint()?,
         ..wal_options(config)
     };
-    let (wal, report) = Wal::open(&wal_dir, options)
+    let (wal, report) = Wal::open_with_fs(fs, &wal_dir, options)
         .with_context(|| format!("open the write-ahead log in {}", wal_dir.display()))?;
     tracing::info!(
         segments = report.segments,
@@ -83,7 +83,16 @@ impl Server {
     /// # Errors
     /// Storage that cannot be opened or recovered, or a listener that cannot bind.
     pub async fn start(config: &Config) -> anyhow::Result<Server> {
-        let (meta, wal) = open_storage(config)?;
+        Server::start_on(config, Arc::new(RealFs)).await
+    }
+
+    /// [`Server::start`] with the write-ahead log on `fs`: tests run the whole server over a
+    /// fault-injecting file system (the metadata store stays on the real one).
+    ///
+    /// # Errors
+    /// As [`Server::start`].
+    pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
+        let (meta, wal) = open_storage(config, fs)?;
         let router = Arc::new(RwLock::new(SubscriptionTable::default()));
         let limits = HubLimits {
             in_flight_max: config.max_inflight,

@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
 
 /// Sector size of the simulated disk: the unit that survives or not in a torn write.
 const SECTOR_BYTES: usize = 512;
@@ -59,6 +60,8 @@ struct State {
     syncs_before_failure: Option<u64>,
     /// Bytes that may still be written before writes fail with "no space"; `None` = unlimited.
     write_bytes_budget: Option<u64>,
+    /// How long each `sync_data` takes, as on a real disk.
+    sync_latency: Duration,
     stats: FsStats,
 }
 
@@ -122,6 +125,13 @@ impl FaultyFs {
     /// Makes writes fail with "no space left" once `bytes` more bytes have been written.
     pub fn fail_writes_after_bytes(&self, bytes: u64) {
         self.state().write_bytes_budget = Some(bytes);
+    }
+
+    /// Makes every `sync_data` take `latency` before it completes, as a disk would: without it
+    /// a sync is instant, and an acknowledgement sent before its sync would still almost
+    /// always come after it.
+    pub fn set_sync_latency(&self, latency: Duration) {
+        self.state().sync_latency = latency;
     }
 
     /// Removes every injected fault.
@@ -385,6 +395,12 @@ impl FileHandle for FaultyFile {
     }
 
     fn sync_data(&self) -> io::Result<()> {
+        let latency = self.fs.state().sync_latency;
+        if !latency.is_zero() {
+            // A crash while this sleeps makes the handle stale: the sync then fails, as a
+            // sync cut by a power loss never completed.
+            std::thread::sleep(latency);
+        }
         self.with_inode(|state, id| {
             if let Some(left) = state.syncs_before_failure {
                 if left == 0 {
