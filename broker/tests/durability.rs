@@ -12,10 +12,12 @@ use spool_broker::config::{Config, ServeArgs};
 use spool_broker::delivery::record::{KIND_PUBLISH, PublishRecord};
 use spool_broker::server::Server;
 use spool_storage::{CrashMode, FaultyFs, Wal, WalOptions};
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 
 const MESSAGES: u16 = 60_000;
 /// Publishes sent ahead of their PUBACKs (below the 1024 spool allows a 3.1.1 client).
@@ -35,8 +37,52 @@ async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
         })
         .unwrap();
         let server = Server::start_on(&config, fs.clone()).await.unwrap();
-        let (stream, _) =
-            raw_connect(server.mqtt_addr.unwrap(), &connect_v311("publisher", true)).await;
+        let publisher = Publisher::start(server.mqtt_addr.unwrap()).await;
+
+        tokio::time::sleep(Duration::from_millis(30 + 45 * round)).await;
+        // Holding the list while the power goes: every PUBACK in it arrived before the loss.
+        let acked = {
+            let acked = publisher.acked.lock().unwrap();
+            fs.crash(CrashMode::TornWrites { seed: round });
+            acked.clone()
+        };
+        assert!(
+            !acked.is_empty(),
+            "round {round}: no PUBACK before the power loss"
+        );
+        let _ = server.stop().await; // the log failed with the power: an error is expected
+        publisher.stop();
+
+        let logged = logged_payloads(&fs, &dir.path().join("wal"));
+        let expected: Vec<u16> = (1..).take(logged.len()).collect();
+        assert_eq!(
+            logged, expected,
+            "round {round}: the log holds a prefix, in order"
+        );
+        let last_acked = acked.iter().copied().max().unwrap();
+        assert!(
+            usize::from(last_acked) <= logged.len(),
+            "round {round}: message {last_acked} was acknowledged but only {} survived",
+            logged.len()
+        );
+        eprintln!(
+            "round {round}: {} acknowledged, {} survived the power loss",
+            acked.len(),
+            logged.len()
+        );
+    }
+}
+
+/// A raw MQTT 3.1.1 client publishing messages 1, 2, ... (payload = packet id) at QoS 1,
+/// `WINDOW` ahead of their PUBACKs, and recording the PUBACKs.
+struct Publisher {
+    acked: Arc<Mutex<Vec<u16>>>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl Publisher {
+    async fn start(addr: SocketAddr) -> Publisher {
+        let (stream, _) = raw_connect(addr, &connect_v311("publisher", true)).await;
         let (mut reader, mut writer) = stream.into_split();
         let window = Arc::new(Semaphore::new(WINDOW));
         let acked = Arc::new(Mutex::new(Vec::new()));
@@ -58,47 +104,22 @@ async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
                 let mut puback = [0u8; 4];
                 while reader.read_exact(&mut puback).await.is_ok() {
                     assert_eq!(puback[..2], [0x40, 2], "only PUBACKs come back");
-                    acked
-                        .lock()
-                        .unwrap()
-                        .push(u16::from_be_bytes([puback[2], puback[3]]));
+                    let packet_id = u16::from_be_bytes([puback[2], puback[3]]);
+                    acked.lock().unwrap().push(packet_id);
                     window.add_permits(1);
                 }
             }
         });
+        Publisher {
+            acked,
+            tasks: [publishing, reading],
+        }
+    }
 
-        tokio::time::sleep(Duration::from_millis(30 + 45 * round)).await;
-        // Holding the list while the power goes: every PUBACK in it arrived before the loss.
-        let acked = {
-            let acked = acked.lock().unwrap();
-            fs.crash(CrashMode::TornWrites { seed: round });
-            acked.clone()
-        };
-        assert!(
-            !acked.is_empty(),
-            "round {round}: no PUBACK before the power loss"
-        );
-        let _ = server.stop().await; // the log failed with the power: an error is expected
-        publishing.abort();
-        reading.abort();
-
-        let logged = logged_payloads(&fs, &dir.path().join("wal"));
-        let expected: Vec<u16> = (1..).take(logged.len()).collect();
-        assert_eq!(
-            logged, expected,
-            "round {round}: the log holds a prefix, in order"
-        );
-        let last_acked = acked.iter().copied().max().unwrap();
-        assert!(
-            usize::from(last_acked) <= logged.len(),
-            "round {round}: message {last_acked} was acknowledged but only {} survived",
-            logged.len()
-        );
-        eprintln!(
-            "round {round}: {} acknowledged, {} survived the power loss",
-            acked.len(),
-            logged.len()
-        );
+    fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
     }
 }
 
