@@ -29,6 +29,9 @@ pub struct Server {
     pub tls_files: Option<TlsFiles>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
+    /// Each connection holds one permit until it has finished.
+    connections: Arc<Semaphore>,
+    connections_max: u32,
     wal: Wal,
 }
 
@@ -118,6 +121,8 @@ impl Server {
             connection_limits,
             shutdown.clone(),
         ));
+        let connections_max =
+            u32::try_from(config.max_connections).context("max_connections must fit in 32 bits")?;
         let connections = Arc::new(Semaphore::new(config.max_connections));
         let mut mqtt_addr = None;
         if let Some(bind) = &config.mqtt_bind {
@@ -144,7 +149,7 @@ impl Server {
                 listener,
                 Some(acceptor),
                 Arc::clone(&context),
-                connections,
+                Arc::clone(&connections),
             )));
         }
         Ok(Server {
@@ -153,19 +158,29 @@ impl Server {
             tls_files,
             shutdown,
             tasks,
+            connections,
+            connections_max,
             wal,
         })
     }
 
-    /// Stops accepting, lets connections say goodbye, waits for queued appends to become
-    /// durable, and closes the log.
+    /// Stops accepting; lets connections acknowledge what they logged and say goodbye (within
+    /// `SHUTDOWN_GRACE`); then closes the log, which makes every queued append durable.
     ///
     /// # Errors
     /// If the log had failed.
     pub async fn stop(self) -> anyhow::Result<()> {
         self.shutdown.cancel();
+        let deadline = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         for task in self.tasks {
-            let _ = tokio::time::timeout(SHUTDOWN_GRACE, task).await;
+            let _ = tokio::time::timeout_at(deadline, task).await;
+        }
+        let all_finished = self.connections.acquire_many(self.connections_max);
+        if tokio::time::timeout_at(deadline, all_finished)
+            .await
+            .is_err()
+        {
+            tracing::warn!("connections still open after the shutdown grace period");
         }
         let wal = self.wal;
         tokio::task::spawn_blocking(move || wal.close())

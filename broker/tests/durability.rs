@@ -7,21 +7,13 @@
 
 mod common;
 
-use common::{connect_v311, publish_v311, raw_connect};
+use common::StreamingPublisher;
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::delivery::record::{KIND_PUBLISH, PublishRecord};
 use spool_broker::server::Server;
 use spool_storage::{CrashMode, FaultyFs, Wal, WalOptions};
-use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
-
-const MESSAGES: u16 = 60_000;
-/// Publishes sent ahead of their PUBACKs (below the 1024 spool allows a 3.1.1 client).
-const WINDOW: usize = 256;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
@@ -37,7 +29,7 @@ async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
         })
         .unwrap();
         let server = Server::start_on(&config, fs.clone()).await.unwrap();
-        let publisher = Publisher::start(server.mqtt_addr.unwrap()).await;
+        let publisher = StreamingPublisher::start(server.mqtt_addr.unwrap(), "law1").await;
 
         tokio::time::sleep(Duration::from_millis(30 + 45 * round)).await;
         // Holding the list while the power goes: every PUBACK in it arrived before the loss.
@@ -70,56 +62,6 @@ async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
             acked.len(),
             logged.len()
         );
-    }
-}
-
-/// A raw MQTT 3.1.1 client publishing messages 1, 2, ... (payload = packet id) at QoS 1,
-/// `WINDOW` ahead of their PUBACKs, and recording the PUBACKs.
-struct Publisher {
-    acked: Arc<Mutex<Vec<u16>>>,
-    tasks: [JoinHandle<()>; 2],
-}
-
-impl Publisher {
-    async fn start(addr: SocketAddr) -> Publisher {
-        let (stream, _) = raw_connect(addr, &connect_v311("publisher", true)).await;
-        let (mut reader, mut writer) = stream.into_split();
-        let window = Arc::new(Semaphore::new(WINDOW));
-        let acked = Arc::new(Mutex::new(Vec::new()));
-        let publishing = tokio::spawn({
-            let window = Arc::clone(&window);
-            async move {
-                for n in 1..=MESSAGES {
-                    window.acquire().await.unwrap().forget();
-                    let publish = publish_v311(1, false, n, "law1", &n.to_be_bytes());
-                    if writer.write_all(&publish).await.is_err() {
-                        return; // the server closed the connection after the power loss
-                    }
-                }
-            }
-        });
-        let reading = tokio::spawn({
-            let acked = Arc::clone(&acked);
-            async move {
-                let mut puback = [0u8; 4];
-                while reader.read_exact(&mut puback).await.is_ok() {
-                    assert_eq!(puback[..2], [0x40, 2], "only PUBACKs come back");
-                    let packet_id = u16::from_be_bytes([puback[2], puback[3]]);
-                    acked.lock().unwrap().push(packet_id);
-                    window.add_permits(1);
-                }
-            }
-        });
-        Publisher {
-            acked,
-            tasks: [publishing, reading],
-        }
-    }
-
-    fn stop(self) {
-        for task in self.tasks {
-            task.abort();
-        }
     }
 }
 

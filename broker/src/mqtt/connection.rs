@@ -330,7 +330,7 @@ where
         loop {
             let reading = self.awaiting_durability.len() < PUBLISHES_IN_FLIGHT_MAX;
             let result = tokio::select! {
-                () = self.context.shutdown.cancelled() => Err(Close::with(Reason::ServerShuttingDown, "server shutting down")),
+                () = self.context.shutdown.cancelled() => Err(self.acknowledge_logged().await),
                 durable = next_durable(&mut self.awaiting_durability, &self.context.wal) => self.acknowledge(durable).await,
                 outbound = self.outbound.recv() => self.on_outbound(outbound).await,
                 packet = self.framed.next(), if reading => {
@@ -347,6 +347,19 @@ where
                 return close;
             }
         }
+    }
+
+    /// The server is stopping: reads nothing more, but acknowledges every publish already
+    /// in the log once it is durable (the log stays open until connections finish), so the
+    /// client does not resend what is stored.
+    async fn acknowledge_logged(&mut self) -> Close {
+        while !self.awaiting_durability.is_empty() {
+            let durable = next_durable(&mut self.awaiting_durability, &self.context.wal).await;
+            if let Err(close) = self.acknowledge(durable).await {
+                return close;
+            }
+        }
+        Close::with(Reason::ServerShuttingDown, "server shutting down")
     }
 
     /// Tells the hub, says goodbye with a reason where the protocol has one, and logs why.

@@ -6,8 +6,11 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::sync::mpsc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
 
 /// A `spool serve` child process; killed (SIGKILL) when dropped.
 pub struct Spool {
@@ -319,4 +322,59 @@ pub fn subscribe_v5(packet_id: u16, filter: &str, options: u8) -> Vec<u8> {
     field(filter.as_bytes(), &mut body);
     body.push(options);
     packet(0x82, &body)
+}
+
+/// Publishes a `StreamingPublisher` sends ahead of their PUBACKs (below the 1024 spool allows a
+/// 3.1.1 client).
+const STREAM_WINDOW: usize = 256;
+
+/// A raw MQTT 3.1.1 client (its id is `topic`) publishing messages 1, 2, ... to `topic` at QoS 1
+/// (payload = packet id, big-endian), `STREAM_WINDOW` ahead of their PUBACKs, recording the
+/// PUBACKs.
+pub struct StreamingPublisher {
+    pub acked: Arc<Mutex<Vec<u16>>>,
+    tasks: [JoinHandle<()>; 2],
+}
+
+impl StreamingPublisher {
+    pub async fn start(addr: SocketAddr, topic: &'static str) -> StreamingPublisher {
+        let (stream, _) = raw_connect(addr, &connect_v311(topic, true)).await;
+        let (mut reader, mut writer) = stream.into_split();
+        let window = Arc::new(Semaphore::new(STREAM_WINDOW));
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let publishing = tokio::spawn({
+            let window = Arc::clone(&window);
+            async move {
+                for n in 1..=u16::MAX {
+                    window.acquire().await.unwrap().forget();
+                    let publish = publish_v311(1, false, n, topic, &n.to_be_bytes());
+                    if writer.write_all(&publish).await.is_err() {
+                        return; // the server closed the connection after the power loss
+                    }
+                }
+            }
+        });
+        let reading = tokio::spawn({
+            let acked = Arc::clone(&acked);
+            async move {
+                let mut puback = [0u8; 4];
+                while reader.read_exact(&mut puback).await.is_ok() {
+                    assert_eq!(puback[..2], [0x40, 2], "only PUBACKs come back");
+                    let packet_id = u16::from_be_bytes([puback[2], puback[3]]);
+                    acked.lock().unwrap().push(packet_id);
+                    window.add_permits(1);
+                }
+            }
+        });
+        StreamingPublisher {
+            acked,
+            tasks: [publishing, reading],
+        }
+    }
+
+    pub fn stop(self) {
+        for task in self.tasks {
+            task.abort();
+        }
+    }
 }
