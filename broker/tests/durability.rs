@@ -42,8 +42,8 @@ async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
             !acked.is_empty(),
             "round {round}: no PUBACK before the power loss"
         );
-        let _ = server.stop().await; // the log failed with the power: an error is expected
         publisher.stop();
+        let _ = server.stop().await; // the log failed with the power: an error is expected
 
         let logged = logged_payloads(&fs, &dir.path().join("wal"));
         let expected: Vec<u16> = (1..).take(logged.len()).collect();
