@@ -202,6 +202,54 @@ async fn a_received_qos2_message_is_released_not_resent_and_keeps_its_packet_id(
 }
 
 #[tokio::test]
+async fn a_received_qos2_message_is_released_not_resent_after_a_crash() {
+    // Goal: once a persistent subscriber answered PUBREC, no crash makes spool send the
+    // message again (the client may have passed it on): the PUBREC is logged before the
+    // PUBREL goes out. Crashes with the PUBCOMP still owed, then right after it (before the
+    // checkpoint commit that would forget the message).
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = qos2_subscriber(&spool).await;
+    let mut publisher = connect_raw(&spool, "pub", false).await;
+    let message = publish_v311(2, false, 1, "q2/t", b"once");
+    exchange(&mut publisher, &message, (PUBREC, 1)).await;
+    exchange(&mut publisher, &ack(PUBREL, 1), (PUBCOMP, 1)).await;
+    let (packet_id, _) = read_qos2_publish(&mut subscriber, "q2/t").await;
+    exchange(
+        &mut subscriber,
+        &ack(PUBREC, packet_id),
+        (PUBREL, packet_id),
+    )
+    .await;
+    spool.kill();
+
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect_raw(&spool, "sub", true).await;
+    let (kind, body) = read_packet(&mut subscriber).await;
+    assert_eq!((kind, body), (PUBREL, packet_id.to_be_bytes().to_vec()));
+    subscriber
+        .write_all(&ack(PUBCOMP, packet_id))
+        .await
+        .unwrap();
+    subscriber.write_all(&[0xC0, 0]).await.unwrap(); // PINGREQ: the PUBCOMP was handled
+    assert_eq!(read_packet(&mut subscriber).await, (0xD0, vec![]));
+    spool.kill();
+
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect_raw(&spool, "sub", true).await;
+    // The PUBREL may come once more (the client answers PUBCOMP, as MQTT requires even for an
+    // id it no longer holds); the message must not.
+    let wait = Duration::from_millis(500);
+    while let Ok((kind, body)) = tokio::time::timeout(wait, read_packet(&mut subscriber)).await {
+        assert_eq!((kind, &body), (PUBREL, &packet_id.to_be_bytes().to_vec()));
+        subscriber
+            .write_all(&ack(PUBCOMP, packet_id))
+            .await
+            .unwrap();
+    }
+}
+
+#[tokio::test]
 async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected_with_0x93() {
     // Goal: the server's receive maximum bounds the QoS 2 publishes a client may leave
     // unreleased; a resend of one it holds is not a new one.

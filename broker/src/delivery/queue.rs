@@ -161,6 +161,41 @@ impl DeliveryQueue {
         }
     }
 
+    /// The client received the QoS 2 message logged at `seq` (its PUBREC is logged and
+    /// durable): from now on only its PUBREL is sent, whether the entry is in flight or waiting
+    /// to be resent. False if the queue no longer holds it.
+    pub fn received_logged(&mut self, seq: u64) -> bool {
+        let logged_qos2 = |e: &QueueEntry| e.retained.is_none() && e.qos == QoS::ExactlyOnce;
+        let in_flight = self
+            .in_flight
+            .iter()
+            .find(|e| e.seq == seq && logged_qos2(e))
+            .and_then(|e| e.packet_id);
+        if let Some(packet_id) = in_flight {
+            return self.received(packet_id);
+        }
+        // Waiting entries are in sequence order.
+        let from = self.waiting.partition_point(|e| e.seq < seq);
+        let waiting = self
+            .waiting
+            .range_mut(from..)
+            .take_while(|e| e.seq == seq)
+            .find(|e| logged_qos2(e));
+        match waiting {
+            Some(entry) => {
+                entry.released = true;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The in-flight entry with `packet_id`, if any.
+    #[must_use]
+    pub fn in_flight(&self, packet_id: u16) -> Option<&QueueEntry> {
+        self.position(packet_id).map(|at| &self.in_flight[at])
+    }
+
     /// The next PUBREL to send, if any; put it back with `release_unsent` if it cannot go.
     pub fn take_release(&mut self) -> Option<u16> {
         self.releases_due.pop_front()
@@ -272,6 +307,33 @@ mod tests {
         queue.sent(resent);
         assert!(queue.acknowledge(9));
         assert_eq!(queue.first_needed(), Some(8));
+    }
+
+    #[test]
+    fn a_logged_pubrec_releases_the_message_in_flight_or_waiting_after_a_restart() {
+        let qos2 = |seq| QueueEntry::new(seq, QoS::ExactlyOnce, false, Vec::new());
+        let mut queue = DeliveryQueue::new(100);
+        queue.push(qos2(3));
+        queue.push(QueueEntry {
+            retained: Some(Arc::new(Message {
+                topic: "t".into(),
+                payload: bytes::Bytes::new(),
+                qos: QoS::ExactlyOnce,
+                retain: true,
+                properties: crate::message::MessageProperties::default(),
+            })),
+            ..qos2(3)
+        });
+        queue.push(qos2(5));
+        send(&mut queue, 4);
+        assert!(queue.received_logged(3), "in flight: its PUBREL is due");
+        assert_eq!(queue.take_release(), Some(4));
+        // As rebuilt after a restart: waiting, no packet id yet.
+        assert!(queue.received_logged(5));
+        assert!(!queue.received_logged(6), "not queued (completed before)");
+        let retained = queue.next_to_send(2).unwrap();
+        assert!(retained.retained.is_some() && !retained.released);
+        assert!(queue.next_to_send(2).unwrap().released);
     }
 
     #[test]

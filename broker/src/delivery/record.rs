@@ -5,6 +5,8 @@
 //! these records, so the format is versioned and its decoder refuses anything malformed with
 //! an error, never a panic. A QoS 2 publish also names its packet id, and a release record
 //! marks the PUBREL that frees it: replaying both rebuilds each session's QoS 2 receipts.
+//! Towards subscribers, a received record marks a persistent session's PUBREC of a QoS 2
+//! message: replaying it after a restart resends the PUBREL instead of the message.
 //!
 //! ```text
 //! publish: version u8 (2) | flags u8 (qos:2 | retain:1 | utf8:1) | publisher u64
@@ -15,6 +17,7 @@
 //! targets u32 count of (session u64 | options u8 (qos:2 | retain_as_published:1)
 //!                       | subscription_ids u16 count of u32)
 //! release: version u8 (1) | session u64 | packet_id u16
+//! received: version u8 (1) | session u64 | seq u64
 //! ```
 
 use crate::encoding::{
@@ -27,9 +30,11 @@ use bytes::{BufMut, Bytes, BytesMut};
 /// WAL record kinds written by the broker.
 pub const KIND_PUBLISH: u8 = 1;
 pub const KIND_QOS2_RELEASE: u8 = 2;
+pub const KIND_QOS2_RECEIVED: u8 = 3;
 
 const VERSION: u8 = 2;
 const RELEASE_VERSION: u8 = 1;
+const RECEIVED_VERSION: u8 = 1;
 
 /// Where a message goes: one session's queue, with the delivery options of the subscription
 /// that matched.
@@ -191,6 +196,42 @@ impl ReleaseRecord {
     }
 }
 
+/// A subscriber's client received (PUBREC) the QoS 2 message logged at `seq`: only the
+/// PUBREL remains, also after a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReceivedRecord {
+    pub session: u64,
+    pub seq: u64,
+}
+
+impl ReceivedRecord {
+    #[must_use]
+    pub fn encode(&self) -> Bytes {
+        let mut out = BytesMut::with_capacity(17);
+        out.put_u8(RECEIVED_VERSION);
+        out.put_u64_le(self.session);
+        out.put_u64_le(self.seq);
+        out.freeze()
+    }
+
+    /// # Errors
+    /// `RecordError` for anything that is not a well-formed received record.
+    pub fn decode(mut bytes: Bytes) -> Result<ReceivedRecord, RecordError> {
+        let version = take_u8(&mut bytes)?;
+        if version != RECEIVED_VERSION {
+            return Err(RecordError::Version(version));
+        }
+        let record = ReceivedRecord {
+            session: take_u64(&mut bytes)?,
+            seq: take_u64(&mut bytes)?,
+        };
+        if !bytes.is_empty() {
+            return Err(RecordError::Trailing(bytes.len()));
+        }
+        Ok(record)
+    }
+}
+
 fn take_targets(bytes: &mut Bytes) -> Result<Vec<Target>, RecordError> {
     let count = take_u32(bytes)? as usize;
     // Each target takes at least 10 bytes: never allocate more than the input can hold.
@@ -299,7 +340,8 @@ mod tests {
         #[test]
         fn arbitrary_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
             let _ = PublishRecord::decode(Bytes::from(bytes.clone()));
-            let _ = ReleaseRecord::decode(Bytes::from(bytes));
+            let _ = ReleaseRecord::decode(Bytes::from(bytes.clone()));
+            let _ = ReceivedRecord::decode(Bytes::from(bytes));
         }
 
         /// Goal: records written before QoS 2 receipts existed still decode.
@@ -318,6 +360,14 @@ mod tests {
             let bytes = record.encode();
             prop_assert_eq!(ReleaseRecord::decode(bytes.clone()).unwrap(), record);
             prop_assert!(ReleaseRecord::decode(bytes.slice(..cut)).is_err());
+        }
+
+        #[test]
+        fn received_records_round_trip(session: u64, seq: u64, cut in 0usize..17) {
+            let record = ReceivedRecord { session, seq };
+            let bytes = record.encode();
+            prop_assert_eq!(ReceivedRecord::decode(bytes.clone()).unwrap(), record);
+            prop_assert!(ReceivedRecord::decode(bytes.slice(..cut)).is_err());
         }
     }
 }

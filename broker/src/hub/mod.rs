@@ -11,7 +11,10 @@ pub mod retained;
 
 use crate::delivery::cache::MessageCache;
 use crate::delivery::queue::{Pushed, QueueEntry};
-use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord};
+use crate::delivery::record::{
+    KIND_PUBLISH, KIND_QOS2_RECEIVED, KIND_QOS2_RELEASE, PublishRecord, ReceivedRecord,
+    ReleaseRecord,
+};
 use crate::encoding::FormatError;
 use crate::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, SubscribeRefusal,
@@ -468,16 +471,53 @@ impl Hub {
         self.pump(id);
     }
 
-    /// PUBREC: the client has the QoS 2 message; its PUBREL is due.
+    /// PUBREC: the client has the QoS 2 message; its PUBREL is due. A persistent session logs
+    /// the PUBREC first and sends the PUBREL once that record is durable (`on_received`): after
+    /// a crash it then resends the PUBREL, never the message the client may already have
+    /// passed on. (A retained copy has no record of its own to point at; see the README.)
     fn received(&mut self, id: u64, packet_id: u16) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
-        if !session.queue.received(packet_id) {
-            tracing::debug!(client_id = %session.client_id, packet_id, "PUBREC for no QoS 2 message in flight");
-            return;
+        let entry = session
+            .queue
+            .in_flight(packet_id)
+            .filter(|e| e.qos == QoS::ExactlyOnce);
+        match entry {
+            None => {
+                tracing::debug!(client_id = %session.client_id, packet_id, "PUBREC for no QoS 2 message in flight");
+            }
+            Some(entry)
+                if session.is_persistent() && entry.retained.is_none() && !entry.released =>
+            {
+                let record = ReceivedRecord {
+                    session: id,
+                    seq: entry.seq,
+                };
+                self.log_received(record);
+            }
+            Some(_) => {
+                session.queue.received(packet_id);
+                self.pump(id);
+            }
         }
-        self.pump(id);
+    }
+
+    /// Logs a subscriber's PUBREC without making the hub wait: the hub's tail sees the record
+    /// once it is durable. It may go past the log's quota, as it lets a message complete and
+    /// its space be freed; the in-flight window bounds how many there are.
+    fn log_received(&self, record: ReceivedRecord) {
+        let wal = self.wal.clone();
+        tokio::spawn(async move {
+            let logged = match wal.reserve(KIND_QOS2_RECEIVED, record.encode()).await {
+                Ok(reservation) => reservation.submit_beyond_quota().map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = logged {
+                // The PUBREL never goes out; the message is resent after a reconnect.
+                tracing::error!("failed to log a subscriber's PUBREC: {e}");
+            }
+        });
     }
 
     fn disconnected(
@@ -740,11 +780,37 @@ impl Hub {
         }
     }
 
-    /// A record became durable: queue it for every target session that still exists.
+    /// A record became durable: a publish is queued for every target session that still
+    /// exists; a subscriber's PUBREC makes its PUBREL due.
     fn on_record(&mut self, record: &Record) {
-        if record.kind != KIND_PUBLISH {
-            return;
+        match record.kind {
+            KIND_PUBLISH => self.on_publish(record),
+            KIND_QOS2_RECEIVED => self.on_received(record),
+            _ => {}
         }
+    }
+
+    fn on_received(&mut self, record: &Record) {
+        let received = match ReceivedRecord::decode(record.payload.clone()) {
+            Ok(received) => received,
+            Err(e) => {
+                tracing::error!(
+                    seq = record.seq,
+                    "skipping an undecodable PUBREC record: {e}"
+                );
+                return;
+            }
+        };
+        let Some(session) = self.sessions.get_mut(&received.session) else {
+            return;
+        };
+        // Not found: the message was completed (PUBCOMP) before the last checkpoint.
+        if session.queue.received_logged(received.seq) {
+            self.pump(received.session);
+        }
+    }
+
+    fn on_publish(&mut self, record: &Record) {
         let publish = match PublishRecord::decode(record.payload.clone()) {
             Ok(publish) => publish,
             Err(e) => {
