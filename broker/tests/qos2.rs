@@ -250,6 +250,42 @@ async fn a_received_qos2_message_is_released_not_resent_after_a_crash() {
 }
 
 #[tokio::test]
+async fn a_retained_qos2_copy_is_logged_for_a_persistent_subscriber() {
+    // Goal: a retained message sent at QoS 2 to a new subscription of a persistent session
+    // survives a crash like any other delivery: after the client's PUBREC, the restart brings
+    // the PUBREL (the client still holds the packet id), not silence.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut publisher = connect_raw(&spool, "pub", false).await;
+    let mut retained = publish_v311(2, false, 1, "q2/t", b"state");
+    retained[0] |= 0x01; // RETAIN
+    exchange(&mut publisher, &retained, (PUBREC, 1)).await;
+    exchange(&mut publisher, &ack(PUBREL, 1), (PUBCOMP, 1)).await;
+    let mut subscriber = qos2_subscriber(&spool).await;
+    let (kind, body) = read_packet(&mut subscriber).await;
+    assert_eq!(kind & !0x08, 0x35, "a retained QoS 2 PUBLISH");
+    assert!(body.ends_with(b"state"));
+    let packet_id = u16::from_be_bytes([body[6], body[7]]);
+    exchange(
+        &mut subscriber,
+        &ack(PUBREC, packet_id),
+        (PUBREL, packet_id),
+    )
+    .await;
+    spool.kill();
+
+    let spool = Spool::start(dir.path(), &[]);
+    let mut subscriber = connect_raw(&spool, "sub", true).await;
+    let (kind, body) = read_packet(&mut subscriber).await;
+    assert_eq!((kind, body), (PUBREL, packet_id.to_be_bytes().to_vec()));
+    subscriber
+        .write_all(&ack(PUBCOMP, packet_id))
+        .await
+        .unwrap();
+    assert_quiet(&mut subscriber).await;
+}
+
+#[tokio::test]
 async fn an_mqtt5_client_beyond_the_receive_maximum_is_disconnected_with_0x93() {
     // Goal: the server's receive maximum bounds the QoS 2 publishes a client may leave
     // unreleased; a resend of one it holds is not a new one.

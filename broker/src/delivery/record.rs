@@ -9,7 +9,7 @@
 //! message: replaying it after a restart resends the PUBREL instead of the message.
 //!
 //! ```text
-//! publish: version u8 (2) | flags u8 (qos:2 | retain:1 | utf8:1) | publisher u64
+//! publish: version u8 (2) | flags u8 (qos:2 | retain:1 | utf8:1 | retained_copy:1) | publisher u64
 //! qos2_packet_id u16 (0 = none; absent in version 1)
 //! topic str16 | payload bytes32 | expires_at_ms u64 (0 = never)
 //! content_type opt-str16 | response_topic opt-str16 | correlation opt-bytes16
@@ -56,6 +56,10 @@ pub struct PublishRecord {
     /// The packet id of a QoS 2 publish from a client: the publisher's session holds it as
     /// received until the client releases it (PUBREL), and refuses to log it twice.
     pub qos2_packet_id: Option<u16>,
+    /// A retained message sent to a new subscription of its one target: logged so that its
+    /// delivery survives a crash like any other, delivered with RETAIN set, and not a change
+    /// of the retained messages.
+    pub retained_copy: bool,
     pub targets: Vec<Target>,
 }
 
@@ -74,7 +78,8 @@ impl PublishRecord {
         out.put_u8(VERSION);
         let flags = message.qos as u8
             | u8::from(message.retain) << 2
-            | u8::from(properties.payload_is_utf8) << 3;
+            | u8::from(properties.payload_is_utf8) << 3
+            | u8::from(self.retained_copy) << 4;
         out.put_u8(flags);
         out.put_u64_le(self.publisher);
         out.put_u16_le(self.qos2_packet_id.unwrap_or(0));
@@ -156,6 +161,7 @@ impl PublishRecord {
             message,
             publisher,
             qos2_packet_id,
+            retained_copy: flags & 0b1_0000 != 0,
             targets,
         })
     }
@@ -299,10 +305,21 @@ mod tests {
             properties,
             any::<u64>(),
             proptest::option::of(1u16..),
+            any::<bool>(),
             proptest::collection::vec(target, 0..5),
         )
             .prop_map(
-                |(topic, payload, qos, retain, properties, publisher, qos2_packet_id, targets)| {
+                |(
+                    topic,
+                    payload,
+                    qos,
+                    retain,
+                    properties,
+                    publisher,
+                    qos2_packet_id,
+                    retained_copy,
+                    targets,
+                )| {
                     PublishRecord {
                         message: Message {
                             topic,
@@ -313,6 +330,7 @@ mod tests {
                         },
                         publisher,
                         qos2_packet_id,
+                        retained_copy,
                         targets,
                     }
                 },

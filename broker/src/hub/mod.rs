@@ -13,7 +13,7 @@ use crate::delivery::cache::MessageCache;
 use crate::delivery::queue::{Pushed, QueueEntry};
 use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, KIND_QOS2_RELEASE, PublishRecord, ReceivedRecord,
-    ReleaseRecord,
+    ReleaseRecord, Target,
 };
 use crate::encoding::FormatError;
 use crate::hub::events::{
@@ -381,7 +381,8 @@ impl Hub {
             // The session ended (taken over with a clean start) while this request waited.
             return vec![Err(SubscribeRefusal::Unavailable); filters.len()];
         };
-        let mut router = self.router.write().unwrap_or_else(PoisonError::into_inner);
+        let router = Arc::clone(&self.router);
+        let mut router = router.write().unwrap_or_else(PoisonError::into_inner);
         let mut outcomes = Vec::with_capacity(filters.len());
         let mut retained_for = Vec::new();
         for (filter, options) in filters {
@@ -406,8 +407,10 @@ impl Hub {
             }
             outcomes.push(Ok(options.qos));
         }
-        drop(router);
+        // Still holding the router: a publish routed to the new subscription is logged after
+        // the retained copies, so it cannot overtake them.
         self.queue_retained(id, &retained_for);
+        drop(router);
         // A persistent session's subscriptions are durable before the SUBACK says granted.
         if let Err(e) = self.store_session(id) {
             tracing::error!(session = id, "failed to store subscriptions: {e}");
@@ -417,19 +420,26 @@ impl Hub {
     }
 
     /// Queues the retained messages matching new subscriptions; they go out after the SUBACK
-    /// (the connection sends it before it takes more from its channel), with RETAIN set.
+    /// (the connection sends it before it takes more from its channel), with RETAIN set. A
+    /// persistent session gets them at QoS 1 and 2 as logged copies (see `log_retained_copy`).
     fn queue_retained(&mut self, id: u64, subscriptions: &[(String, SubscriptionOptions)]) {
         let now = now_ms();
         let position = self.tail.next_seq() - 1;
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
+        let persistent = session.is_persistent();
         for (filter, options) in subscriptions {
             for message in self.retained.matching(filter, now) {
-                // MQTT requires the lower of the two QoS even here. A retained copy is not in
-                // the log, so it is not sent again after a restart (see the README).
+                // MQTT requires the lower of the two QoS even here.
                 let qos = message.qos.min(options.qos);
-                let ids = options.subscription_id.into_iter().collect();
+                let ids: Vec<u32> = options.subscription_id.into_iter().collect();
+                if persistent
+                    && qos != QoS::AtMostOnce
+                    && log_retained_copy(&self.wal, id, &message, qos, ids.clone())
+                {
+                    continue;
+                }
                 let entry = QueueEntry {
                     retained: Some(message),
                     ..QueueEntry::new(position, qos, true, ids)
@@ -823,7 +833,7 @@ impl Hub {
         };
         let message = Arc::new(publish.message);
         self.cache.insert(record.seq, Arc::clone(&message));
-        if message.retain {
+        if message.retain && !publish.retained_copy {
             self.retained.apply(record.seq, &message);
         }
         for target in publish.targets {
@@ -947,6 +957,38 @@ impl Hub {
                 tracing::error!(seq, "failed to read a queued message: {e}");
                 None
             }
+        }
+    }
+}
+
+/// Logs a retained message for a new subscription of a persistent session: its own record may
+/// be long gone from the log, and without one a crash would lose the delivery (and, at QoS 2,
+/// the client's packet id state). The hub's tail queues it once durable. False when the log
+/// cannot take it at once (its queue or quota is full): the copy then waits in memory only.
+fn log_retained_copy(
+    wal: &Wal,
+    session: u64,
+    message: &Message,
+    qos: QoS,
+    subscription_ids: Vec<u32>,
+) -> bool {
+    let record = PublishRecord {
+        message: message.clone(),
+        publisher: 0,
+        qos2_packet_id: None,
+        retained_copy: true,
+        targets: vec![Target {
+            session,
+            qos,
+            retain_as_published: true,
+            subscription_ids,
+        }],
+    };
+    match wal.try_submit(KIND_PUBLISH, record.encode()) {
+        Ok(_durable) => true,
+        Err(e) => {
+            tracing::warn!(topic = %message.topic, "retained message queued without a log record: {e}");
+            false
         }
     }
 }

@@ -210,6 +210,7 @@ fn encode(message: &Message) -> Vec<u8> {
         message: message.clone(),
         publisher: 0,
         qos2_packet_id: None,
+        retained_copy: false,
         targets: Vec::new(),
     }
     .encode()

@@ -92,6 +92,7 @@ impl SubscriptionTable {
             message,
             publisher,
             qos2_packet_id: None,
+            retained_copy: false,
             targets,
         }
     }
