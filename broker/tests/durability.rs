@@ -2,18 +2,23 @@
 //! in this process with its write-ahead log on `FaultyFs`, a publisher streams QoS 1 messages,
 //! and the file system loses power mid-stream (only fsynced bytes survive, the last writes
 //! torn). Every message acknowledged before the power loss must be in the recovered log, in
-//! order. (A SIGKILL cannot show this: the page cache survives it.)
+//! order. (A SIGKILL cannot show this: the page cache survives it.) The same harness counts
+//! the log's writes, to show what a client cannot make spool write.
 #![allow(clippy::unwrap_used)]
 
 mod common;
 
-use common::StreamingPublisher;
+use common::{
+    PUBCOMP, PUBREL, StreamingPublisher, ack, connect_v5, connect_v311, raw_connect, read_packet,
+};
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::delivery::record::{KIND_PUBLISH, PublishRecord};
 use spool_broker::server::Server;
 use spool_storage::{CrashMode, FaultyFs, Wal, WalOptions};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::AsyncWriteExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
@@ -21,14 +26,7 @@ async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
         let dir = tempfile::tempdir().unwrap();
         let fs = Arc::new(FaultyFs::new());
         fs.set_sync_latency(Duration::from_micros(500));
-        let config = Config::resolve(ServeArgs {
-            data_dir: Some(dir.path().to_path_buf()),
-            mqtt_bind: Some("127.0.0.1:0".into()),
-            mqtts_bind: Some(String::new()),
-            ..ServeArgs::default()
-        })
-        .unwrap();
-        let server = Server::start_on(&config, fs.clone()).await.unwrap();
+        let server = start_on(&fs, dir.path()).await;
         let publisher = StreamingPublisher::start(server.mqtt_addr.unwrap(), "law1").await;
 
         tokio::time::sleep(Duration::from_millis(30 + 45 * round)).await;
@@ -65,8 +63,52 @@ async fn no_puback_reaches_a_publisher_before_its_message_is_fsynced() {
     }
 }
 
+#[tokio::test]
+async fn stray_pubrels_write_nothing_to_the_log() {
+    // Goal: a PUBREL for a packet id the session does not hold is answered (PUBCOMP, 0x92 in
+    // MQTT 5) without a record, so a client looping on them cannot fill the log, whose quota
+    // release records may exceed.
+    let dir = tempfile::tempdir().unwrap();
+    let fs = Arc::new(FaultyFs::new());
+    let server = start_on(&fs, dir.path()).await;
+    let addr = server.mqtt_addr.unwrap();
+    let (mut v311, _) = raw_connect(addr, &connect_v311("stray-3", true)).await;
+    let (mut v5, _) = raw_connect(addr, &connect_v5("stray-5")).await;
+    let writes_before = fs.stats().writes;
+    for packet_id in 1..=500 {
+        v311.write_all(&ack(PUBREL, packet_id)).await.unwrap();
+        v5.write_all(&ack(PUBREL, packet_id)).await.unwrap();
+    }
+    for packet_id in 1..=500u16 {
+        let id = packet_id.to_be_bytes();
+        assert_eq!(read_packet(&mut v311).await, (PUBCOMP, id.to_vec()));
+        assert_eq!(
+            read_packet(&mut v5).await,
+            (PUBCOMP, vec![id[0], id[1], 0x92, 0])
+        );
+    }
+    assert_eq!(
+        fs.stats().writes,
+        writes_before,
+        "stray PUBRELs wrote to the log"
+    );
+    server.stop().await.unwrap();
+}
+
+/// A server on ephemeral ports (no MQTTS), its log on `fs`, its metadata in `dir`.
+async fn start_on(fs: &Arc<FaultyFs>, dir: &Path) -> Server {
+    let config = Config::resolve(ServeArgs {
+        data_dir: Some(dir.to_path_buf()),
+        mqtt_bind: Some("127.0.0.1:0".into()),
+        mqtts_bind: Some(String::new()),
+        ..ServeArgs::default()
+    })
+    .unwrap();
+    Server::start_on(&config, fs.clone()).await.unwrap()
+}
+
 /// The payloads of the publish records in the log, reopened (and recovered) after the crash.
-fn logged_payloads(fs: &Arc<FaultyFs>, wal_dir: &std::path::Path) -> Vec<u16> {
+fn logged_payloads(fs: &Arc<FaultyFs>, wal_dir: &Path) -> Vec<u16> {
     let (wal, _) = Wal::open_with_fs(fs.clone(), wal_dir, WalOptions::default()).unwrap();
     let mut reader = wal.reader(1).unwrap();
     let mut payloads = Vec::new();
