@@ -51,6 +51,10 @@ pub struct ServeArgs {
     /// nothing is dropped [default: 10737418240].
     #[arg(long, env = "SPOOL_WAL_QUOTA_BYTES")]
     pub wal_quota_bytes: Option<u64>,
+    /// Size at which a write-ahead log segment is closed and a new one begun; retention frees
+    /// whole segments, and the quota must hold at least two [default: 67108864].
+    #[arg(long, env = "SPOOL_WAL_SEGMENT_BYTES")]
+    pub wal_segment_bytes: Option<u64>,
     /// Seconds a persistent MQTT 3.1.1 session outlives its connection [default: 604800].
     #[arg(long, env = "SPOOL_SESSION_EXPIRY_SECS")]
     pub session_expiry_secs: Option<u64>,
@@ -75,6 +79,7 @@ struct FileConfig {
     max_sessions: Option<usize>,
     session_queue_max: Option<usize>,
     wal_quota_bytes: Option<u64>,
+    wal_segment_bytes: Option<u64>,
     session_expiry_secs: Option<u64>,
     max_keep_alive: Option<u16>,
 }
@@ -94,6 +99,7 @@ pub struct Config {
     pub max_sessions: usize,
     pub session_queue_max: usize,
     pub wal_quota_bytes: u64,
+    pub wal_segment_bytes: u64,
     pub session_expiry_v311: Duration,
     pub max_keep_alive_secs: u16,
 }
@@ -155,6 +161,10 @@ impl Config {
                 .wal_quota_bytes
                 .or(file.wal_quota_bytes)
                 .unwrap_or(10 << 30),
+            wal_segment_bytes: args
+                .wal_segment_bytes
+                .or(file.wal_segment_bytes)
+                .unwrap_or(64 << 20),
             session_expiry_v311: Duration::from_secs(
                 args.session_expiry_secs
                     .or(file.session_expiry_secs)

@@ -43,6 +43,7 @@ fn wal_options(config: &Config) -> WalOptions {
             .saturating_mul(2)
             .saturating_add(1 << 20),
         quota_bytes: Some(config.wal_quota_bytes),
+        segment_size_bytes: config.wal_segment_bytes,
         ..WalOptions::default()
     }
 }

@@ -11,7 +11,7 @@ use common::{
 };
 use rumqttc::QoS;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// Connects over raw TCP and checks the CONNACK's session-present flag.
@@ -283,6 +283,49 @@ async fn a_retained_qos2_copy_is_logged_for_a_persistent_subscriber() {
         .await
         .unwrap();
     assert_quiet(&mut subscriber).await;
+}
+
+#[tokio::test]
+async fn a_connection_held_back_at_the_log_quota_ends_when_its_session_is_taken_over() {
+    // Goal: a 3.1.1 publisher waiting for room in the log (held back at the quota) stops when
+    // a new connection takes its session over, instead of logging later a QoS 2 packet id
+    // that only the old connection knew: the new one would take its own next publish with
+    // that id for a resend, and lose it.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(
+        dir.path(),
+        &[
+            "--max-packet-size",
+            "65536",
+            "--wal-segment-bytes",
+            "1300000",
+            "--wal-quota-bytes",
+            "2600000",
+        ],
+    );
+    // An offline persistent subscriber keeps what is published: 50 × 60 KB fill the quota,
+    // so the log has no room for one more record of that size.
+    let mut sink = connect_raw(&spool, "sink", false).await;
+    sink.write_all(&subscribe_v311(1, "fill", 1)).await.unwrap();
+    assert_eq!(read_packet(&mut sink).await.0, 0x90);
+    drop(sink);
+    let mut filler = connect_raw(&spool, "filler", false).await;
+    for packet_id in 1..=50 {
+        let fill = publish_v311(1, false, packet_id, "fill", &[0; 60_000]);
+        filler.write_all(&fill).await.unwrap();
+    }
+    let mut old = connect_raw(&spool, "dev", false).await;
+    old.write_all(&publish_v311(2, false, 7, "q2/t", &[1; 60_000]))
+        .await
+        .unwrap();
+    assert_quiet(&mut old).await; // held back: no PUBREC
+    let _new = connect_raw(&spool, "dev", true).await;
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), old.read_to_end(&mut rest)).await;
+    assert!(
+        matches!(closed, Ok(Ok(0))),
+        "the old connection ended: {closed:?}"
+    );
 }
 
 #[tokio::test]
