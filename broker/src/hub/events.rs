@@ -5,6 +5,8 @@ use crate::message::{Message, QoS, Will};
 use crate::routing::SubscriptionOptions;
 use crate::session::receipts::SharedReceipts;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
 
 /// MQTT protocol version of a connection.
@@ -40,6 +42,11 @@ pub enum Event {
         session: u64,
         packet_id: u16,
     },
+    /// The connection made room in its outbound channel after the hub asked for it
+    /// ([`OutboundSender::ask_for_room`]): send what waits.
+    Drained {
+        session: u64,
+    },
     /// The connection ended; with its will if it did not end with a normal DISCONNECT, and
     /// the session expiry its MQTT 5 DISCONNECT set, if any.
     Disconnected {
@@ -63,7 +70,7 @@ pub struct ConnectRequest {
     pub session_expiry_secs: u32,
     /// The client's receive maximum: the in-flight window towards it.
     pub receive_max: u16,
-    pub outbound: mpsc::Sender<Outbound>,
+    pub outbound: OutboundSender,
     pub reply: oneshot::Sender<Result<ConnectOutcome, ConnectRefusal>>,
 }
 
@@ -90,6 +97,81 @@ pub enum SubscribeRefusal {
     QuotaExceeded,
     /// The subscription could not be stored durably (or the session is gone).
     Unavailable,
+}
+
+/// A connection's outbound channel, whose sender the hub holds and never waits on: what does
+/// not fit stays in the session's queue, and the hub asks the connection to say when it has
+/// made room (without that, a session no acknowledgement wakes, QoS 0 only, would stall).
+#[must_use]
+pub fn outbound_channel(capacity: usize) -> (OutboundSender, OutboundReceiver) {
+    let (sender, receiver) = mpsc::channel(capacity);
+    let room_wanted = Arc::new(AtomicBool::new(false));
+    let hub_side = OutboundSender {
+        sender,
+        room_wanted: Arc::clone(&room_wanted),
+    };
+    (
+        hub_side,
+        OutboundReceiver {
+            receiver,
+            room_wanted,
+        },
+    )
+}
+
+/// The hub's side of a connection's outbound channel.
+#[derive(Debug)]
+pub struct OutboundSender {
+    sender: mpsc::Sender<Outbound>,
+    /// Set by the hub when something did not fit; cleared by the connection as it answers.
+    room_wanted: Arc<AtomicBool>,
+}
+
+impl OutboundSender {
+    /// Sends without waiting.
+    ///
+    /// # Errors
+    /// The channel is full or the connection is gone.
+    pub fn try_send(&self, outbound: Outbound) -> Result<(), TrySendError<Outbound>> {
+        self.sender.try_send(outbound)
+    }
+
+    /// Free slots.
+    #[must_use]
+    pub fn capacity(&self) -> usize {
+        self.sender.capacity()
+    }
+
+    /// Asks the connection for an [`Event::Drained`] once it has made room; true if `needed`
+    /// slots are free already (then no event may come). Raising the flag before looking
+    /// again means a connection draining meanwhile cannot miss it.
+    #[must_use]
+    pub fn ask_for_room(&self, needed: usize) -> bool {
+        self.room_wanted.store(true, Ordering::SeqCst);
+        self.sender.capacity() >= needed
+    }
+}
+
+/// The connection's side of its outbound channel.
+#[derive(Debug)]
+pub struct OutboundReceiver {
+    receiver: mpsc::Receiver<Outbound>,
+    room_wanted: Arc<AtomicBool>,
+}
+
+impl OutboundReceiver {
+    pub async fn recv(&mut self) -> Option<Outbound> {
+        self.receiver.recv().await
+    }
+
+    /// Whether the hub asked for room and the channel is at least half free now: the
+    /// connection then sends [`Event::Drained`] (once: this clears the request).
+    pub fn room_made(&self) -> bool {
+        let half_free = self.receiver.capacity() * 2 >= self.receiver.max_capacity();
+        half_free
+            && self.room_wanted.load(Ordering::SeqCst)
+            && self.room_wanted.swap(false, Ordering::SeqCst)
+    }
 }
 
 /// What the hub sends a connection.

@@ -284,6 +284,7 @@ impl Hub {
             }
             Event::Acknowledge { session, packet_id } => self.acknowledge(session, packet_id),
             Event::Received { session, packet_id } => self.received(session, packet_id),
+            Event::Drained { session } => self.pump(session),
             Event::Disconnected {
                 session,
                 connection,
@@ -869,17 +870,23 @@ impl Hub {
             };
             let window = attachment.window;
             if let Some(packet_id) = session.queue.take_release() {
-                if attachment
-                    .outbound
-                    .try_send(Outbound::Release(packet_id))
-                    .is_err()
-                {
-                    session.queue.release_unsent(packet_id);
-                    return;
+                match attachment.outbound.try_send(Outbound::Release(packet_id)) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Full(_)) if attachment.outbound.ask_for_room(1) => {
+                        session.queue.release_unsent(packet_id);
+                        continue;
+                    }
+                    Err(_) => {
+                        session.queue.release_unsent(packet_id);
+                        return; // sent when the connection makes room (Event::Drained)
+                    }
                 }
-                continue;
             }
-            if attachment.outbound.capacity() <= session.queue.in_flight_len() {
+            let reserved = session.queue.in_flight_len();
+            if attachment.outbound.capacity() <= reserved {
+                if attachment.outbound.ask_for_room(reserved + 1) {
+                    continue;
+                }
                 return;
             }
             let Some(mut entry) = session.queue.next_to_send(window) else {
@@ -904,7 +911,13 @@ impl Hub {
             match channel.try_send(outbound) {
                 Ok(()) if entry.qos != QoS::AtMostOnce => session.queue.sent(entry),
                 Ok(()) => {}
-                Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
+                Err(TrySendError::Full(_)) => {
+                    session.queue.unsend(entry);
+                    if !channel.ask_for_room(session.queue.in_flight_len() + 1) {
+                        return;
+                    }
+                }
+                Err(TrySendError::Closed(_)) => {
                     session.queue.unsend(entry);
                     return;
                 }

@@ -13,7 +13,8 @@
 
 use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord};
 use crate::hub::events::{
-    ConnectOutcome, ConnectRefusal, ConnectRequest, Event, Outbound, Protocol, SubscribeRefusal,
+    ConnectOutcome, ConnectRefusal, ConnectRequest, Event, Outbound, OutboundReceiver, Protocol,
+    SubscribeRefusal, outbound_channel,
 };
 use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
@@ -249,16 +250,13 @@ async fn register(
     connect: &codec::Connect,
     protocol: Protocol,
     client_id: &str,
-) -> Option<(
-    mpsc::Receiver<Outbound>,
-    Result<ConnectOutcome, ConnectRefusal>,
-)> {
+) -> Option<(OutboundReceiver, Result<ConnectOutcome, ConnectRefusal>)> {
     let limits = &context.limits;
     let window = connect
         .receive_max
         .unwrap_or(limits.receive_max)
         .min(limits.receive_max);
-    let (outbound_tx, outbound) = mpsc::channel(usize::from(window) + CONNECTION_OUTBOUND_EXTRA);
+    let (outbound_tx, outbound) = outbound_channel(usize::from(window) + CONNECTION_OUTBOUND_EXTRA);
     let (reply, outcome) = oneshot::channel();
     let request = ConnectRequest {
         connection: connection_id,
@@ -301,7 +299,7 @@ struct Connection<S> {
     connection_id: u64,
     session: u64,
     client_id: String,
-    outbound: mpsc::Receiver<Outbound>,
+    outbound: OutboundReceiver,
     /// Acknowledgements of this client's packets, in arrival order, until their records are
     /// durable.
     awaiting_durability: VecDeque<AwaitingDurability>,
@@ -332,7 +330,10 @@ where
             let result = tokio::select! {
                 () = self.context.shutdown.cancelled() => Err(self.acknowledge_logged().await),
                 durable = next_durable(&mut self.awaiting_durability, &self.context.wal) => self.acknowledge(durable).await,
-                outbound = self.outbound.recv() => self.on_outbound(outbound).await,
+                outbound = self.outbound.recv() => match self.on_outbound(outbound).await {
+                    Ok(()) if self.outbound.room_made() => self.tell_hub(Event::Drained { session: self.session }).await,
+                    sent => sent,
+                },
                 packet = self.framed.next(), if reading => {
                     deadline = self.keep_alive.map(|k| Instant::now() + k);
                     match packet {

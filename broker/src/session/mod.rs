@@ -6,13 +6,12 @@ pub mod persist;
 pub mod receipts;
 
 use crate::delivery::queue::{DeliveryQueue, QueueEntry};
-use crate::hub::events::{Outbound, Protocol};
+use crate::hub::events::{OutboundSender, Protocol};
 use crate::message::Will;
 use crate::routing::SubscriptionOptions;
 use receipts::SharedReceipts;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use tokio::sync::mpsc;
 
 /// The connection a session is attached to.
 #[derive(Debug)]
@@ -20,7 +19,7 @@ pub struct Attachment {
     /// Identifies the connection, so a late `Disconnected` from a taken-over one is ignored.
     pub connection: u64,
     pub protocol: Protocol,
-    pub outbound: mpsc::Sender<Outbound>,
+    pub outbound: OutboundSender,
     /// The in-flight window: the client's receive maximum, capped by the broker's.
     pub window: usize,
 }
