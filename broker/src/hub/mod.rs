@@ -485,7 +485,8 @@ impl Hub {
     /// PUBREC: the client has the QoS 2 message; its PUBREL is due. A persistent session logs
     /// the PUBREC first and sends the PUBREL once that record is durable (`on_received`): after
     /// a crash it then resends the PUBREL, never the message the client may already have
-    /// passed on. (A retained copy has no record of its own to point at; see the README.)
+    /// passed on. (A retained copy sent from memory, when the log could not take it, has no
+    /// record to point at.)
     fn received(&mut self, id: u64, packet_id: u16) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
