@@ -314,6 +314,14 @@ async fn a_connection_held_back_at_the_log_quota_ends_when_its_session_is_taken_
         let fill = publish_v311(1, false, packet_id, "fill", &[0; 60_000]);
         filler.write_all(&fill).await.unwrap();
     }
+    // Once the PUBACKs stop coming, the filler is held back: the log is at its quota.
+    let mut acknowledged = 0;
+    let wait = Duration::from_millis(500);
+    while let Ok((kind, _)) = tokio::time::timeout(wait, read_packet(&mut filler)).await {
+        assert_eq!(kind, PUBACK);
+        acknowledged += 1;
+    }
+    assert!(acknowledged < 50, "the quota was never reached");
     let mut old = connect_raw(&spool, "dev", false).await;
     old.write_all(&publish_v311(2, false, 7, "q2/t", &[1; 60_000]))
         .await
