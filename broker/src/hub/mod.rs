@@ -127,7 +127,14 @@ impl Hub {
             );
         }
         hub.tail = hub.wal.reader(replay_from.max(first))?;
-        tracing::info!(retained = hub.retained.len(), "restored retained messages");
+        // Replay before any client connects: a session must have its queue, with the PUBRECs
+        // it logged, before it is attached, or it would send a released QoS 2 message again.
+        hub.read_durable_records();
+        tracing::info!(
+            retained = hub.retained.len(),
+            replayed_through = hub.tail.next_seq() - 1,
+            "restored retained messages and session queues"
+        );
         Ok(hub)
     }
 
