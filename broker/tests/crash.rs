@@ -46,10 +46,8 @@ async fn publish_acknowledged(client: &mut Client, topic: &str, range: std::ops:
     let count = range.end - range.start;
     for n in range {
         client
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, format!("0:{n}"))
-            .await
-            .unwrap();
+            .publish(topic, QoS::AtLeastOnce, format!("0:{n}"))
+            .await;
     }
     client.acks(count).await;
 }

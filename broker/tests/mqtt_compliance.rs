@@ -28,17 +28,11 @@ async fn qos1_messages_arrive_in_order_with_wildcards() {
     publisher.connected().await;
     for i in 0..200 {
         let topic = format!("sensors/{}/temperature", i % 3);
-        publisher
-            .client
-            .publish(topic, QoS::AtLeastOnce, false, payload(i))
-            .await
-            .unwrap();
+        publisher.publish(&topic, QoS::AtLeastOnce, payload(i)).await;
     }
     publisher
-        .client
-        .publish("sensors/0/humidity", QoS::AtLeastOnce, false, "not matched")
-        .await
-        .unwrap();
+        .publish("sensors/0/humidity", QoS::AtLeastOnce, "not matched")
+        .await;
     let received = subscriber.publishes(200).await;
     for (i, publish) in received.iter().enumerate() {
         assert_eq!(publish.payload.as_ref(), payload(i).as_slice());
@@ -58,16 +52,8 @@ async fn qos0_and_qos_downgrade() {
     subscriber.subscribe("t", QoS::AtMostOnce).await;
     let mut publisher = connect(options(spool.addr, "pub", true));
     publisher.connected().await;
-    publisher
-        .client
-        .publish("t", QoS::AtMostOnce, false, "zero")
-        .await
-        .unwrap();
-    publisher
-        .client
-        .publish("t", QoS::AtLeastOnce, false, "one")
-        .await
-        .unwrap();
+    publisher.publish("t", QoS::AtMostOnce, "zero").await;
+    publisher.publish("t", QoS::AtLeastOnce, "one").await;
     let received = subscriber.publishes(2).await;
     assert_eq!(received[0].payload.as_ref(), b"zero");
     assert_eq!(received[1].payload.as_ref(), b"one");
@@ -82,10 +68,8 @@ async fn puback_comes_back_for_every_qos1_publish() {
     publisher.connected().await;
     for i in 0..50 {
         publisher
-            .client
-            .publish("nobody/listens", QoS::AtLeastOnce, false, payload(i))
-            .await
-            .unwrap();
+            .publish("nobody/listens", QoS::AtLeastOnce, payload(i))
+            .await;
     }
     publisher.acks(50).await;
 }
@@ -105,10 +89,8 @@ async fn persistent_session_keeps_subscriptions_and_messages_while_offline() {
     publisher.connected().await;
     for i in 0..30 {
         publisher
-            .client
-            .publish("orders/new", QoS::AtLeastOnce, false, payload(i))
-            .await
-            .unwrap();
+            .publish("orders/new", QoS::AtLeastOnce, payload(i))
+            .await;
     }
     publisher.acks(30).await;
     let mut subscriber = connect(options(spool.addr, "durable-sub", false));
@@ -140,10 +122,8 @@ async fn a_second_connection_takes_the_session_over() {
     let mut publisher = connect(options(spool.addr, "pub", true));
     publisher.connected().await;
     publisher
-        .client
-        .publish("to/module-a", QoS::AtLeastOnce, false, "still subscribed")
-        .await
-        .unwrap();
+        .publish("to/module-a", QoS::AtLeastOnce, "still subscribed")
+        .await;
     let received = second.publishes(1).await;
     assert_eq!(received[0].payload.as_ref(), b"still subscribed");
 }
@@ -161,10 +141,8 @@ async fn oversized_packet_ends_only_that_connection() {
     let mut offender = connect(big);
     offender.connected().await;
     offender
-        .client
-        .publish("t", QoS::AtLeastOnce, false, vec![0u8; 4096])
-        .await
-        .unwrap();
+        .publish("t", QoS::AtLeastOnce, vec![0u8; 4096])
+        .await;
     loop {
         match offender.next(10).await {
             Seen::Disconnected(_) => break,
@@ -174,11 +152,7 @@ async fn oversized_packet_ends_only_that_connection() {
     }
     let mut publisher = connect(options(spool.addr, "pub", true));
     publisher.connected().await;
-    publisher
-        .client
-        .publish("t", QoS::AtLeastOnce, false, "small")
-        .await
-        .unwrap();
+    publisher.publish("t", QoS::AtLeastOnce, "small").await;
     assert_eq!(bystander.publishes(1).await[0].payload.as_ref(), b"small");
 }
 

@@ -55,6 +55,28 @@ async fn read_qos2_publish(stream: &mut TcpStream, topic: &str) -> (u16, Vec<u8>
     )
 }
 
+/// Publishes at QoS 2 through the whole exchange: PUBREC, then PUBREL and PUBCOMP.
+async fn publish_exactly_once(publisher: &mut TcpStream, publish: &[u8], packet_id: u16) {
+    exchange(publisher, publish, (PUBREC, packet_id)).await;
+    exchange(publisher, &ack(PUBREL, packet_id), (PUBCOMP, packet_id)).await;
+}
+
+/// Expects the PUBREL of `packet_id` next and answers it with PUBCOMP.
+async fn complete_release(subscriber: &mut TcpStream, packet_id: u16) {
+    let (kind, body) = read_packet(subscriber).await;
+    assert_eq!((kind, body), (PUBREL, packet_id.to_be_bytes().to_vec()));
+    subscriber
+        .write_all(&ack(PUBCOMP, packet_id))
+        .await
+        .unwrap();
+}
+
+/// Sends PINGREQ and waits for PINGRESP: everything sent before has been handled.
+async fn ping(stream: &mut TcpStream) {
+    stream.write_all(&[0xC0, 0]).await.unwrap();
+    assert_eq!(read_packet(stream).await, (0xD0, vec![]));
+}
+
 /// Nothing more arrives on `stream` within half a second.
 async fn assert_quiet(stream: &mut TcpStream) {
     let more = tokio::time::timeout(Duration::from_millis(500), read_packet(stream)).await;
@@ -76,10 +98,8 @@ async fn qos2_messages_arrive_once_and_in_order_with_rumqttc() {
     publisher.connected().await;
     for i in 0..200u32 {
         publisher
-            .client
-            .publish("q2/n", QoS::ExactlyOnce, false, i.to_be_bytes().to_vec())
-            .await
-            .unwrap();
+            .publish("q2/n", QoS::ExactlyOnce, i.to_be_bytes().to_vec())
+            .await;
     }
     publisher.acks(200).await;
     let seen = subscriber.publishes(200).await;
@@ -113,8 +133,7 @@ async fn resend_across_a_restart(after: Duration) {
     exchange(&mut publisher, &resent, (PUBREC, 7)).await;
     exchange(&mut publisher, &ack(PUBREL, 7), (PUBCOMP, 7)).await;
     let second = publish_v311(2, false, 7, "q2/t", b"second");
-    exchange(&mut publisher, &second, (PUBREC, 7)).await;
-    exchange(&mut publisher, &ack(PUBREL, 7), (PUBCOMP, 7)).await;
+    publish_exactly_once(&mut publisher, &second, 7).await;
 
     let mut subscriber = connect_raw(&spool, "sub", true).await;
     let mut packet_ids = Vec::new();
@@ -168,8 +187,7 @@ async fn a_received_qos2_message_is_released_not_resent_and_keeps_its_packet_id(
     }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let message = publish_v311(2, false, 1, "q2/t", b"once");
-    exchange(&mut publisher, &message, (PUBREC, 1)).await;
-    exchange(&mut publisher, &ack(PUBREL, 1), (PUBCOMP, 1)).await;
+    publish_exactly_once(&mut publisher, &message, 1).await;
     let (packet_id, payload) = read_qos2_publish(&mut subscriber, "q2/t").await;
     assert_eq!(payload, b"once");
     spool.kill();
@@ -187,15 +205,9 @@ async fn a_received_qos2_message_is_released_not_resent_and_keeps_its_packet_id(
     drop(subscriber);
 
     let mut subscriber = connect_raw(&spool, "sub", true).await;
-    let (kind, body) = read_packet(&mut subscriber).await;
-    assert_eq!((kind, body), (PUBREL, packet_id.to_be_bytes().to_vec()));
-    subscriber
-        .write_all(&ack(PUBCOMP, packet_id))
-        .await
-        .unwrap();
+    complete_release(&mut subscriber, packet_id).await;
     // The PINGRESP proves the PUBCOMP was handled before the next connection takes over.
-    subscriber.write_all(&[0xC0, 0]).await.unwrap();
-    assert_eq!(read_packet(&mut subscriber).await, (0xD0, vec![]));
+    ping(&mut subscriber).await;
     drop(subscriber);
     let mut subscriber = connect_raw(&spool, "sub", true).await;
     assert_quiet(&mut subscriber).await;
@@ -212,8 +224,7 @@ async fn a_received_qos2_message_is_released_not_resent_after_a_crash() {
     let mut subscriber = qos2_subscriber(&spool).await;
     let mut publisher = connect_raw(&spool, "pub", false).await;
     let message = publish_v311(2, false, 1, "q2/t", b"once");
-    exchange(&mut publisher, &message, (PUBREC, 1)).await;
-    exchange(&mut publisher, &ack(PUBREL, 1), (PUBCOMP, 1)).await;
+    publish_exactly_once(&mut publisher, &message, 1).await;
     let (packet_id, _) = read_qos2_publish(&mut subscriber, "q2/t").await;
     exchange(
         &mut subscriber,
@@ -225,14 +236,8 @@ async fn a_received_qos2_message_is_released_not_resent_after_a_crash() {
 
     let spool = Spool::start(dir.path(), &[]);
     let mut subscriber = connect_raw(&spool, "sub", true).await;
-    let (kind, body) = read_packet(&mut subscriber).await;
-    assert_eq!((kind, body), (PUBREL, packet_id.to_be_bytes().to_vec()));
-    subscriber
-        .write_all(&ack(PUBCOMP, packet_id))
-        .await
-        .unwrap();
-    subscriber.write_all(&[0xC0, 0]).await.unwrap(); // PINGREQ: the PUBCOMP was handled
-    assert_eq!(read_packet(&mut subscriber).await, (0xD0, vec![]));
+    complete_release(&mut subscriber, packet_id).await;
+    ping(&mut subscriber).await; // the PUBCOMP was handled
     spool.kill();
 
     let spool = Spool::start(dir.path(), &[]);
@@ -259,8 +264,7 @@ async fn a_retained_qos2_copy_is_logged_for_a_persistent_subscriber() {
     let mut publisher = connect_raw(&spool, "pub", false).await;
     let mut retained = publish_v311(2, false, 1, "q2/t", b"state");
     retained[0] |= 0x01; // RETAIN
-    exchange(&mut publisher, &retained, (PUBREC, 1)).await;
-    exchange(&mut publisher, &ack(PUBREL, 1), (PUBCOMP, 1)).await;
+    publish_exactly_once(&mut publisher, &retained, 1).await;
     let mut subscriber = qos2_subscriber(&spool).await;
     let (kind, body) = read_packet(&mut subscriber).await;
     assert_eq!(kind & !0x08, 0x35, "a retained QoS 2 PUBLISH");
@@ -276,12 +280,7 @@ async fn a_retained_qos2_copy_is_logged_for_a_persistent_subscriber() {
 
     let spool = Spool::start(dir.path(), &[]);
     let mut subscriber = connect_raw(&spool, "sub", true).await;
-    let (kind, body) = read_packet(&mut subscriber).await;
-    assert_eq!((kind, body), (PUBREL, packet_id.to_be_bytes().to_vec()));
-    subscriber
-        .write_all(&ack(PUBCOMP, packet_id))
-        .await
-        .unwrap();
+    complete_release(&mut subscriber, packet_id).await;
     assert_quiet(&mut subscriber).await;
 }
 

@@ -177,28 +177,21 @@ pub struct ReleaseRecord {
 impl ReleaseRecord {
     #[must_use]
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(11);
-        out.put_u8(RELEASE_VERSION);
-        out.put_u64_le(self.session);
-        out.put_u16_le(self.packet_id);
-        out.freeze()
+        encode_fixed(RELEASE_VERSION, |out| {
+            out.put_u64_le(self.session);
+            out.put_u16_le(self.packet_id);
+        })
     }
 
     /// # Errors
     /// `RecordError` for anything that is not a well-formed release record.
-    pub fn decode(mut bytes: Bytes) -> Result<ReleaseRecord, RecordError> {
-        let version = take_u8(&mut bytes)?;
-        if version != RELEASE_VERSION {
-            return Err(RecordError::Version(version));
-        }
-        let record = ReleaseRecord {
-            session: take_u64(&mut bytes)?,
-            packet_id: take_u16(&mut bytes)?,
-        };
-        if !bytes.is_empty() {
-            return Err(RecordError::Trailing(bytes.len()));
-        }
-        Ok(record)
+    pub fn decode(bytes: Bytes) -> Result<ReleaseRecord, RecordError> {
+        decode_fixed(bytes, RELEASE_VERSION, |bytes| {
+            Ok(ReleaseRecord {
+                session: take_u64(bytes)?,
+                packet_id: take_u16(bytes)?,
+            })
+        })
     }
 }
 
@@ -213,29 +206,47 @@ pub struct ReceivedRecord {
 impl ReceivedRecord {
     #[must_use]
     pub fn encode(&self) -> Bytes {
-        let mut out = BytesMut::with_capacity(17);
-        out.put_u8(RECEIVED_VERSION);
-        out.put_u64_le(self.session);
-        out.put_u64_le(self.seq);
-        out.freeze()
+        encode_fixed(RECEIVED_VERSION, |out| {
+            out.put_u64_le(self.session);
+            out.put_u64_le(self.seq);
+        })
     }
 
     /// # Errors
     /// `RecordError` for anything that is not a well-formed received record.
-    pub fn decode(mut bytes: Bytes) -> Result<ReceivedRecord, RecordError> {
-        let version = take_u8(&mut bytes)?;
-        if version != RECEIVED_VERSION {
-            return Err(RecordError::Version(version));
-        }
-        let record = ReceivedRecord {
-            session: take_u64(&mut bytes)?,
-            seq: take_u64(&mut bytes)?,
-        };
-        if !bytes.is_empty() {
-            return Err(RecordError::Trailing(bytes.len()));
-        }
-        Ok(record)
+    pub fn decode(bytes: Bytes) -> Result<ReceivedRecord, RecordError> {
+        decode_fixed(bytes, RECEIVED_VERSION, |bytes| {
+            Ok(ReceivedRecord {
+                session: take_u64(bytes)?,
+                seq: take_u64(bytes)?,
+            })
+        })
     }
+}
+
+/// A small fixed-layout record: its version byte, then what `fields` writes.
+fn encode_fixed(version: u8, fields: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::with_capacity(32);
+    out.put_u8(version);
+    fields(&mut out);
+    out.freeze()
+}
+
+/// Reads what `encode_fixed` wrote: the version must match and nothing may trail the fields.
+fn decode_fixed<T>(
+    mut bytes: Bytes,
+    version: u8,
+    fields: impl FnOnce(&mut Bytes) -> Result<T, RecordError>,
+) -> Result<T, RecordError> {
+    let found = take_u8(&mut bytes)?;
+    if found != version {
+        return Err(RecordError::Version(found));
+    }
+    let record = fields(&mut bytes)?;
+    if !bytes.is_empty() {
+        return Err(RecordError::Trailing(bytes.len()));
+    }
+    Ok(record)
 }
 
 fn take_targets(bytes: &mut Bytes) -> Result<Vec<Target>, RecordError> {

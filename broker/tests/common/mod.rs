@@ -139,6 +139,14 @@ pub fn connect(options: rumqttc::MqttOptions) -> Client {
 }
 
 impl Client {
+    /// Queues a publish (not retained) in the client; its PUBACK, if any, comes as an event.
+    pub async fn publish(&self, topic: &str, qos: rumqttc::QoS, payload: impl Into<Vec<u8>>) {
+        self.client
+            .publish(topic, qos, false, payload)
+            .await
+            .unwrap();
+    }
+
     /// The next event, failing the test after `secs` seconds.
     pub async fn next(&mut self, secs: u64) -> Seen {
         tokio::time::timeout(Duration::from_secs(secs), self.events.recv())
