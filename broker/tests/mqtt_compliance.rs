@@ -28,7 +28,9 @@ async fn qos1_messages_arrive_in_order_with_wildcards() {
     publisher.connected().await;
     for i in 0..200 {
         let topic = format!("sensors/{}/temperature", i % 3);
-        publisher.publish(&topic, QoS::AtLeastOnce, payload(i)).await;
+        publisher
+            .publish(&topic, QoS::AtLeastOnce, payload(i))
+            .await;
     }
     publisher
         .publish("sensors/0/humidity", QoS::AtLeastOnce, "not matched")

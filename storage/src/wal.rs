@@ -257,6 +257,11 @@ impl Wal {
                 (file, segment)
             }
         };
+        // A killed process may have left written, never synced records in the page cache;
+        // recovery counts them as durable, so make them so before anyone relies on it. (Older
+        // segments were synced before they rolled.)
+        file.sync_data()
+            .map_err(|e| Error::io("sync segment", &last.path, e))?;
         let allocated = file
             .size()
             .map_err(|e| Error::io("stat segment", &last.path, e))?;

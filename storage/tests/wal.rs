@@ -8,7 +8,7 @@ mod common;
 
 use bytes::Bytes;
 use common::{open_faulty, payload_for, read_all, small_segments};
-use spool_storage::{Error, FaultyFs, LockPolicy, SyncPolicy, Wal, WalOptions};
+use spool_storage::{CrashMode, Error, FaultyFs, LockPolicy, SyncPolicy, Wal, WalOptions};
 use std::time::Duration;
 
 #[tokio::test]
@@ -128,6 +128,35 @@ async fn failed_fsync_poisons_the_log_for_good() {
     assert_eq!(first.to_string(), second.to_string());
     assert!(wal.try_submit(1, Bytes::new()).is_err());
     assert!(wal.close().is_err());
+}
+
+#[tokio::test]
+async fn records_a_killed_process_wrote_but_never_synced_are_synced_at_open() {
+    // Goal: after a process crash the page cache may hold records that were written but not
+    // fdatasynced. The next open counts them as durable (and the broker acknowledges resends
+    // of them), so it must make them durable first, or a power loss would take them back.
+    let fs = FaultyFs::new();
+    let (wal, _) = open_faulty(&fs, WalOptions::default()).unwrap();
+    wal.append(1, Bytes::from_static(b"synced")).await.unwrap();
+    fs.fail_syncs_after(0);
+    let unsynced = wal.append(1, Bytes::from_static(b"written only")).await;
+    assert!(unsynced.is_err());
+    let _ = wal.close();
+    drop(wal); // the process dies; its writes stay in the page cache
+    fs.clear_faults();
+
+    let (wal, _) = open_faulty(&fs, WalOptions::default()).unwrap();
+    let durable = wal.durable_seq();
+    assert_eq!(durable, 2, "recovery found the written record");
+    wal.close().unwrap();
+    drop(wal);
+    fs.crash(CrashMode::PowerLoss);
+    let (wal, _) = open_faulty(&fs, WalOptions::default()).unwrap();
+    assert_eq!(
+        read_all(&wal).len(),
+        2,
+        "what the open called durable survived"
+    );
 }
 
 #[tokio::test]
