@@ -34,7 +34,11 @@ PAHO_MQTT_VERSION=2.1.0
 need_python_package() {
     if ! python3 -c "import paho.mqtt, sys; sys.exit(paho.mqtt.__version__ != '$PAHO_MQTT_VERSION')" 2>/dev/null; then
         step "installing paho-mqtt $PAHO_MQTT_VERSION from PyPI"
-        python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==$PAHO_MQTT_VERSION" || {
+        # Debian 12 marks its Python as externally managed (PEP 668); this test-only package
+        # is then installed for the user beside it.
+        python3 -m pip install --quiet --disable-pip-version-check "paho-mqtt==$PAHO_MQTT_VERSION" ||
+            python3 -m pip install --quiet --disable-pip-version-check --user \
+                --break-system-packages "paho-mqtt==$PAHO_MQTT_VERSION" || {
             echo "paho-mqtt is missing; install it with: python3 -m pip install paho-mqtt==$PAHO_MQTT_VERSION" >&2
             exit 1
         }
