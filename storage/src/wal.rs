@@ -216,6 +216,38 @@ impl Owner {
     }
 }
 
+/// Opens the last segment for appending, or creates the first one.
+fn open_active_segment(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    epoch: u64,
+    next_seq: u64,
+    segments: &mut SegmentSet,
+) -> Result<ActiveSegment> {
+    let (file, last) = match segments.last_mut() {
+        Some(last) => {
+            let file = fs
+                .open(&last.path, crate::fs::OpenMode::ReadWrite)
+                .map_err(|e| Error::io("open segment", &last.path, e))?;
+            (file, last.clone())
+        }
+        None => {
+            let (file, segment) = create_segment(fs, dir, epoch, next_seq)?;
+            segments.push(segment.clone());
+            (file, segment)
+        }
+    };
+    // A killed process may have left written, never synced records in the page cache;
+    // recovery counts them as durable, so make them so before anyone relies on it. (Older
+    // segments were synced before they rolled.)
+    file.sync_data()
+        .map_err(|e| Error::io("sync segment", &last.path, e))?;
+    let allocated = file
+        .size()
+        .map_err(|e| Error::io("stat segment", &last.path, e))?;
+    Ok(ActiveSegment::new(file, &last, allocated))
+}
+
 impl Wal {
     /// Opens (creating if needed) the log in `dir` on the real file system, recovering it.
     ///
@@ -244,35 +276,7 @@ impl Wal {
         let epoch = fence::bump_epoch(fs.as_ref(), dir, recovered.epoch_floor)?;
         let mut segments = recovered.segments;
         let next_seq = recovered.next_seq;
-        let (file, last) = match segments.last_mut() {
-            Some(last) => {
-                let file = fs
-                    .open(&last.path, crate::fs::OpenMode::ReadWrite)
-                    .map_err(|e| Error::io("open segment", &last.path, e))?;
-                (file, last.clone())
-            }
-            None => {
-                let (file, segment) = create_segment(fs.as_ref(), dir, epoch, next_seq)?;
-                segments.push(segment.clone());
-                (file, segment)
-            }
-        };
-        // A killed process may have left written, never synced records in the page cache;
-        // recovery counts them as durable, so make them so before anyone relies on it. (Older
-        // segments were synced before they rolled.)
-        file.sync_data()
-            .map_err(|e| Error::io("sync segment", &last.path, e))?;
-        let allocated = file
-            .size()
-            .map_err(|e| Error::io("stat segment", &last.path, e))?;
-        let active = ActiveSegment {
-            first_seq: last.first_seq,
-            path: last.path,
-            file,
-            len: last.bytes,
-            allocated,
-            salt: last.salt,
-        };
+        let active = open_active_segment(fs.as_ref(), dir, epoch, next_seq, &mut segments)?;
         let usage_bytes = segments.total_bytes();
         let shared = Arc::new(Shared {
             fs,

@@ -11,13 +11,12 @@
 
 use crate::fence;
 use crate::fs::FileHandle;
-use crate::layout::segment_path as segment_path_of;
 use crate::layout::{FRAME_HEADER_BYTES, KIND_BATCH_START, SEGMENT_HEADER_BYTES, encode_frame};
 use crate::limits::{
     EPOCH_CHECK_INTERVAL_MS, GATHER_RECORDS_MIN, GATHER_WAIT_US_MAX, PREALLOCATE_WRITE_BYTES_MAX,
 };
 use crate::options::SyncPolicy;
-use crate::segment::create_segment;
+use crate::segment::{Segment, create_segment};
 use crate::wal::{QueueState, Shared, Submission};
 use crate::{Error, Result};
 use std::path::PathBuf;
@@ -34,6 +33,20 @@ pub(crate) struct ActiveSegment {
     /// The file's size: `len` plus zeros written ahead (preallocation).
     pub allocated: u64,
     pub salt: u32,
+}
+
+impl ActiveSegment {
+    /// Appends go to `file`, the segment `segment` describes, whose size is `allocated`.
+    pub fn new(file: Box<dyn FileHandle>, segment: &Segment, allocated: u64) -> ActiveSegment {
+        ActiveSegment {
+            first_seq: segment.first_seq,
+            path: segment.path.clone(),
+            file,
+            len: segment.bytes,
+            allocated,
+            salt: segment.salt,
+        }
+    }
 }
 
 pub(crate) struct Writer {
@@ -266,6 +279,10 @@ impl Writer {
     /// written ahead are cut off first, so a sealed segment ends with its last record.
     fn roll(&mut self, first_seq: u64) -> Result<()> {
         assert!(self.buffer.is_empty(), "flush before rolling");
+        // Fenced first: a newer owner may have recovered this segment and appended to it,
+        // and the trim below would cut its records off.
+        fence::check_epoch(self.shared.fs.as_ref(), &self.shared.dir, self.shared.epoch)?;
+        self.epoch_checked_at = Instant::now();
         if self.active.allocated > self.active.len {
             let path = &self.active.path;
             self.active
@@ -279,28 +296,18 @@ impl Writer {
         }
         fail::fail_point!("storage.segment.roll", |_| Err(Error::io(
             "create segment",
-            segment_path_of(&self.shared.dir, first_seq),
+            crate::layout::segment_path(&self.shared.dir, first_seq),
             std::io::Error::other("failpoint storage.segment.roll")
         )));
         let fs = self.shared.fs.as_ref();
-        fence::check_epoch(fs, &self.shared.dir, self.shared.epoch)?;
-        self.epoch_checked_at = Instant::now();
         let (file, segment) = create_segment(fs, &self.shared.dir, self.shared.epoch, first_seq)?;
-        let salt = segment.salt;
+        self.active = ActiveSegment::new(file, &segment, SEGMENT_HEADER_BYTES);
         self.shared
             .segments
             .write()
             .unwrap_or_else(PoisonError::into_inner)
             .push(segment);
         self.shared.lock_queue().usage_bytes += SEGMENT_HEADER_BYTES;
-        self.active = ActiveSegment {
-            first_seq,
-            path: segment_path_of(&self.shared.dir, first_seq),
-            file,
-            len: SEGMENT_HEADER_BYTES,
-            allocated: SEGMENT_HEADER_BYTES,
-            salt,
-        };
         Ok(())
     }
 }
