@@ -97,10 +97,14 @@ impl DeliveryQueue {
         }
         let mut pushed = Pushed::Queued;
         // An entry sent before keeps its place: the client may hold its packet id (QoS 2),
-        // and would take a later message with that id for a copy. Those are at most a
+        // and would take a later message with that id for a copy. So does one it received
+        // before a restart (released, its packet id not given again yet). Those are at most a
         // window's worth, so the queue stays bounded.
         if self.len() >= self.limit
-            && let Some(at) = self.waiting.iter().position(|e| e.packet_id.is_none())
+            && let Some(at) = self
+                .waiting
+                .iter()
+                .position(|e| e.packet_id.is_none() && !e.released)
         {
             self.waiting.remove(at);
             self.dropped_full += 1;
@@ -334,6 +338,18 @@ mod tests {
         let retained = queue.next_to_send(2).unwrap();
         assert!(retained.retained.is_some() && !retained.released);
         assert!(queue.next_to_send(2).unwrap().released);
+    }
+
+    #[test]
+    fn a_full_queue_keeps_a_message_the_client_received_before_a_restart() {
+        let mut queue = DeliveryQueue::new(2);
+        queue.push(QueueEntry::new(1, QoS::ExactlyOnce, false, Vec::new()));
+        assert!(queue.received_logged(1));
+        queue.push(entry(2));
+        assert_eq!(queue.push(entry(3)), Pushed::DroppedOldest);
+        let kept = queue.next_to_send(10).unwrap();
+        assert!(kept.seq == 1 && kept.released, "its PUBREL is still owed");
+        assert_eq!(queue.next_to_send(10).unwrap().seq, 3);
     }
 
     #[test]
