@@ -290,6 +290,14 @@ async fn a_connection_held_back_at_the_log_quota_ends_when_its_session_is_taken_
     // a new connection takes its session over, instead of logging later a QoS 2 packet id
     // that only the old connection knew: the new one would take its own next publish with
     // that id for a resend, and lose it.
+    // At QoS 1, the late publish would land after the successor's newer ones (law 2).
+    held_back_until_taken_over(2).await;
+    held_back_until_taken_over(1).await;
+}
+
+/// A 3.1.1 client "dev" publishes at `qos` while the log is at its quota; a new connection
+/// takes its session over; the old connection must end.
+async fn held_back_until_taken_over(qos: u8) {
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(
         dir.path(),
@@ -322,10 +330,10 @@ async fn a_connection_held_back_at_the_log_quota_ends_when_its_session_is_taken_
     }
     assert!(acknowledged < 50, "the quota was never reached");
     let mut old = connect_raw(&spool, "dev", false).await;
-    old.write_all(&publish_v311(2, false, 7, "q2/t", &[1; 60_000]))
+    old.write_all(&publish_v311(qos, false, 7, "q2/t", &[1; 60_000]))
         .await
         .unwrap();
-    assert_quiet(&mut old).await; // held back: no PUBREC
+    assert_quiet(&mut old).await; // held back: no PUBACK or PUBREC
     let _new = connect_raw(&spool, "dev", true).await;
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(5), old.read_to_end(&mut rest)).await;

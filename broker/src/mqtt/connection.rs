@@ -72,10 +72,10 @@ struct AwaitingDurability {
 /// What goes out once the record is durable.
 #[derive(Debug, Clone, Copy)]
 enum Ack {
-    /// PUBACK.
-    Accepted(u16),
-    /// PUBREC.
-    Received(u16),
+    /// PUBACK; its reason is success, or quota exceeded for a publish not logged.
+    Accepted(u16, Reason),
+    /// PUBREC, with a reason as for PUBACK.
+    Received(u16, Reason),
     /// PUBCOMP; `found`: the packet id was held (MQTT 5 says 0x92 otherwise).
     Completed { packet_id: u16, found: bool },
 }
@@ -84,8 +84,18 @@ enum Ack {
 enum Durable {
     /// Appended by this connection.
     Append(PendingAppend),
-    /// Already logged at this sequence number (a resent QoS 2 publish).
+    /// Already logged at this sequence number (a resent QoS 2 publish), or, for 0, nothing to
+    /// wait for (a refusal, which still goes out in order).
     Through(u64),
+}
+
+/// What `append` did with a record.
+enum Appended {
+    Logged(Durable),
+    /// Not logged, the log being at its quota: an MQTT 5 client is told (quota exceeded).
+    Refused,
+    /// Not logged: a QoS 0 publish over the quota, which promises nothing.
+    Dropped,
 }
 
 /// Serves one client until it disconnects or breaks the protocol.
@@ -425,17 +435,16 @@ where
                 "the write-ahead log failed",
             ));
         }
-        let reason = Reason::Success;
         let packet = match ack {
-            Ack::Accepted(packet_id) => {
+            Ack::Accepted(packet_id, reason) => {
                 self.publishes_awaiting_ack -= 1;
                 ServerPacket::PubAck { packet_id, reason }
             }
-            Ack::Received(packet_id) => ServerPacket::PubRec { packet_id, reason },
+            Ack::Received(packet_id, reason) => ServerPacket::PubRec { packet_id, reason },
             Ack::Completed { packet_id, found } => ServerPacket::PubComp {
                 packet_id,
                 reason: if found {
-                    reason
+                    Reason::Success
                 } else {
                     Reason::PacketIdentifierNotFound
                 },
@@ -533,7 +542,7 @@ where
             let why = format!("more than {USER_PROPERTIES_MAX} user properties");
             return Err(Close::with(Reason::ImplementationSpecificError, why));
         }
-        let topic = self.resolve_topic(&publish)?;
+        let topic = self.resolve_topic(publish.topic, publish.topic_alias)?;
         topic::validate_name(&topic)
             .map_err(|e| Close::with(Reason::TopicNameInvalid, format!("topic {topic:?}: {e}")))?;
         let packet_id = publish.packet_id.unwrap_or(0);
@@ -556,19 +565,22 @@ where
         if publish.qos == QoS::ExactlyOnce {
             record.qos2_packet_id = Some(packet_id);
         }
-        let durable = self
+        let (durable, reason) = match self
             .append(KIND_PUBLISH, record.encode(), publish.qos, packet_id)
-            .await?;
+            .await?
+        {
+            Appended::Logged(durable) => (durable, Reason::Success),
+            Appended::Refused => (Durable::Through(0), Reason::QuotaExceeded),
+            Appended::Dropped => return Ok(()),
+        };
         let ack = match publish.qos {
             QoS::AtMostOnce => return Ok(()),
-            QoS::AtLeastOnce => Ack::Accepted(packet_id),
-            QoS::ExactlyOnce => Ack::Received(packet_id),
+            QoS::AtLeastOnce => Ack::Accepted(packet_id, reason),
+            QoS::ExactlyOnce => Ack::Received(packet_id, reason),
         };
-        if let Some(durable) = durable {
-            self.publishes_awaiting_ack += usize::from(matches!(ack, Ack::Accepted(_)));
-            self.awaiting_durability
-                .push_back(AwaitingDurability { ack, durable });
-        }
+        self.publishes_awaiting_ack += usize::from(matches!(ack, Ack::Accepted(..)));
+        self.awaiting_durability
+            .push_back(AwaitingDurability { ack, durable });
         Ok(())
     }
 
@@ -604,9 +616,7 @@ where
             session: self.session,
             packet_id,
         };
-        // Only the reason code depends on it, so reading it apart from the release is fine.
-        let found = receipts::lock(&self.receipts).get(packet_id).is_some();
-        let durable = self
+        let appended = self
             .append(
                 KIND_QOS2_RELEASE,
                 record.encode(),
@@ -614,7 +624,9 @@ where
                 packet_id,
             )
             .await?;
-        if let Some(durable) = durable {
+        if let Appended::Logged(durable) = appended {
+            // A release record is logged only for a packet id that was held.
+            let found = matches!(durable, Durable::Append(_));
             self.awaiting_durability.push_back(AwaitingDurability {
                 ack: Ack::Completed { packet_id, found },
                 durable,
@@ -631,18 +643,19 @@ where
             .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))
     }
 
-    /// Queues a record in the log; `None` when it was not (QoS 0 over quota, or the client was
-    /// told "quota exceeded"). When the log's quota is full, an MQTT 5 client gets "quota
+    /// Queues a record in the log. When the log's quota is full, an MQTT 5 client gets "quota
     /// exceeded" for a QoS 1/2 publish (nothing was accepted, it may retry); a 3.1.1 client,
     /// which has no way to be told, waits while the connection stops reading (back-pressure),
-    /// and so does a release, which frees a packet id and must not be refused.
+    /// until space is freed or its session is taken over. (A release never meets the quota:
+    /// it frees a packet id and must not be refused.)
     async fn append(
         &mut self,
         kind: u8,
         record: bytes::Bytes,
         qos: QoS,
         packet_id: u16,
-    ) -> Result<Option<Durable>, Close> {
+    ) -> Result<Appended, Close> {
+        let mut held_back = false;
         loop {
             let submitted = match self.context.wal.reserve(kind, record.clone()).await {
                 Ok(reservation) if qos == QoS::ExactlyOnce => {
@@ -656,7 +669,7 @@ where
                 Err(e) => Err(Submit::Log(e)),
             };
             let error = match submitted {
-                Ok(durable) => return Ok(Some(durable)),
+                Ok(durable) => return Ok(Appended::Logged(durable)),
                 Err(Submit::TakenOver) => {
                     return Err(Close::with(Reason::SessionTakenOver, "session taken over"));
                 }
@@ -664,26 +677,23 @@ where
             };
             match error {
                 spool_storage::Error::QuotaExceeded { quota_bytes } => {
-                    tracing::warn!(
-                        quota_bytes,
-                        "write-ahead log quota reached: holding back publishes"
-                    );
-                    if qos == QoS::AtMostOnce {
-                        return Ok(None); // QoS 0 promises nothing; counted in the log line above
+                    if !held_back {
+                        tracing::warn!(
+                            quota_bytes,
+                            "write-ahead log quota reached: holding back publishes"
+                        );
+                        held_back = true;
                     }
-                    if self.protocol == Protocol::V5 && kind == KIND_PUBLISH {
-                        let packet = match qos {
-                            QoS::ExactlyOnce => ServerPacket::PubRec {
-                                packet_id,
-                                reason: Reason::QuotaExceeded,
-                            },
-                            _ => ServerPacket::PubAck {
-                                packet_id,
-                                reason: Reason::QuotaExceeded,
-                            },
-                        };
-                        self.send(packet).await?;
-                        return Ok(None);
+                    if qos == QoS::AtMostOnce {
+                        return Ok(Appended::Dropped); // counted in the log line above
+                    }
+                    if self.protocol == Protocol::V5 {
+                        return Ok(Appended::Refused);
+                    }
+                    // A taken-over connection must not log later what its successor
+                    // published meanwhile (law 2: the sender's order).
+                    if receipts::lock(&self.receipts).owner() != self.connection_id {
+                        return Err(Close::with(Reason::SessionTakenOver, "session taken over"));
                     }
                     if self.context.shutdown.is_cancelled() {
                         return Err(Close::with(
@@ -711,9 +721,9 @@ where
     }
 
     /// The topic of an MQTT 5 publish that may use a topic alias (§3.3.2.3.4).
-    fn resolve_topic(&mut self, publish: &InboundPublish) -> Result<String, Close> {
-        let Some(alias) = publish.topic_alias else {
-            return Ok(publish.topic.clone());
+    fn resolve_topic(&mut self, topic: String, alias: Option<u16>) -> Result<String, Close> {
+        let Some(alias) = alias else {
+            return Ok(topic);
         };
         if alias == 0 || alias > self.context.limits.topic_alias_max {
             return Err(Close::with(
@@ -721,7 +731,7 @@ where
                 format!("topic alias {alias}"),
             ));
         }
-        if publish.topic.is_empty() {
+        if topic.is_empty() {
             return self.topic_aliases.get(&alias).cloned().ok_or_else(|| {
                 Close::with(
                     Reason::ProtocolError,
@@ -729,8 +739,8 @@ where
                 )
             });
         }
-        self.topic_aliases.insert(alias, publish.topic.clone());
-        Ok(publish.topic.clone())
+        self.topic_aliases.insert(alias, topic.clone());
+        Ok(topic)
     }
 
     async fn on_subscribe(
