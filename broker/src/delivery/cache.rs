@@ -8,7 +8,8 @@ use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct MessageCache {
-    messages: BTreeMap<u64, Arc<Message>>,
+    /// Each message with the bytes it keeps alive.
+    messages: BTreeMap<u64, (Arc<Message>, usize)>,
     bytes: usize,
     bytes_max: usize,
 }
@@ -23,22 +24,25 @@ impl MessageCache {
         }
     }
 
-    /// Keeps a message, evicting the oldest ones beyond the byte bound.
-    pub fn insert(&mut self, seq: u64, message: Arc<Message>) {
-        self.bytes += message.size_bytes();
-        if let Some(old) = self.messages.insert(seq, message) {
-            self.bytes -= old.size_bytes();
+    /// Keeps a message that holds `bytes` alive (a message decoded from a record shares the
+    /// record's buffer, targets included), evicting the oldest ones beyond the byte bound.
+    pub fn insert(&mut self, seq: u64, message: Arc<Message>, bytes: usize) {
+        self.bytes += bytes;
+        if let Some((_, old)) = self.messages.insert(seq, (message, bytes)) {
+            self.bytes -= old;
         }
         while self.bytes > self.bytes_max {
-            let Some((_, evicted)) = self.messages.pop_first() else {
+            let Some((_, (_, evicted))) = self.messages.pop_first() else {
                 break;
             };
-            self.bytes -= evicted.size_bytes();
+            self.bytes -= evicted;
         }
     }
 
     #[must_use]
     pub fn get(&self, seq: u64) -> Option<Arc<Message>> {
-        self.messages.get(&seq).cloned()
+        self.messages
+            .get(&seq)
+            .map(|(message, _)| Arc::clone(message))
     }
 }

@@ -26,8 +26,10 @@ use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};
 use crate::session::persist::PersistedSession;
 use crate::session::receipts::{self, Qos2Receipts};
 use crate::session::{Attachment, Session};
+use bytes::Bytes;
 use spool_storage::{Commit, Meta, Record, StateTable, Wal, WalReader};
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
@@ -85,6 +87,8 @@ pub struct Hub {
     retained: RetainedMessages,
     /// Where the stored QoS 2 receipts are complete (see `session::receipts`).
     receipts_checkpoint: u64,
+    /// A removal of old log segments is under way (on a blocking thread).
+    retention_running: Arc<AtomicBool>,
     limits: HubLimits,
 }
 
@@ -114,6 +118,7 @@ impl Hub {
             cache: MessageCache::new(MESSAGE_CACHE_BYTES_MAX),
             retained,
             receipts_checkpoint: 0,
+            retention_running: Arc::new(AtomicBool::new(false)),
             limits,
         };
         let replay_from = hub.load_sessions()?.min(hub.retained.replay_from());
@@ -419,6 +424,7 @@ impl Hub {
         // the retained copies, so it cannot overtake them.
         self.queue_retained(id, &retained_for);
         drop(router);
+        self.pump(id);
         // A persistent session's subscriptions are durable before the SUBACK says granted.
         if let Err(e) = self.store_session(id) {
             tracing::error!(session = id, "failed to store subscriptions: {e}");
@@ -427,9 +433,10 @@ impl Hub {
         outcomes
     }
 
-    /// Queues the retained messages matching new subscriptions; they go out after the SUBACK
-    /// (the connection sends it before it takes more from its channel), with RETAIN set. A
-    /// persistent session gets them at QoS 1 and 2 as logged copies (see `log_retained_copy`).
+    /// Queues the retained messages matching new subscriptions (the caller pumps); they go out
+    /// after the SUBACK (the connection sends it before it takes more from its channel), with
+    /// RETAIN set. A persistent session gets them at QoS 1 and 2 as logged copies (see
+    /// `log_retained_copy`).
     fn queue_retained(&mut self, id: u64, subscriptions: &[(String, SubscriptionOptions)]) {
         let now = now_ms();
         let position = self.tail.next_seq() - 1;
@@ -457,7 +464,6 @@ impl Hub {
                 }
             }
         }
-        self.pump(id);
     }
 
     fn unsubscribe(&mut self, id: u64, filters: &[String]) -> Vec<bool> {
@@ -715,11 +721,16 @@ impl Hub {
                     .min(self.receipts_checkpoint + 1),
                 u64::min,
             );
-        let wal = self.wal.clone();
+        // One removal at a time: on a slow disk, one a second would pile up.
+        if self.retention_running.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let (wal, running) = (self.wal.clone(), Arc::clone(&self.retention_running));
         tokio::task::spawn_blocking(move || {
             if let Err(e) = wal.remove_segments_below(lowest_needed) {
                 tracing::error!("failed to remove old log segments: {e}");
             }
+            running.store(false, Ordering::Release);
         });
     }
 
@@ -841,9 +852,15 @@ impl Hub {
             }
         };
         let message = Arc::new(publish.message);
-        self.cache.insert(record.seq, Arc::clone(&message));
+        self.cache
+            .insert(record.seq, Arc::clone(&message), record.payload.len());
         if message.retain && !publish.retained_copy {
-            self.retained.apply(record.seq, &message);
+            // Kept for long: its own copy of the payload, not a share of the whole record.
+            let retained = Message {
+                payload: Bytes::copy_from_slice(&message.payload),
+                ..Message::clone(&message)
+            };
+            self.retained.apply(record.seq, &Arc::new(retained));
         }
         for target in publish.targets {
             let Some(session) = self.sessions.get_mut(&target.session) else {
@@ -919,13 +936,8 @@ impl Hub {
             match channel.try_send(outbound) {
                 Ok(()) if entry.qos != QoS::AtMostOnce => session.queue.sent(entry),
                 Ok(()) => {}
-                Err(TrySendError::Full(_)) => {
-                    session.queue.unsend(entry);
-                    if !channel.ask_for_room(session.queue.in_flight_len() + 1) {
-                        return;
-                    }
-                }
-                Err(TrySendError::Closed(_)) => {
+                // Not full: the hub is the only sender and saw room above. Closed, then.
+                Err(_) => {
                     session.queue.unsend(entry);
                     return;
                 }
