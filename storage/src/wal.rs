@@ -459,6 +459,24 @@ impl Wal {
         self.shared().lock_queue().next_seq - 1
     }
 
+    /// Waits until every record through `seq` is durable (for a caller that did not append
+    /// it, so has no `PendingAppend` to await).
+    ///
+    /// # Errors
+    /// The log's failure, if it fails first.
+    pub async fn wait_durable(&self, seq: u64) -> Result<()> {
+        let failed = || matches!(self.shared().lock_queue().state, QueueState::Failed(_));
+        let mut durable = self.watch_durable();
+        let reached = durable
+            .wait_for(|&through| through >= seq || failed())
+            .await
+            .is_ok_and(|through| *through >= seq);
+        match reached {
+            true => Ok(()),
+            false => Err(self.stopped_error()),
+        }
+    }
+
     /// A receiver that changes whenever more records become durable.
     #[must_use]
     pub fn watch_durable(&self) -> watch::Receiver<u64> {

@@ -160,6 +160,23 @@ async fn records_a_killed_process_wrote_but_never_synced_are_synced_at_open() {
 }
 
 #[tokio::test]
+async fn waiting_for_durability_ends_with_the_log_failure() {
+    // Goal: a caller waiting for a record it did not append (a resent QoS 2 publish) is not
+    // left waiting for good when the log fails.
+    let fs = FaultyFs::new();
+    let (wal, _) = open_faulty(&fs, WalOptions::default()).unwrap();
+    wal.append(1, Bytes::from_static(b"durable")).await.unwrap();
+    fs.fail_syncs_after(0);
+    let lost = wal.submit(1, Bytes::from_static(b"lost")).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(10), wal.wait_durable(lost.seq()));
+    assert!(matches!(waited.await, Ok(Err(Error::Poisoned { .. }))));
+    assert!(
+        wal.wait_durable(1).await.is_ok(),
+        "what was durable stays so"
+    );
+}
+
+#[tokio::test]
 async fn full_disk_fails_the_append_and_keeps_what_was_acknowledged() {
     // Goal: ENOSPC during a write fails the appends in flight, never the acknowledged ones.
     let fs = FaultyFs::new();

@@ -877,14 +877,7 @@ async fn next_durable(
     };
     let result = match &mut front.durable {
         Durable::Append(append) => append.await.map(|_| ()),
-        Durable::Through(seq) => {
-            let seq = *seq;
-            let mut durable = wal.watch_durable();
-            match durable.wait_for(|&through| through >= seq).await {
-                Ok(_) => Ok(()),
-                Err(_) => Err(spool_storage::Error::Closed),
-            }
-        }
+        Durable::Through(seq) => wal.wait_durable(*seq).await,
     };
     let done = awaiting.pop_front().expect("front exists");
     (done.ack, result)
