@@ -58,10 +58,16 @@ fn wal_latencies() -> Vec<Duration> {
     latencies
 }
 
-/// Raw write + fdatasync latencies, one sample every `interval` (zero: back to back).
-fn raw_latencies(interval: Duration) -> Vec<Duration> {
+/// Raw write + fdatasync latencies, one sample every `interval` (zero: back to back), on a
+/// file that grows (each fdatasync also commits its size) or one preallocated like the WAL's.
+fn raw_latencies(interval: Duration, preallocated: bool) -> Vec<Duration> {
     let dir = bench_dir(env!("CARGO_TARGET_TMPDIR"));
-    let mut raw = RawFile::create(&dir.path().join("raw"));
+    let path = dir.path().join("raw");
+    let mut raw = if preallocated {
+        RawFile::create_preallocated(&path)
+    } else {
+        RawFile::create(&path)
+    };
     let begun = Instant::now();
     let mut previous_end = begun;
     let mut latencies: Vec<Duration> = (0..RAW_SAMPLES)
@@ -73,9 +79,10 @@ fn raw_latencies(interval: Duration) -> Vec<Duration> {
             // Paced, a sample due while the previous fdatasync still ran waited for it, as an
             // append would: count from when it was due (no coordinated omission), so a long
             // stall weighs as many samples as it delays, as it does in the WAL's figures.
-            let started = match interval.is_zero() || previous_end <= due {
-                true => Instant::now(),
-                false => due,
+            let started = if interval.is_zero() || previous_end <= due {
+                Instant::now()
+            } else {
+                due
             };
             raw.write_one_batch(RECORD_BYTES + FRAME_OVERHEAD_BYTES);
             previous_end = Instant::now();
@@ -90,8 +97,21 @@ fn main() {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return; // `cargo test --benches` probes bench binaries; there is nothing to test here
     }
-    let back_to_back = raw_latencies(Duration::ZERO);
-    let paced = raw_latencies(RAW_SAMPLE_INTERVAL);
+    let baselines = [
+        ("raw appended, back to back", false, Duration::ZERO),
+        (
+            "raw appended, one per ms for 5 s",
+            false,
+            RAW_SAMPLE_INTERVAL,
+        ),
+        ("raw preallocated, back to back", true, Duration::ZERO),
+        (
+            "raw preallocated, one per ms for 5 s",
+            true,
+            RAW_SAMPLE_INTERVAL,
+        ),
+    ]
+    .map(|(name, preallocated, interval)| (name, raw_latencies(interval, preallocated)));
     let wal = wal_latencies();
     let micros = |d: Duration| d.as_secs_f64() * 1e6;
     let p50_p99 = |l: &[Duration]| (micros(quantile(l, 0.5)), micros(quantile(l, 0.99)));
@@ -101,10 +121,7 @@ fn main() {
         "{:<48} {:>9} {:>9} {:>11} {:>11}",
         "", "p50 (us)", "p99 (us)", "WAL p50 /", "WAL p99 /"
     );
-    for (name, raw) in [
-        ("raw write + fdatasync, back to back", &back_to_back),
-        ("raw write + fdatasync, one per ms for 5 s", &paced),
-    ] {
+    for (name, raw) in &baselines {
         let (p50, p99) = p50_p99(raw);
         println!(
             "{name:<48} {p50:>9.0} {p99:>9.0} {:>11.2} {:>11.2}",
