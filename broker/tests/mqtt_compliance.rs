@@ -104,6 +104,43 @@ async fn persistent_session_keeps_subscriptions_and_messages_while_offline() {
 }
 
 #[tokio::test]
+async fn an_offline_session_beyond_its_queue_limit_keeps_the_newest_messages() {
+    // Goal: the per-session limit bounds what waits for an offline client: beyond it the
+    // oldest messages go (`queue_full`) and the newest arrive, in order, also when the queue
+    // is rebuilt from the log after a crash.
+    let dir = tempfile::tempdir().unwrap();
+    let limit = ["--session-queue-max", "10"];
+    let mut spool = Spool::start(dir.path(), &limit);
+    let mut subscriber = connect(options(spool.addr, "dead-letter", false));
+    subscriber.connected().await;
+    subscriber.subscribe("events/#", QoS::AtLeastOnce).await;
+    subscriber.client.disconnect().await.unwrap();
+    for (round, range) in [(0, 0..25), (1, 25..50)] {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let mut publisher = connect(options(spool.addr, "pub", true));
+        publisher.connected().await;
+        for i in range.clone() {
+            publisher
+                .publish("events/door", QoS::AtLeastOnce, payload(i))
+                .await;
+        }
+        publisher.acks(25).await;
+        if round == 1 {
+            spool.kill();
+            spool = Spool::start(dir.path(), &limit);
+        }
+        let mut subscriber = connect(options(spool.addr, "dead-letter", false));
+        assert!(subscriber.connected().await);
+        let received = subscriber.publishes(10).await;
+        let expected: Vec<Vec<u8>> = range.skip(15).map(payload).collect();
+        let received: Vec<Vec<u8>> = received.iter().map(|p| p.payload.to_vec()).collect();
+        assert_eq!(received, expected, "round {round}");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        subscriber.client.disconnect().await.unwrap();
+    }
+}
+
+#[tokio::test]
 async fn a_second_connection_takes_the_session_over() {
     // Goal: the same client id connecting again disconnects the first connection and keeps the
     // session's subscriptions (edgeHub lost them: iotedge #5292).

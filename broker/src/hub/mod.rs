@@ -10,7 +10,7 @@ pub mod events;
 pub mod retained;
 
 use crate::delivery::cache::MessageCache;
-use crate::delivery::queue::{Pushed, QueueEntry};
+use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, KIND_QOS2_RELEASE, PublishRecord, ReceivedRecord,
     ReleaseRecord, Target,
@@ -459,9 +459,7 @@ impl Hub {
                     retained: Some(message),
                     ..QueueEntry::new(position, qos, true, ids)
                 };
-                if session.queue.push(entry) == Pushed::DroppedOldest {
-                    tracing::warn!(client_id = %session.client_id, "queue full: dropped its oldest message (queue_full)");
-                }
+                session.enqueue(entry);
             }
         }
     }
@@ -875,9 +873,7 @@ impl Hub {
                 target.retain_as_published,
                 target.subscription_ids,
             );
-            if session.queue.push(entry) == Pushed::DroppedOldest {
-                tracing::warn!(client_id = %session.client_id, "queue full: dropped its oldest message (queue_full)");
-            }
+            session.enqueue(entry);
             self.pump(target.session);
         }
     }
@@ -955,7 +951,14 @@ impl Hub {
         // Once sent, a message is delivered to the end (the client may hold its packet id).
         if !entry.redelivery && message.is_expired(now_ms()) {
             session.queue.dropped_expired += 1;
-            tracing::info!(client_id = %session.client_id, seq = entry.seq, "message expired before delivery (ttl_expiry)");
+            if crate::session::worth_logging(session.queue.dropped_expired) {
+                tracing::info!(
+                    client_id = %session.client_id,
+                    seq = entry.seq,
+                    dropped = session.queue.dropped_expired,
+                    "message expired before delivery (ttl_expiry; `dropped` counts this session's since start)"
+                );
+            }
             return None;
         }
         Some(Delivery {

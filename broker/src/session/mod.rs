@@ -5,7 +5,7 @@
 pub mod persist;
 pub mod receipts;
 
-use crate::delivery::queue::{DeliveryQueue, QueueEntry};
+use crate::delivery::queue::{DeliveryQueue, Pushed, QueueEntry};
 use crate::hub::events::{OutboundSender, Protocol};
 use crate::message::Will;
 use crate::routing::SubscriptionOptions;
@@ -94,6 +94,20 @@ impl Session {
         }
     }
 
+    /// Queues an entry; at the queue's limit the oldest waiting entry goes, counted and logged
+    /// (`queue_full`): the first drop, then every thousandth, so a long-offline client does
+    /// not flood the log (a restart replays its whole backlog through here).
+    pub fn enqueue(&mut self, entry: QueueEntry) {
+        if self.queue.push(entry) == Pushed::DroppedOldest && worth_logging(self.queue.dropped_full)
+        {
+            tracing::warn!(
+                client_id = %self.client_id,
+                dropped = self.queue.dropped_full,
+                "queue full: dropped its oldest message (queue_full; `dropped` counts this session's since start)"
+            );
+        }
+    }
+
     /// Whether the session outlives its connection, and so is stored.
     #[must_use]
     pub fn is_persistent(&self) -> bool {
@@ -123,4 +137,11 @@ impl Session {
         self.detached_at
             .is_some_and(|at| now.saturating_duration_since(at) >= self.expiry)
     }
+}
+
+/// Whether the `count`th drop of a session's messages is logged: the first, then every
+/// thousandth (each line carries the running count).
+#[must_use]
+pub fn worth_logging(count: u64) -> bool {
+    count == 1 || count.is_multiple_of(1000)
 }
