@@ -1,7 +1,8 @@
 //! MQTT 5 behaviour with a real MQTT 5 client (rumqttc's v5 client) against a real
 //! `spool serve`: every QoS with user properties, topic aliases from the client, the client's
-//! receive maximum, and message expiry while a persistent session is offline. (Reason codes on
-//! bad input are in `mqtt_compliance.rs`, with raw packets.)
+//! receive maximum and maximum packet size, subscription options, assigned client ids, and
+//! message expiry while a persistent session is offline. (Reason codes on bad input are in
+//! `mqtt_compliance.rs`, with raw packets; retain handling in `retained.rs`.)
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -9,7 +10,7 @@ mod common;
 use bytes::Bytes;
 use common::Spool;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Packet, Publish, PublishProperties};
+use rumqttc::v5::mqttbytes::v5::{Filter, Packet, Publish, PublishProperties, RetainForwardRule};
 use rumqttc::v5::{AsyncClient, Event, MqttOptions};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -17,7 +18,10 @@ use tokio::sync::mpsc;
 /// What an MQTT 5 test client saw.
 #[derive(Debug)]
 enum Seen {
-    ConnAck { session_present: bool },
+    ConnAck {
+        session_present: bool,
+        assigned_client_id: Option<String>,
+    },
     SubAck,
     PubAck,
     PubComp,
@@ -53,6 +57,9 @@ impl Client {
                 let seen = match event_loop.poll().await {
                     Ok(Event::Incoming(Packet::ConnAck(ack))) => Seen::ConnAck {
                         session_present: ack.session_present,
+                        assigned_client_id: ack
+                            .properties
+                            .and_then(|p| p.assigned_client_identifier),
                     },
                     Ok(Event::Incoming(Packet::SubAck(_))) => Seen::SubAck,
                     Ok(Event::Incoming(Packet::PubAck(_))) => Seen::PubAck,
@@ -82,7 +89,9 @@ impl Client {
     /// Waits for the CONNACK; returns its session-present flag.
     async fn connected(&mut self) -> bool {
         match self.next(10).await {
-            Seen::ConnAck { session_present } => session_present,
+            Seen::ConnAck {
+                session_present, ..
+            } => session_present,
             other => panic!("expected CONNACK, got {other:?}"),
         }
     }
@@ -324,6 +333,123 @@ async fn a_message_that_expires_while_its_subscriber_is_offline_is_not_delivered
         "the expiry interval counts down while the message waits: {left:?}"
     );
     if let Some(extra) = subscriber.within(500).await {
+        panic!("nothing else should arrive: {extra:?}");
+    }
+}
+
+#[tokio::test]
+async fn no_local_and_retain_as_published_subscriptions() {
+    // Goal: a no-local subscription does not get its own client's messages back, and a
+    // retain-as-published one sees RETAIN as the publisher set it on a live message, where a
+    // plain subscription sees it cleared.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut chatter = Client::connect(options(&spool, "chatter"));
+    chatter.connected().await;
+    let options_set = Filter {
+        path: "chat/#".to_string(),
+        qos: QoS::AtLeastOnce,
+        nolocal: true,
+        preserve_retain: true,
+        retain_forward_rule: RetainForwardRule::OnEverySubscribe,
+    };
+    chatter.client.subscribe_many([options_set]).await.unwrap();
+    assert!(matches!(chatter.next(10).await, Seen::SubAck));
+    let mut plain = Client::connect(options(&spool, "plain"));
+    plain.connected().await;
+    plain.subscribe("chat/#", QoS::AtLeastOnce).await;
+    chatter
+        .client
+        .publish("chat/room", QoS::AtLeastOnce, false, "from chatter")
+        .await
+        .unwrap();
+    chatter.acks(1).await;
+    let mut other = Client::connect(options(&spool, "other"));
+    other.connected().await;
+    other
+        .client
+        .publish("chat/room", QoS::AtLeastOnce, true, "from other")
+        .await
+        .unwrap();
+    other.acks(1).await;
+    let seen = chatter.publish().await;
+    assert_eq!(seen.payload, Bytes::from("from other"), "no-local");
+    assert!(seen.retain, "retain as published");
+    if let Some(extra) = chatter.within(500).await {
+        panic!("nothing else should arrive: {extra:?}");
+    }
+    for (payload, retain) in [("from chatter", false), ("from other", false)] {
+        let seen = plain.publish().await;
+        assert_eq!((seen.payload, seen.retain), (Bytes::from(payload), retain));
+    }
+}
+
+#[tokio::test]
+async fn a_client_without_an_id_is_assigned_one_it_can_use() {
+    // Goal: an MQTT 5 CONNECT with an empty client id gets one in the CONNACK, and works.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut anonymous = Client::connect(options(&spool, ""));
+    match anonymous.next(10).await {
+        Seen::ConnAck {
+            assigned_client_id: Some(id),
+            ..
+        } => assert!(!id.is_empty()),
+        other => panic!("expected a CONNACK with an assigned client id, got {other:?}"),
+    }
+    anonymous.subscribe("echo", QoS::AtLeastOnce).await;
+    anonymous
+        .client
+        .publish("echo", QoS::AtLeastOnce, false, "hello")
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        match anonymous.next(10).await {
+            Seen::PubAck => seen.push("puback".to_string()),
+            Seen::Publish(publish) => {
+                seen.push(String::from_utf8(publish.payload.to_vec()).unwrap());
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, ["hello", "puback"]);
+}
+
+#[tokio::test]
+async fn a_message_larger_than_the_clients_maximum_packet_size_is_not_sent_to_it() {
+    // Goal: spool never sends a client a packet above the maximum it announced (MQTT 5
+    // §3.1.2.25); that message is skipped for that client only, which keeps its session and
+    // receives what follows, in order.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let mut small_options = options(&spool, "small-sub");
+    small_options.set_max_packet_size(Some(256));
+    let mut small = Client::connect(small_options);
+    small.connected().await;
+    small.subscribe("blobs/#", QoS::AtLeastOnce).await;
+    let mut large = Client::connect(options(&spool, "large-sub"));
+    large.connected().await;
+    large.subscribe("blobs/#", QoS::AtLeastOnce).await;
+    let mut publisher = Client::connect(options(&spool, "blob-pub"));
+    publisher.connected().await;
+    let payloads = [vec![b'a'; 10], vec![b'b'; 1000], vec![b'c'; 10]];
+    for payload in &payloads {
+        publisher
+            .client
+            .publish("blobs/x", QoS::AtLeastOnce, false, payload.clone())
+            .await
+            .unwrap();
+    }
+    publisher.acks(payloads.len()).await;
+    for payload in &payloads {
+        assert_eq!(large.publish().await.payload, Bytes::from(payload.clone()));
+    }
+    for payload in [&payloads[0], &payloads[2]] {
+        assert_eq!(small.publish().await.payload, Bytes::from(payload.clone()));
+    }
+    if let Some(extra) = small.within(500).await {
         panic!("nothing else should arrive: {extra:?}");
     }
 }

@@ -951,7 +951,7 @@ impl Hub {
         // Once sent, a message is delivered to the end (the client may hold its packet id).
         if !entry.redelivery && message.is_expired(now_ms()) {
             session.queue.dropped_expired += 1;
-            if crate::session::worth_logging(session.queue.dropped_expired) {
+            if crate::delivery::drop_worth_logging(session.queue.dropped_expired) {
                 tracing::info!(
                     client_id = %session.client_id,
                     seq = entry.seq,

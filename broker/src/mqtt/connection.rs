@@ -11,10 +11,11 @@
 //! when the record is durable, and the PUBCOMP when a release record is (see
 //! `session::receipts`), so neither a resend nor a restart can log it twice.
 
+use crate::delivery::drop_worth_logging;
 use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord};
 use crate::hub::events::{
-    ConnectOutcome, ConnectRefusal, ConnectRequest, Event, Outbound, OutboundReceiver, Protocol,
-    SubscribeRefusal, outbound_channel,
+    ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, OutboundReceiver,
+    Protocol, SubscribeRefusal, outbound_channel,
 };
 use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
@@ -23,7 +24,7 @@ use crate::limits::{
 use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
 use crate::mqtt::ServerContext;
 use crate::mqtt::codec::{
-    self, ClientPacket, ConnAck, DecodeError, InboundPublish, Reason, ServerPacket,
+    self, ClientPacket, ConnAck, DecodeError, EncodeError, InboundPublish, Reason, ServerPacket,
 };
 use crate::routing::topic;
 use crate::session::receipts::{self, SharedReceipts};
@@ -177,9 +178,7 @@ where
         .client_id
         .is_empty()
         .then(|| format!("spool-{connection_id}-{}", now_ms()));
-    let client_id = assigned
-        .clone()
-        .unwrap_or_else(|| connect.client_id.clone());
+    let client_id = assigned.as_ref().unwrap_or(&connect.client_id).clone();
     let (outbound, outcome) =
         match register(context, connection_id, &connect, protocol, &client_id).await {
             Some((outbound, Ok(outcome))) => (outbound, outcome),
@@ -227,6 +226,7 @@ where
         will: connect.will.take().map(Box::new),
         connect_session_expiry_secs: connect.session_expiry_secs,
         session_expiry_update: None,
+        discarded_too_large: 0,
     };
     if connection.send(connack).await.is_err() {
         connection
@@ -327,6 +327,8 @@ struct Connection<S> {
     connect_session_expiry_secs: u32,
     /// A new session expiry from the client's DISCONNECT (MQTT 5).
     session_expiry_update: Option<u32>,
+    /// Messages not sent because they exceed the client's maximum packet size (MQTT 5).
+    discarded_too_large: u64,
 }
 
 impl<S> Connection<S>
@@ -455,15 +457,7 @@ where
 
     async fn on_outbound(&mut self, outbound: Option<Outbound>) -> Result<(), Close> {
         match outbound {
-            Some(Outbound::Publish(delivery)) => {
-                let expiry = delivery.message.properties.expires_at_ms.map(|at| {
-                    u32::try_from(at.saturating_sub(now_ms()).div_ceil(1000))
-                        .unwrap_or(u32::MAX)
-                        .max(1)
-                });
-                self.send(ServerPacket::Publish(Box::new(delivery), expiry))
-                    .await
-            }
+            Some(Outbound::Publish(delivery)) => self.deliver(delivery).await,
             Some(Outbound::Release(packet_id)) => {
                 let reason = Reason::Success;
                 self.send(ServerPacket::PubRel { packet_id, reason }).await
@@ -472,6 +466,46 @@ where
                 Err(Close::with(Reason::SessionTakenOver, "session taken over"))
             }
             None => Err(Close::with(Reason::ServerShuttingDown, "the hub stopped")),
+        }
+    }
+
+    /// Sends a message. One larger than the client's maximum packet size is not sent: MQTT 5
+    /// (§3.1.2.25) has the server discard it and go on as if it had been delivered, so the hub
+    /// takes it as acknowledged. (Ending the connection instead would meet the same message
+    /// again after every reconnect of a persistent session.)
+    async fn deliver(&mut self, delivery: Delivery) -> Result<(), Close> {
+        let (packet_id, qos) = (delivery.packet_id, delivery.qos);
+        let expiry = delivery.message.properties.expires_at_ms.map(|at| {
+            u32::try_from(at.saturating_sub(now_ms()).div_ceil(1000))
+                .unwrap_or(u32::MAX)
+                .max(1)
+        });
+        let packet = ServerPacket::Publish(Box::new(delivery), expiry);
+        let Some(packet) = codec::to_wire(packet, self.protocol) else {
+            return Ok(());
+        };
+        match self.framed.send(packet).await {
+            Ok(()) => Ok(()),
+            Err(EncodeError::OverMaxPacketSize { size, max }) => {
+                self.discarded_too_large += 1;
+                if drop_worth_logging(self.discarded_too_large) {
+                    tracing::warn!(
+                        size,
+                        max,
+                        discarded = self.discarded_too_large,
+                        "a message larger than the client's maximum packet size was not sent to it (`discarded` counts this connection's)"
+                    );
+                }
+                match packet_id {
+                    Some(packet_id) if qos != QoS::AtMostOnce => {
+                        let session = self.session;
+                        self.tell_hub(Event::Acknowledge { session, packet_id })
+                            .await
+                    }
+                    _ => Ok(()),
+                }
+            }
+            Err(e) => Err(Close::quietly(format!("failed to send: {e}"))),
         }
     }
 

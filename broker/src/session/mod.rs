@@ -5,6 +5,7 @@
 pub mod persist;
 pub mod receipts;
 
+use crate::delivery::drop_worth_logging;
 use crate::delivery::queue::{DeliveryQueue, Pushed, QueueEntry};
 use crate::hub::events::{OutboundSender, Protocol};
 use crate::message::Will;
@@ -98,7 +99,8 @@ impl Session {
     /// (`queue_full`): the first drop, then every thousandth, so a long-offline client does
     /// not flood the log (a restart replays its whole backlog through here).
     pub fn enqueue(&mut self, entry: QueueEntry) {
-        if self.queue.push(entry) == Pushed::DroppedOldest && worth_logging(self.queue.dropped_full)
+        if self.queue.push(entry) == Pushed::DroppedOldest
+            && drop_worth_logging(self.queue.dropped_full)
         {
             tracing::warn!(
                 client_id = %self.client_id,
@@ -137,11 +139,4 @@ impl Session {
         self.detached_at
             .is_some_and(|at| now.saturating_duration_since(at) >= self.expiry)
     }
-}
-
-/// Whether the `count`th drop of a session's messages is logged: the first, then every
-/// thousandth (each line carries the running count).
-#[must_use]
-pub fn worth_logging(count: u64) -> bool {
-    count == 1 || count.is_multiple_of(1000)
 }

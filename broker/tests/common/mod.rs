@@ -32,7 +32,11 @@ impl Spool {
             .arg(data_dir)
             .args(["--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", "127.0.0.1:0"])
             .args(extra_args)
-            .env("SPOOL_LOG", "warn")
+            // `SPOOL_TEST_LOG=debug cargo test ...` shows what the broker did.
+            .env(
+                "SPOOL_LOG",
+                std::env::var("SPOOL_TEST_LOG").unwrap_or("warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
