@@ -420,13 +420,18 @@ async fn a_client_without_an_id_is_assigned_one_it_can_use() {
 #[tokio::test]
 async fn a_message_larger_than_the_clients_maximum_packet_size_is_not_sent_to_it() {
     // Goal: spool never sends a client a packet above the maximum it announced (MQTT 5
-    // §3.1.2.25); that message is skipped for that client only, which keeps its session and
-    // receives what follows, in order.
+    // §3.1.2.25); that message is skipped for that client only and counts as delivered: with
+    // one message in flight allowed, what follows still arrives, in order, and the session
+    // does not meet the skipped message again when it reconnects.
     let dir = tempfile::tempdir().unwrap();
     let spool = Spool::start(dir.path(), &[]);
-    let mut small_options = options(&spool, "small-sub");
-    small_options.set_max_packet_size(Some(256));
-    let mut small = Client::connect(small_options);
+    let small_options = || {
+        let mut small_options = persistent(options(&spool, "small-sub"));
+        small_options.set_max_packet_size(Some(256));
+        small_options.set_receive_maximum(Some(1));
+        small_options
+    };
+    let mut small = Client::connect(small_options());
     small.connected().await;
     small.subscribe("blobs/#", QoS::AtLeastOnce).await;
     let mut large = Client::connect(options(&spool, "large-sub"));
@@ -451,5 +456,11 @@ async fn a_message_larger_than_the_clients_maximum_packet_size_is_not_sent_to_it
     }
     if let Some(extra) = small.within(500).await {
         panic!("nothing else should arrive: {extra:?}");
+    }
+    small.disconnect().await;
+    let mut small = Client::connect(small_options());
+    assert!(small.connected().await, "the session was kept");
+    if let Some(extra) = small.within(500).await {
+        panic!("nothing should be resent: {extra:?}");
     }
 }

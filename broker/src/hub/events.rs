@@ -35,11 +35,16 @@ pub enum Event {
     /// refused it (MQTT 5).
     Acknowledge {
         session: u64,
+        /// The connection it came through: one taken over since is not listened to, as its
+        /// messages went back to the queue and to the new connection.
+        connection: u64,
         packet_id: u16,
     },
     /// The client received a QoS 2 message (PUBREC): release it (PUBREL).
     Received {
         session: u64,
+        /// As for `Acknowledge`.
+        connection: u64,
         packet_id: u16,
     },
     /// The connection made room in its outbound channel after the hub asked for it

@@ -294,8 +294,17 @@ impl Hub {
             } => {
                 let _ = reply.send(self.unsubscribe(session, &filters));
             }
-            Event::Acknowledge { session, packet_id } => self.acknowledge(session, packet_id),
-            Event::Received { session, packet_id } => self.received(session, packet_id),
+            Event::Acknowledge {
+                session,
+                connection,
+                packet_id,
+            } if self.is_attached(session, connection) => self.acknowledge(session, packet_id),
+            Event::Received {
+                session,
+                connection,
+                packet_id,
+            } if self.is_attached(session, connection) => self.received(session, packet_id),
+            Event::Acknowledge { .. } | Event::Received { .. } => {} // from a taken-over connection
             Event::Drained { session } => self.pump(session),
             Event::Disconnected {
                 session,
@@ -543,6 +552,14 @@ impl Hub {
         });
     }
 
+    /// Whether session `id` is attached to `connection` (and not to one that took it over).
+    fn is_attached(&self, id: u64, connection: u64) -> bool {
+        self.sessions
+            .get(&id)
+            .and_then(|s| s.attachment.as_ref())
+            .is_some_and(|a| a.connection == connection)
+    }
+
     fn disconnected(
         &mut self,
         id: u64,
@@ -550,11 +567,7 @@ impl Hub {
         will: Option<Box<Will>>,
         session_expiry_secs: Option<u32>,
     ) {
-        let attached = self
-            .sessions
-            .get(&id)
-            .and_then(|s| s.attachment.as_ref())
-            .is_some_and(|a| a.connection == connection);
+        let attached = self.is_attached(id, connection);
         if let Some(will) = will {
             self.will_due(id, attached, will);
         }

@@ -472,9 +472,12 @@ where
     /// Sends a message. One larger than the client's maximum packet size is not sent: MQTT 5
     /// (§3.1.2.25) has the server discard it and go on as if it had been delivered, so the hub
     /// takes it as acknowledged. (Ending the connection instead would meet the same message
-    /// again after every reconnect of a persistent session.)
+    /// again after every reconnect of a persistent session.) A QoS 2 message resent (DUP) may
+    /// already be held by the client, which then waits for its PUBREL with that packet id and
+    /// would take the next message with the id for a copy: it is taken as received instead,
+    /// so the PUBREL goes out (a client without it answers PUBCOMP 0x92).
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), Close> {
-        let (packet_id, qos) = (delivery.packet_id, delivery.qos);
+        let (packet_id, qos, dup) = (delivery.packet_id, delivery.qos, delivery.dup);
         let expiry = delivery.message.properties.expires_at_ms.map(|at| {
             u32::try_from(at.saturating_sub(now_ms()).div_ceil(1000))
                 .unwrap_or(u32::MAX)
@@ -490,17 +493,18 @@ where
                 self.discarded_too_large += 1;
                 if drop_worth_logging(self.discarded_too_large) {
                     tracing::warn!(
-                        size,
-                        max,
+                        remaining_length = size,
+                        remaining_length_max = max,
                         discarded = self.discarded_too_large,
                         "a message larger than the client's maximum packet size was not sent to it (`discarded` counts this connection's)"
                     );
                 }
                 match packet_id {
+                    Some(packet_id) if qos == QoS::ExactlyOnce && dup => {
+                        self.tell_hub(self.received(packet_id)).await
+                    }
                     Some(packet_id) if qos != QoS::AtMostOnce => {
-                        let session = self.session;
-                        self.tell_hub(Event::Acknowledge { session, packet_id })
-                            .await
+                        self.tell_hub(self.acknowledged(packet_id)).await
                     }
                     _ => Ok(()),
                 }
@@ -517,18 +521,11 @@ where
             | ClientPacket::PubRec {
                 packet_id,
                 refused: true,
-            } => {
-                let session = self.session;
-                self.tell_hub(Event::Acknowledge { session, packet_id })
-                    .await
-            }
+            } => self.tell_hub(self.acknowledged(packet_id)).await,
             ClientPacket::PubRec {
                 packet_id,
                 refused: false,
-            } => {
-                let session = self.session;
-                self.tell_hub(Event::Received { session, packet_id }).await
-            }
+            } => self.tell_hub(self.received(packet_id)).await,
             ClientPacket::PubRel(packet_id) => self.on_release(packet_id).await,
             ClientPacket::Subscribe { packet_id, filters } => {
                 self.on_subscribe(packet_id, filters).await
@@ -667,6 +664,22 @@ where
             });
         }
         Ok(())
+    }
+
+    fn acknowledged(&self, packet_id: u16) -> Event {
+        Event::Acknowledge {
+            session: self.session,
+            connection: self.connection_id,
+            packet_id,
+        }
+    }
+
+    fn received(&self, packet_id: u16) -> Event {
+        Event::Received {
+            session: self.session,
+            connection: self.connection_id,
+            packet_id,
+        }
     }
 
     async fn tell_hub(&mut self, event: Event) -> Result<(), Close> {
