@@ -159,6 +159,10 @@ where
     }
 }
 
+fn send_failed(error: EncodeError) -> Close {
+    Close::quietly(format!("failed to send: {error}"))
+}
+
 /// Reads CONNECT, registers the session with the hub and answers CONNACK.
 async fn handshake<S>(
     stream: S,
@@ -417,13 +421,15 @@ where
     }
 
     async fn send(&mut self, packet: ServerPacket) -> Result<(), Close> {
-        let Some(packet) = codec::to_wire(packet, self.protocol) else {
-            return Ok(());
-        };
-        self.framed
-            .send(packet)
-            .await
-            .map_err(|e| Close::quietly(format!("failed to send: {e}")))
+        self.try_send(packet).await.map_err(send_failed)
+    }
+
+    /// Encodes and sends a packet (nothing, for one this protocol version does not have).
+    async fn try_send(&mut self, packet: ServerPacket) -> Result<(), EncodeError> {
+        match codec::to_wire(packet, self.protocol) {
+            Some(packet) => self.framed.send(packet).await,
+            None => Ok(()),
+        }
     }
 
     async fn acknowledge(
@@ -483,11 +489,10 @@ where
                 .unwrap_or(u32::MAX)
                 .max(1)
         });
-        let packet = ServerPacket::Publish(Box::new(delivery), expiry);
-        let Some(packet) = codec::to_wire(packet, self.protocol) else {
-            return Ok(());
-        };
-        match self.framed.send(packet).await {
+        match self
+            .try_send(ServerPacket::Publish(Box::new(delivery), expiry))
+            .await
+        {
             Ok(()) => Ok(()),
             Err(EncodeError::OverMaxPacketSize { size, max }) => {
                 self.discarded_too_large += 1;
@@ -509,7 +514,7 @@ where
                     _ => Ok(()),
                 }
             }
-            Err(e) => Err(Close::quietly(format!("failed to send: {e}"))),
+            Err(e) => Err(send_failed(e)),
         }
     }
 
