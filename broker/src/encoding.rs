@@ -98,3 +98,29 @@ pub(crate) fn take_optional_bytes16(bytes: &mut Bytes) -> Result<Option<Bytes>, 
         }
     }
 }
+
+/// A small record: its format version byte, then what `fields` writes.
+pub(crate) fn encode_versioned(version: u8, fields: impl FnOnce(&mut BytesMut)) -> Bytes {
+    let mut out = BytesMut::with_capacity(32);
+    out.put_u8(version);
+    fields(&mut out);
+    out.freeze()
+}
+
+/// Reads what `encode_versioned` wrote: the version must match and nothing may trail what
+/// `fields` reads.
+pub(crate) fn decode_versioned<T>(
+    mut bytes: Bytes,
+    version: u8,
+    fields: impl FnOnce(&mut Bytes) -> Result<T, FormatError>,
+) -> Result<T, FormatError> {
+    let found = take_u8(&mut bytes)?;
+    if found != version {
+        return Err(FormatError::Version(found));
+    }
+    let decoded = fields(&mut bytes)?;
+    if !bytes.is_empty() {
+        return Err(FormatError::Trailing(bytes.len()));
+    }
+    Ok(decoded)
+}

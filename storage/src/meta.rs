@@ -178,15 +178,25 @@ impl Meta {
         commit: Commit,
     ) -> Result<()> {
         self.write(commit, "commit state", |write| {
-            for &(table, key, value) in changes {
+            // Each table opened once, however many of its entries change.
+            let mut tables: Vec<StateTable> = Vec::new();
+            for &(table, _, _) in changes {
+                if !tables.contains(&table) {
+                    tables.push(table);
+                }
+            }
+            for table in tables {
+                let entries = changes.iter().filter(|(t, _, _)| *t == table);
                 let mut open = write
                     .open_table(table.definition())
                     .map_err(|e| meta_error(&format!("open {}", table.name()), e))?;
-                match value {
-                    Some(value) => open.insert(key, value).map(|_| ()),
-                    None => open.remove(key).map(|_| ()),
+                for &(_, key, value) in entries {
+                    match value {
+                        Some(value) => open.insert(key, value).map(|_| ()),
+                        None => open.remove(key).map(|_| ()),
+                    }
+                    .map_err(|e| meta_error(&format!("write {}", table.name()), e))?;
                 }
-                .map_err(|e| meta_error(&format!("write {}", table.name()), e))?;
             }
             let mut table = write
                 .open_table(CHECKPOINTS)

@@ -140,12 +140,6 @@ pub struct Reservation<'a> {
 }
 
 impl<'a> Reservation<'a> {
-    /// The log the room was taken in.
-    #[must_use]
-    pub fn wal(&self) -> &'a Wal {
-        self.wal
-    }
-
     /// Queues the record; it gets its sequence number now. Never waits.
     ///
     /// # Errors

@@ -21,8 +21,9 @@
 //! ```
 
 use crate::encoding::{
-    put_optional_bytes16, put_optional_str16, put_str16, take_bytes, take_optional_bytes16,
-    take_optional_str16, take_str16, take_u8, take_u16, take_u32, take_u64,
+    decode_versioned, encode_versioned, put_optional_bytes16, put_optional_str16, put_str16,
+    take_bytes, take_optional_bytes16, take_optional_str16, take_str16, take_u8, take_u16,
+    take_u32, take_u64,
 };
 use crate::message::{Message, MessageProperties, QoS};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -177,7 +178,7 @@ pub struct ReleaseRecord {
 impl ReleaseRecord {
     #[must_use]
     pub fn encode(&self) -> Bytes {
-        encode_fixed(RELEASE_VERSION, |out| {
+        encode_versioned(RELEASE_VERSION, |out| {
             out.put_u64_le(self.session);
             out.put_u16_le(self.packet_id);
         })
@@ -186,7 +187,7 @@ impl ReleaseRecord {
     /// # Errors
     /// `RecordError` for anything that is not a well-formed release record.
     pub fn decode(bytes: Bytes) -> Result<ReleaseRecord, RecordError> {
-        decode_fixed(bytes, RELEASE_VERSION, |bytes| {
+        decode_versioned(bytes, RELEASE_VERSION, |bytes| {
             Ok(ReleaseRecord {
                 session: take_u64(bytes)?,
                 packet_id: take_u16(bytes)?,
@@ -206,7 +207,7 @@ pub struct ReceivedRecord {
 impl ReceivedRecord {
     #[must_use]
     pub fn encode(&self) -> Bytes {
-        encode_fixed(RECEIVED_VERSION, |out| {
+        encode_versioned(RECEIVED_VERSION, |out| {
             out.put_u64_le(self.session);
             out.put_u64_le(self.seq);
         })
@@ -215,38 +216,13 @@ impl ReceivedRecord {
     /// # Errors
     /// `RecordError` for anything that is not a well-formed received record.
     pub fn decode(bytes: Bytes) -> Result<ReceivedRecord, RecordError> {
-        decode_fixed(bytes, RECEIVED_VERSION, |bytes| {
+        decode_versioned(bytes, RECEIVED_VERSION, |bytes| {
             Ok(ReceivedRecord {
                 session: take_u64(bytes)?,
                 seq: take_u64(bytes)?,
             })
         })
     }
-}
-
-/// A small fixed-layout record: its version byte, then what `fields` writes.
-fn encode_fixed(version: u8, fields: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut out = BytesMut::with_capacity(32);
-    out.put_u8(version);
-    fields(&mut out);
-    out.freeze()
-}
-
-/// Reads what `encode_fixed` wrote: the version must match and nothing may trail the fields.
-fn decode_fixed<T>(
-    mut bytes: Bytes,
-    version: u8,
-    fields: impl FnOnce(&mut Bytes) -> Result<T, RecordError>,
-) -> Result<T, RecordError> {
-    let found = take_u8(&mut bytes)?;
-    if found != version {
-        return Err(RecordError::Version(found));
-    }
-    let record = fields(&mut bytes)?;
-    if !bytes.is_empty() {
-        return Err(RecordError::Trailing(bytes.len()));
-    }
-    Ok(record)
 }
 
 fn take_targets(bytes: &mut Bytes) -> Result<Vec<Target>, RecordError> {

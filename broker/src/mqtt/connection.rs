@@ -711,8 +711,9 @@ where
         loop {
             let submitted = match self.context.wal.reserve(kind, record.clone()).await {
                 Ok(reservation) if qos == QoS::ExactlyOnce => {
-                    let receipts = &self.receipts;
-                    submit_exactly_once(receipts, self.connection_id, reservation, kind, packet_id)
+                    let (receipts, wal) = (&self.receipts, &self.context.wal);
+                    let connection = self.connection_id;
+                    submit_exactly_once(receipts, connection, wal, reservation, kind, packet_id)
                 }
                 Ok(reservation) => reservation
                     .submit()
@@ -892,6 +893,7 @@ impl From<spool_storage::Error> for Submit {
 fn submit_exactly_once(
     shared: &SharedReceipts,
     connection: u64,
+    wal: &Wal,
     reservation: Reservation<'_>,
     kind: u8,
     packet_id: u16,
@@ -904,7 +906,7 @@ fn submit_exactly_once(
         if receipts.get(packet_id).is_none() {
             // Nothing to release, so nothing to log; the PUBCOMP still waits for every record
             // queued so far, among them the release that freed this id.
-            return Ok(Durable::Through(reservation.wal().last_submitted_seq()));
+            return Ok(Durable::Through(wal.last_submitted_seq()));
         }
         // Bounded by the receive maximum, and refusing it could keep the log full for good.
         let append = reservation.submit_beyond_quota()?;

@@ -10,7 +10,9 @@
 //!                             | subscription_id u32, 0 = none)
 //! ```
 
-use crate::encoding::{FormatError, put_str16, take_str16, take_u8, take_u32, take_u64};
+use crate::encoding::{
+    FormatError, decode_versioned, put_str16, take_str16, take_u8, take_u32, take_u64,
+};
 use crate::message::QoS;
 use crate::routing::{RetainHandling, SubscriptionOptions};
 use bytes::{BufMut, Bytes, BytesMut};
@@ -53,40 +55,34 @@ impl PersistedSession {
     /// # Errors
     /// `FormatError` for anything that is not a well-formed stored session.
     pub fn decode(bytes: &[u8]) -> Result<PersistedSession, FormatError> {
-        let mut bytes = Bytes::copy_from_slice(bytes);
-        let version = take_u8(&mut bytes)?;
-        if version != VERSION {
-            return Err(FormatError::Version(version));
-        }
-        let id = take_u64(&mut bytes)?;
-        let expiry_secs = take_u64(&mut bytes)?;
-        let replay_floor = take_u64(&mut bytes)?;
-        let count = take_u32(&mut bytes)?;
-        let mut subscriptions = BTreeMap::new();
-        for _ in 0..count {
-            let filter = take_str16(&mut bytes)?;
-            let flags = take_u8(&mut bytes)?;
-            let qos = QoS::from_u8(flags & 0b11).ok_or(FormatError::QoS(flags & 0b11))?;
-            let retain_handling =
-                RetainHandling::from_u8((flags >> 4) & 0b11).ok_or(FormatError::Flags(flags))?;
-            let subscription_id = Some(take_u32(&mut bytes)?).filter(|&id| id != 0);
-            let options = SubscriptionOptions {
-                qos,
-                no_local: flags & 0b100 != 0,
-                retain_as_published: flags & 0b1000 != 0,
-                subscription_id,
-                retain_handling,
-            };
-            subscriptions.insert(filter, options);
-        }
-        if !bytes.is_empty() {
-            return Err(FormatError::Trailing(bytes.len()));
-        }
-        Ok(PersistedSession {
-            id,
-            expiry_secs,
-            replay_floor,
-            subscriptions,
+        decode_versioned(Bytes::copy_from_slice(bytes), VERSION, |bytes| {
+            let id = take_u64(bytes)?;
+            let expiry_secs = take_u64(bytes)?;
+            let replay_floor = take_u64(bytes)?;
+            let count = take_u32(bytes)?;
+            let mut subscriptions = BTreeMap::new();
+            for _ in 0..count {
+                let filter = take_str16(bytes)?;
+                let flags = take_u8(bytes)?;
+                let qos = QoS::from_u8(flags & 0b11).ok_or(FormatError::QoS(flags & 0b11))?;
+                let retain_handling = RetainHandling::from_u8((flags >> 4) & 0b11)
+                    .ok_or(FormatError::Flags(flags))?;
+                let subscription_id = Some(take_u32(bytes)?).filter(|&id| id != 0);
+                let options = SubscriptionOptions {
+                    qos,
+                    no_local: flags & 0b100 != 0,
+                    retain_as_published: flags & 0b1000 != 0,
+                    subscription_id,
+                    retain_handling,
+                };
+                subscriptions.insert(filter, options);
+            }
+            Ok(PersistedSession {
+                id,
+                expiry_secs,
+                replay_floor,
+                subscriptions,
+            })
         })
     }
 }

@@ -18,7 +18,7 @@
 //! version u8 (1) | count u16 of (packet_id u16 | seq u64)
 //! ```
 
-use crate::encoding::{FormatError, take_u8, take_u16, take_u64};
+use crate::encoding::{FormatError, decode_versioned, take_u16, take_u64};
 use bytes::{BufMut, Bytes, BytesMut};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -112,21 +112,15 @@ impl Qos2Receipts {
     /// # Errors
     /// `FormatError` for anything that is not well-formed stored receipts.
     pub fn decode(bytes: &[u8]) -> Result<Qos2Receipts, FormatError> {
-        let mut bytes = Bytes::copy_from_slice(bytes);
-        let version = take_u8(&mut bytes)?;
-        if version != VERSION {
-            return Err(FormatError::Version(version));
-        }
-        let count = take_u16(&mut bytes)?;
-        let mut logged = BTreeMap::new();
-        for _ in 0..count {
-            let packet_id = take_u16(&mut bytes)?;
-            logged.insert(packet_id, take_u64(&mut bytes)?);
-        }
-        if !bytes.is_empty() {
-            return Err(FormatError::Trailing(bytes.len()));
-        }
-        Ok(Qos2Receipts { logged, owner: 0 })
+        decode_versioned(Bytes::copy_from_slice(bytes), VERSION, |bytes| {
+            let count = take_u16(bytes)?;
+            let mut logged = BTreeMap::new();
+            for _ in 0..count {
+                let packet_id = take_u16(bytes)?;
+                logged.insert(packet_id, take_u64(bytes)?);
+            }
+            Ok(Qos2Receipts { logged, owner: 0 })
+        })
     }
 }
 
