@@ -42,8 +42,25 @@ pub const RETAINED_MESSAGES_MAX: usize = 100_000;
 /// like above.
 pub const RETAINED_BYTES_MAX: usize = 256 << 20;
 
-/// Targets one message can be routed to.
+/// Targets one message can be routed to; the sessions beyond it (the newest) do not get the
+/// message, counted and logged (`fanout_limit`).
 pub const TARGETS_PER_MESSAGE_MAX: usize = 1 << 16;
+
+/// Bytes the targets of one publish record may take, subscription identifiers included; like
+/// `TARGETS_PER_MESSAGE_MAX`, the targets beyond it are a counted drop. The log's record limit
+/// leaves room for it beside the largest packet (`record_payload_bytes_max`), so a wide fan-out
+/// never turns into the refusal of a packet that was not too large.
+pub const TARGETS_BYTES_MAX: usize = 1 << 20;
+
+/// The largest publish record for a maximum packet size: the message (never larger than the
+/// packet that carried it, plus the record's own fields) and its targets.
+#[must_use]
+pub fn record_payload_bytes_max(packet_size_max: u32) -> u32 {
+    let targets_max = u32::try_from(TARGETS_BYTES_MAX).expect("1 MiB fits");
+    packet_size_max
+        .saturating_mul(2)
+        .saturating_add(targets_max)
+}
 
 const _: () = assert!(PUBLISHES_IN_FLIGHT_MAX <= u16::MAX as usize);
 const _: () = assert!(USER_PROPERTIES_MAX <= u16::MAX as usize);

@@ -2,14 +2,14 @@
 
 use crate::config::Config;
 use crate::hub::{Hub, HubLimits};
-use crate::limits::HUB_EVENTS_MAX;
+use crate::limits::{HUB_EVENTS_MAX, record_payload_bytes_max};
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
-use crate::routing::SubscriptionTable;
+use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
 use anyhow::Context;
 use spool_storage::{FileSystem, Meta, RealFs, Wal, WalOptions};
 use std::net::SocketAddr;
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
@@ -38,10 +38,7 @@ pub struct Server {
 /// The write-ahead log options for a configuration: a record holds one packet plus its routing.
 fn wal_options(config: &Config) -> WalOptions {
     WalOptions {
-        record_payload_bytes_max: config
-            .max_packet_size
-            .saturating_mul(2)
-            .saturating_add(1 << 20),
+        record_payload_bytes_max: record_payload_bytes_max(config.max_packet_size),
         quota_bytes: Some(config.wal_quota_bytes),
         segment_size_bytes: config.wal_segment_bytes,
         ..WalOptions::default()
@@ -97,7 +94,7 @@ impl Server {
     /// As [`Server::start`].
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
         let (meta, wal) = open_storage(config, fs)?;
-        let router = Arc::new(RwLock::new(SubscriptionTable::default()));
+        let router = Arc::new(Router::default());
         let limits = HubLimits {
             in_flight_max: config.max_inflight,
             sessions_max: config.max_sessions,

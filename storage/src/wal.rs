@@ -41,6 +41,9 @@ pub(crate) struct Shared {
     pub segments: RwLock<SegmentSet>,
     /// The last durable sequence number; readers never go past it.
     pub durable: watch::Sender<u64>,
+    /// Counts the times retention freed space, so appends refused at the quota can wait for
+    /// room without polling.
+    pub space_freed: watch::Sender<u64>,
 }
 
 /// The appends waiting for the writer, and what the log has promised so far.
@@ -288,6 +291,7 @@ impl Wal {
             )),
             segments: RwLock::new(segments),
             durable: watch::Sender::new(next_seq - 1),
+            space_freed: watch::Sender::new(0),
             options,
             epoch,
         });
@@ -477,6 +481,14 @@ impl Wal {
         self.shared().durable.subscribe()
     }
 
+    /// A receiver that changes whenever retention frees space. An append refused with
+    /// `QuotaExceeded` waits for a change, then tries again; taking the receiver before the
+    /// append means no freeing in between is missed.
+    #[must_use]
+    pub fn watch_space_freed(&self) -> watch::Receiver<u64> {
+        self.shared().space_freed.subscribe()
+    }
+
     /// The first sequence number still in the log.
     #[must_use]
     pub fn first_seq(&self) -> u64 {
@@ -552,6 +564,7 @@ impl Wal {
             shared.lock_queue().usage_bytes -= segment.bytes;
             report.segments_removed += 1;
             report.bytes_freed += segment.bytes;
+            shared.space_freed.send_modify(|freed| *freed += 1);
         }
         Ok(report)
     }

@@ -48,6 +48,11 @@ pub struct Target {
     pub subscription_ids: Vec<u32>,
 }
 
+impl Target {
+    /// Bytes of a target in a record besides its subscription ids (4 bytes each).
+    pub const ENCODED_BYTES_FIXED: usize = 8 + 1 + 2;
+}
+
 /// A publish as logged.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PublishRecord {

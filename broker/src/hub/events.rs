@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc::error::TrySendError;
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// MQTT protocol version of a connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +77,9 @@ pub struct ConnectRequest {
     /// The client's receive maximum: the in-flight window towards it.
     pub receive_max: u16,
     pub outbound: OutboundSender,
+    /// Cancelled when the hub lets go of this connection (its session was taken over or
+    /// removed), so a connection waiting for something else (room in the log) stops waiting.
+    pub released: CancellationToken,
     pub reply: oneshot::Sender<Result<ConnectOutcome, ConnectRefusal>>,
 }
 

@@ -22,15 +22,15 @@ use crate::hub::events::{
 use crate::hub::retained::{RETAINED_CHECKPOINT, RetainedMessages};
 use crate::limits::{MESSAGE_CACHE_BYTES_MAX, SUBSCRIPTIONS_PER_SESSION_MAX};
 use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
-use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};
+use crate::routing::{RetainHandling, Router, SubscriptionOptions, SubscriptionTable};
 use crate::session::persist::PersistedSession;
 use crate::session::receipts::{self, Qos2Receipts};
 use crate::session::{Attachment, Session};
 use bytes::Bytes;
 use spool_storage::{Commit, Meta, Record, StateTable, Wal, WalReader};
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
@@ -77,7 +77,9 @@ pub struct Hub {
     wal: Wal,
     meta: Arc<Meta>,
     tail: WalReader,
-    router: Arc<RwLock<SubscriptionTable>>,
+    /// Every subscription; the hub changes it and installs a snapshot of it in `router`.
+    subscriptions: SubscriptionTable,
+    router: Arc<Router>,
     sessions: HashMap<u64, Session>,
     session_by_client: HashMap<String, u64>,
     /// Session ids are the log's epoch in the high 32 bits and a counter in the low ones, so an
@@ -101,7 +103,7 @@ impl Hub {
     pub fn new(
         wal: Wal,
         meta: Arc<Meta>,
-        router: Arc<RwLock<SubscriptionTable>>,
+        router: Arc<Router>,
         limits: HubLimits,
     ) -> Result<Hub, StartError> {
         let tail = wal.reader(wal.durable_seq() + 1)?;
@@ -111,6 +113,7 @@ impl Hub {
             wal,
             meta,
             tail,
+            subscriptions: SubscriptionTable::default(),
             router,
             sessions: HashMap::new(),
             session_by_client: HashMap::new(),
@@ -122,6 +125,7 @@ impl Hub {
             limits,
         };
         let replay_from = hub.load_sessions()?.min(hub.retained.replay_from());
+        hub.router.install(hub.subscriptions.clone());
         hub.restore_receipts()?;
         let first = hub.wal.first_seq();
         if replay_from < first {
@@ -171,7 +175,7 @@ impl Hub {
             // The expiry clock restarts with the process: the time spent down is not counted.
             session.detached_at = Some(now);
             for (filter, options) in &stored.subscriptions {
-                self.router().subscribe(stored.id, filter, *options);
+                self.subscriptions.subscribe(stored.id, filter, *options);
             }
             session.subscriptions = stored.subscriptions;
             replay_from = replay_from.min(session.replay_floor + 1);
@@ -315,10 +319,6 @@ impl Hub {
         }
     }
 
-    fn router(&self) -> std::sync::RwLockWriteGuard<'_, SubscriptionTable> {
-        self.router.write().unwrap_or_else(PoisonError::into_inner)
-    }
-
     fn connect(&mut self, request: ConnectRequest) {
         let expiry = match request.protocol {
             events::Protocol::V5 => Duration::from_secs(u64::from(request.session_expiry_secs)),
@@ -375,6 +375,7 @@ impl Hub {
             protocol: request.protocol,
             outbound: request.outbound,
             window: usize::from(request.receive_max.min(self.limits.in_flight_max).max(1)),
+            _released: request.released.drop_guard(),
         });
         receipts::lock(&session.receipts).set_owner(request.connection);
         let receipts = Arc::clone(&session.receipts);
@@ -403,8 +404,6 @@ impl Hub {
             // The session ended (taken over with a clean start) while this request waited.
             return vec![Err(SubscribeRefusal::Unavailable); filters.len()];
         };
-        let router = Arc::clone(&self.router);
-        let mut router = router.write().unwrap_or_else(PoisonError::into_inner);
         let mut outcomes = Vec::with_capacity(filters.len());
         let mut retained_for = Vec::new();
         for (filter, options) in filters {
@@ -414,7 +413,7 @@ impl Hub {
                 outcomes.push(Err(SubscribeRefusal::QuotaExceeded));
                 continue;
             }
-            router.subscribe(id, &filter, options);
+            self.subscriptions.subscribe(id, &filter, options);
             let is_new = session
                 .subscriptions
                 .insert(filter.clone(), options)
@@ -429,10 +428,10 @@ impl Hub {
             }
             outcomes.push(Ok(options.qos));
         }
-        // Still holding the router: a publish routed to the new subscription is logged after
-        // the retained copies, so it cannot overtake them.
+        // Publishers see the new subscriptions only after the retained copies are queued in
+        // the log, so a publish routed to them cannot overtake the copies.
         self.queue_retained(id, &retained_for);
-        drop(router);
+        self.router.install(self.subscriptions.clone());
         self.pump(id);
         // A persistent session's subscriptions are durable before the SUBACK says granted.
         if let Err(e) = self.store_session(id) {
@@ -483,9 +482,10 @@ impl Hub {
                 if let Some(session) = self.sessions.get_mut(&id) {
                     session.subscriptions.remove(filter);
                 }
-                self.router().unsubscribe(id, filter)
+                self.subscriptions.unsubscribe(id, filter)
             })
             .collect();
+        self.router.install(self.subscriptions.clone());
         if let Err(e) = self.store_session(id) {
             tracing::error!(session = id, "failed to store subscriptions: {e}");
         }
@@ -636,12 +636,7 @@ impl Hub {
         let mut message = will.message;
         message.properties.expires_at_ms = expires_at_ms(will.expiry_interval_secs);
         tracing::info!(topic = %message.topic, "publishing a will");
-        let record = self
-            .router
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .record(message, publisher)
-            .encode();
+        let record = self.subscriptions.record(message, publisher).encode();
         let wal = self.wal.clone();
         tokio::spawn(async move {
             let logged = match wal.submit(KIND_PUBLISH, record).await {
@@ -659,7 +654,10 @@ impl Hub {
             return;
         };
         self.session_by_client.remove(&session.client_id);
-        self.router().remove_session(id);
+        for filter in session.subscriptions.keys() {
+            self.subscriptions.unsubscribe(id, filter);
+        }
+        self.router.install(self.subscriptions.clone());
         if let Some((will, _)) = session.pending_will.take() {
             self.publish_will(id, *will);
         }

@@ -33,12 +33,13 @@ use rmqtt_codec::{MqttCodec, MqttPacket};
 use spool_storage::{PendingAppend, Reservation, Wal};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::sync::{Arc, PoisonError};
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, timeout};
 use tokio_util::codec::Framed;
+use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 /// Why a connection ends: with a reason to send (MQTT 5 DISCONNECT), or quietly.
@@ -183,10 +184,10 @@ where
         .is_empty()
         .then(|| format!("spool-{connection_id}-{}", now_ms()));
     let client_id = assigned.as_ref().unwrap_or(&connect.client_id).clone();
-    let (outbound, outcome) =
+    let (outbound, released, outcome) =
         match register(context, connection_id, &connect, protocol, &client_id).await {
-            Some((outbound, Ok(outcome))) => (outbound, outcome),
-            Some((_, Err(ConnectRefusal::SessionsFull))) => {
+            Some((outbound, released, Ok(outcome))) => (outbound, released, outcome),
+            Some((_, _, Err(ConnectRefusal::SessionsFull))) => {
                 refuse(&mut framed, protocol, Reason::QuotaExceeded).await;
                 return None;
             }
@@ -222,6 +223,7 @@ where
         session,
         client_id,
         outbound,
+        released,
         awaiting_durability: VecDeque::new(),
         publishes_awaiting_ack: 0,
         receipts,
@@ -257,6 +259,13 @@ fn refuse_will(will: &Will) -> Option<Reason> {
     None
 }
 
+/// The hub's answer to a CONNECT, with the connection's ends of what it shares with the hub.
+type Registration = (
+    OutboundReceiver,
+    CancellationToken,
+    Result<ConnectOutcome, ConnectRefusal>,
+);
+
 /// Asks the hub to attach this connection to the client's session.
 async fn register(
     context: &ServerContext,
@@ -264,7 +273,7 @@ async fn register(
     connect: &codec::Connect,
     protocol: Protocol,
     client_id: &str,
-) -> Option<(OutboundReceiver, Result<ConnectOutcome, ConnectRefusal>)> {
+) -> Option<Registration> {
     let limits = &context.limits;
     let window = connect
         .receive_max
@@ -272,7 +281,9 @@ async fn register(
         .min(limits.receive_max);
     let (outbound_tx, outbound) = outbound_channel(usize::from(window) + CONNECTION_OUTBOUND_EXTRA);
     let (reply, outcome) = oneshot::channel();
+    let released = CancellationToken::new();
     let request = ConnectRequest {
+        released: released.clone(),
         connection: connection_id,
         client_id: client_id.to_string(),
         protocol,
@@ -284,7 +295,7 @@ async fn register(
     };
     context.hub.send(Event::Connect(request)).await.ok()?;
     let outcome = outcome.await.ok()?;
-    Some((outbound, outcome))
+    Some((outbound, released, outcome))
 }
 
 /// Answers a refused CONNECT (best effort) before closing.
@@ -314,6 +325,8 @@ struct Connection<S> {
     session: u64,
     client_id: String,
     outbound: OutboundReceiver,
+    /// Cancelled when the hub lets go of this connection (a newer one took its session).
+    released: CancellationToken,
     /// Acknowledgements of this client's packets, in arrival order, until their records are
     /// durable.
     awaiting_durability: VecDeque<AwaitingDurability>,
@@ -592,12 +605,7 @@ where
             retain: publish.retain,
             properties,
         };
-        let mut record = self
-            .context
-            .router
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .record(message, self.session);
+        let mut record = self.context.router.snapshot().record(message, self.session);
         if publish.qos == QoS::ExactlyOnce {
             record.qos2_packet_id = Some(packet_id);
         }
@@ -698,8 +706,8 @@ where
     /// Queues a record in the log. When the log's quota is full, an MQTT 5 client gets "quota
     /// exceeded" for a QoS 1/2 publish (nothing was accepted, it may retry); a 3.1.1 client,
     /// which has no way to be told, waits while the connection stops reading (back-pressure),
-    /// until space is freed or its session is taken over. (A release never meets the quota:
-    /// it frees a packet id and must not be refused.)
+    /// until retention frees space (the log says when) or its session is taken over. (A
+    /// release never meets the quota: it frees a packet id and must not be refused.)
     async fn append(
         &mut self,
         kind: u8,
@@ -708,6 +716,7 @@ where
         packet_id: u16,
     ) -> Result<Appended, Close> {
         let mut held_back = false;
+        let mut space_freed = self.context.wal.watch_space_freed();
         loop {
             let submitted = match self.context.wal.reserve(kind, record.clone()).await {
                 Ok(reservation) if qos == QoS::ExactlyOnce => {
@@ -745,16 +754,17 @@ where
                     }
                     // A taken-over connection must not log later what its successor
                     // published meanwhile (law 2: the sender's order).
-                    if receipts::lock(&self.receipts).owner() != self.connection_id {
-                        return Err(Close::with(Reason::SessionTakenOver, "session taken over"));
+                    tokio::select! {
+                        biased;
+                        () = self.released.cancelled() => {
+                            return Err(Close::with(Reason::SessionTakenOver, "session taken over"));
+                        }
+                        () = self.context.shutdown.cancelled() => {
+                            return Err(Close::with(Reason::ServerShuttingDown, "server shutting down"));
+                        }
+                        // The sender lives as long as the log this connection holds.
+                        _ = space_freed.changed() => {}
                     }
-                    if self.context.shutdown.is_cancelled() {
-                        return Err(Close::with(
-                            Reason::ServerShuttingDown,
-                            "server shutting down",
-                        ));
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
                 spool_storage::Error::RecordTooLarge { size, max } => {
                     return Err(Close::with(

@@ -6,10 +6,10 @@ pub mod connection;
 pub mod listener;
 
 use crate::hub::events::Event;
-use crate::routing::SubscriptionTable;
+use crate::routing::Router;
 use spool_storage::Wal;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -30,7 +30,7 @@ pub struct ConnectionLimits {
 pub struct ServerContext {
     pub hub: mpsc::Sender<Event>,
     pub wal: Wal,
-    pub router: Arc<RwLock<SubscriptionTable>>,
+    pub router: Arc<Router>,
     pub limits: ConnectionLimits,
     pub shutdown: CancellationToken,
     next_connection: AtomicU64,
@@ -41,7 +41,7 @@ impl ServerContext {
     pub fn new(
         hub: mpsc::Sender<Event>,
         wal: Wal,
-        router: Arc<RwLock<SubscriptionTable>>,
+        router: Arc<Router>,
         limits: ConnectionLimits,
         shutdown: CancellationToken,
     ) -> ServerContext {

@@ -3,5 +3,6 @@
 
 pub mod subscriptions;
 pub mod topic;
+pub mod trie;
 
-pub use subscriptions::{RetainHandling, SubscriptionOptions, SubscriptionTable, Target};
+pub use subscriptions::{RetainHandling, Router, SubscriptionOptions, SubscriptionTable, Target};

@@ -13,6 +13,7 @@ use crate::routing::SubscriptionOptions;
 use receipts::SharedReceipts;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+use tokio_util::sync::DropGuard;
 
 /// The connection a session is attached to.
 #[derive(Debug)]
@@ -23,6 +24,8 @@ pub struct Attachment {
     pub outbound: OutboundSender,
     /// The in-flight window: the client's receive maximum, capped by the broker's.
     pub window: usize,
+    /// Tells the connection that the hub let go of it, when the attachment is dropped.
+    pub _released: DropGuard,
 }
 
 /// One client's session.
