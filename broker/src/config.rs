@@ -1,107 +1,136 @@
 //! spool's configuration: command-line flags, `SPOOL_*` environment variables and a `spool.toml`
 //! file, in that order of precedence, over safe defaults.
+//!
+//! Each setting is defined once, in the `settings!` list below: its doc, its type, its default
+//! and its environment variable. The macro makes the `spool serve` flag (the name with `-` for
+//! `_`), the `spool.toml` key (the name), the resolved value and a row of [`SETTINGS`], from
+//! which a test checks that the README documents every one.
 
 use crate::tls::CertificateSource;
 use anyhow::Context;
-use clap::Args;
-use serde::Deserialize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-/// `spool serve` options. Every one is also a `SPOOL_*` variable and a key of `spool.toml`.
-#[derive(Debug, Clone, Default, Args)]
-pub struct ServeArgs {
-    /// A TOML file with any of these settings (keys as the flags, with `_` for `-`).
-    #[arg(long, env = "SPOOL_CONFIG")]
-    pub config: Option<PathBuf>,
-    /// Where the write-ahead log and metadata live [default: ./spool-data].
-    #[arg(long, env = "SPOOL_DATA_DIR")]
-    pub data_dir: Option<PathBuf>,
-    /// Address of the plain MQTT listener; empty disables it [default: 127.0.0.1:1883].
-    #[arg(long, env = "SPOOL_MQTT_BIND")]
-    pub mqtt_bind: Option<String>,
-    /// Address of the MQTT-over-TLS listener; empty disables it [default: 127.0.0.1:8883].
-    #[arg(long, env = "SPOOL_MQTTS_BIND")]
-    pub mqtts_bind: Option<String>,
-    /// PEM certificate chain (leaf first) for MQTTS; without it spool generates a CA and a
-    /// server certificate in <data-dir>/tls on first start.
-    #[arg(long, env = "SPOOL_TLS_CERT", requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
+/// What a setting is, for documentation: one row of the README's table.
+#[derive(Debug, Clone, Copy)]
+pub struct SettingDoc {
+    /// The `spool.toml` key; the flag is `--` and this with `-` for `_`.
+    pub key: &'static str,
+    pub env: &'static str,
+    /// The default as written on the command line; empty when there is none.
+    pub default: &'static str,
+    pub doc: &'static str,
+}
+
+macro_rules! settings {
+    ($(
+        $(#[doc = $doc:literal])+
+        $name:ident: $type:ty = $default:literal, env $env:literal;
+    )+) => {
+        /// `spool serve` options. Every one is also a `SPOOL_*` variable and a key of
+        /// `spool.toml`.
+        #[derive(Debug, Clone, Default, clap::Args)]
+        pub struct ServeArgs {
+            /// A TOML file with any of these settings (keys as the flags, with `_` for `-`).
+            #[arg(long, env = "SPOOL_CONFIG")]
+            pub config: Option<PathBuf>,
+            $(
+                #[arg(long, env = $env, help = flag_help(concat!($($doc),+), $default))]
+                pub $name: Option<$type>,
+            )+
+        }
+
+        /// The same settings as they appear in `spool.toml`.
+        #[derive(Debug, Default, serde::Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct FileSettings {
+            $($name: Option<$type>,)+
+        }
+
+        /// The resolved settings, as given or by default.
+        #[derive(Debug, Clone)]
+        pub struct Settings {
+            $($(#[doc = $doc])+ pub $name: $type,)+
+        }
+
+        impl Settings {
+            /// Flags and environment (merged by clap) over the file over the defaults.
+            fn merge(args: ServeArgs, file: FileSettings) -> anyhow::Result<Settings> {
+                Ok(Settings {
+                    $($name: match args.$name.or(file.$name) {
+                        Some(value) => value,
+                        None => $default.parse().map_err(|e| {
+                            anyhow::anyhow!("default of {}: {e}", stringify!($name))
+                        })?,
+                    },)+
+                })
+            }
+        }
+
+        /// Every setting, in the order of `spool serve --help`.
+        pub const SETTINGS: &[SettingDoc] = &[$(SettingDoc {
+            key: stringify!($name),
+            env: $env,
+            default: $default,
+            doc: concat!($($doc),+).trim_ascii(),
+        },)+];
+    };
+}
+
+/// A flag's help: its doc, and its default when it has one.
+fn flag_help(doc: &str, default: &str) -> String {
+    match default {
+        "" => doc.trim().to_string(),
+        default => format!("{} [default: {default}]", doc.trim()),
+    }
+}
+
+settings! {
+    /// Where the write-ahead log and metadata live.
+    data_dir: PathBuf = "spool-data", env "SPOOL_DATA_DIR";
+    /// Address of the plain MQTT listener; empty disables it.
+    mqtt_bind: String = "127.0.0.1:1883", env "SPOOL_MQTT_BIND";
+    /// Address of the MQTT-over-TLS listener; empty disables it.
+    mqtts_bind: String = "127.0.0.1:8883", env "SPOOL_MQTTS_BIND";
+    /// PEM certificate chain (leaf first) for MQTTS, with --tls-key; without them spool
+    /// generates a CA and a server certificate in <data-dir>/tls on first start.
+    tls_cert: PathBuf = "", env "SPOOL_TLS_CERT";
     /// PEM private key of --tls-cert.
-    #[arg(long, env = "SPOOL_TLS_KEY", requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
-    /// The most concurrent client connections [default: 10000].
-    #[arg(long, env = "SPOOL_MAX_CONNECTIONS")]
-    pub max_connections: Option<usize>,
-    /// The largest MQTT packet accepted, in bytes [default: 1048576].
-    #[arg(long, env = "SPOOL_MAX_PACKET_SIZE")]
-    pub max_packet_size: Option<u32>,
+    tls_key: PathBuf = "", env "SPOOL_TLS_KEY";
+    /// The most concurrent client connections.
+    max_connections: u32 = "10000", env "SPOOL_MAX_CONNECTIONS";
+    /// The largest MQTT packet accepted, in bytes.
+    max_packet_size: u32 = "1048576", env "SPOOL_MAX_PACKET_SIZE";
+    /// Messages in flight towards one client, and the receive maximum announced to clients.
+    max_inflight: u16 = "64", env "SPOOL_MAX_INFLIGHT";
     /// Sessions kept, connected or persistent and offline; a CONNECT that would create one
-    /// more is refused [default: 100000].
-    #[arg(long, env = "SPOOL_MAX_SESSIONS")]
-    pub max_sessions: Option<usize>,
-    /// Messages in flight towards one client (its receive maximum caps it) [default: 64].
-    #[arg(long, env = "SPOOL_MAX_INFLIGHT")]
-    pub max_inflight: Option<u16>,
-    /// Messages a session's queue keeps; beyond it the oldest are dropped and counted
-    /// (`queue_full`) [default: 100000].
-    #[arg(long, env = "SPOOL_SESSION_QUEUE_MAX")]
-    pub session_queue_max: Option<usize>,
+    /// more is refused (MQTT 5 0x97).
+    max_sessions: usize = "100000", env "SPOOL_MAX_SESSIONS";
+    /// Messages a session keeps; beyond it the oldest are dropped and counted (queue_full).
+    session_queue_max: usize = "100000", env "SPOOL_SESSION_QUEUE_MAX";
     /// The most bytes the write-ahead log may use; at the quota publishers are held back,
-    /// nothing is dropped [default: 10737418240].
-    #[arg(long, env = "SPOOL_WAL_QUOTA_BYTES")]
-    pub wal_quota_bytes: Option<u64>,
-    /// Size at which a write-ahead log segment is closed and a new one begun; retention frees
-    /// whole segments, and the quota must hold at least two [default: 67108864].
-    #[arg(long, env = "SPOOL_WAL_SEGMENT_BYTES")]
-    pub wal_segment_bytes: Option<u64>,
-    /// Seconds a persistent MQTT 3.1.1 session outlives its connection [default: 604800].
-    #[arg(long, env = "SPOOL_SESSION_EXPIRY_SECS")]
-    pub session_expiry_secs: Option<u64>,
+    /// nothing is dropped.
+    wal_quota_bytes: u64 = "10737418240", env "SPOOL_WAL_QUOTA_BYTES";
+    /// Size of a write-ahead log segment; old messages are freed a whole segment at a time,
+    /// and the quota must hold two.
+    wal_segment_bytes: u64 = "67108864", env "SPOOL_WAL_SEGMENT_BYTES";
+    /// Seconds a persistent MQTT 3.1.1 session outlives its connection.
+    session_expiry_secs: u64 = "604800", env "SPOOL_SESSION_EXPIRY_SECS";
     /// The longest keep-alive, in seconds, an MQTT 5 client gets: a longer one, or none (0),
-    /// is replaced by this one in CONNACK (server keep-alive) [default: 65535].
-    #[arg(long, env = "SPOOL_MAX_KEEP_ALIVE")]
-    pub max_keep_alive: Option<u16>,
+    /// is replaced by this one in CONNACK (server keep-alive).
+    max_keep_alive: u16 = "65535", env "SPOOL_MAX_KEEP_ALIVE";
 }
 
-/// The same settings as they appear in `spool.toml`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct FileConfig {
-    data_dir: Option<PathBuf>,
-    mqtt_bind: Option<String>,
-    mqtts_bind: Option<String>,
-    tls_cert: Option<PathBuf>,
-    tls_key: Option<PathBuf>,
-    max_connections: Option<usize>,
-    max_packet_size: Option<u32>,
-    max_inflight: Option<u16>,
-    max_sessions: Option<usize>,
-    session_queue_max: Option<usize>,
-    wal_quota_bytes: Option<u64>,
-    wal_segment_bytes: Option<u64>,
-    session_expiry_secs: Option<u64>,
-    max_keep_alive: Option<u16>,
-}
-
-/// The resolved configuration.
+/// The resolved configuration: the settings, with what follows from them.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub data_dir: PathBuf,
+    pub settings: Settings,
     /// `None` when disabled.
     pub mqtt_bind: Option<String>,
     /// `None` when disabled.
     pub mqtts_bind: Option<String>,
     pub tls_certificate: CertificateSource,
-    pub max_connections: usize,
-    pub max_packet_size: u32,
-    pub max_inflight: u16,
-    pub max_sessions: usize,
-    pub session_queue_max: usize,
-    pub wal_quota_bytes: u64,
-    pub wal_segment_bytes: u64,
     pub session_expiry_v311: Duration,
-    pub max_keep_alive_secs: u16,
 }
 
 impl Config {
@@ -112,95 +141,130 @@ impl Config {
     pub fn resolve(args: ServeArgs) -> anyhow::Result<Config> {
         let file = match &args.config {
             Some(path) => read_file(path)?,
-            None => FileConfig::default(),
+            None => FileSettings::default(),
         };
-        let data_dir = args
-            .data_dir
-            .or(file.data_dir)
-            .unwrap_or_else(|| PathBuf::from("spool-data"));
-        let tls_certificate = match (
-            args.tls_cert.or(file.tls_cert),
-            args.tls_key.or(file.tls_key),
-        ) {
-            (Some(cert), Some(key)) => CertificateSource::Files { cert, key },
-            (None, None) => CertificateSource::Generated {
-                dir: data_dir.join("tls"),
+        let settings = Settings::merge(args, file)?;
+        let given = |path: &Path| !path.as_os_str().is_empty();
+        let tls_certificate = match (given(&settings.tls_cert), given(&settings.tls_key)) {
+            (true, true) => CertificateSource::Files {
+                cert: settings.tls_cert.clone(),
+                key: settings.tls_key.clone(),
+            },
+            (false, false) => CertificateSource::Generated {
+                dir: settings.data_dir.join("tls"),
             },
             _ => anyhow::bail!("tls_cert and tls_key must be given together"),
         };
+        let enabled = |bind: &String| Some(bind.clone()).filter(|bind| !bind.is_empty());
         let config = Config {
-            mqtts_bind: Some(
-                args.mqtts_bind
-                    .or(file.mqtts_bind)
-                    .unwrap_or_else(|| "127.0.0.1:8883".into()),
-            )
-            .filter(|bind| !bind.is_empty()),
+            mqtt_bind: enabled(&settings.mqtt_bind),
+            mqtts_bind: enabled(&settings.mqtts_bind),
             tls_certificate,
-            data_dir,
-            mqtt_bind: Some(
-                args.mqtt_bind
-                    .or(file.mqtt_bind)
-                    .unwrap_or_else(|| "127.0.0.1:1883".into()),
-            )
-            .filter(|bind| !bind.is_empty()),
-            max_connections: args
-                .max_connections
-                .or(file.max_connections)
-                .unwrap_or(10_000),
-            max_packet_size: args
-                .max_packet_size
-                .or(file.max_packet_size)
-                .unwrap_or(1 << 20),
-            max_inflight: args.max_inflight.or(file.max_inflight).unwrap_or(64),
-            max_sessions: args.max_sessions.or(file.max_sessions).unwrap_or(100_000),
-            session_queue_max: args
-                .session_queue_max
-                .or(file.session_queue_max)
-                .unwrap_or(100_000),
-            wal_quota_bytes: args
-                .wal_quota_bytes
-                .or(file.wal_quota_bytes)
-                .unwrap_or(10 << 30),
-            wal_segment_bytes: args
-                .wal_segment_bytes
-                .or(file.wal_segment_bytes)
-                .unwrap_or(64 << 20),
-            session_expiry_v311: Duration::from_secs(
-                args.session_expiry_secs
-                    .or(file.session_expiry_secs)
-                    .unwrap_or(7 * 24 * 3600),
-            ),
-            max_keep_alive_secs: args
-                .max_keep_alive
-                .or(file.max_keep_alive)
-                .unwrap_or(u16::MAX),
+            session_expiry_v311: Duration::from_secs(settings.session_expiry_secs),
+            settings,
         };
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> anyhow::Result<()> {
-        anyhow::ensure!(self.max_connections > 0, "max_connections must be positive");
-        anyhow::ensure!(self.max_inflight > 0, "max_inflight must be positive");
-        anyhow::ensure!(self.max_sessions > 0, "max_sessions must be positive");
+        let settings = &self.settings;
         anyhow::ensure!(
-            self.max_keep_alive_secs > 0,
+            settings.max_connections > 0,
+            "max_connections must be positive"
+        );
+        anyhow::ensure!(settings.max_inflight > 0, "max_inflight must be positive");
+        anyhow::ensure!(settings.max_sessions > 0, "max_sessions must be positive");
+        anyhow::ensure!(
+            settings.max_keep_alive > 0,
             "max_keep_alive must be positive"
         );
         anyhow::ensure!(
-            self.session_queue_max > 0,
+            settings.session_queue_max > 0,
             "session_queue_max must be positive"
         );
         anyhow::ensure!(
-            (64..=16 << 20).contains(&self.max_packet_size),
+            (64..=16 << 20).contains(&settings.max_packet_size),
             "max_packet_size must be between 64 bytes and 16 MiB"
         );
         Ok(())
     }
 }
 
-fn read_file(path: &Path) -> anyhow::Result<FileConfig> {
+fn read_file(path: &Path) -> anyhow::Result<FileSettings> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("read config file {}", path.display()))?;
     toml::from_str(&text).with_context(|| format!("parse config file {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Goal: every default parses as its setting's type (a bad one would only show when a
+    /// user left that setting out).
+    #[test]
+    fn the_defaults_resolve() {
+        let config = Config::resolve(ServeArgs::default()).expect("defaults resolve");
+        assert_eq!(config.settings.max_inflight, 64);
+        assert_eq!(config.mqtt_bind.as_deref(), Some("127.0.0.1:1883"));
+        assert!(matches!(
+            config.tls_certificate,
+            CertificateSource::Generated { .. }
+        ));
+    }
+
+    /// Goal: a flag wins over the file, the file over the default, and an unknown key in the
+    /// file is an error that names it.
+    #[test]
+    fn flags_win_over_the_file_which_wins_over_defaults() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("spool.toml");
+        std::fs::write(
+            &path,
+            "max_inflight = 8\nmqtt_bind = \"\"\nmax_sessions = 5\n",
+        )
+        .expect("write");
+        let config = Config::resolve(ServeArgs {
+            config: Some(path.clone()),
+            max_sessions: Some(7),
+            ..ServeArgs::default()
+        })
+        .expect("resolves");
+        assert_eq!(config.settings.max_inflight, 8);
+        assert_eq!(config.settings.max_sessions, 7);
+        assert_eq!(config.mqtt_bind, None, "empty disables");
+        std::fs::write(&path, "max_inflight = 8\nmax_infligth = 9\n").expect("write");
+        let error = Config::resolve(ServeArgs {
+            config: Some(path),
+            ..ServeArgs::default()
+        })
+        .expect_err("unknown key");
+        assert!(format!("{error:#}").contains("max_infligth"), "{error:#}");
+    }
+
+    /// Goal: the README's configuration table has a row for every setting, with its flag,
+    /// variable, file key and default, so the documentation cannot fall behind the code.
+    #[test]
+    fn the_readme_documents_every_setting() {
+        let readme = include_str!("../../README.md");
+        for setting in SETTINGS {
+            let flag = format!("`--{}`", setting.key.replace('_', "-"));
+            let row = readme
+                .lines()
+                .find(|line| line.starts_with(&format!("| {flag} ")))
+                .unwrap_or_else(|| panic!("README has no row for {flag}"));
+            let default = match setting.default {
+                "" => "none".to_string(),
+                default => format!("`{default}`"),
+            };
+            for cell in [
+                format!("`{}`", setting.env),
+                format!("`{}`", setting.key),
+                default,
+            ] {
+                assert!(row.contains(&cell), "README row for {flag} lacks {cell}");
+            }
+        }
+    }
 }

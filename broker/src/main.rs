@@ -57,7 +57,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 );
             }
         }
-        println!("spool: data in {}", config.data_dir.display());
+        println!("spool: data in {}", config.settings.data_dir.display());
         wait_for_stop_signal().await?;
         tracing::info!("stopping");
         server.stop().await

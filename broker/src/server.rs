@@ -38,9 +38,9 @@ pub struct Server {
 /// The write-ahead log options for a configuration: a record holds one packet plus its routing.
 fn wal_options(config: &Config) -> WalOptions {
     WalOptions {
-        record_payload_bytes_max: record_payload_bytes_max(config.max_packet_size),
-        quota_bytes: Some(config.wal_quota_bytes),
-        segment_size_bytes: config.wal_segment_bytes,
+        record_payload_bytes_max: record_payload_bytes_max(config.settings.max_packet_size),
+        quota_bytes: Some(config.settings.wal_quota_bytes),
+        segment_size_bytes: config.settings.wal_segment_bytes,
         ..WalOptions::default()
     }
 }
@@ -48,12 +48,16 @@ fn wal_options(config: &Config) -> WalOptions {
 /// Opens the metadata store, then the log, which must reach every checkpoint the metadata
 /// holds, or it lost acknowledged messages (recovery refuses it).
 fn open_storage(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<(Arc<Meta>, Wal)> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("create data directory {}", config.data_dir.display()))?;
-    let meta_path = config.data_dir.join("meta.redb");
+    std::fs::create_dir_all(&config.settings.data_dir).with_context(|| {
+        format!(
+            "create data directory {}",
+            config.settings.data_dir.display()
+        )
+    })?;
+    let meta_path = config.settings.data_dir.join("meta.redb");
     let meta =
         Arc::new(Meta::open(&meta_path).with_context(|| format!("open {}", meta_path.display()))?);
-    let wal_dir = config.data_dir.join("wal");
+    let wal_dir = config.settings.data_dir.join("wal");
     let options = WalOptions {
         // The log must reach every checkpoint, or it lost acknowledged messages.
         required_last_seq: meta.highest_checkpoint()?,
@@ -96,9 +100,9 @@ impl Server {
         let (meta, wal) = open_storage(config, fs)?;
         let router = Arc::new(Router::default());
         let limits = HubLimits {
-            in_flight_max: config.max_inflight,
-            sessions_max: config.max_sessions,
-            session_queue_max: config.session_queue_max,
+            in_flight_max: config.settings.max_inflight,
+            sessions_max: config.settings.max_sessions,
+            session_queue_max: config.settings.session_queue_max,
             session_expiry_v311: config.session_expiry_v311,
         };
         let hub =
@@ -107,10 +111,10 @@ impl Server {
         let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
         let mut tasks = vec![tokio::spawn(hub.run(events_rx, shutdown.clone()))];
         let connection_limits = ConnectionLimits {
-            packet_size_max: config.max_packet_size,
-            receive_max: config.max_inflight,
+            packet_size_max: config.settings.max_packet_size,
+            receive_max: config.settings.max_inflight,
             topic_alias_max: 64,
-            keep_alive_max_secs: config.max_keep_alive_secs,
+            keep_alive_max_secs: config.settings.max_keep_alive,
         };
         let context = Arc::new(ServerContext::new(
             events,
@@ -119,9 +123,8 @@ impl Server {
             connection_limits,
             shutdown.clone(),
         ));
-        let connections_max =
-            u32::try_from(config.max_connections).context("max_connections must fit in 32 bits")?;
-        let connections = Arc::new(Semaphore::new(config.max_connections));
+        let connections_max = config.settings.max_connections;
+        let connections = Arc::new(Semaphore::new(connections_max as usize));
         let mut mqtt_addr = None;
         if let Some(bind) = &config.mqtt_bind {
             let listener = TcpListener::bind(bind)
