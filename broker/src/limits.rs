@@ -27,6 +27,14 @@ pub const PUBLISHES_IN_FLIGHT_MAX: usize = 1024;
 /// read back from the write-ahead log.
 pub const MESSAGE_CACHE_BYTES_MAX: usize = 64 << 20;
 
+/// How often the hub lets the log reclaim space: publishers held back at the quota wait
+/// about this long for the segments their consumers are done with.
+pub const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
+
+/// Sealed log segments one reclaim looks at (the hub reclaims once a second): it bounds the
+/// queue entries the hub gathers for it, and the records it may move at once.
+pub const RECLAIM_SEGMENTS_PER_RUN: usize = 16;
+
 /// MQTT 5 user properties accepted on one PUBLISH (the log record counts them in a u16).
 pub const USER_PROPERTIES_MAX: usize = 1024;
 

@@ -4,6 +4,9 @@
 //! <dir>/LOCK                          flock'ed by the one writer (law 3); empty
 //! <dir>/EPOCH                         the fencing epoch: MAGIC_EPOCH u64:epoch u32:crc32c
 //! <dir>/<first_seq:020>.seg           segments, named by the first sequence number they hold
+//! <dir>/<first_seq:020>.moved         records moved out of removed segments (see `moved.rs`):
+//!                                     a segment header, then frames of ascending, not
+//!                                     necessarily consecutive, sequence numbers
 //! <dir>/*.tmp                         staging files of `fs::durable_replace`; ignored, removed
 //! ```
 //!
@@ -38,6 +41,8 @@ pub const LOCK_FILE_NAME: &str = "LOCK";
 pub const EPOCH_FILE_NAME: &str = "EPOCH";
 /// Suffix of segment files.
 pub const SEGMENT_SUFFIX: &str = ".seg";
+/// Suffix of moved-record files.
+pub const MOVED_SUFFIX: &str = ".moved";
 /// Suffix of staging files that `durable_replace` renames into place.
 pub const TEMP_SUFFIX: &str = ".tmp";
 
@@ -72,6 +77,22 @@ pub fn segment_file_name(first_seq: u64) -> String {
 #[must_use]
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
     let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
+    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// The file name of the moved records whose first sequence number is `first_seq`.
+#[must_use]
+pub fn moved_file_name(first_seq: u64) -> String {
+    format!("{first_seq:020}{MOVED_SUFFIX}")
+}
+
+/// The sequence number encoded in a moved-record file name, or `None` if `name` is not one.
+#[must_use]
+pub fn parse_moved_file_name(name: &str) -> Option<u64> {
+    let digits = name.strip_suffix(MOVED_SUFFIX)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

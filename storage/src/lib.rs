@@ -11,6 +11,7 @@
 //! - `recovery`: rebuilding and repairing the log on open, by the decision table it documents.
 //! - [`layout`]: file names, the segment header and the record frame, in one place.
 //! - `segment`: the in-memory segment list and sparse index.
+//! - `moved`: records moved out of old segments by `Wal::reclaim`, so no queue pins the log.
 //! - [`fence`]: the directory lock and the fencing epoch.
 //! - [`fs`]: the file-system seam, with the real file system and the fault-injecting [`FaultyFs`].
 //! - [`meta`]: [`Meta`], the redb metadata store (queue checkpoints).
@@ -22,6 +23,7 @@ pub mod fs;
 pub mod layout;
 pub mod limits;
 pub mod meta;
+mod moved;
 pub mod options;
 pub mod reader;
 mod recovery;
@@ -36,4 +38,4 @@ pub use meta::{Commit, Meta, StateTable};
 pub use options::{SyncPolicy, WalOptions};
 pub use reader::{Record, WalReader};
 pub use recovery::RecoveryReport;
-pub use wal::{PendingAppend, Reservation, RetentionReport, Wal};
+pub use wal::{Liveness, PendingAppend, ReclaimReport, Reservation, Wal};

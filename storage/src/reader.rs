@@ -1,5 +1,9 @@
-//! [`WalReader`]: iterates the log from any sequence number, across segments, while appends
-//! continue, and waits for new records without polling.
+//! [`WalReader`]: iterates the log from any sequence number, across moved records and segments,
+//! while appends continue, and waits for new records without polling.
+//!
+//! Below the first segment, what is left of the log is its moved records (see `moved.rs`), all
+//! older than any segment's: a reader goes through them first, then on through the segments, so
+//! it sees every record still kept, in sequence order.
 //!
 //! A reader never goes past the durable watermark, so no consumer can be handed (and then
 //! acknowledge) a record that a power cut could still take away. Reads are small positional reads
@@ -55,18 +59,6 @@ impl WalReader {
     pub(crate) fn new(shared: Arc<Shared>, from_seq: u64) -> Result<WalReader> {
         assert!(from_seq > 0, "sequence numbers start at 1");
         let durable = shared.durable.subscribe();
-        let first_seq = shared
-            .segments
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .first_seq()
-            .expect("the log always has an active segment");
-        if from_seq < first_seq {
-            return Err(Error::SequenceRemoved {
-                requested: from_seq,
-                first_available: first_seq,
-            });
-        }
         Ok(WalReader {
             shared,
             durable,
@@ -75,7 +67,8 @@ impl WalReader {
         })
     }
 
-    /// The sequence number the next record will have.
+    /// Where the reader stands: the next record has this sequence number or, below the first
+    /// segment, the first one still kept after it.
     #[must_use]
     pub fn next_seq(&self) -> u64 {
         self.next_seq
@@ -84,16 +77,62 @@ impl WalReader {
     /// The next record if it is already durable, without waiting.
     ///
     /// # Errors
-    /// `SequenceRemoved` if retention removed it, `Corrupt` if it does not check out, `Io`.
+    /// `SequenceRemoved` if a reclaim removed it while it was being read, `Corrupt` if it does
+    /// not check out, `Io`.
     pub fn try_next(&mut self) -> Result<Option<Record>> {
         let durable = *self.durable.borrow_and_update();
         if self.next_seq > durable {
             return Ok(None);
         }
+        if let Some(record) = self.next_moved()? {
+            assert!(record.seq >= self.next_seq);
+            self.next_seq = record.seq + 1;
+            return Ok(Some(record));
+        }
+        if self.next_seq > durable {
+            return Ok(None); // moved on to an active segment that has nothing durable yet
+        }
         let record = self.read_next()?;
         assert_eq!(record.seq, self.next_seq);
         self.next_seq += 1;
         Ok(Some(record))
+    }
+
+    /// Below the first segment: the next moved record, or, when none is left, a move of the
+    /// position to the first segment (and `None`).
+    fn next_moved(&mut self) -> Result<Option<Record>> {
+        let in_cursor = self
+            .cursor
+            .as_ref()
+            .is_some_and(|c| self.next_seq <= c.last_seq);
+        if in_cursor {
+            return Ok(None);
+        }
+        let first_seq = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first_seq()
+            .expect("the log always has an active segment");
+        if self.next_seq >= first_seq {
+            return Ok(None);
+        }
+        // Held while reading: a reclaim does not replace or remove a moved file under it.
+        let moved = self
+            .shared
+            .moved
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        match moved.at_or_after(self.next_seq) {
+            Some((file, index)) if file.records[index].seq < first_seq => {
+                file.read(self.shared.fs.as_ref(), index).map(Some)
+            }
+            _ => {
+                self.next_seq = first_seq;
+                Ok(None)
+            }
+        }
     }
 
     /// The next record, waiting until it is durable.

@@ -4,8 +4,10 @@
 use crate::fs::{self, FileSystem, OpenMode};
 use crate::layout::{
     FRAME_HEADER_BYTES, Frame, FrameCheck, KIND_BATCH_START, SEGMENT_HEADER_BYTES, SegmentHeader,
-    TEMP_SUFFIX, check_frame, parse_segment_file_name, unchecked_frame_seq,
+    TEMP_SUFFIX, check_frame, moved_file_name, parse_moved_file_name, parse_segment_file_name,
+    unchecked_frame_seq,
 };
+use crate::moved::{MovedFile, MovedSet, scan_moved_file, write_moved_file};
 use crate::segment::{Segment, SegmentSet};
 use crate::{Error, Result};
 use std::path::{Path, PathBuf};
@@ -28,6 +30,11 @@ pub struct RecoveryReport {
     pub unacknowledged_records_discarded: u64,
     /// Whether a newest segment whose header never became durable was removed.
     pub torn_segment_removed: bool,
+    /// Records moved out of removed segments (`Wal::reclaim`), kept below the first segment.
+    pub moved_records: u64,
+    /// Moved records also found in a segment (a crash came before the segment's removal), and
+    /// dropped from the moved files.
+    pub moved_duplicates_dropped: u64,
     /// Wall-clock time recovery took.
     pub duration: Duration,
 }
@@ -36,6 +43,7 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 pub(crate) struct Recovered {
     pub segments: SegmentSet,
+    pub moved: MovedSet,
     /// The sequence number the next append gets.
     pub next_seq: u64,
     /// The highest epoch found in any segment header.
@@ -79,6 +87,10 @@ enum Repair {
 /// |   first sequence than its file name                        |                                 |
 /// | a segment's first sequence is past the previous one's end | refuse: `MissingSegment`        |
 /// | metadata needs a sequence past the recovered end           | refuse: `MetadataAhead`         |
+/// | a moved file with any bad byte (it is renamed into place  | refuse: `Corrupt{path, offset}` |
+/// |   whole), records out of order, or overlapping another    |                                 |
+/// | moved records at or past the first segment (a crash came  | drop them from the moved file:  |
+/// |   between moving them and removing their segment)         |   the segment still holds them  |
 ///
 /// Damage inside the very last write cannot be told from a torn write (nothing after it proves
 /// it was ever fsynced), so it is truncated as a torn tail; it is always reported, never silent.
@@ -96,15 +108,70 @@ pub(crate) fn recover(
     let mut names = fs.list_dir(dir).map_err(|e| Error::io("list", dir, e))?;
     names.sort();
     remove_stale_temp_files(fs, dir, &names)?;
+    let mut report = RecoveryReport::default();
+    let Scanned {
+        segments,
+        repairs,
+        epoch_floor,
+        next_seq,
+    } = scan_segments(fs, dir, &names, &mut report)?;
+    let first_segment_seq = segments.first_seq().unwrap_or(next_seq);
+    let moved_files = scan_moved_files(fs, dir, &names)?;
+    let last_seq = next_seq - 1;
+    if required_last_seq > last_seq {
+        return Err(Error::MetadataAhead {
+            required: required_last_seq,
+            last_seq,
+        });
+    }
+    for repair in repairs {
+        apply(fs, dir, repair)?;
+    }
+    let moved = keep_moved(
+        fs,
+        dir,
+        epoch_floor,
+        moved_files,
+        first_segment_seq,
+        &mut report,
+    )?;
+    report.segments = segments.len() as u64;
+    report.first_seq = first_segment_seq;
+    report.last_seq = last_seq;
+    report.records = next_seq - report.first_seq;
+    report.duration = started.elapsed();
+    Ok(Recovered {
+        segments,
+        moved,
+        next_seq,
+        epoch_floor,
+        report,
+    })
+}
+
+/// What the scan of the segments found, before any repair.
+struct Scanned {
+    segments: SegmentSet,
+    repairs: Vec<Repair>,
+    epoch_floor: u64,
+    /// The sequence number the next append gets.
+    next_seq: u64,
+}
+
+/// Checks every segment, in order, and decides the repairs (see `recover`).
+fn scan_segments(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    names: &[String],
+    report: &mut RecoveryReport,
+) -> Result<Scanned> {
     let mut first_seqs: Vec<u64> = names
         .iter()
         .filter_map(|n| parse_segment_file_name(n))
         .collect();
     first_seqs.sort_unstable();
-
     let mut segments = SegmentSet::default();
     let mut repairs = Vec::new();
-    let mut report = RecoveryReport::default();
     let mut epoch_floor = 0;
     let mut next_seq = 1;
     for (position, &first_seq) in first_seqs.iter().enumerate() {
@@ -136,31 +203,89 @@ pub(crate) fn recover(
         }
         segments.push(scanned.segment);
     }
-
     if let Some(last) = segments.last_mut() {
         next_seq = last.last_seq + 1;
     }
-    let last_seq = next_seq - 1;
-    if required_last_seq > last_seq {
-        return Err(Error::MetadataAhead {
-            required: required_last_seq,
-            last_seq,
-        });
-    }
-    for repair in repairs {
-        apply(fs, dir, repair)?;
-    }
-    report.segments = segments.len() as u64;
-    report.first_seq = segments.first_seq().unwrap_or(next_seq);
-    report.last_seq = last_seq;
-    report.records = next_seq - report.first_seq;
-    report.duration = started.elapsed();
-    Ok(Recovered {
+    Ok(Scanned {
         segments,
-        next_seq,
+        repairs,
         epoch_floor,
-        report,
+        next_seq,
     })
+}
+
+/// Reads and checks every moved file, in order; they must not overlap.
+fn scan_moved_files(fs: &dyn FileSystem, dir: &Path, names: &[String]) -> Result<Vec<MovedFile>> {
+    let mut name_seqs: Vec<u64> = names
+        .iter()
+        .filter_map(|n| parse_moved_file_name(n))
+        .collect();
+    name_seqs.sort_unstable();
+    let mut files: Vec<MovedFile> = Vec::with_capacity(name_seqs.len());
+    for name_seq in name_seqs {
+        let path = dir.join(moved_file_name(name_seq));
+        let file = scan_moved_file(fs, &path, name_seq)?;
+        if let Some(previous) = files.last()
+            && previous.last_seq() >= file.first_seq()
+        {
+            return Err(Error::Corrupt {
+                path,
+                offset: 0,
+                detail: format!("moved records overlap those of {}", previous.path.display()),
+            });
+        }
+        files.push(file);
+    }
+    Ok(files)
+}
+
+/// The moved records to keep: those of every moved file below the first segment.
+fn keep_moved(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    epoch: u64,
+    files: Vec<MovedFile>,
+    first_segment_seq: u64,
+    report: &mut RecoveryReport,
+) -> Result<MovedSet> {
+    let mut moved = MovedSet::default();
+    for file in files {
+        let (kept, dropped) = drop_duplicates(fs, dir, epoch, file, first_segment_seq)?;
+        report.moved_duplicates_dropped += dropped;
+        if let Some(file) = kept {
+            report.moved_records += file.records.len() as u64;
+            moved.insert(file);
+        }
+    }
+    Ok(moved)
+}
+
+/// Drops from a moved file the records a segment still holds: rewrites the file with the rest,
+/// or removes it when none is left. Returns the file as kept, and how many were dropped.
+fn drop_duplicates(
+    fs: &dyn FileSystem,
+    dir: &Path,
+    epoch: u64,
+    file: MovedFile,
+    first_segment_seq: u64,
+) -> Result<(Option<MovedFile>, u64)> {
+    let kept = file.records.partition_point(|r| r.seq < first_segment_seq);
+    let dropped = (file.records.len() - kept) as u64;
+    if dropped == 0 {
+        return Ok((Some(file), 0));
+    }
+    if kept == 0 {
+        fs.remove_file(&file.path)
+            .map_err(|e| Error::io("remove moved records", &file.path, e))?;
+        fs.sync_dir(dir)
+            .map_err(|e| Error::io("fsync directory", dir, e))?;
+        return Ok((None, dropped));
+    }
+    let records = (0..kept)
+        .map(|index| file.read(fs, index))
+        .collect::<Result<Vec<_>>>()?;
+    let rewritten = write_moved_file(fs, dir, epoch, file.name_seq, &records)?;
+    Ok((Some(rewritten), dropped))
 }
 
 fn check_contiguous(previous_last: u64, first_seq: u64, path: &Path) -> Result<()> {

@@ -106,6 +106,17 @@ impl SegmentSet {
         self.segments.keys().next().copied()
     }
 
+    /// The first sequence number of the segment after the first `count`, or of the last one
+    /// if there are not that many before it.
+    pub fn first_seq_after(&self, count: usize) -> u64 {
+        let last = self.segments.len().saturating_sub(1);
+        *self
+            .segments
+            .keys()
+            .nth(count.min(last))
+            .expect("the log always has an active segment")
+    }
+
     pub fn len(&self) -> usize {
         self.segments.len()
     }
@@ -169,7 +180,7 @@ pub(crate) fn create_segment(
 /// A salt no client can predict. std's `RandomState` is seeded from the operating system's
 /// random source, which is all this needs (it is not a secret key, only unguessable), without a
 /// dependency.
-fn unpredictable_salt(epoch: u64, first_seq: u64) -> u32 {
+pub(crate) fn unpredictable_salt(epoch: u64, first_seq: u64) -> u32 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u64(epoch);

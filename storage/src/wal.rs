@@ -5,11 +5,16 @@
 //! queue is bounded in bytes (law 5): `submit` waits for room, `try_submit` fails with
 //! `QueueFull`. Readers (`reader.rs`) see only durable records.
 
+mod reclaim;
+
+pub use reclaim::{Liveness, ReclaimReport};
+
 use crate::fence::{self, DirLock};
 use crate::fs::{FileSystem, RealFs};
 use crate::layout::{FRAME_HEADER_BYTES, KIND_USER_MASK};
+use crate::moved::MovedSet;
 use crate::options::WalOptions;
-use crate::reader::WalReader;
+use crate::reader::{Record, WalReader};
 use crate::recovery::{RecoveryReport, recover};
 use crate::segment::{SegmentSet, create_segment};
 use crate::writer::{ActiveSegment, Writer};
@@ -17,7 +22,6 @@ use crate::{Error, Result};
 use bytes::Bytes;
 use std::collections::VecDeque;
 use std::future::Future;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError, RwLock};
@@ -39,6 +43,8 @@ pub(crate) struct Shared {
     /// Room in the queue, in bytes; an append holds its frame's worth until it is written.
     pub queue_room: Arc<Semaphore>,
     pub segments: RwLock<SegmentSet>,
+    /// Records moved out of removed segments, all older than the first segment's.
+    pub moved: RwLock<MovedSet>,
     /// The last durable sequence number; readers never go past it.
     pub durable: watch::Sender<u64>,
     /// Counts the times retention freed space, so appends refused at the quota can wait for
@@ -53,7 +59,8 @@ pub(crate) struct Queue {
     /// The sequence number the next submission gets. Invariant: pending sequence numbers are
     /// consecutive and end at `next_seq - 1`.
     pub next_seq: u64,
-    /// Bytes of all segment files plus queued frames; what the quota is checked against.
+    /// Bytes of all segment and moved-record files plus queued frames; what the quota is
+    /// checked against.
     pub usage_bytes: u64,
     pub state: QueueState,
     /// `Some(n)` while the writer sleeps until `n` appends are pending; `None` while it is busy,
@@ -162,13 +169,6 @@ impl<'a> Reservation<'a> {
     }
 }
 
-/// What `remove_segments_below` freed.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RetentionReport {
-    pub segments_removed: u64,
-    pub bytes_freed: u64,
-}
-
 /// The write-ahead log. Cheap to clone; the writer stops when the last clone is dropped or
 /// `close` is called.
 #[derive(Debug, Clone)]
@@ -180,7 +180,7 @@ pub struct Wal {
 struct Owner {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Serialises retention runs.
+    /// Serialises reclaim runs.
     retention: Mutex<()>,
     /// Held until the writer has stopped.
     _lock: DirLock,
@@ -274,7 +274,7 @@ impl Wal {
         let mut segments = recovered.segments;
         let next_seq = recovered.next_seq;
         let active = open_active_segment(fs.as_ref(), dir, epoch, next_seq, &mut segments)?;
-        let usage_bytes = segments.total_bytes();
+        let usage_bytes = segments.total_bytes() + recovered.moved.total_bytes();
         let shared = Arc::new(Shared {
             fs,
             dir: dir.to_path_buf(),
@@ -290,6 +290,7 @@ impl Wal {
                 usize::try_from(options.queue_bytes_max).expect("validated"),
             )),
             segments: RwLock::new(segments),
+            moved: RwLock::new(recovered.moved),
             durable: watch::Sender::new(next_seq - 1),
             space_freed: watch::Sender::new(0),
             options,
@@ -437,12 +438,32 @@ impl Wal {
         }
     }
 
-    /// A reader positioned at `from_seq`.
+    /// A reader positioned at `from_seq`: it reads the first record at or after it, moved
+    /// records first (see `Wal::reclaim`), then the segments.
     ///
     /// # Errors
-    /// `SequenceRemoved` if retention already removed `from_seq`.
+    /// None today; kept for readers that must open files.
     pub fn reader(&self, from_seq: u64) -> Result<WalReader> {
         WalReader::new(Arc::clone(self.shared()), from_seq)
+    }
+
+    /// The durable record `seq`, wherever it is (a segment or moved records); `None` if it is
+    /// not durable yet, or was removed because no one needed it any more.
+    ///
+    /// # Errors
+    /// `Corrupt` if it does not check out, `Io`.
+    pub fn read(&self, seq: u64) -> Result<Option<Record>> {
+        // A reclaim may move the record between the look-up and the read: then look again.
+        for _ in 0..2 {
+            let mut reader = self.reader(seq)?;
+            match reader.try_next() {
+                Ok(Some(record)) => return Ok((record.seq == seq).then_some(record)),
+                Ok(None) => return Ok(None),
+                Err(Error::SequenceRemoved { .. }) => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(None)
     }
 
     /// The last durable sequence number (0 if none).
@@ -502,7 +523,19 @@ impl Wal {
             .expect("the log always has an active segment")
     }
 
-    /// Bytes used by segments and queued appends (what the quota counts).
+    /// The first sequence number of the segment after the oldest `segments` sealed ones (of
+    /// the active segment, if there are fewer): what one reclaim of that many can free lies
+    /// below it.
+    #[must_use]
+    pub fn reclaim_horizon(&self, segments: usize) -> u64 {
+        self.shared()
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .first_seq_after(segments)
+    }
+
+    /// Bytes used by segments, moved records and queued appends (what the quota counts).
     #[must_use]
     pub fn usage_bytes(&self) -> u64 {
         self.shared().lock_queue().usage_bytes
@@ -523,50 +556,6 @@ impl Wal {
     #[must_use]
     pub fn epoch(&self) -> u64 {
         self.shared().epoch
-    }
-
-    /// Removes every segment all of whose records are below `lowest_needed_seq`: the lowest
-    /// sequence any consumer still needs, computed by the caller from durably committed
-    /// checkpoints and unexpired messages. The active segment is never removed. Segments go
-    /// oldest first, each removal made durable before the next, so a crash can never leave a
-    /// hole in the middle of the log.
-    ///
-    /// # Errors
-    /// `Io` when a removal fails; the segments not yet removed stay.
-    pub fn remove_segments_below(&self, lowest_needed_seq: u64) -> Result<RetentionReport> {
-        let _running = self
-            .owner
-            .retention
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
-        let shared = self.shared();
-        let candidates = shared
-            .segments
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .wholly_below(lowest_needed_seq.min(self.durable_seq() + 1));
-        let mut report = RetentionReport::default();
-        for segment in candidates {
-            match shared.fs.remove_file(&segment.path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => return Err(Error::io("remove segment", &segment.path, e)),
-            }
-            shared
-                .fs
-                .sync_dir(&shared.dir)
-                .map_err(|e| Error::io("fsync directory", &shared.dir, e))?;
-            shared
-                .segments
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(segment.first_seq);
-            shared.lock_queue().usage_bytes -= segment.bytes;
-            report.segments_removed += 1;
-            report.bytes_freed += segment.bytes;
-            shared.space_freed.send_modify(|freed| *freed += 1);
-        }
-        Ok(report)
     }
 
     /// Stops accepting appends, waits until everything queued is durable, and stops the writer.

@@ -105,3 +105,35 @@ fn failed_retention_removal_leaves_a_contiguous_log() {
     assert_log_holds(dir.path(), &all);
     scenario.teardown();
 }
+
+#[test]
+fn a_reclaim_cut_between_moving_and_removing_keeps_each_record_once() {
+    // Goal: when a reclaim stops after its moved records are durable but before the segments
+    // they came from are removed (here: the first removal fails, as a crash would stop it),
+    // the reopened log holds each record once, in order: the copies the segments still hold
+    // win, and the moved file is cut back.
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+    let (acknowledged, failure) = append_until_failure(&wal, 1, 300);
+    assert!(failure.is_none());
+    // The first removal is that of a stale staging file, before the moved file is written.
+    fail::cfg("storage.segment.remove", "1*off->return").unwrap();
+    let liveness = spool_storage::Liveness {
+        needed_from: 290,
+        live: vec![3, 50],
+    };
+    let err = wal.reclaim(&liveness).unwrap_err();
+    fail::remove("storage.segment.remove");
+    assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), small_segments()).unwrap();
+    assert_eq!(report.moved_duplicates_dropped, 2);
+    assert_eq!(wal.first_seq(), 1, "no segment was removed");
+    drop(wal);
+    assert_log_holds(dir.path(), &acknowledged);
+    let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+    let report = wal.reclaim(&liveness).unwrap();
+    assert_eq!(report.records_moved, 2, "the reclaim can run again");
+    scenario.teardown();
+}

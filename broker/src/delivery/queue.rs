@@ -29,6 +29,9 @@ pub struct QueueEntry {
     pub packet_id: Option<u16>,
     /// A QoS 2 message the client received (PUBREC): only its PUBREL remains to be sent.
     pub released: bool,
+    /// The log record of that PUBREC (a persistent session's): recovery needs it as long as
+    /// the entry is kept, or it would send the message again instead of its PUBREL.
+    pub received_record: Option<u64>,
 }
 
 impl QueueEntry {
@@ -44,6 +47,7 @@ impl QueueEntry {
             redelivery: false,
             packet_id: None,
             released: false,
+            received_record: None,
         }
     }
 }
@@ -165,17 +169,18 @@ impl DeliveryQueue {
         }
     }
 
-    /// The client received the QoS 2 message logged at `seq` (its PUBREC is logged and
-    /// durable): from now on only its PUBREL is sent, whether the entry is in flight or waiting
-    /// to be resent. False if the queue no longer holds it.
-    pub fn received_logged(&mut self, seq: u64) -> bool {
+    /// The client received the QoS 2 message logged at `seq`, and its PUBREC is logged and
+    /// durable at `record`: from now on only its PUBREL is sent, whether the entry is in
+    /// flight or waiting to be resent. False if the queue no longer holds it.
+    pub fn received_logged(&mut self, seq: u64, record: u64) -> bool {
         let logged_qos2 = |e: &QueueEntry| e.retained.is_none() && e.qos == QoS::ExactlyOnce;
-        let in_flight = self
+        if let Some(at) = self
             .in_flight
             .iter()
-            .find(|e| e.seq == seq && logged_qos2(e))
-            .and_then(|e| e.packet_id);
-        if let Some(packet_id) = in_flight {
+            .position(|e| e.seq == seq && logged_qos2(e))
+        {
+            self.in_flight[at].received_record = Some(record);
+            let packet_id = self.in_flight[at].packet_id.expect("in flight");
             return self.received(packet_id);
         }
         // Waiting entries are in sequence order.
@@ -188,9 +193,23 @@ impl DeliveryQueue {
         match waiting {
             Some(entry) => {
                 entry.released = true;
+                entry.received_record = Some(record);
                 true
             }
             None => false,
+        }
+    }
+
+    /// Adds to `live` the log records this queue still needs below `horizon`: its messages
+    /// (but retained messages carried in memory) and the PUBREC records of those received.
+    /// Waiting entries are in sequence order, so only those below the horizon are looked at.
+    pub fn records_needed_below(&self, horizon: u64, live: &mut Vec<u64>) {
+        let waiting = self.waiting.iter().take_while(|e| e.seq < horizon);
+        for entry in self.in_flight.iter().chain(waiting) {
+            if entry.retained.is_none() && entry.seq < horizon {
+                live.push(entry.seq);
+            }
+            live.extend(entry.received_record.filter(|&record| record < horizon));
         }
     }
 
@@ -330,11 +349,21 @@ mod tests {
         });
         queue.push(qos2(5));
         send(&mut queue, 4);
-        assert!(queue.received_logged(3), "in flight: its PUBREL is due");
+        assert!(queue.received_logged(3, 10), "in flight: its PUBREL is due");
         assert_eq!(queue.take_release(), Some(4));
         // As rebuilt after a restart: waiting, no packet id yet.
-        assert!(queue.received_logged(5));
-        assert!(!queue.received_logged(6), "not queued (completed before)");
+        assert!(queue.received_logged(5, 11));
+        assert!(
+            !queue.received_logged(6, 12),
+            "not queued (completed before)"
+        );
+        let mut live = Vec::new();
+        queue.records_needed_below(11, &mut live);
+        assert_eq!(
+            live,
+            vec![3, 10, 5],
+            "the retained message is not in the log"
+        );
         let retained = queue.next_to_send(2).unwrap();
         assert!(retained.retained.is_some() && !retained.released);
         assert!(queue.next_to_send(2).unwrap().released);
@@ -344,7 +373,7 @@ mod tests {
     fn a_full_queue_keeps_a_message_the_client_received_before_a_restart() {
         let mut queue = DeliveryQueue::new(2);
         queue.push(QueueEntry::new(1, QoS::ExactlyOnce, false, Vec::new()));
-        assert!(queue.received_logged(1));
+        assert!(queue.received_logged(1, 2));
         queue.push(entry(2));
         assert_eq!(queue.push(entry(3)), Pushed::DroppedOldest);
         let kept = queue.next_to_send(10).unwrap();

@@ -20,14 +20,17 @@ use crate::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, SubscribeRefusal,
 };
 use crate::hub::retained::{RETAINED_CHECKPOINT, RetainedMessages};
-use crate::limits::{MESSAGE_CACHE_BYTES_MAX, SUBSCRIPTIONS_PER_SESSION_MAX};
+use crate::limits::{
+    MESSAGE_CACHE_BYTES_MAX, RECLAIM_INTERVAL, RECLAIM_SEGMENTS_PER_RUN,
+    SUBSCRIPTIONS_PER_SESSION_MAX,
+};
 use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
 use crate::routing::{RetainHandling, Router, SubscriptionOptions, SubscriptionTable};
 use crate::session::persist::PersistedSession;
 use crate::session::receipts::{self, Qos2Receipts};
 use crate::session::{Attachment, Session};
 use bytes::Bytes;
-use spool_storage::{Commit, Meta, Record, StateTable, Wal, WalReader};
+use spool_storage::{Commit, Liveness, Meta, Record, StateTable, Wal, WalReader};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -127,15 +130,9 @@ impl Hub {
         let replay_from = hub.load_sessions()?.min(hub.retained.replay_from());
         hub.router.install(hub.subscriptions.clone());
         hub.restore_receipts()?;
-        let first = hub.wal.first_seq();
-        if replay_from < first {
-            tracing::warn!(
-                replay_from,
-                first,
-                "records a session or the retained messages needed were already removed from the log"
-            );
-        }
-        hub.tail = hub.wal.reader(replay_from.max(first))?;
+        // Records below the log's first segment that a queue still held were moved, not
+        // removed: the reader yields them first, in sequence order.
+        hub.tail = hub.wal.reader(replay_from)?;
         // Replay before any client connects: a session must have its queue, with the PUBRECs
         // it logged, before it is attached, or it would send a released QoS 2 message again.
         hub.read_durable_records();
@@ -259,6 +256,8 @@ impl Hub {
     /// Runs until `shutdown` is cancelled or the log stops.
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
         let mut expiry = tokio::time::interval(Duration::from_secs(1));
+        let mut reclaim = tokio::time::interval(RECLAIM_INTERVAL);
+        reclaim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -275,8 +274,9 @@ impl Hub {
                     self.expire_sessions(Instant::now());
                     self.publish_due_wills(Instant::now());
                     self.retained.expire(now_ms());
-                    self.checkpoint_and_retain();
+                    self.commit_checkpoints();
                 }
+                _ = reclaim.tick() => self.reclaim_log_space(),
             }
         }
     }
@@ -685,10 +685,10 @@ impl Hub {
         }
     }
 
-    /// Commits every persistent session's progress durably, then lets the log drop the segments
-    /// no queue needs any more. A checkpoint is the sequence before the first message still
-    /// needed (or everything the hub has read, for an empty queue), so it never moves back.
-    fn checkpoint_and_retain(&mut self) {
+    /// Commits every persistent session's progress durably, with the retained messages and
+    /// QoS 2 receipts. A checkpoint is the sequence before the first message still needed (or
+    /// everything the hub has read, for an empty queue), so it never moves back.
+    fn commit_checkpoints(&mut self) {
         let read_through = self.tail.next_seq() - 1;
         let mut updates = Vec::new();
         for session in self.sessions.values().filter(|s| s.is_persistent()) {
@@ -717,27 +717,42 @@ impl Hub {
                 }
             }
         }
-        let lowest_needed = self
-            .sessions
-            .values()
-            .map(|s| match s.is_persistent() {
-                true => s.checkpoint + 1,
-                false => s.queue.first_needed().unwrap_or(read_through + 1),
-            })
-            .fold(
-                self.retained
-                    .replay_from()
-                    .min(self.receipts_checkpoint + 1),
-                u64::min,
-            );
-        // One removal at a time: on a slow disk, one a second would pile up.
-        if self.retention_running.swap(true, Ordering::AcqRel) {
+    }
+
+    /// Lets the log free what no one needs any more (see `Wal::reclaim`): every record from
+    /// the first one a replay after a restart reads whole (retained messages, QoS 2 receipts)
+    /// or that the hub has not read yet, and below that, only what the queues still hold. A
+    /// record no queue holds was acknowledged, expired or dropped by a counted rule; after a
+    /// crash a queue may find older records again (at least once), never lose one it held.
+    fn reclaim_log_space(&mut self) {
+        // Only sealed segments are reclaimed; and one reclaim at a time, on a slow disk.
+        if self.wal.segment_count() < 2 || self.retention_running.swap(true, Ordering::AcqRel) {
             return;
         }
+        let needed_from = self
+            .tail
+            .next_seq()
+            .min(self.retained.replay_from())
+            .min(self.receipts_checkpoint + 1)
+            .min(self.wal.reclaim_horizon(RECLAIM_SEGMENTS_PER_RUN));
+        let mut live = Vec::new();
+        for session in self.sessions.values() {
+            session.queue.records_needed_below(needed_from, &mut live);
+        }
+        live.sort_unstable();
+        live.dedup();
+        let liveness = Liveness { needed_from, live };
         let (wal, running) = (self.wal.clone(), Arc::clone(&self.retention_running));
         tokio::task::spawn_blocking(move || {
-            if let Err(e) = wal.remove_segments_below(lowest_needed) {
-                tracing::error!("failed to remove old log segments: {e}");
+            match wal.reclaim(&liveness) {
+                Ok(report) if report.records_moved > 0 => tracing::debug!(
+                    records_moved = report.records_moved,
+                    segments_removed = report.segments_removed,
+                    bytes_freed = report.bytes_freed,
+                    "moved the few live records out of old log segments"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!("failed to free log space: {e}"),
             }
             running.store(false, Ordering::Release);
         });
@@ -844,7 +859,7 @@ impl Hub {
             return;
         };
         // Not found: the message was completed (PUBCOMP) before the last checkpoint.
-        if session.queue.received_logged(received.seq) {
+        if session.queue.received_logged(received.seq, record.seq) {
             self.pump(received.session);
         }
     }
@@ -987,11 +1002,7 @@ impl Hub {
         if let Some(message) = self.cache.get(seq) {
             return Some(message);
         }
-        let read = self
-            .wal
-            .reader(seq)
-            .and_then(|mut reader| reader.try_next());
-        match read {
+        match self.wal.read(seq) {
             Ok(Some(record)) => match PublishRecord::decode(record.payload) {
                 Ok(publish) => Some(Arc::new(publish.message)),
                 Err(e) => {
