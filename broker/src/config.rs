@@ -111,6 +111,10 @@ settings! {
     /// The most bytes the write-ahead log may use; at the quota publishers are held back,
     /// nothing is dropped.
     wal_quota_bytes: u64 = "10737418240", env "SPOOL_WAL_QUOTA_BYTES";
+    /// Bytes the data directory's file system keeps free: below it publishers are held back
+    /// as at the quota, so the log and the metadata store always have room to work and the
+    /// hub keeps delivering (0 turns it off).
+    disk_free_min_bytes: u64 = "16777216", env "SPOOL_DISK_FREE_MIN_BYTES";
     /// Size of a write-ahead log segment; old messages are freed a whole segment at a time,
     /// and the quota must hold two.
     wal_segment_bytes: u64 = "67108864", env "SPOOL_WAL_SEGMENT_BYTES";

@@ -31,9 +31,13 @@ pub const MESSAGE_CACHE_BYTES_MAX: usize = 64 << 20;
 /// about this long for the segments their consumers are done with.
 pub const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
-/// Sealed log segments one reclaim looks at (the hub reclaims once a second): it bounds the
-/// queue entries the hub gathers for it, and the records it may move at once.
-pub const RECLAIM_SEGMENTS_PER_RUN: usize = 16;
+/// Sealed log segments one reclaim looks at, at most: with `RECLAIM_LIVE_ENTRIES_MAX`, it
+/// bounds the queue entries the hub gathers for it (on its own task) every `RECLAIM_INTERVAL`.
+pub const RECLAIM_SEGMENTS_PER_RUN: usize = 4;
+
+/// Queue entries the hub gathers at most for one reclaim; when the oldest segment alone is
+/// needed by more, none of its records is moved (it is too dense to be worth it anyway).
+pub const RECLAIM_LIVE_ENTRIES_MAX: usize = 1 << 16;
 
 /// MQTT 5 user properties accepted on one PUBLISH (the log record counts them in a u16).
 pub const USER_PROPERTIES_MAX: usize = 1024;

@@ -40,6 +40,7 @@ fn wal_options(config: &Config) -> WalOptions {
     WalOptions {
         record_payload_bytes_max: record_payload_bytes_max(config.settings.max_packet_size),
         quota_bytes: Some(config.settings.wal_quota_bytes),
+        disk_free_min_bytes: config.settings.disk_free_min_bytes,
         segment_size_bytes: config.settings.wal_segment_bytes,
         ..WalOptions::default()
     }

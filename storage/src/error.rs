@@ -60,6 +60,17 @@ pub enum Error {
     #[error("write-ahead log quota of {quota_bytes} bytes reached")]
     QuotaExceeded { quota_bytes: u64 },
 
+    /// The file system has less free space than the log keeps in reserve (see
+    /// `WalOptions::disk_free_min_bytes`): back-pressure until consumers free space.
+    #[error(
+        "file system almost full: {available_bytes} bytes free, the write-ahead log keeps \
+         {reserve_bytes} in reserve"
+    )]
+    DiskFull {
+        available_bytes: u64,
+        reserve_bytes: u64,
+    },
+
     /// The writer's queue is full (only from `try_append`; `append` waits instead).
     #[error("write-ahead log queue is full")]
     QueueFull,
@@ -111,7 +122,21 @@ impl Error {
     /// True when the error means "try again later" rather than "something is broken".
     #[must_use]
     pub fn is_back_pressure(&self) -> bool {
-        matches!(self, Error::QuotaExceeded { .. } | Error::QueueFull)
+        matches!(
+            self,
+            Error::QuotaExceeded { .. } | Error::DiskFull { .. } | Error::QueueFull
+        )
+    }
+
+    /// True for an I/O error that says the file system has no room (ENOSPC, or a disk quota):
+    /// the writer waits for room instead of stopping, since nothing was made durable by it.
+    #[must_use]
+    pub fn is_out_of_space(&self) -> bool {
+        matches!(
+            self,
+            Error::Io { source, .. }
+                if matches!(source.kind(), io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded)
+        )
     }
 }
 

@@ -52,6 +52,16 @@ pub const PREALLOCATE_BYTES_MAX: u64 = 64 << 20;
 /// records 16 at a time, 66 KiB per write, were slower with it).
 pub const PREALLOCATE_WRITE_BYTES_MAX: u64 = 32 << 10;
 
+/// The free space the log keeps on its file system by default (see
+/// `WalOptions::disk_free_min_bytes`): room for segment rolls, one reclaim's moved records
+/// (`RECLAIM_MOVE_BYTES_MAX` is the most; it stops early when there is less), the epoch file
+/// and the caller's metadata commits.
+pub const DISK_FREE_MIN_BYTES_DEFAULT: u64 = 16 << 20;
+
+/// While the file system is below the reserve, the writer measures its free space this often,
+/// so that space freed by anyone (not only the log) lets waiting appends go on.
+pub const DISK_RECHECK_INTERVAL_MS: u64 = 500;
+
 /// Bytes a reader fetches from a segment file at once.
 pub const READ_CHUNK_BYTES: usize = 256 << 10;
 

@@ -99,17 +99,29 @@ pub(crate) struct MovedSet {
 }
 
 impl MovedSet {
+    /// Adds a file whose records come after every other's (recovery checks that of the files
+    /// it finds; a reclaim moves only records newer than those already moved).
     pub fn insert(&mut self, file: MovedFile) {
-        if let Some(previous) = self.files.range(..file.name_seq).next_back() {
+        assert!(
+            !file.records.is_empty(),
+            "an empty moved file is removed, not kept"
+        );
+        if let Some((_, previous)) = self.files.range(..file.name_seq).next_back() {
             assert!(
-                previous.1.last_seq() < file.first_seq(),
+                previous.last_seq() < file.first_seq(),
                 "moved files overlap"
             );
         }
-        if let Some(next) = self.files.range(file.name_seq + 1..).next() {
-            assert!(file.last_seq() < next.1.first_seq(), "moved files overlap");
+        if let Some((_, next)) = self.files.range(file.name_seq..).next() {
+            assert!(file.last_seq() < next.first_seq(), "moved files overlap");
         }
         self.files.insert(file.name_seq, file);
+    }
+
+    /// Whether `seq` is among the moved records.
+    pub fn contains(&self, seq: u64) -> bool {
+        self.at_or_after(seq)
+            .is_some_and(|(file, index)| file.records[index].seq == seq)
     }
 
     pub fn remove(&mut self, name_seq: u64) -> Option<MovedFile> {
@@ -131,7 +143,7 @@ impl MovedSet {
             .range(..=seq)
             .next_back()
             .into_iter()
-            .chain(self.files.range(seq + 1..));
+            .chain(self.files.range(seq.saturating_add(1)..));
         for (_, file) in candidates {
             let index = file.records.partition_point(|r| r.seq < seq);
             if index < file.records.len() {
@@ -218,8 +230,11 @@ pub(crate) fn scan_moved_file(
             FrameCheck::Incomplete => return Err(corrupt(offset, "moved record cut short".into())),
             FrameCheck::Invalid(reason) => return Err(corrupt(offset, reason.into())),
         };
-        let floor = records.last().map_or(name_seq, |r| r.seq + 1);
-        if frame.seq < floor {
+        let in_order = match records.last() {
+            Some(last) => frame.seq > last.seq,
+            None => frame.seq >= name_seq,
+        };
+        if !in_order {
             return Err(corrupt(
                 offset,
                 format!("moved record {} is out of order", frame.seq),

@@ -3,9 +3,9 @@
 use crate::fence::LockPolicy;
 use crate::layout::{FRAME_HEADER_BYTES, SEGMENT_HEADER_BYTES};
 use crate::limits::{
-    BATCH_BYTES_MAX_DEFAULT, BATCH_RECORDS_MAX_DEFAULT, PREALLOCATE_BYTES_DEFAULT,
-    PREALLOCATE_BYTES_MAX, QUEUE_BYTES_MAX_DEFAULT, RECORD_PAYLOAD_BYTES_MAX,
-    SEGMENT_SIZE_BYTES_DEFAULT, SEGMENT_SIZE_BYTES_MIN,
+    BATCH_BYTES_MAX_DEFAULT, BATCH_RECORDS_MAX_DEFAULT, DISK_FREE_MIN_BYTES_DEFAULT,
+    PREALLOCATE_BYTES_DEFAULT, PREALLOCATE_BYTES_MAX, QUEUE_BYTES_MAX_DEFAULT,
+    RECORD_PAYLOAD_BYTES_MAX, SEGMENT_SIZE_BYTES_DEFAULT, SEGMENT_SIZE_BYTES_MIN,
 };
 use crate::{Error, Result};
 use std::time::Duration;
@@ -41,6 +41,10 @@ pub struct WalOptions {
     /// The most bytes the log (segments plus queued appends) may occupy; further appends fail
     /// with `QuotaExceeded` until retention frees space. `None`: no quota.
     pub quota_bytes: Option<u64>,
+    /// Bytes the file system must keep free: appends are refused with `DiskFull` (back-pressure,
+    /// like the quota) below it, so that what the log and its caller must still write (segment
+    /// rolls, moved records, the epoch file, metadata commits) finds room. 0 turns it off.
+    pub disk_free_min_bytes: u64,
     /// How far ahead of the write position a segment is zero-filled (never past its size), so
     /// most fdatasyncs flush data only; 0 turns it off.
     pub preallocate_bytes: u64,
@@ -63,6 +67,7 @@ impl Default for WalOptions {
             batch_linger: Duration::ZERO,
             queue_bytes_max: QUEUE_BYTES_MAX_DEFAULT,
             quota_bytes: None,
+            disk_free_min_bytes: DISK_FREE_MIN_BYTES_DEFAULT,
             preallocate_bytes: PREALLOCATE_BYTES_DEFAULT,
             sync: SyncPolicy::Always,
             lock: LockPolicy::Exclusive,

@@ -82,6 +82,7 @@ impl WalReader {
     pub fn try_next(&mut self) -> Result<Option<Record>> {
         let durable = *self.durable.borrow_and_update();
         if self.next_seq > durable {
+            self.close_finished_segment();
             return Ok(None);
         }
         if let Some(record) = self.next_moved()? {
@@ -96,6 +97,28 @@ impl WalReader {
         assert_eq!(record.seq, self.next_seq);
         self.next_seq += 1;
         Ok(Some(record))
+    }
+
+    /// Closes the segment file the reader has read to its end once a newer segment exists: a
+    /// reader waiting there (the hub's, between records) would otherwise keep the file, and
+    /// its disk space, after the log removed it.
+    fn close_finished_segment(&mut self) {
+        let Some(cursor) = &self.cursor else {
+            return;
+        };
+        if self.next_seq <= cursor.last_seq {
+            return;
+        }
+        let sealed = self
+            .shared
+            .segments
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .last_first_seq()
+            .is_some_and(|last| last > cursor.last_seq);
+        if sealed {
+            self.cursor = None;
+        }
     }
 
     /// Below the first segment: the next moved record, or, when none is left, a move of the

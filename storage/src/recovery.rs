@@ -271,7 +271,7 @@ fn drop_duplicates(
 ) -> Result<(Option<MovedFile>, u64)> {
     let kept = file.records.partition_point(|r| r.seq < first_segment_seq);
     let dropped = (file.records.len() - kept) as u64;
-    if dropped == 0 {
+    if dropped == 0 && kept > 0 {
         return Ok((Some(file), 0));
     }
     if kept == 0 {

@@ -117,6 +117,11 @@ impl SegmentSet {
             .expect("the log always has an active segment")
     }
 
+    /// The first sequence number of the last (active) segment.
+    pub fn last_first_seq(&self) -> Option<u64> {
+        self.segments.keys().next_back().copied()
+    }
+
     pub fn len(&self) -> usize {
         self.segments.len()
     }
@@ -134,6 +139,14 @@ impl SegmentSet {
             .take_while(|s| s.last_seq < seq)
             .cloned()
             .collect()
+    }
+
+    /// Puts back the segment `remove` just took from the front.
+    pub fn restore_front(&mut self, segment: Segment) {
+        if let Some(first) = self.first_seq() {
+            assert_eq!(segment.last_seq + 1, first, "segments are contiguous");
+        }
+        self.segments.insert(segment.first_seq, segment);
     }
 
     pub fn remove(&mut self, first_seq: u64) -> Option<Segment> {

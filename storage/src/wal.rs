@@ -63,6 +63,12 @@ pub(crate) struct Queue {
     /// checked against.
     pub usage_bytes: u64,
     pub state: QueueState,
+    /// Bytes free on the file system as last measured, less what was queued since.
+    pub disk_available: u64,
+    /// Set when an append was refused for want of disk space (or a write met ENOSPC): the
+    /// writer then measures the free space every `DISK_RECHECK_INTERVAL_MS` and says when it
+    /// is back.
+    pub disk_low: bool,
     /// `Some(n)` while the writer sleeps until `n` appends are pending; `None` while it is busy,
     /// so that appends do not pay for a wake-up syscall nobody waits for.
     pub writer_wakes_at: Option<usize>,
@@ -107,6 +113,32 @@ impl Shared {
         self.queue_room.close();
         self.queue_changed.notify_all();
         self.durable.send_modify(|_| {});
+    }
+
+    /// The free space on the log's file system; unknown (a failed statvfs) counts as plenty,
+    /// so a file system that cannot say never stops the log.
+    pub fn measure_available(&self) -> u64 {
+        match self.fs.available_bytes(&self.dir) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                tracing::debug!(dir = %self.dir.display(), "cannot measure free space: {e}");
+                u64::MAX
+            }
+        }
+    }
+
+    /// Called by the writer with the free space it measured: ends a low-space episode (and
+    /// wakes the appends waiting for room) once the reserve is there again.
+    pub fn disk_measured(&self, available: u64) {
+        let mut queue = self.lock_queue();
+        queue.disk_available = available;
+        let reserve = self.options.disk_free_min_bytes;
+        if queue.disk_low && available >= reserve.saturating_mul(2) {
+            queue.disk_low = false;
+            drop(queue);
+            tracing::info!(available, "file system has room again: appends resume");
+            self.space_freed.send_modify(|freed| *freed += 1);
+        }
     }
 
     /// Whether no more records will become durable (closed or failed).
@@ -180,8 +212,8 @@ pub struct Wal {
 struct Owner {
     shared: Arc<Shared>,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Serialises reclaim runs.
-    retention: Mutex<()>,
+    /// Serialises reclaim runs, and keeps what the last one learnt.
+    retention: Mutex<Option<reclaim::DenseVerdict>>,
     /// Held until the writer has stopped.
     _lock: DirLock,
 }
@@ -275,6 +307,7 @@ impl Wal {
         let next_seq = recovered.next_seq;
         let active = open_active_segment(fs.as_ref(), dir, epoch, next_seq, &mut segments)?;
         let usage_bytes = segments.total_bytes() + recovered.moved.total_bytes();
+        let disk_available = fs.available_bytes(dir).unwrap_or(u64::MAX);
         let shared = Arc::new(Shared {
             fs,
             dir: dir.to_path_buf(),
@@ -282,6 +315,8 @@ impl Wal {
                 pending: VecDeque::new(),
                 next_seq,
                 usage_bytes,
+                disk_available,
+                disk_low: false,
                 state: QueueState::Open,
                 writer_wakes_at: None,
             }),
@@ -304,7 +339,7 @@ impl Wal {
         let owner = Owner {
             shared,
             writer: Mutex::new(Some(handle)),
-            retention: Mutex::new(()),
+            retention: Mutex::new(None),
             _lock: lock,
         };
         Ok((
@@ -407,6 +442,23 @@ impl Wal {
         {
             return Err(Error::QuotaExceeded { quota_bytes });
         }
+        let reserve_bytes = shared.options.disk_free_min_bytes;
+        if !beyond_quota && reserve_bytes > 0 && queue.disk_available < frame_bytes + reserve_bytes
+        {
+            // Look again: space may have been freed outside the log since it was measured.
+            queue.disk_available = shared.measure_available();
+            if queue.disk_available < frame_bytes + reserve_bytes {
+                if !queue.disk_low {
+                    queue.disk_low = true;
+                    shared.queue_changed.notify_one(); // the writer watches for room from now
+                }
+                return Err(Error::DiskFull {
+                    available_bytes: queue.disk_available,
+                    reserve_bytes,
+                });
+            }
+        }
+        queue.disk_available = queue.disk_available.saturating_sub(frame_bytes);
         let seq = queue.next_seq;
         let (done, receiver) = oneshot::channel();
         queue.pending.push_back(Submission {

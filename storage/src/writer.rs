@@ -7,13 +7,17 @@
 //!
 //! Any failed write, fsync or epoch check stops the log for good (`Shared::fail`): after a
 //! failed fsync the kernel may have dropped the dirty pages, so retrying could acknowledge
-//! records that are not on disk.
+//! records that are not on disk. One exception: a write (or a segment's creation) that finds
+//! the file system full (ENOSPC) made nothing durable and acknowledged nothing, so the writer
+//! waits for room and writes the same bytes at the same place again: a full disk is
+//! back-pressure, not the end of the log.
 
 use crate::fence;
 use crate::fs::FileHandle;
 use crate::layout::{FRAME_HEADER_BYTES, KIND_BATCH_START, SEGMENT_HEADER_BYTES, encode_frame};
 use crate::limits::{
-    EPOCH_CHECK_INTERVAL_MS, GATHER_RECORDS_MIN, GATHER_WAIT_US_MAX, PREALLOCATE_WRITE_BYTES_MAX,
+    DISK_RECHECK_INTERVAL_MS, EPOCH_CHECK_INTERVAL_MS, GATHER_RECORDS_MIN, GATHER_WAIT_US_MAX,
+    PREALLOCATE_WRITE_BYTES_MAX,
 };
 use crate::options::SyncPolicy;
 use crate::segment::{Segment, create_segment};
@@ -82,33 +86,37 @@ impl Writer {
             match self.write_batch(&batch) {
                 Ok(last_seq) => {
                     self.shared.durable.send_replace(last_seq);
+                    self.shared.disk_measured(self.shared.measure_available());
                     for submission in batch {
                         let _ = submission.done.send(Ok(submission.seq));
                     }
                 }
-                Err(cause) => {
-                    let error = match cause {
-                        Error::Fenced { .. } => cause,
-                        other => Error::Poisoned {
-                            cause: Box::new(other),
-                        },
-                    };
-                    tracing::error!(dir = %self.shared.dir.display(), "write-ahead log stopped: {error}");
-                    for submission in batch {
-                        let _ = submission.done.send(Err(error.clone()));
-                    }
-                    self.shared.fail(&error);
-                    return;
-                }
+                Err(cause) => return self.stop(cause, batch),
             }
         }
         self.shared.queue_room.close();
         self.shared.durable.send_modify(|_| {});
     }
 
+    /// Stops the log for good after `cause`, failing `batch` and everything queued.
+    fn stop(&self, cause: Error, batch: Vec<Submission>) {
+        let error = match cause {
+            Error::Fenced { .. } => cause,
+            other => Error::Poisoned {
+                cause: Box::new(other),
+            },
+        };
+        tracing::error!(dir = %self.shared.dir.display(), "write-ahead log stopped: {error}");
+        for submission in batch {
+            let _ = submission.done.send(Err(error.clone()));
+        }
+        self.shared.fail(&error);
+    }
+
     /// Waits for appends and takes the next batch; `None` once closed and drained, or failed.
     fn next_batch(&mut self) -> Option<Vec<Submission>> {
-        let options = &self.shared.options;
+        let shared = Arc::clone(&self.shared);
+        let options = &shared.options;
         let mut queue = self.shared.lock_queue();
         loop {
             match queue.state {
@@ -118,6 +126,24 @@ impl Writer {
                 QueueState::Open | QueueState::Closing => {}
             }
             queue.writer_wakes_at = Some(1);
+            if queue.disk_low {
+                // Idle while appends wait for room: look at the free space now and then.
+                let recheck = Duration::from_millis(DISK_RECHECK_INTERVAL_MS);
+                queue = self
+                    .shared
+                    .queue_changed
+                    .wait_timeout(queue, recheck)
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .0;
+                drop(queue);
+                self.shared.disk_measured(self.shared.measure_available());
+                if let Err(e) = self.seal_active_segment() {
+                    self.stop(e, Vec::new());
+                    return None;
+                }
+                queue = self.shared.lock_queue();
+                continue;
+            }
             queue = self
                 .shared
                 .queue_changed
@@ -212,17 +238,9 @@ impl Writer {
         if self.buffer.is_empty() {
             return Ok(());
         }
-        self.preallocate()?;
+        self.preallocate();
+        self.until_space_frees(Writer::write_buffer)?;
         let path = &self.active.path;
-        fail::fail_point!("storage.segment.write", |_| Err(Error::io(
-            "write segment",
-            path,
-            std::io::Error::other("failpoint storage.segment.write")
-        )));
-        self.active
-            .file
-            .write_all_at(&self.buffer, self.active.len)
-            .map_err(|e| Error::io("write segment", path, e))?;
         if self.shared.options.sync == SyncPolicy::Always {
             let started = Instant::now();
             self.active
@@ -249,30 +267,114 @@ impl Writer {
         Ok(())
     }
 
+    /// Writes the buffered frames at the end of the active segment, not yet durable.
+    fn write_buffer(&mut self) -> Result<()> {
+        let path = &self.active.path;
+        fail::fail_point!("storage.segment.write", |_| Err(Error::io(
+            "write segment",
+            path,
+            std::io::Error::other("failpoint storage.segment.write")
+        )));
+        self.active
+            .file
+            .write_all_at(&self.buffer, self.active.len)
+            .map_err(|e| Error::io("write segment", path, e))
+    }
+
+    /// Runs `step` until it does not fail for want of space: between tries, waits for the
+    /// disk to have room (or for the log to close, which ends the wait with the error). The
+    /// step must be one that can be repeated: nothing it did is durable or acknowledged yet.
+    fn until_space_frees<T>(&mut self, mut step: impl FnMut(&mut Self) -> Result<T>) -> Result<T> {
+        let mut waited = false;
+        loop {
+            let error = match step(self) {
+                Err(error) if error.is_out_of_space() => error,
+                done => {
+                    if waited {
+                        tracing::info!(dir = %self.shared.dir.display(), "file system has room: the write-ahead log goes on");
+                    }
+                    return done;
+                }
+            };
+            let mut queue = self.shared.lock_queue();
+            if !matches!(queue.state, QueueState::Open) {
+                return Err(error);
+            }
+            if !waited {
+                tracing::warn!(dir = %self.shared.dir.display(), "file system full, the write-ahead log waits for room: {error}");
+                waited = true;
+            }
+            queue.disk_low = true;
+            let recheck = Duration::from_millis(DISK_RECHECK_INTERVAL_MS);
+            drop(self.shared.queue_changed.wait_timeout(queue, recheck));
+        }
+    }
+
     /// When the write being flushed grows the file anyway (its fdatasync commits metadata),
     /// zero-fills ahead in the same fdatasync, so the writes after it land in allocated,
     /// durable zeros and their fdatasyncs flush data only. Recovery reads zeros after the last
     /// record as the end of the segment.
-    fn preallocate(&mut self) -> Result<()> {
+    ///
+    /// It is only an optimisation: when the zeros cannot be written (a full disk, say), the
+    /// records are written without them.
+    fn preallocate(&mut self) {
         let written_end = self.active.len + self.buffer.len() as u64;
         let ahead = self.shared.options.preallocate_bytes;
         if written_end <= self.active.allocated {
-            return Ok(());
+            return;
         }
         if ahead == 0 || self.buffer.len() as u64 >= PREALLOCATE_WRITE_BYTES_MAX {
             self.active.allocated = written_end;
-            return Ok(());
+            return;
         }
         let target = (written_end + ahead).min(self.shared.options.segment_size_bytes);
         if target > written_end {
             let zeros = vec![0u8; usize::try_from(target - written_end).expect("bounded")];
-            self.active
-                .file
-                .write_all_at(&zeros, written_end)
-                .map_err(|e| Error::io("preallocate segment", &self.active.path, e))?;
+            if let Err(e) = self.active.file.write_all_at(&zeros, written_end) {
+                // Part of the zeros may be there, taking room a roll must give back: it trims
+                // what is allocated past the records.
+                tracing::debug!(segment = %self.active.path.display(), "could not preallocate: {e}");
+                let size = self.active.file.size().unwrap_or(target);
+                self.active.allocated = size.max(written_end);
+                return;
+            }
         }
         self.active.allocated = target.max(written_end);
-        Ok(())
+    }
+
+    /// While appends wait for room on the disk, seals the active segment (once it has records):
+    /// only sealed segments are reclaimed, so a segment larger than the free space would keep
+    /// what consumers are done with for good.
+    fn seal_active_segment(&mut self) -> Result<()> {
+        if self.active.len <= SEGMENT_HEADER_BYTES || !self.shared.lock_queue().disk_low {
+            return Ok(());
+        }
+        let last_seq = self
+            .shared
+            .segments
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get_mut(self.active.first_seq)
+            .expect("the active segment is never removed")
+            .last_seq;
+        tracing::info!(segment = %self.active.path.display(), "file system almost full: sealing the active segment, so that it can be freed once consumed");
+        self.roll(last_seq + 1)
+    }
+
+    /// Creates the segment that starts at `first_seq`. One that could not be made for want of
+    /// space is removed again (it has no record), so that the next try can create it anew.
+    fn create_segment(&mut self, first_seq: u64) -> Result<(Box<dyn FileHandle>, Segment)> {
+        let (fs, dir) = (self.shared.fs.as_ref(), &self.shared.dir);
+        let created = create_segment(fs, dir, self.shared.epoch, first_seq);
+        if created.as_ref().is_err_and(Error::is_out_of_space) {
+            let path = crate::layout::segment_path(dir, first_seq);
+            match fs.remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("remove unfinished segment", path, e)),
+            }
+        }
+        created
     }
 
     /// Starts a new segment at `first_seq`; the previous one is already synced. Its zeros
@@ -299,8 +401,7 @@ impl Writer {
             crate::layout::segment_path(&self.shared.dir, first_seq),
             std::io::Error::other("failpoint storage.segment.roll")
         )));
-        let fs = self.shared.fs.as_ref();
-        let (file, segment) = create_segment(fs, &self.shared.dir, self.shared.epoch, first_seq)?;
+        let (file, segment) = self.until_space_frees(|writer| writer.create_segment(first_seq))?;
         self.active = ActiveSegment::new(file, &segment, SEGMENT_HEADER_BYTES);
         self.shared
             .segments

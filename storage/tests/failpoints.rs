@@ -126,6 +126,11 @@ fn a_reclaim_cut_between_moving_and_removing_keeps_each_record_once() {
     let err = wal.reclaim(&liveness).unwrap_err();
     fail::remove("storage.segment.remove");
     assert!(matches!(err, Error::Io { .. }), "{err:?}");
+    assert_eq!(
+        wal.first_seq(),
+        1,
+        "the segment whose removal failed is still listed"
+    );
     drop(wal);
     let (wal, report) = Wal::open(dir.path(), small_segments()).unwrap();
     assert_eq!(report.moved_duplicates_dropped, 2);
@@ -135,5 +140,43 @@ fn a_reclaim_cut_between_moving_and_removing_keeps_each_record_once() {
     let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
     let report = wal.reclaim(&liveness).unwrap();
     assert_eq!(report.records_moved, 2, "the reclaim can run again");
+    scenario.teardown();
+}
+
+#[test]
+fn a_reclaim_that_failed_midway_is_finished_by_the_next_one() {
+    // Goal: when a removal fails after the live records were moved, the next reclaim in the
+    // same process moves nothing twice (no overlapping moved files) and frees the segments,
+    // and the log reopens whole, with each record once.
+    let scenario = fail::FailScenario::setup();
+    let dir = tempfile::tempdir().unwrap();
+    let (wal, _) = Wal::open(dir.path(), small_segments()).unwrap();
+    let (acknowledged, _) = append_until_failure(&wal, 1, 300);
+    let liveness = spool_storage::Liveness {
+        needed_from: 290,
+        live: vec![3, 50],
+    };
+    fail::cfg("storage.segment.remove", "2*off->return").unwrap();
+    assert!(wal.reclaim(&liveness).is_err(), "the second segment stays");
+    fail::remove("storage.segment.remove");
+    let report = wal.reclaim(&liveness).unwrap();
+    assert_eq!(report.records_moved, 0, "already moved");
+    assert!(report.segments_removed > 0);
+    assert_eq!(wal.read(50).unwrap().unwrap().payload, payload_for(50, 0));
+    let first = wal.first_seq();
+    drop(wal);
+    let (wal, report) = Wal::open(dir.path(), small_segments()).unwrap();
+    assert_eq!((report.moved_records, wal.first_seq()), (2, first));
+    let kept: Vec<u64> = acknowledged
+        .iter()
+        .copied()
+        .filter(|&s| s == 3 || s == 50 || s >= first)
+        .collect();
+    let mut reader = wal.reader(1).unwrap();
+    let mut read = Vec::new();
+    while let Some(record) = reader.try_next().unwrap() {
+        read.push(record.seq);
+    }
+    assert_eq!(read, kept);
     scenario.teardown();
 }

@@ -177,21 +177,78 @@ async fn waiting_for_durability_ends_with_the_log_failure() {
 }
 
 #[tokio::test]
-async fn full_disk_fails_the_append_and_keeps_what_was_acknowledged() {
-    // Goal: ENOSPC during a write fails the appends in flight, never the acknowledged ones.
+async fn enospc_in_a_write_waits_for_room_instead_of_stopping_the_log() {
+    // Goal: a write that meets a full disk (ENOSPC, here past the reserve check) made nothing
+    // durable: the writer waits and writes again once there is room, the appends in flight
+    // complete then, and the log was never poisoned. A close while it waits fails them.
     let fs = FaultyFs::new();
-    let (wal, _) = open_faulty(&fs, small_segments()).unwrap();
+    let options = WalOptions {
+        disk_free_min_bytes: 0,
+        ..small_segments()
+    };
+    let (wal, _) = open_faulty(&fs, options.clone()).unwrap();
     for i in 1..=10u64 {
         wal.append(1, payload_for(i, 0)).await.unwrap();
     }
     fs.fail_writes_after_bytes(100);
-    assert!(wal.append(1, payload_for(11, 0)).await.is_err());
-    drop(wal);
+    let pending = wal.submit(1, payload_for(11, 0)).await.unwrap();
+    let waiting = tokio::time::timeout(Duration::from_millis(300), pending).await;
+    assert!(waiting.is_err(), "the append waits for room");
+    fs.clear_faults();
+    let seq = wal.append(1, payload_for(12, 0)).await.unwrap();
+    assert_eq!(seq, 12, "the waiting append went through first");
+    assert_eq!(read_all(&wal).len(), 12);
+
+    fs.fail_writes_after_bytes(0);
+    let pending = wal.submit(1, payload_for(13, 0)).await.unwrap();
+    wal.close().unwrap_err();
+    assert!(pending.await.is_err(), "closed while waiting for room");
     fs.clear_faults();
     fs.crash(spool_storage::CrashMode::PowerLoss);
-    let (wal, _) = open_faulty(&fs, small_segments()).unwrap();
-    let records = read_all(&wal);
-    assert_eq!(records.len(), 10);
+    let (wal, _) = open_faulty(&fs, options).unwrap();
+    assert_eq!(read_all(&wal).len(), 12, "what was acknowledged stays");
+}
+
+#[tokio::test]
+async fn a_full_disk_holds_appends_back_until_space_is_freed() {
+    // Goal: below the free-space reserve, appends are refused as back-pressure (`DiskFull`),
+    // not as a failure; the log reopens on the full disk (its epoch file fits the reserve);
+    // freeing space lets appends go on, and a waiter on `watch_space_freed` is told.
+    let fs = FaultyFs::new();
+    let options = WalOptions {
+        disk_free_min_bytes: 8 * 1024,
+        ..small_segments()
+    };
+    fs.set_capacity(Some(64 * 1024));
+    let (wal, _) = open_faulty(&fs, options.clone()).unwrap();
+    let mut last = 0;
+    let refused = loop {
+        match wal.append(1, payload_for(last + 1, 0)).await {
+            Ok(seq) => last = seq,
+            Err(e) => break e,
+        }
+    };
+    assert!(matches!(refused, Error::DiskFull { .. }), "{refused:?}");
+    assert!(refused.is_back_pressure());
+    drop(wal);
+    let (wal, _) = open_faulty(&fs, options).unwrap();
+    assert_eq!(
+        read_all(&wal).len() as u64,
+        last,
+        "reopened on the full disk"
+    );
+    assert!(matches!(
+        wal.append(1, payload_for(last + 1, 0)).await,
+        Err(Error::DiskFull { .. })
+    ));
+    let mut freed = wal.watch_space_freed();
+    freed.borrow_and_update();
+    wal.remove_segments_below(last).unwrap();
+    assert!(freed.has_changed().unwrap(), "waiters are told");
+    assert_eq!(
+        wal.append(1, payload_for(last + 1, 0)).await.unwrap(),
+        last + 1
+    );
 }
 
 #[tokio::test]
@@ -412,4 +469,69 @@ async fn close_drains_queued_appends() {
         Err(Error::Closed)
     ));
     assert_eq!(wal.durable_seq(), 50);
+}
+
+#[tokio::test]
+async fn a_disk_that_fills_anywhere_in_a_write_or_a_roll_loses_and_repeats_nothing() {
+    // Goal: wherever the disk fills up (inside a write, in the zeros written ahead, or while a
+    // new segment is created), the appends wait and then complete once there is room, with
+    // consecutive sequence numbers and every record read back once, in order. Method: the
+    // same 60 appends on disks filled at 40 different sizes around the second segment roll.
+    for capacity in (7000..11000).step_by(100) {
+        let fs = FaultyFs::new();
+        let options = WalOptions {
+            disk_free_min_bytes: 0,
+            ..small_segments()
+        };
+        fs.set_capacity(Some(capacity));
+        let (wal, _) = open_faulty(&fs, options.clone()).unwrap();
+        let mut pending = Vec::new();
+        for i in 1..=60u64 {
+            pending.push(wal.submit(1, payload_for(i, 0)).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        fs.set_capacity(None);
+        for (i, append) in pending.into_iter().enumerate() {
+            assert_eq!(append.await.unwrap(), i as u64 + 1, "capacity {capacity}");
+        }
+        drop(wal);
+        fs.crash(CrashMode::PowerLoss);
+        let (wal, _) = open_faulty(&fs, options).unwrap();
+        let records = read_all(&wal);
+        assert_eq!(records.len(), 60, "capacity {capacity}");
+        for (i, record) in records.iter().enumerate() {
+            assert_eq!(record.payload, payload_for(i as u64 + 1, 0));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_segment_larger_than_the_free_space_is_sealed_so_it_can_be_freed() {
+    // Goal: when the disk fills before the active segment does, the writer seals that segment
+    // (only sealed ones are reclaimed), so once its records are consumed the space comes
+    // back; otherwise a volume smaller than a segment would stay full for good.
+    let fs = FaultyFs::new();
+    let options = WalOptions {
+        segment_size_bytes: 1 << 20,
+        disk_free_min_bytes: 4096,
+        ..small_segments()
+    };
+    fs.set_capacity(Some(64 * 1024));
+    let (wal, _) = open_faulty(&fs, options).unwrap();
+    let mut last = 0;
+    while let Ok(seq) = wal.append(1, payload_for(last + 1, 0)).await {
+        last = seq;
+    }
+    assert_eq!(wal.segment_count(), 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while wal.segment_count() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "never sealed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let report = wal.remove_segments_below(last + 1).unwrap();
+    assert_eq!(report.segments_removed, 1);
+    assert_eq!(
+        wal.append(1, payload_for(last + 1, 0)).await.unwrap(),
+        last + 1
+    );
 }

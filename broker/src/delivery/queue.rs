@@ -200,6 +200,13 @@ impl DeliveryQueue {
         }
     }
 
+    /// The entries below `horizon` (waiting entries are in sequence order: a binary search).
+    #[must_use]
+    pub fn count_below(&self, horizon: u64) -> usize {
+        let in_flight = self.in_flight.iter().filter(|e| e.seq < horizon).count();
+        in_flight + self.waiting.partition_point(|e| e.seq < horizon)
+    }
+
     /// Adds to `live` the log records this queue still needs below `horizon`: its messages
     /// (but retained messages carried in memory) and the PUBREC records of those received.
     /// Waiting entries are in sequence order, so only those below the horizon are looked at.
@@ -364,6 +371,8 @@ mod tests {
             vec![3, 10, 5],
             "the retained message is not in the log"
         );
+        assert_eq!(queue.count_below(11), 3);
+        assert_eq!(queue.count_below(4), 2);
         let retained = queue.next_to_send(2).unwrap();
         assert!(retained.retained.is_some() && !retained.released);
         assert!(queue.next_to_send(2).unwrap().released);

@@ -21,7 +21,7 @@ use crate::hub::events::{
 };
 use crate::hub::retained::{RETAINED_CHECKPOINT, RetainedMessages};
 use crate::limits::{
-    MESSAGE_CACHE_BYTES_MAX, RECLAIM_INTERVAL, RECLAIM_SEGMENTS_PER_RUN,
+    MESSAGE_CACHE_BYTES_MAX, RECLAIM_INTERVAL, RECLAIM_LIVE_ENTRIES_MAX, RECLAIM_SEGMENTS_PER_RUN,
     SUBSCRIPTIONS_PER_SESSION_MAX,
 };
 use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
@@ -729,21 +729,16 @@ impl Hub {
         if self.wal.segment_count() < 2 || self.retention_running.swap(true, Ordering::AcqRel) {
             return;
         }
+        let running = ReclaimRunning(Arc::clone(&self.retention_running));
         let needed_from = self
             .tail
             .next_seq()
             .min(self.retained.replay_from())
-            .min(self.receipts_checkpoint + 1)
-            .min(self.wal.reclaim_horizon(RECLAIM_SEGMENTS_PER_RUN));
-        let mut live = Vec::new();
-        for session in self.sessions.values() {
-            session.queue.records_needed_below(needed_from, &mut live);
-        }
-        live.sort_unstable();
-        live.dedup();
-        let liveness = Liveness { needed_from, live };
-        let (wal, running) = (self.wal.clone(), Arc::clone(&self.retention_running));
+            .min(self.receipts_checkpoint + 1);
+        let liveness = self.liveness(needed_from);
+        let wal = self.wal.clone();
         tokio::task::spawn_blocking(move || {
+            let _running = running;
             match wal.reclaim(&liveness) {
                 Ok(report) if report.records_moved > 0 => tracing::debug!(
                     records_moved = report.records_moved,
@@ -754,8 +749,45 @@ impl Hub {
                 Ok(_) => {}
                 Err(e) => tracing::error!("failed to free log space: {e}"),
             }
-            running.store(false, Ordering::Release);
         });
+    }
+
+    /// What the queues still need of the log below `needed_from`, gathered only as far as
+    /// that stays cheap on the hub task: over the oldest `RECLAIM_SEGMENTS_PER_RUN` segments,
+    /// or fewer, down to the first, while the queues hold more than `RECLAIM_LIVE_ENTRIES_MAX`
+    /// entries there (counted in O(log n) a queue). When even the first holds more, nothing is
+    /// moved: only what lies below every queue's first entry can go.
+    fn liveness(&self, needed_from: u64) -> Liveness {
+        let mut segments = RECLAIM_SEGMENTS_PER_RUN;
+        while segments > 0 {
+            let horizon = self.wal.reclaim_horizon(segments).min(needed_from);
+            let entries: usize = self
+                .sessions
+                .values()
+                .map(|s| s.queue.count_below(horizon))
+                .sum();
+            if entries <= RECLAIM_LIVE_ENTRIES_MAX {
+                let mut live = Vec::with_capacity(entries);
+                for session in self.sessions.values() {
+                    session.queue.records_needed_below(horizon, &mut live);
+                }
+                live.sort_unstable();
+                live.dedup();
+                return Liveness {
+                    needed_from: horizon,
+                    live,
+                };
+            }
+            segments /= 2;
+        }
+        let first_needed = self
+            .sessions
+            .values()
+            .filter_map(|s| s.queue.first_needed());
+        Liveness {
+            needed_from: first_needed.fold(needed_from, u64::min),
+            live: Vec::new(),
+        }
     }
 
     /// Commits checkpoints with the retained changes read through `read_through` and the
@@ -1016,6 +1048,15 @@ impl Hub {
                 None
             }
         }
+    }
+}
+
+/// Held by a reclaim under way; lets the next one start when dropped, even by a panic.
+struct ReclaimRunning(Arc<AtomicBool>);
+
+impl Drop for ReclaimRunning {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

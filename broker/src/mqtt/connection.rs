@@ -738,12 +738,10 @@ where
                 Err(Submit::Log(error)) => error,
             };
             match error {
-                spool_storage::Error::QuotaExceeded { quota_bytes } => {
+                error @ (spool_storage::Error::QuotaExceeded { .. }
+                | spool_storage::Error::DiskFull { .. }) => {
                     if !held_back {
-                        tracing::warn!(
-                            quota_bytes,
-                            "write-ahead log quota reached: holding back publishes"
-                        );
+                        tracing::warn!("{error}: holding back publishes");
                         held_back = true;
                     }
                     if qos == QoS::AtMostOnce {

@@ -60,6 +60,9 @@ struct State {
     syncs_before_failure: Option<u64>,
     /// Bytes that may still be written before writes fail with "no space"; `None` = unlimited.
     write_bytes_budget: Option<u64>,
+    /// The size of the simulated disk: files named in a directory may take this many bytes in
+    /// all; a write or extension beyond fails with "no space". `None` = unlimited.
+    capacity_bytes: Option<u64>,
     /// How long each `sync_data` takes, as on a real disk.
     sync_latency: Duration,
     stats: FsStats,
@@ -125,6 +128,12 @@ impl FaultyFs {
     /// Makes writes fail with "no space left" once `bytes` more bytes have been written.
     pub fn fail_writes_after_bytes(&self, bytes: u64) {
         self.state().write_bytes_budget = Some(bytes);
+    }
+
+    /// Makes the disk `bytes` large (`None`: unlimited): writes that would make the files
+    /// larger in all fail with "no space left", after writing what fits, as on a real disk.
+    pub fn set_capacity(&self, bytes: Option<u64>) {
+        self.state().capacity_bytes = bytes;
     }
 
     /// Makes every `sync_data` take `latency` before it completes, as a disk would: without it
@@ -209,6 +218,26 @@ impl SplitMix64 {
 }
 
 impl State {
+    /// Bytes of every file a directory names (removed files are freed at once).
+    fn used_bytes(&self) -> u64 {
+        let named: HashSet<u64> = self
+            .dirs
+            .values()
+            .flat_map(|d| d.live.values().copied())
+            .collect();
+        named
+            .iter()
+            .map(|id| self.inodes[id].live.len() as u64)
+            .sum()
+    }
+
+    /// Bytes a file may still grow by.
+    fn room_bytes(&self) -> u64 {
+        self.capacity_bytes.map_or(u64::MAX, |capacity| {
+            capacity.saturating_sub(self.used_bytes())
+        })
+    }
+
     fn lookup(&self, path: &Path) -> Option<u64> {
         let (dir, name) = split(path).ok()?;
         self.dirs.get(dir)?.live.get(name).copied()
@@ -306,6 +335,10 @@ impl FileSystem for FaultyFs {
         Ok(())
     }
 
+    fn available_bytes(&self, _dir: &Path) -> io::Result<u64> {
+        Ok(self.state().room_bytes())
+    }
+
     fn lock_exclusive(&self, path: &Path) -> io::Result<Box<dyn Any + Send + Sync>> {
         let mut state = self.state();
         if !state.locks.insert(path.to_path_buf()) {
@@ -373,13 +406,16 @@ impl FileHandle for FaultyFile {
         }
         self.with_inode(|state, id| {
             state.stats.writes += 1;
+            let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
             let mut allowed = buf.len();
             if let Some(budget) = state.write_bytes_budget {
                 allowed = allowed.min(usize::try_from(budget).unwrap_or(usize::MAX));
                 state.write_bytes_budget = Some(budget - allowed as u64);
             }
+            let len = state.inodes[&id].live.len();
+            let room = usize::try_from(state.room_bytes()).unwrap_or(usize::MAX);
+            allowed = allowed.min(len.saturating_add(room).saturating_sub(start));
             let live = &mut state.inodes.get_mut(&id).expect("checked").live;
-            let start = usize::try_from(offset).map_err(|_| io::ErrorKind::InvalidInput)?;
             if live.len() < start + allowed {
                 live.resize(start + allowed, 0);
             }
@@ -418,6 +454,13 @@ impl FileHandle for FaultyFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.with_inode(|state, id| {
             let len = usize::try_from(len).map_err(|_| io::ErrorKind::InvalidInput)?;
+            let growth = len.saturating_sub(state.inodes[&id].live.len()) as u64;
+            if growth > state.room_bytes() {
+                return Err(io::Error::new(
+                    io::ErrorKind::StorageFull,
+                    "no space left on simulated device",
+                ));
+            }
             state
                 .inodes
                 .get_mut(&id)

@@ -96,6 +96,12 @@ pub trait FileSystem: Send + Sync + fmt::Debug {
     /// # Errors
     /// `WouldBlock` when someone else holds it, or another I/O error.
     fn lock_exclusive(&self, path: &Path) -> io::Result<Box<dyn Any + Send + Sync>>;
+    /// Bytes an unprivileged writer may still use on the file system that holds `dir`
+    /// (statvfs: free blocks for users times the block size).
+    ///
+    /// # Errors
+    /// The underlying I/O error.
+    fn available_bytes(&self, dir: &Path) -> io::Result<u64>;
 }
 
 /// Reads a whole (small) file.

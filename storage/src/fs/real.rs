@@ -80,6 +80,11 @@ impl FileSystem for RealFs {
         File::open(dir)?.sync_all()
     }
 
+    fn available_bytes(&self, dir: &Path) -> io::Result<u64> {
+        let stat = rustix::fs::statvfs(dir)?;
+        Ok(stat.f_bavail.saturating_mul(stat.f_frsize))
+    }
+
     fn lock_exclusive(&self, path: &Path) -> io::Result<Box<dyn Any + Send + Sync>> {
         let file = OpenOptions::new()
             .read(true)

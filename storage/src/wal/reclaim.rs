@@ -22,10 +22,10 @@ use crate::fence;
 use crate::layout::FRAME_HEADER_BYTES;
 use crate::moved::{MovedFile, write_moved_file};
 use crate::reader::Record;
-use crate::segment::Segment;
+use crate::segment::{Segment, SegmentSet};
 use crate::{Error, Result};
 use std::io;
-use std::sync::PoisonError;
+use std::sync::{PoisonError, RwLock, RwLockWriteGuard};
 
 /// The most bytes of live records one reclaim moves; the rest waits for the next run.
 pub const RECLAIM_MOVE_BYTES_MAX: u64 = 64 << 20;
@@ -51,6 +51,10 @@ impl Liveness {
     }
 }
 
+fn write_listed(segments: &RwLock<SegmentSet>) -> RwLockWriteGuard<'_, SegmentSet> {
+    segments.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 /// What `Wal::reclaim` did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReclaimReport {
@@ -61,6 +65,26 @@ pub struct ReclaimReport {
     pub moved_files_compacted: u64,
     /// Bytes freed, less the bytes the moves wrote.
     pub bytes_freed: u64,
+}
+
+/// What one reclaim will do, decided before anything is changed.
+#[derive(Default)]
+struct Plan {
+    /// The oldest segments, holding nothing live: removed first, needing no room.
+    dead: Vec<Segment>,
+    /// The live records to move out of `emptied`, ascending.
+    moving: Vec<Record>,
+    /// The segments after `dead` that go once `moving` is durable.
+    emptied: Vec<Segment>,
+}
+
+/// The segment last found too dense to move, with what was live in it then: while that does
+/// not change, it is not read again (the hub asks several times a second).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DenseVerdict {
+    first_seq: u64,
+    live_count: usize,
+    pressed: bool,
 }
 
 impl Wal {
@@ -74,13 +98,12 @@ impl Wal {
     /// if a record to move does not check out, `Io`; what was not done yet stays.
     pub fn reclaim(&self, liveness: &Liveness) -> Result<ReclaimReport> {
         assert!(liveness.live.windows(2).all(|w| w[0] < w[1]));
-        let _running = self
+        let mut verdict = self
             .owner
             .retention
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
         let shared = self.shared();
-        fence::check_epoch(shared.fs.as_ref(), &shared.dir, shared.epoch)?;
         let needed_from = liveness.needed_from.min(self.durable_seq() + 1);
         let live = Liveness {
             needed_from,
@@ -88,19 +111,16 @@ impl Wal {
                 .live_within(0, needed_from.saturating_sub(1))
                 .to_vec(),
         };
-        let (freeing, moving) = self.plan_reclaim(&live)?;
+        let plan = self.plan_reclaim(&live, &mut verdict)?;
         let mut report = ReclaimReport::default();
+        let mut freed = self.remove_segments(plan.dead, &mut report)?;
         let mut written = 0;
-        if let Some(first) = moving.first() {
-            let moved = write_moved_file(
-                shared.fs.as_ref(),
-                &shared.dir,
-                shared.epoch,
-                first.seq,
-                &moving,
-            )?;
+        if let Some(first) = plan.moving.first() {
+            fence::check_epoch(shared.fs.as_ref(), &shared.dir, shared.epoch)?;
+            let fs = shared.fs.as_ref();
+            let moved = write_moved_file(fs, &shared.dir, shared.epoch, first.seq, &plan.moving)?;
             written = moved.bytes;
-            report.records_moved = moving.len() as u64;
+            report.records_moved = plan.moving.len() as u64;
             self.add_usage(moved.bytes);
             shared
                 .moved
@@ -108,26 +128,16 @@ impl Wal {
                 .unwrap_or_else(PoisonError::into_inner)
                 .insert(moved);
         }
-        let mut freed = 0;
-        for segment in freeing {
-            self.remove_file(&segment.path, "remove segment")?;
-            shared
-                .segments
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .remove(segment.first_seq);
-            self.release_usage(segment.bytes);
-            freed += segment.bytes;
-            report.segments_removed += 1;
-        }
+        freed += self.remove_segments(plan.emptied, &mut report)?;
         let (compacted, compacted_freed) = self.compact_moved_files(&live)?;
+        shared.disk_measured(shared.measure_available());
         report.moved_files_compacted = compacted;
         report.bytes_freed = (freed + compacted_freed).saturating_sub(written);
         Ok(report)
     }
 
-    /// Removes every segment all of whose records are below `lowest_needed_seq`, moving none:
-    /// [`Wal::reclaim`] for a caller that needs everything from there on.
+    /// Removes [`Wal::reclaim`]'s way every segment all of whose records are below
+    /// `lowest_needed_seq`, moving none: for a caller that needs everything from there on.
     ///
     /// # Errors
     /// As [`Wal::reclaim`].
@@ -138,41 +148,122 @@ impl Wal {
         })
     }
 
-    /// The segments to remove, oldest first, and the live records to move out of them.
-    fn plan_reclaim(&self, live: &Liveness) -> Result<(Vec<Segment>, Vec<Record>)> {
+    /// Removes segments from the front, oldest first; returns the bytes freed.
+    fn remove_segments(&self, segments: Vec<Segment>, report: &mut ReclaimReport) -> Result<u64> {
+        let shared = self.shared();
+        let mut freed = 0;
+        for segment in segments {
+            // Checked before each removal: a newer writer may have taken the directory over.
+            fence::check_epoch(shared.fs.as_ref(), &shared.dir, shared.epoch)?;
+            // Out of the list before the file goes, so that a reader looking for one of its
+            // moved records finds them among the moved ones, never a file about to vanish.
+            let removed = write_listed(&shared.segments).remove(segment.first_seq);
+            if let Err(e) = self.remove_file(&segment.path, "remove segment") {
+                // Still there: listed again, so that no later segment goes before it (that
+                // would leave a hole for recovery to refuse).
+                write_listed(&shared.segments).restore_front(removed.expect("it was the first"));
+                return Err(e);
+            }
+            self.release_usage(segment.bytes);
+            freed += segment.bytes;
+            report.segments_removed += 1;
+        }
+        Ok(freed)
+    }
+
+    /// Decides what to remove and what to move, reading only the records it will move.
+    fn plan_reclaim(&self, live: &Liveness, verdict: &mut Option<DenseVerdict>) -> Result<Plan> {
         let shared = self.shared();
         let candidates = shared
             .segments
             .read()
             .unwrap_or_else(PoisonError::into_inner)
             .wholly_below(live.needed_from);
-        let pressed = shared
-            .options
-            .quota_bytes
-            .is_some_and(|quota| 2 * self.usage_bytes() > quota);
-        let (mut freeing, mut moving, mut moving_bytes) = (Vec::new(), Vec::new(), 0);
+        let (disk_low, usage_bytes) = {
+            let queue = shared.lock_queue();
+            (queue.disk_low, queue.usage_bytes)
+        };
+        let pressed = disk_low
+            || shared
+                .options
+                .quota_bytes
+                .is_some_and(|quota| 2 * usage_bytes > quota);
+        // Moved records need room of their own before their segments go.
+        let mut move_budget = RECLAIM_MOVE_BYTES_MAX.min(shared.measure_available() / 2);
+        let mut plan = Plan::default();
         for segment in candidates {
-            let mut records = Vec::new();
-            let mut bytes = 0;
-            for &seq in live.live_within(segment.first_seq, segment.last_seq) {
-                let record = self.read(seq)?.ok_or_else(|| Error::Corrupt {
-                    path: segment.path.clone(),
-                    offset: 0,
-                    detail: format!("live record {seq} cannot be found"),
-                })?;
-                bytes += FRAME_HEADER_BYTES + record.payload.len() as u64;
-                records.push(record);
+            // A live record already moved (by a reclaim cut short) needs no second copy.
+            let to_move: Vec<u64> = {
+                let moved = shared.moved.read().unwrap_or_else(PoisonError::into_inner);
+                live.live_within(segment.first_seq, segment.last_seq)
+                    .iter()
+                    .copied()
+                    .filter(|&seq| !moved.contains(seq))
+                    .collect()
+            };
+            if to_move.is_empty() {
+                match plan.emptied.is_empty() && plan.moving.is_empty() {
+                    true => plan.dead.push(segment),
+                    false => plan.emptied.push(segment),
+                }
+                continue;
             }
-            let sparse = bytes * SPARSE_SEGMENT_RATIO <= segment.bytes;
-            let worth_it = sparse || (pressed && 2 * bytes <= segment.bytes);
-            if !worth_it || moving_bytes + bytes > RECLAIM_MOVE_BYTES_MAX {
+            let this = DenseVerdict {
+                first_seq: segment.first_seq,
+                live_count: to_move.len(),
+                pressed,
+            };
+            if *verdict == Some(this) {
                 break;
             }
-            moving_bytes += bytes;
-            moving.extend(records);
-            freeing.push(segment);
+            let ratio = if pressed { 2 } else { SPARSE_SEGMENT_RATIO };
+            let budget = (segment.bytes / ratio).min(move_budget);
+            let Some((records, bytes)) = self.read_live_records(&segment, &to_move, budget)? else {
+                *verdict = Some(this);
+                break;
+            };
+            move_budget -= bytes;
+            plan.moving.extend(records);
+            plan.emptied.push(segment);
         }
-        Ok((freeing, moving))
+        Ok(plan)
+    }
+
+    /// The records `seqs` (ascending, all in `segment`), read in one pass; `None` as soon as
+    /// they take more than `budget` bytes.
+    fn read_live_records(
+        &self,
+        segment: &Segment,
+        seqs: &[u64],
+        budget: u64,
+    ) -> Result<Option<(Vec<Record>, u64)>> {
+        // Each takes at least a frame header: too many is known without reading any.
+        if seqs.len() as u64 * FRAME_HEADER_BYTES > budget {
+            return Ok(None);
+        }
+        let missing = |seq: u64| Error::Corrupt {
+            path: segment.path.clone(),
+            offset: 0,
+            detail: format!("live record {seq} is not in its segment"),
+        };
+        let mut reader = self.reader(seqs[0])?;
+        let (mut records, mut bytes) = (Vec::with_capacity(seqs.len()), 0);
+        for &seq in seqs {
+            let record = loop {
+                let record = reader.try_next()?.ok_or_else(|| missing(seq))?;
+                match record.seq.cmp(&seq) {
+                    std::cmp::Ordering::Less => {}
+                    std::cmp::Ordering::Equal => break record,
+                    std::cmp::Ordering::Greater => return Err(missing(seq)),
+                }
+            };
+            bytes += FRAME_HEADER_BYTES + record.payload.len() as u64;
+            if bytes > budget {
+                return Ok(None);
+            }
+            records.push(record);
+        }
+        Ok(Some((records, bytes)))
     }
 
     /// Rewrites the moved files that lost at least half their bytes without their dead
