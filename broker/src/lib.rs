@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`mqtt`]: the protocol edge: listeners, the codec adapter, connection tasks (bytes and
 //!   packets only).
+//! - [`ingest`]: the protocol-neutral publish path: routing, log append, durability.
 //! - [`hub`]: the single owner of sessions, subscriptions and delivery; synchronous handlers.
 //! - [`session`]: one client's session state, without sockets.
 //! - [`routing`]: topic validation and matching, the subscription table.
@@ -14,6 +15,7 @@ pub mod config;
 pub mod delivery;
 pub mod encoding;
 pub mod hub;
+pub mod ingest;
 pub mod limits;
 pub mod message;
 pub mod mqtt;

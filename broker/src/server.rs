@@ -2,6 +2,7 @@
 
 use crate::config::Config;
 use crate::hub::{Hub, HubLimits};
+use crate::ingest::Ingest;
 use crate::limits::{HUB_EVENTS_MAX, record_payload_bytes_max};
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
@@ -117,10 +118,10 @@ impl Server {
             topic_alias_max: 64,
             keep_alive_max_secs: config.settings.max_keep_alive,
         };
+        let ingest = Ingest::new(wal.clone(), router, shutdown.clone());
         let context = Arc::new(ServerContext::new(
             events,
-            wal.clone(),
-            router,
+            ingest,
             connection_limits,
             shutdown.clone(),
         ));

@@ -2,21 +2,19 @@
 //! the socket, packets from the hub, the durability of this client's own publishes, and the
 //! keep-alive deadline.
 //!
-//! A QoS 1 publish is routed, appended to the write-ahead log, and acknowledged only when the
-//! log says it is durable (law 1). Acknowledgements go out in the order the packets came in,
-//! because the log resolves appends in sequence order. With `PUBLISHES_IN_FLIGHT_MAX` publishes
-//! waiting for durability, the connection stops reading its socket: back-pressure, not memory.
-//!
-//! A QoS 2 publish is logged once per packet id until the client releases it: its PUBREC comes
-//! when the record is durable, and the PUBCOMP when a release record is (see
-//! `session::receipts`), so neither a resend nor a restart can log it twice.
+//! A publish goes through the publish path (`ingest`), which routes and logs it; its PUBACK (or
+//! PUBREC, for QoS 2) goes out only once that record is durable (law 1), and a PUBREL's
+//! PUBCOMP once the release record is. Acknowledgements go out in the order the packets came
+//! in, because the log resolves appends in sequence order. With `PUBLISHES_IN_FLIGHT_MAX`
+//! publishes waiting for durability, the connection stops reading its socket: back-pressure,
+//! not memory.
 
 use crate::delivery::drop_worth_logging;
-use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord};
 use crate::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, OutboundReceiver,
     Protocol, SubscribeRefusal, outbound_channel,
 };
+use crate::ingest::{Durable, Ingest, IngestError, Ingested, Publisher, WhenFull};
 use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
     USER_PROPERTIES_MAX,
@@ -30,7 +28,6 @@ use crate::routing::topic;
 use crate::session::receipts::{self, SharedReceipts};
 use futures::{SinkExt, StreamExt};
 use rmqtt_codec::{MqttCodec, MqttPacket};
-use spool_storage::{PendingAppend, Reservation, Wal};
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -80,24 +77,6 @@ enum Ack {
     Received(u16, Reason),
     /// PUBCOMP; `found`: the packet id was held (MQTT 5 says 0x92 otherwise).
     Completed { packet_id: u16, found: bool },
-}
-
-/// The record an acknowledgement waits for.
-enum Durable {
-    /// Appended by this connection.
-    Append(PendingAppend),
-    /// Already logged at this sequence number (a resent QoS 2 publish), or, for 0, nothing to
-    /// wait for (a refusal, which still goes out in order).
-    Through(u64),
-}
-
-/// What `append` did with a record.
-enum Appended {
-    Logged(Durable),
-    /// Not logged, the log being at its quota: an MQTT 5 client is told (quota exceeded).
-    Refused,
-    /// Not logged: a QoS 0 publish over the quota, which promises nothing.
-    Dropped,
 }
 
 /// Serves one client until it disconnects or breaks the protocol.
@@ -358,7 +337,7 @@ where
             let reading = self.awaiting_durability.len() < PUBLISHES_IN_FLIGHT_MAX;
             let result = tokio::select! {
                 () = self.context.shutdown.cancelled() => Err(self.acknowledge_logged().await),
-                durable = next_durable(&mut self.awaiting_durability, &self.context.wal) => self.acknowledge(durable).await,
+                durable = next_durable(&mut self.awaiting_durability, &self.context.ingest) => self.acknowledge(durable).await,
                 outbound = self.outbound.recv() => match self.on_outbound(outbound).await {
                     Ok(()) if self.outbound.room_made() => self.tell_hub(Event::Drained { session: self.session }).await,
                     sent => sent,
@@ -384,7 +363,7 @@ where
     /// client does not resend what is stored.
     async fn acknowledge_logged(&mut self) -> Close {
         while !self.awaiting_durability.is_empty() {
-            let durable = next_durable(&mut self.awaiting_durability, &self.context.wal).await;
+            let durable = next_durable(&mut self.awaiting_durability, &self.context.ingest).await;
             if let Err(close) = self.acknowledge(durable).await {
                 return close;
             }
@@ -605,17 +584,16 @@ where
             retain: publish.retain,
             properties,
         };
-        let mut record = self.context.router.snapshot().record(message, self.session);
-        if publish.qos == QoS::ExactlyOnce {
-            record.qos2_packet_id = Some(packet_id);
-        }
-        let (durable, reason) = match self
-            .append(KIND_PUBLISH, record.encode(), publish.qos, packet_id)
-            .await?
-        {
-            Appended::Logged(durable) => (durable, Reason::Success),
-            Appended::Refused => (Durable::Through(0), Reason::QuotaExceeded),
-            Appended::Dropped => return Ok(()),
+        let ingested = self
+            .context
+            .ingest
+            .publish(&self.publisher(), message, packet_id)
+            .await
+            .map_err(refused)?;
+        let (durable, reason) = match ingested {
+            Ingested::Logged(durable) => (durable, Reason::Success),
+            Ingested::Refused => (Durable::Through(0), Reason::QuotaExceeded),
+            Ingested::Dropped => return Ok(()),
         };
         let ack = match publish.qos {
             QoS::AtMostOnce => return Ok(()),
@@ -656,27 +634,31 @@ where
     /// PUBREL: logs the release of a held QoS 2 packet id, then answers PUBCOMP once that is
     /// durable (see `submit_exactly_once` for an id not held).
     async fn on_release(&mut self, packet_id: u16) -> Result<(), Close> {
-        let record = ReleaseRecord {
-            session: self.session,
-            packet_id,
-        };
-        let appended = self
-            .append(
-                KIND_QOS2_RELEASE,
-                record.encode(),
-                QoS::ExactlyOnce,
-                packet_id,
-            )
-            .await?;
-        if let Appended::Logged(durable) = appended {
-            // A release record is logged only for a packet id that was held.
-            let found = matches!(durable, Durable::Append(_));
-            self.awaiting_durability.push_back(AwaitingDurability {
-                ack: Ack::Completed { packet_id, found },
-                durable,
-            });
-        }
+        let (durable, found) = self
+            .context
+            .ingest
+            .release(&self.publisher(), packet_id)
+            .await
+            .map_err(refused)?;
+        self.awaiting_durability.push_back(AwaitingDurability {
+            ack: Ack::Completed { packet_id, found },
+            durable,
+        });
         Ok(())
+    }
+
+    /// This connection's client, as the publish path knows it.
+    fn publisher(&self) -> Publisher<'_> {
+        Publisher {
+            session: self.session,
+            connection: self.connection_id,
+            receipts: &self.receipts,
+            released: &self.released,
+            when_full: match self.protocol {
+                Protocol::V5 => WhenFull::Refuse,
+                Protocol::V311 => WhenFull::Wait,
+            },
+        }
     }
 
     fn acknowledged(&self, packet_id: u16) -> Event {
@@ -701,84 +683,6 @@ where
             .send(event)
             .await
             .map_err(|_| Close::with(Reason::ServerShuttingDown, "the hub stopped"))
-    }
-
-    /// Queues a record in the log. When the log's quota is full, an MQTT 5 client gets "quota
-    /// exceeded" for a QoS 1/2 publish (nothing was accepted, it may retry); a 3.1.1 client,
-    /// which has no way to be told, waits while the connection stops reading (back-pressure),
-    /// until retention frees space (the log says when) or its session is taken over. (A
-    /// release never meets the quota: it frees a packet id and must not be refused.)
-    async fn append(
-        &mut self,
-        kind: u8,
-        record: bytes::Bytes,
-        qos: QoS,
-        packet_id: u16,
-    ) -> Result<Appended, Close> {
-        let mut held_back = false;
-        let mut space_freed = self.context.wal.watch_space_freed();
-        loop {
-            let submitted = match self.context.wal.reserve(kind, record.clone()).await {
-                Ok(reservation) if qos == QoS::ExactlyOnce => {
-                    let (receipts, wal) = (&self.receipts, &self.context.wal);
-                    let connection = self.connection_id;
-                    submit_exactly_once(receipts, connection, wal, reservation, kind, packet_id)
-                }
-                Ok(reservation) => reservation
-                    .submit()
-                    .map(Durable::Append)
-                    .map_err(Submit::Log),
-                Err(e) => Err(Submit::Log(e)),
-            };
-            let error = match submitted {
-                Ok(durable) => return Ok(Appended::Logged(durable)),
-                Err(Submit::TakenOver) => {
-                    return Err(Close::with(Reason::SessionTakenOver, "session taken over"));
-                }
-                Err(Submit::Log(error)) => error,
-            };
-            match error {
-                error @ (spool_storage::Error::QuotaExceeded { .. }
-                | spool_storage::Error::DiskFull { .. }) => {
-                    if !held_back {
-                        tracing::warn!("{error}: holding back publishes");
-                        held_back = true;
-                    }
-                    if qos == QoS::AtMostOnce {
-                        return Ok(Appended::Dropped); // counted in the log line above
-                    }
-                    if self.protocol == Protocol::V5 {
-                        return Ok(Appended::Refused);
-                    }
-                    // A taken-over connection must not log later what its successor
-                    // published meanwhile (law 2: the sender's order).
-                    tokio::select! {
-                        biased;
-                        () = self.released.cancelled() => {
-                            return Err(Close::with(Reason::SessionTakenOver, "session taken over"));
-                        }
-                        () = self.context.shutdown.cancelled() => {
-                            return Err(Close::with(Reason::ServerShuttingDown, "server shutting down"));
-                        }
-                        // The sender lives as long as the log this connection holds.
-                        _ = space_freed.changed() => {}
-                    }
-                }
-                spool_storage::Error::RecordTooLarge { size, max } => {
-                    return Err(Close::with(
-                        Reason::PacketTooLarge,
-                        format!("message of {size} bytes above {max}"),
-                    ));
-                }
-                e => {
-                    tracing::error!("failed to log a publish: {e}");
-                    return Err(Close::with(
-                        Reason::ServerUnavailable,
-                        "the write-ahead log failed",
-                    ));
-                }
-            }
-        }
     }
 
     /// The topic of an MQTT 5 publish that may use a topic alias (§3.3.2.3.4).
@@ -882,67 +786,28 @@ async fn ask_hub<T>(
     answer.await.map_err(|_| hub_stopped())
 }
 
-/// Why a record was not queued.
-enum Submit {
-    Log(spool_storage::Error),
-    /// The session was taken over by a newer connection.
-    TakenOver,
-}
-
-impl From<spool_storage::Error> for Submit {
-    fn from(error: spool_storage::Error) -> Submit {
-        Submit::Log(error)
-    }
-}
-
-/// Submits a QoS 2 publish or release under the receipts' lock, so the log holds them in the
-/// order the receipts change. A publish whose packet id is held is a resend: it is not logged
-/// again, and its PUBREC waits for the first record.
-fn submit_exactly_once(
-    shared: &SharedReceipts,
-    connection: u64,
-    wal: &Wal,
-    reservation: Reservation<'_>,
-    kind: u8,
-    packet_id: u16,
-) -> Result<Durable, Submit> {
-    let mut receipts = receipts::lock(shared);
-    if receipts.owner() != connection {
-        return Err(Submit::TakenOver);
-    }
-    if kind == KIND_QOS2_RELEASE {
-        if receipts.get(packet_id).is_none() {
-            // Nothing to release, so nothing to log; the PUBCOMP still waits for every record
-            // queued so far, among them the release that freed this id.
-            return Ok(Durable::Through(wal.last_submitted_seq()));
-        }
-        // Bounded by the receive maximum, and refusing it could keep the log full for good.
-        let append = reservation.submit_beyond_quota()?;
-        receipts.release(packet_id);
-        return Ok(Durable::Append(append));
-    }
-    if let Some(seq) = receipts.get(packet_id) {
-        return Ok(Durable::Through(seq));
-    }
-    let append = reservation.submit()?;
-    receipts.insert(packet_id, append.seq());
-    Ok(Durable::Append(append))
-}
-
 /// Waits for the oldest acknowledgement's record to become durable (never, if there is none).
 async fn next_durable(
     awaiting: &mut VecDeque<AwaitingDurability>,
-    wal: &Wal,
+    ingest: &Ingest,
 ) -> (Ack, spool_storage::Result<()>) {
     let Some(front) = awaiting.front_mut() else {
         return std::future::pending().await;
     };
-    let result = match &mut front.durable {
-        Durable::Append(append) => append.await.map(|_| ()),
-        Durable::Through(seq) => wal.wait_durable(*seq).await,
-    };
+    let result = ingest.durable(&mut front.durable).await;
     let done = awaiting.pop_front().expect("front exists");
     (done.ack, result)
+}
+
+/// How a publish the publish path could not take ends the connection.
+fn refused(error: IngestError) -> Close {
+    let reason = match error {
+        IngestError::TakenOver => Reason::SessionTakenOver,
+        IngestError::ShuttingDown => Reason::ServerShuttingDown,
+        IngestError::TooLarge { .. } => Reason::PacketTooLarge,
+        IngestError::LogFailed => Reason::ServerUnavailable,
+    };
+    Close::with(reason, error.to_string())
 }
 
 /// The keep-alive an MQTT 5 client is told to use instead of its own (§3.2.2.3.14): the

@@ -6,9 +6,7 @@ pub mod connection;
 pub mod listener;
 
 use crate::hub::events::Event;
-use crate::routing::Router;
-use spool_storage::Wal;
-use std::sync::Arc;
+use crate::ingest::Ingest;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -29,8 +27,7 @@ pub struct ConnectionLimits {
 /// What every connection task shares.
 pub struct ServerContext {
     pub hub: mpsc::Sender<Event>,
-    pub wal: Wal,
-    pub router: Arc<Router>,
+    pub ingest: Ingest,
     pub limits: ConnectionLimits,
     pub shutdown: CancellationToken,
     next_connection: AtomicU64,
@@ -40,15 +37,13 @@ impl ServerContext {
     #[must_use]
     pub fn new(
         hub: mpsc::Sender<Event>,
-        wal: Wal,
-        router: Arc<Router>,
+        ingest: Ingest,
         limits: ConnectionLimits,
         shutdown: CancellationToken,
     ) -> ServerContext {
         ServerContext {
             hub,
-            wal,
-            router,
+            ingest,
             limits,
             shutdown,
             next_connection: AtomicU64::new(1),
