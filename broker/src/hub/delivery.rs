@@ -1,0 +1,273 @@
+//! Delivery: durable records from the log into session queues, and from queues to connections
+//! within their windows; acknowledgements from clients (PUBACK, PUBREC, PUBCOMP).
+
+use super::Hub;
+use crate::delivery::queue::QueueEntry;
+use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, ReceivedRecord};
+use crate::hub::events::{Delivery, Outbound};
+use crate::message::{Message, QoS, now_ms};
+use bytes::Bytes;
+use spool_storage::Record;
+use std::sync::Arc;
+use tokio::sync::mpsc::error::TrySendError;
+
+impl Hub {
+    pub(super) fn acknowledge(&mut self, id: u64, packet_id: u16) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        if !session.queue.acknowledge(packet_id) {
+            tracing::debug!(client_id = %session.client_id, packet_id, "acknowledgement for no message in flight");
+        }
+        self.pump(id);
+    }
+
+    /// PUBREC: the client has the QoS 2 message; its PUBREL is due. A persistent session logs
+    /// the PUBREC first and sends the PUBREL once that record is durable (`on_received`): after
+    /// a crash it then resends the PUBREL, never the message the client may already have
+    /// passed on. (A retained copy sent from memory, when the log could not take it, has no
+    /// record to point at.)
+    pub(super) fn received(&mut self, id: u64, packet_id: u16) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let entry = session
+            .queue
+            .in_flight(packet_id)
+            .filter(|e| e.qos == QoS::ExactlyOnce);
+        match entry {
+            None => {
+                tracing::debug!(client_id = %session.client_id, packet_id, "PUBREC for no QoS 2 message in flight");
+            }
+            Some(entry)
+                if session.is_persistent() && entry.retained.is_none() && !entry.released =>
+            {
+                let record = ReceivedRecord {
+                    session: id,
+                    seq: entry.seq,
+                };
+                self.log_received(record);
+            }
+            Some(_) => {
+                session.queue.received(packet_id);
+                self.pump(id);
+            }
+        }
+    }
+
+    /// Logs a subscriber's PUBREC without making the hub wait: the hub's tail sees the record
+    /// once it is durable. It may go past the log's quota, as it lets a message complete and
+    /// its space be freed; the in-flight window bounds how many there are.
+    pub(super) fn log_received(&self, record: ReceivedRecord) {
+        let wal = self.wal.clone();
+        tokio::spawn(async move {
+            let logged = match wal.reserve(KIND_QOS2_RECEIVED, record.encode()).await {
+                Ok(reservation) => reservation.submit_beyond_quota().map(drop),
+                Err(e) => Err(e),
+            };
+            if let Err(e) = logged {
+                // The PUBREL never goes out; the message is resent after a reconnect.
+                tracing::error!("failed to log a subscriber's PUBREC: {e}");
+            }
+        });
+    }
+
+    /// Processes the durable records the tail has not delivered yet, without waiting.
+    pub(super) fn read_durable_records(&mut self) {
+        loop {
+            match self.tail.try_next() {
+                Ok(Some(record)) => self.on_record(&record),
+                Ok(None) => return,
+                Err(e) => {
+                    // The run loop's reader meets the same error and stops the hub.
+                    tracing::error!("failed to read the write-ahead log: {e}");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// A record became durable: a publish is queued for every target session that still
+    /// exists; a subscriber's PUBREC makes its PUBREL due.
+    pub(super) fn on_record(&mut self, record: &Record) {
+        match record.kind {
+            KIND_PUBLISH => self.on_publish(record),
+            KIND_QOS2_RECEIVED => self.on_received(record),
+            _ => {}
+        }
+    }
+
+    pub(super) fn on_received(&mut self, record: &Record) {
+        let received = match ReceivedRecord::decode(record.payload.clone()) {
+            Ok(received) => received,
+            Err(e) => {
+                tracing::error!(
+                    seq = record.seq,
+                    "skipping an undecodable PUBREC record: {e}"
+                );
+                return;
+            }
+        };
+        let Some(session) = self.sessions.get_mut(&received.session) else {
+            return;
+        };
+        // Not found: the message was completed (PUBCOMP) before the last checkpoint.
+        if session.queue.received_logged(received.seq, record.seq) {
+            self.pump(received.session);
+        }
+    }
+
+    pub(super) fn on_publish(&mut self, record: &Record) {
+        let publish = match PublishRecord::decode(record.payload.clone()) {
+            Ok(publish) => publish,
+            Err(e) => {
+                tracing::error!(
+                    seq = record.seq,
+                    "skipping an undecodable publish record: {e}"
+                );
+                return;
+            }
+        };
+        let message = Arc::new(publish.message);
+        self.cache
+            .insert(record.seq, Arc::clone(&message), record.payload.len());
+        if message.retain && !publish.retained_copy {
+            // Kept for long: its own copy of the payload, not a share of the whole record.
+            let retained = Message {
+                payload: Bytes::copy_from_slice(&message.payload),
+                ..Message::clone(&message)
+            };
+            self.retained.apply(record.seq, &Arc::new(retained));
+        }
+        for target in publish.targets {
+            let Some(session) = self.sessions.get_mut(&target.session) else {
+                continue;
+            };
+            if record.seq <= session.replay_floor {
+                continue; // acknowledged before the last restart
+            }
+            let entry = QueueEntry::new(
+                record.seq,
+                target.qos,
+                target.retain_as_published,
+                target.subscription_ids,
+            );
+            session.enqueue(entry);
+            self.pump(target.session);
+        }
+    }
+
+    /// Sends the PUBRELs due, then what the session's window allows. The connection's channel
+    /// always keeps a slot per in-flight message, so a PUBREL never waits behind QoS 0
+    /// messages for an acknowledgement that cannot come before it.
+    pub(super) fn pump(&mut self, id: u64) {
+        loop {
+            let Some(session) = self.sessions.get_mut(&id) else {
+                return;
+            };
+            let Some(attachment) = session.attachment.as_ref() else {
+                return;
+            };
+            let window = attachment.window;
+            if let Some(packet_id) = session.queue.take_release() {
+                match attachment.outbound.try_send(Outbound::Release(packet_id)) {
+                    Ok(()) => continue,
+                    Err(TrySendError::Full(_)) if attachment.outbound.ask_for_room(1) => {
+                        session.queue.release_unsent(packet_id);
+                        continue;
+                    }
+                    Err(_) => {
+                        session.queue.release_unsent(packet_id);
+                        return; // sent when the connection makes room (Event::Drained)
+                    }
+                }
+            }
+            let reserved = session.queue.in_flight_len();
+            if attachment.outbound.capacity() <= reserved {
+                if attachment.outbound.ask_for_room(reserved + 1) {
+                    continue;
+                }
+                return;
+            }
+            let Some(mut entry) = session.queue.next_to_send(window) else {
+                return;
+            };
+            if entry.qos != QoS::AtMostOnce && entry.packet_id.is_none() {
+                let Some(packet_id) = session.packet_id_for(&entry) else {
+                    session.queue.unsend(entry); // its id is in flight: wait for that ack
+                    return;
+                };
+                entry.packet_id = Some(packet_id);
+            }
+            let outbound = match (entry.released, entry.packet_id) {
+                (true, Some(packet_id)) => Outbound::Release(packet_id),
+                _ => match self.delivery(id, &entry) {
+                    Some(delivery) => Outbound::Publish(delivery),
+                    None => continue, // expired or unreadable: counted and logged, and skipped
+                },
+            };
+            let session = self.sessions.get_mut(&id).expect("looked up above");
+            let channel = &session.attachment.as_ref().expect("attached").outbound;
+            match channel.try_send(outbound) {
+                Ok(()) if entry.qos != QoS::AtMostOnce => session.queue.sent(entry),
+                Ok(()) => {}
+                // Not full: the hub is the only sender and saw room above. Closed, then.
+                Err(_) => {
+                    session.queue.unsend(entry);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// The PUBLISH for a queue entry, or `None` if its message expired or cannot be read.
+    pub(super) fn delivery(&mut self, id: u64, entry: &QueueEntry) -> Option<Delivery> {
+        let message = match &entry.retained {
+            Some(message) => Arc::clone(message),
+            None => self.message(entry.seq)?,
+        };
+        let session = self.sessions.get_mut(&id)?;
+        // Once sent, a message is delivered to the end (the client may hold its packet id).
+        if !entry.redelivery && message.is_expired(now_ms()) {
+            session.queue.dropped_expired += 1;
+            if crate::delivery::drop_worth_logging(session.queue.dropped_expired) {
+                tracing::info!(
+                    client_id = %session.client_id,
+                    seq = entry.seq,
+                    dropped = session.queue.dropped_expired,
+                    "message expired before delivery (ttl_expiry; `dropped` counts this session's since start)"
+                );
+            }
+            return None;
+        }
+        Some(Delivery {
+            packet_id: entry.packet_id,
+            qos: entry.qos,
+            dup: entry.redelivery,
+            retain: entry.retained.is_some() || (entry.retain_as_published && message.retain),
+            subscription_ids: entry.subscription_ids.clone(),
+            message,
+        })
+    }
+
+    /// A logged message, from the cache or read back from the log.
+    pub(super) fn message(&mut self, seq: u64) -> Option<Arc<Message>> {
+        if let Some(message) = self.cache.get(seq) {
+            return Some(message);
+        }
+        match self.wal.read(seq) {
+            Ok(Some(record)) => match PublishRecord::decode(record.payload) {
+                Ok(publish) => Some(Arc::new(publish.message)),
+                Err(e) => {
+                    tracing::error!(seq, "undecodable publish record: {e}");
+                    None
+                }
+            },
+            Ok(None) => None,
+            Err(e) => {
+                tracing::error!(seq, "failed to read a queued message: {e}");
+                None
+            }
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! SUBSCRIBE and UNSUBSCRIBE: the hub's subscription table, the snapshot publishers route
+//! with, and the retained messages a new subscription gets.
+
+use super::Hub;
+use crate::delivery::queue::QueueEntry;
+use crate::delivery::record::{KIND_PUBLISH, PublishRecord, Target};
+use crate::hub::events::SubscribeRefusal;
+use crate::limits::SUBSCRIPTIONS_PER_SESSION_MAX;
+use crate::message::{Message, QoS, now_ms};
+use crate::routing::{RetainHandling, SubscriptionOptions};
+use spool_storage::Wal;
+
+impl Hub {
+    pub(super) fn subscribe(
+        &mut self,
+        id: u64,
+        filters: Vec<(String, SubscriptionOptions)>,
+    ) -> Vec<Result<QoS, SubscribeRefusal>> {
+        // A retained publish acknowledged before this SUBSCRIBE must be seen by it: take in
+        // every record that is already durable (its PUBACK may have gone out) first.
+        self.read_durable_records();
+        let Some(session) = self.sessions.get_mut(&id) else {
+            // The session ended (taken over with a clean start) while this request waited.
+            return vec![Err(SubscribeRefusal::Unavailable); filters.len()];
+        };
+        let mut outcomes = Vec::with_capacity(filters.len());
+        let mut retained_for = Vec::new();
+        for (filter, options) in filters {
+            let full = session.subscriptions.len() >= SUBSCRIPTIONS_PER_SESSION_MAX
+                && !session.subscriptions.contains_key(&filter);
+            if full {
+                outcomes.push(Err(SubscribeRefusal::QuotaExceeded));
+                continue;
+            }
+            self.subscriptions.subscribe(id, &filter, options);
+            let is_new = session
+                .subscriptions
+                .insert(filter.clone(), options)
+                .is_none();
+            let send_retained = match options.retain_handling {
+                RetainHandling::AtSubscribe => true,
+                RetainHandling::AtNewSubscribe => is_new,
+                RetainHandling::Never => false,
+            };
+            if send_retained {
+                retained_for.push((filter, options));
+            }
+            outcomes.push(Ok(options.qos));
+        }
+        // Publishers see the new subscriptions only after the retained copies are queued in
+        // the log, so a publish routed to them cannot overtake the copies.
+        self.queue_retained(id, &retained_for);
+        self.router.install(self.subscriptions.clone());
+        self.pump(id);
+        // A persistent session's subscriptions are durable before the SUBACK says granted.
+        if let Err(e) = self.store_session(id) {
+            tracing::error!(session = id, "failed to store subscriptions: {e}");
+            return vec![Err(SubscribeRefusal::Unavailable); outcomes.len()];
+        }
+        outcomes
+    }
+
+    /// Queues the retained messages matching new subscriptions (the caller pumps); they go out
+    /// after the SUBACK (the connection sends it before it takes more from its channel), with
+    /// RETAIN set. A persistent session gets them at QoS 1 and 2 as logged copies (see
+    /// `log_retained_copy`).
+    pub(super) fn queue_retained(
+        &mut self,
+        id: u64,
+        subscriptions: &[(String, SubscriptionOptions)],
+    ) {
+        let now = now_ms();
+        let position = self.tail.next_seq() - 1;
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let persistent = session.is_persistent();
+        for (filter, options) in subscriptions {
+            for message in self.retained.matching(filter, now) {
+                // MQTT requires the lower of the two QoS even here.
+                let qos = message.qos.min(options.qos);
+                let ids: Vec<u32> = options.subscription_id.into_iter().collect();
+                if persistent
+                    && qos != QoS::AtMostOnce
+                    && log_retained_copy(&self.wal, id, &message, qos, ids.clone())
+                {
+                    continue;
+                }
+                let entry = QueueEntry {
+                    retained: Some(message),
+                    ..QueueEntry::new(position, qos, true, ids)
+                };
+                session.enqueue(entry);
+            }
+        }
+    }
+
+    pub(super) fn unsubscribe(&mut self, id: u64, filters: &[String]) -> Vec<bool> {
+        if !self.sessions.contains_key(&id) {
+            return vec![false; filters.len()];
+        }
+        let existed = filters
+            .iter()
+            .map(|filter| {
+                if let Some(session) = self.sessions.get_mut(&id) {
+                    session.subscriptions.remove(filter);
+                }
+                self.subscriptions.unsubscribe(id, filter)
+            })
+            .collect();
+        self.router.install(self.subscriptions.clone());
+        if let Err(e) = self.store_session(id) {
+            tracing::error!(session = id, "failed to store subscriptions: {e}");
+        }
+        existed
+    }
+}
+
+/// Logs a retained message for a new subscription of a persistent session: its own record may
+/// be long gone from the log, and without one a crash would lose the delivery (and, at QoS 2,
+/// the client's packet id state). The hub's tail queues it once durable. False when the log
+/// cannot take it at once (its queue or quota is full): the copy then waits in memory only.
+fn log_retained_copy(
+    wal: &Wal,
+    session: u64,
+    message: &Message,
+    qos: QoS,
+    subscription_ids: Vec<u32>,
+) -> bool {
+    let record = PublishRecord {
+        message: message.clone(),
+        publisher: 0,
+        qos2_packet_id: None,
+        retained_copy: true,
+        targets: vec![Target {
+            session,
+            qos,
+            retain_as_published: true,
+            subscription_ids,
+        }],
+    };
+    match wal.try_submit(KIND_PUBLISH, record.encode()) {
+        Ok(_durable) => true,
+        Err(e) => {
+            tracing::warn!(topic = %message.topic, "retained message queued without a log record: {e}");
+            false
+        }
+    }
+}
