@@ -6,6 +6,10 @@ pub const TOPIC_LEVELS_MAX: usize = 128;
 /// Events queued from all connections to the hub.
 pub const HUB_EVENTS_MAX: usize = 4096;
 
+/// Metadata writes (sessions stored or forgotten) queued for the metadata writer, and the most
+/// it commits in one transaction.
+pub const METADATA_WRITES_MAX: usize = 4096;
+
 /// Packets queued from the hub to one connection, beyond its in-flight window.
 pub const CONNECTION_OUTBOUND_EXTRA: usize = 64;
 

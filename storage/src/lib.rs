@@ -34,7 +34,7 @@ mod writer;
 pub use error::{Error, Result};
 pub use fence::LockPolicy;
 pub use fs::{CrashMode, FaultyFs, FileSystem, RealFs};
-pub use meta::{Commit, Meta, StateTable};
+pub use meta::{Commit, Meta, MetaChange, StateTable};
 pub use options::{SyncPolicy, WalOptions};
 pub use reader::{Record, WalReader};
 pub use recovery::RecoveryReport;

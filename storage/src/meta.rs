@@ -63,6 +63,24 @@ pub enum Commit {
     Durable,
 }
 
+/// One change of [`Meta::apply`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaChange {
+    /// Stores (`Some`) or removes (`None`) a session.
+    Session {
+        client_id: String,
+        state: Option<Vec<u8>>,
+    },
+    /// Removes a queue's checkpoint (its queue is gone).
+    RemoveCheckpoint(String),
+    /// Stores or removes an entry of keyed state.
+    State {
+        table: StateTable,
+        key: String,
+        value: Option<Vec<u8>>,
+    },
+}
+
 /// The metadata store.
 #[derive(Debug)]
 pub struct Meta {
@@ -276,26 +294,18 @@ impl Meta {
         self.read_table(SESSIONS, "sessions", <[u8]>::to_vec)
     }
 
-    /// Stores (`Some`) or removes (`None`) a session, fsynced before this returns.
+    /// Applies `changes`, in order, in one transaction committed as `commit` says: many
+    /// changes, one fsync.
     ///
     /// # Errors
-    /// `Error::Meta`.
-    pub fn put_session(&self, client_id: &str, state: Option<&[u8]>) -> Result<()> {
-        let write = self
-            .db
-            .begin_write()
-            .map_err(|e| meta_error("begin session commit", e))?;
-        {
-            let mut table = write
-                .open_table(SESSIONS)
-                .map_err(|e| meta_error("open sessions", e))?;
-            match state {
-                Some(state) => table.insert(client_id, state).map(|_| ()),
-                None => table.remove(client_id).map(|_| ()),
+    /// `Error::Meta`; then none of the changes is made.
+    pub fn apply(&self, changes: &[MetaChange], commit: Commit) -> Result<()> {
+        self.write(commit, "commit metadata", |write| {
+            for change in changes {
+                apply_change(write, change)?;
             }
-            .map_err(|e| meta_error("write session", e))?;
-        }
-        write.commit().map_err(|e| meta_error("commit session", e))
+            Ok(())
+        })
     }
 
     /// Makes every deferred commit durable (one fsync).
@@ -305,6 +315,34 @@ impl Meta {
     pub fn make_durable(&self) -> Result<()> {
         self.set_checkpoints(&[], Commit::Durable)
     }
+}
+
+fn apply_change(write: &redb::WriteTransaction, change: &MetaChange) -> Result<()> {
+    let (definition, name, key, value) = match change {
+        MetaChange::Session { client_id, state } => {
+            (SESSIONS, "sessions", client_id, state.as_deref())
+        }
+        MetaChange::State { table, key, value } => {
+            (table.definition(), table.name(), key, value.as_deref())
+        }
+        MetaChange::RemoveCheckpoint(queue) => {
+            let mut table = write
+                .open_table(CHECKPOINTS)
+                .map_err(|e| meta_error("open checkpoints", e))?;
+            table
+                .remove(queue.as_str())
+                .map_err(|e| meta_error("remove checkpoint", e))?;
+            return Ok(());
+        }
+    };
+    let mut table = write
+        .open_table(definition)
+        .map_err(|e| meta_error(&format!("open {name}"), e))?;
+    match value {
+        Some(value) => table.insert(key.as_str(), value).map(|_| ()),
+        None => table.remove(key.as_str()).map(|_| ()),
+    }
+    .map_err(|e| meta_error(&format!("write {name}"), e))
 }
 
 /// Advances checkpoints in `table`. A checkpoint never moves backwards: that would redeliver

@@ -160,3 +160,37 @@ fn state_changes_commit_atomically_with_their_checkpoint() {
     assert_eq!(meta.checkpoint("retained").unwrap(), Some(12));
     assert_eq!(meta.durable_checkpoints().get("retained"), Some(&12));
 }
+
+#[test]
+fn a_batch_of_changes_commits_together_and_in_order() {
+    // Goal: `Meta::apply` makes every change of a batch durable in one commit, applied in
+    // order (a session stored then removed in one batch is gone).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("meta.redb");
+    let meta = Meta::open(&path).unwrap();
+    meta.set_checkpoints(&[("session/1", 4)], Commit::Durable)
+        .unwrap();
+    let session = |client: &str, state: Option<&[u8]>| spool_storage::MetaChange::Session {
+        client_id: client.to_string(),
+        state: state.map(<[u8]>::to_vec),
+    };
+    let changes = [
+        session("a", Some(b"one")),
+        session("b", Some(b"two")),
+        session("b", None),
+        spool_storage::MetaChange::RemoveCheckpoint("session/1".into()),
+        spool_storage::MetaChange::State {
+            table: StateTable::Qos2Receipts,
+            key: "1".into(),
+            value: Some(b"r".to_vec()),
+        },
+    ];
+    meta.apply(&changes, Commit::Durable).unwrap();
+    drop(meta);
+    let meta = Meta::open(&path).unwrap();
+    let sessions = meta.sessions().unwrap();
+    assert_eq!(sessions.keys().collect::<Vec<_>>(), ["a"]);
+    assert_eq!(sessions["a"], b"one");
+    assert_eq!(meta.checkpoint("session/1").unwrap(), None);
+    assert_eq!(meta.state(StateTable::Qos2Receipts).unwrap()["1"], b"r");
+}

@@ -19,6 +19,7 @@
 mod checkpoints;
 mod delivery;
 pub mod events;
+mod metadata;
 pub mod retained;
 mod sessions;
 mod start;
@@ -28,6 +29,7 @@ mod wills;
 use crate::delivery::cache::MessageCache;
 use crate::encoding::FormatError;
 use crate::hub::events::Event;
+use crate::hub::metadata::MetaWriter;
 use crate::hub::retained::RetainedMessages;
 use crate::limits::{MESSAGE_CACHE_BYTES_MAX, RECLAIM_INTERVAL};
 use crate::message::now_ms;
@@ -66,6 +68,8 @@ pub enum StartError {
     },
     #[error("the stored retained message of topic {topic:?} is corrupt: {source}")]
     CorruptRetained { topic: String, source: FormatError },
+    #[error("failed to start the metadata writer: {0}")]
+    MetaWriter(std::io::Error),
     #[error("the stored QoS 2 receipts of client {client_id:?} are corrupt: {source}")]
     CorruptReceipts {
         client_id: String,
@@ -81,6 +85,8 @@ pub(super) const RECEIPTS_CHECKPOINT: &str = "qos2-receipts";
 pub struct Hub {
     wal: Wal,
     meta: Arc<Meta>,
+    /// Session writes, committed off the hub task.
+    metadata: MetaWriter,
     tail: WalReader,
     /// Every subscription; the hub changes it and installs a snapshot of it in `router`.
     subscriptions: SubscriptionTable,
@@ -114,9 +120,11 @@ impl Hub {
         let tail = wal.reader(wal.durable_seq() + 1)?;
         let next_session_id = (wal.epoch() << 32) + 1;
         let retained = RetainedMessages::load(&meta)?;
+        let metadata = MetaWriter::start(Arc::clone(&meta)).map_err(StartError::MetaWriter)?;
         let mut hub = Hub {
             wal,
             meta,
+            metadata,
             tail,
             subscriptions: SubscriptionTable::default(),
             router,
@@ -181,16 +189,12 @@ impl Hub {
                 session,
                 filters,
                 reply,
-            } => {
-                let _ = reply.send(self.subscribe(session, filters));
-            }
+            } => self.subscribe(session, filters, reply),
             Event::Unsubscribe {
                 session,
                 filters,
                 reply,
-            } => {
-                let _ = reply.send(self.unsubscribe(session, &filters));
-            }
+            } => self.unsubscribe(session, &filters, reply),
             Event::Acknowledge {
                 session,
                 connection,

@@ -2,40 +2,23 @@
 //! store keeps of a persistent session.
 
 use super::Hub;
-use crate::hub::events::{ConnectOutcome, ConnectRefusal, ConnectRequest, Outbound};
+use super::metadata::{Completion, MetaWriter};
+use crate::hub::events::{ConnectOutcome, ConnectRefusal, ConnectRequest, Outbound, Protocol};
 use crate::message::Will;
 use crate::session::receipts;
 use crate::session::{Attachment, Session};
-use spool_storage::{Commit, Meta, StateTable};
+use spool_storage::{MetaChange, StateTable};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 impl Hub {
     pub(super) fn connect(&mut self, request: ConnectRequest) {
         let expiry = match request.protocol {
-            crate::hub::events::Protocol::V5 => {
-                Duration::from_secs(u64::from(request.session_expiry_secs))
-            }
-            crate::hub::events::Protocol::V311 if request.clean_start => Duration::ZERO,
-            crate::hub::events::Protocol::V311 => self.limits.session_expiry_v311,
+            Protocol::V5 => Duration::from_secs(u64::from(request.session_expiry_secs)),
+            Protocol::V311 if request.clean_start => Duration::ZERO,
+            Protocol::V311 => self.limits.session_expiry_v311,
         };
-        let existing = self.session_by_client.get(&request.client_id).copied();
-        if let Some(id) = existing {
-            let session = self
-                .sessions
-                .get_mut(&id)
-                .expect("index and sessions agree");
-            if let Some(old) = session.attachment.take() {
-                tracing::info!(client_id = %request.client_id, "session taken over by a new connection");
-                let _ = old.outbound.try_send(Outbound::SessionTakenOver);
-                session.queue.requeue_in_flight();
-            }
-            if request.clean_start {
-                self.remove_session(id);
-            } else if session.pending_will.take().is_some() {
-                tracing::debug!(client_id = %request.client_id, "session resumed within its will delay: will not published");
-            }
-        }
+        let existing = self.take_over(&request);
         let session_present = existing.is_some() && !request.clean_start;
         let id = match self.session_by_client.get(&request.client_id) {
             Some(&id) => id,
@@ -72,18 +55,46 @@ impl Hub {
             _released: request.released.drop_guard(),
         });
         receipts::lock(&session.receipts).set_owner(request.connection);
-        let receipts = Arc::clone(&session.receipts);
-        if let Err(e) = self.store_session(id) {
-            // The session works; only its survival across a restart is at risk. Subscribing
-            // stores it again, and refuses the subscription if that fails too.
-            tracing::error!(client_id = %request.client_id, "failed to store the session: {e}");
-        }
-        let _ = request.reply.send(Ok(ConnectOutcome {
+        let outcome = ConnectOutcome {
             session: id,
             session_present,
-            receipts,
-        }));
+            receipts: Arc::clone(&session.receipts),
+        };
+        let (reply, client_id) = (request.reply, request.client_id);
+        // The CONNACK goes once the session is stored. If that fails, the session works; only
+        // its survival across a restart is at risk. Subscribing stores it again, and refuses
+        // the subscription if that fails too.
+        self.store_session(
+            id,
+            Some(Box::new(move |stored| {
+                if let Err(e) = stored {
+                    tracing::error!(%client_id, "failed to store the session: {e}");
+                }
+                let _ = reply.send(Ok(outcome));
+            })),
+        );
         self.pump(id);
+    }
+
+    /// Detaches the client's existing session, if any, from its old connection (which is told
+    /// it was taken over), and removes it for a clean start; returns it.
+    fn take_over(&mut self, request: &ConnectRequest) -> Option<u64> {
+        let id = self.session_by_client.get(&request.client_id).copied()?;
+        let session = self
+            .sessions
+            .get_mut(&id)
+            .expect("index and sessions agree");
+        if let Some(old) = session.attachment.take() {
+            tracing::info!(client_id = %request.client_id, "session taken over by a new connection");
+            let _ = old.outbound.try_send(Outbound::SessionTakenOver);
+            session.queue.requeue_in_flight();
+        }
+        if request.clean_start {
+            self.remove_session(id);
+        } else if session.pending_will.take().is_some() {
+            tracing::debug!(client_id = %request.client_id, "session resumed within its will delay: will not published");
+        }
+        Some(id)
     }
 
     /// Whether session `id` is attached to `connection` (and not to one that took it over).
@@ -121,13 +132,8 @@ impl Hub {
             return;
         }
         session.detached_at = Some(Instant::now());
-        if session_expiry_secs.is_some()
-            && let Err(e) = self.store_session(id)
-        {
-            tracing::error!(
-                session = id,
-                "failed to store the session's new expiry: {e}"
-            );
+        if session_expiry_secs.is_some() {
+            self.store_session(id, None); // a failure is logged
         }
     }
 
@@ -144,26 +150,29 @@ impl Hub {
             self.publish_will(id, *will);
         }
         if session.stored {
-            forget_stored(&self.meta, &mut session);
+            forget_stored(&self.metadata, &mut session, None);
         }
     }
 
     /// Stores a persistent session (durably). A session that stopped being persistent (an
     /// MQTT 5 client reconnecting with expiry 0) loses its stored copy: after a crash it must
     /// not come back, and neither must QoS 2 receipts no longer kept up to date.
-    pub(super) fn store_session(&mut self, id: u64) -> spool_storage::Result<()> {
+    pub(super) fn store_session(&mut self, id: u64, done: Option<Completion>) {
         match self.sessions.get_mut(&id) {
             Some(session) if session.is_persistent() => {
-                let stored = session.to_persisted().encode();
-                self.meta.put_session(&session.client_id, Some(&stored))?;
+                let change = MetaChange::Session {
+                    client_id: session.client_id.clone(),
+                    state: Some(session.to_persisted().encode()),
+                };
                 session.stored = true;
-                Ok(())
+                self.metadata.write(vec![change], done);
             }
-            Some(session) if session.stored => {
-                forget_stored(&self.meta, session);
-                Ok(())
+            Some(session) if session.stored => forget_stored(&self.metadata, session, done),
+            Some(_) | None => {
+                if let Some(done) = done {
+                    done(Ok(()));
+                }
             }
-            Some(_) | None => Ok(()),
         }
     }
 
@@ -183,23 +192,21 @@ impl Hub {
 
 /// Removes what the metadata store holds of a session: the session, its checkpoint and its
 /// QoS 2 receipts.
-fn forget_stored(meta: &Meta, session: &mut Session) {
-    let receipts_key = session.id.to_string();
-    let forget = meta
-        .put_session(&session.client_id, None)
-        .and_then(|()| meta.remove_checkpoint(&session.checkpoint_key(), Commit::Durable))
-        .and_then(|()| match session.receipts_stored {
-            // A leftover is harmless: it is removed at the next start.
-            Some(_) => meta.set_checkpoints_and_state(
-                &[],
-                &[(StateTable::Qos2Receipts, &receipts_key, None)],
-                Commit::Deferred,
-            ),
-            None => Ok(()),
+fn forget_stored(metadata: &MetaWriter, session: &mut Session, done: Option<Completion>) {
+    let mut changes = vec![
+        MetaChange::Session {
+            client_id: session.client_id.clone(),
+            state: None,
+        },
+        MetaChange::RemoveCheckpoint(session.checkpoint_key()),
+    ];
+    if session.receipts_stored.take().is_some() {
+        changes.push(MetaChange::State {
+            table: StateTable::Qos2Receipts,
+            key: session.id.to_string(),
+            value: None,
         });
-    if let Err(e) = forget {
-        tracing::error!(client_id = %session.client_id, "failed to remove a stored session: {e}");
     }
     session.stored = false;
-    session.receipts_stored = None;
+    metadata.write(changes, done);
 }

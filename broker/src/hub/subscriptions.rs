@@ -9,19 +9,24 @@ use crate::limits::SUBSCRIPTIONS_PER_SESSION_MAX;
 use crate::message::{Message, QoS, now_ms};
 use crate::routing::{RetainHandling, SubscriptionOptions};
 use spool_storage::Wal;
+use tokio::sync::oneshot;
 
 impl Hub {
+    /// Subscribes; `reply` gets the outcome of each filter once a persistent session's
+    /// subscriptions are durable (a SUBACK never grants what a restart would forget).
     pub(super) fn subscribe(
         &mut self,
         id: u64,
         filters: Vec<(String, SubscriptionOptions)>,
-    ) -> Vec<Result<QoS, SubscribeRefusal>> {
+        reply: oneshot::Sender<Vec<Result<QoS, SubscribeRefusal>>>,
+    ) {
         // A retained publish acknowledged before this SUBSCRIBE must be seen by it: take in
         // every record that is already durable (its PUBACK may have gone out) first.
         self.read_durable_records();
         let Some(session) = self.sessions.get_mut(&id) else {
             // The session ended (taken over with a clean start) while this request waited.
-            return vec![Err(SubscribeRefusal::Unavailable); filters.len()];
+            let _ = reply.send(vec![Err(SubscribeRefusal::Unavailable); filters.len()]);
+            return;
         };
         let mut outcomes = Vec::with_capacity(filters.len());
         let mut retained_for = Vec::new();
@@ -52,12 +57,17 @@ impl Hub {
         self.queue_retained(id, &retained_for);
         self.router.install(self.subscriptions.clone());
         self.pump(id);
-        // A persistent session's subscriptions are durable before the SUBACK says granted.
-        if let Err(e) = self.store_session(id) {
-            tracing::error!(session = id, "failed to store subscriptions: {e}");
-            return vec![Err(SubscribeRefusal::Unavailable); outcomes.len()];
-        }
-        outcomes
+        let stored = move |result: spool_storage::Result<()>| {
+            let outcomes = match result {
+                Ok(()) => outcomes,
+                Err(e) => {
+                    tracing::error!(session = id, "failed to store subscriptions: {e}");
+                    vec![Err(SubscribeRefusal::Unavailable); outcomes.len()]
+                }
+            };
+            let _ = reply.send(outcomes);
+        };
+        self.store_session(id, Some(Box::new(stored)));
     }
 
     /// Queues the retained messages matching new subscriptions (the caller pumps); they go out
@@ -95,11 +105,18 @@ impl Hub {
         }
     }
 
-    pub(super) fn unsubscribe(&mut self, id: u64, filters: &[String]) -> Vec<bool> {
+    /// Unsubscribes; `reply` says which subscriptions existed, once the change is stored.
+    pub(super) fn unsubscribe(
+        &mut self,
+        id: u64,
+        filters: &[String],
+        reply: oneshot::Sender<Vec<bool>>,
+    ) {
         if !self.sessions.contains_key(&id) {
-            return vec![false; filters.len()];
+            let _ = reply.send(vec![false; filters.len()]);
+            return;
         }
-        let existed = filters
+        let existed: Vec<bool> = filters
             .iter()
             .map(|filter| {
                 if let Some(session) = self.sessions.get_mut(&id) {
@@ -109,10 +126,13 @@ impl Hub {
             })
             .collect();
         self.router.install(self.subscriptions.clone());
-        if let Err(e) = self.store_session(id) {
-            tracing::error!(session = id, "failed to store subscriptions: {e}");
-        }
-        existed
+        let stored = move |result: spool_storage::Result<()>| {
+            if let Err(e) = result {
+                tracing::error!(session = id, "failed to store subscriptions: {e}");
+            }
+            let _ = reply.send(existed);
+        };
+        self.store_session(id, Some(Box::new(stored)));
     }
 }
 

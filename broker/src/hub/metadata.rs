@@ -1,0 +1,87 @@
+//! [`MetaWriter`]: the hub's writes to the metadata store (sessions created, subscribed,
+//! unsubscribed, forgotten), made off the hub task and grouped: one thread takes every write
+//! queued while the previous commit ran and commits them in one durable transaction. After a
+//! failover every module reconnects and subscribes at once; one fsync each, on the hub task,
+//! would stall delivery to everyone. What a write confirms to a client (a SUBACK, a CONNACK)
+//! goes out from its completion, once the write is durable.
+
+use crate::limits::METADATA_WRITES_MAX;
+use spool_storage::{Commit, Meta, MetaChange};
+use std::sync::Arc;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
+
+/// Runs once a write is durable, or failed, with the outcome.
+pub(super) type Completion = Box<dyn FnOnce(spool_storage::Result<()>) + Send>;
+
+/// Changes to commit, and what to do after.
+struct Write {
+    changes: Vec<MetaChange>,
+    done: Option<Completion>,
+}
+
+/// The queue of metadata writes and the thread that commits them.
+pub(super) struct MetaWriter {
+    meta: Arc<Meta>,
+    writes: mpsc::Sender<Write>,
+}
+
+impl MetaWriter {
+    /// Starts the writer thread; it stops once the writer is dropped and its queue is done.
+    ///
+    /// # Errors
+    /// If the thread cannot be started.
+    pub(super) fn start(meta: Arc<Meta>) -> std::io::Result<MetaWriter> {
+        let (writes, queue) = mpsc::channel(METADATA_WRITES_MAX);
+        let committing = Arc::clone(&meta);
+        std::thread::Builder::new()
+            .name("spool-meta-writer".into())
+            .spawn(move || commit_batches(&committing, queue))?;
+        Ok(MetaWriter { meta, writes })
+    }
+
+    /// Queues `changes`, committed in order with every other write; `done` runs once they are
+    /// durable. Never waits for the writer: with its queue full (a disk that slow), the changes
+    /// are committed here and now.
+    pub(super) fn write(&self, changes: Vec<MetaChange>, done: Option<Completion>) {
+        match self.writes.try_send(Write { changes, done }) {
+            Ok(()) => {}
+            Err(TrySendError::Full(write) | TrySendError::Closed(write)) => {
+                let result = self.meta.apply(&write.changes, Commit::Durable);
+                finish(write.done, result);
+            }
+        }
+    }
+}
+
+/// Commits everything queued while the previous commit ran, in one transaction.
+fn commit_batches(meta: &Meta, mut queue: mpsc::Receiver<Write>) {
+    while let Some(first) = queue.blocking_recv() {
+        let mut batch = vec![first];
+        while batch.len() < METADATA_WRITES_MAX {
+            match queue.try_recv() {
+                Ok(write) => batch.push(write),
+                Err(_) => break,
+            }
+        }
+        let changes: Vec<MetaChange> = batch
+            .iter_mut()
+            .flat_map(|write| std::mem::take(&mut write.changes))
+            .collect();
+        let result = meta.apply(&changes, Commit::Durable);
+        for write in batch {
+            finish(write.done, result.clone());
+        }
+    }
+}
+
+fn finish(done: Option<Completion>, result: spool_storage::Result<()>) {
+    match done {
+        Some(done) => done(result),
+        None => {
+            if let Err(e) = result {
+                tracing::error!("failed to store session metadata: {e}");
+            }
+        }
+    }
+}
