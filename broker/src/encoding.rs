@@ -15,6 +15,8 @@ pub enum FormatError {
     QoS(u8),
     #[error("invalid flags {0:#04x}")]
     Flags(u8),
+    #[error("unknown queue kind {0}")]
+    QueueKind(u8),
     #[error("string is not UTF-8")]
     Utf8,
     #[error("{0} trailing bytes")]

@@ -60,7 +60,7 @@ pub const RETAINED_BYTES_MAX: usize = 256 << 20;
 
 /// Targets one message can be routed to; the sessions beyond it (the newest) do not get the
 /// message, counted and logged (`fanout_limit`).
-pub const TARGETS_PER_MESSAGE_MAX: usize = 1 << 16;
+pub const TARGETS_PER_MESSAGE_MAX: usize = 1 << 15;
 
 /// Bytes the targets of one publish record may take, subscription identifiers included; like
 /// `TARGETS_PER_MESSAGE_MAX`, the targets beyond it are a counted drop. The log's record limit
@@ -81,3 +81,8 @@ pub fn record_payload_bytes_max(packet_size_max: u32) -> u32 {
 const _: () = assert!(PUBLISHES_IN_FLIGHT_MAX <= u16::MAX as usize);
 const _: () = assert!(USER_PROPERTIES_MAX <= u16::MAX as usize);
 const _: () = assert!(SUBSCRIPTIONS_PER_SESSION_MAX <= u16::MAX as usize);
+// The target count limit is the one that binds when targets carry no subscription ids.
+const _: () = assert!(
+    TARGETS_PER_MESSAGE_MAX * crate::delivery::record::Target::ENCODED_BYTES_FIXED
+        <= TARGETS_BYTES_MAX
+);

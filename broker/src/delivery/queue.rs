@@ -29,6 +29,10 @@ pub struct QueueEntry {
     pub packet_id: Option<u16>,
     /// A QoS 2 message the client received (PUBREC): only its PUBREL remains to be sent.
     pub released: bool,
+    /// Wall-clock time (ms since the epoch) after which the entry is dropped unsent
+    /// (`ttl_expiry`): the earlier of the message's expiry and the queue's own deadline,
+    /// fixed when it was routed.
+    pub deadline_ms: Option<u64>,
     /// The log record of that PUBREC (a persistent session's): recovery needs it as long as
     /// the entry is kept, or it would send the message again instead of its PUBREL.
     pub received_record: Option<u64>,
@@ -47,6 +51,7 @@ impl QueueEntry {
             redelivery: false,
             packet_id: None,
             released: false,
+            deadline_ms: None,
             received_record: None,
         }
     }

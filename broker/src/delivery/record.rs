@@ -1,7 +1,7 @@
 //! The broker's WAL records.
 //!
-//! A publish record holds the message and its routing decision (every session queue it goes
-//! to), written once whatever the fan-out. Recovery and live delivery both rebuild queues from
+//! A publish record holds the message and its routing decision (every queue it goes to, with
+//! the deadline fixed for it there), written once whatever the fan-out. Recovery and live delivery both rebuild queues from
 //! these records, so the format is versioned and its decoder refuses anything malformed with
 //! an error, never a panic. A QoS 2 publish also names its packet id, and a release record
 //! marks the PUBREL that frees it: replaying both rebuilds each session's QoS 2 receipts.
@@ -9,13 +9,16 @@
 //! message: replaying it after a restart resends the PUBREL instead of the message.
 //!
 //! ```text
-//! publish: version u8 (2) | flags u8 (qos:2 | retain:1 | utf8:1 | retained_copy:1) | publisher u64
+//! publish: version u8 (3) | flags u8 (qos:2 | retain:1 | utf8:1 | retained_copy:1) | publisher u64
 //! qos2_packet_id u16 (0 = none; absent in version 1)
 //! topic str16 | payload bytes32 | expires_at_ms u64 (0 = never)
 //! content_type opt-str16 | response_topic opt-str16 | correlation opt-bytes16
 //! user_properties u16 count of (str16, str16)
-//! targets u32 count of (session u64 | options u8 (qos:2 | retain_as_published:1)
+//! targets u32 count of (queue kind u8 (0 = MQTT session) | queue u64
+//!                       | options u8 (qos:2 | retain_as_published:1)
+//!                       | deadline_ms u64 (0 = the message's expiry)
 //!                       | subscription_ids u16 count of u32)
+//!          (versions 1 and 2: session u64 | options u8 | subscription_ids, no deadline)
 //! release: version u8 (1) | session u64 | packet_id u16
 //! received: version u8 (1) | session u64 | seq u64
 //! ```
@@ -33,24 +36,57 @@ pub const KIND_PUBLISH: u8 = 1;
 pub const KIND_QOS2_RELEASE: u8 = 2;
 pub const KIND_QOS2_RECEIVED: u8 = 3;
 
-const VERSION: u8 = 2;
+const VERSION: u8 = 3;
 const RELEASE_VERSION: u8 = 1;
 const RECEIVED_VERSION: u8 = 1;
 
-/// Where a message goes: one session's queue, with the delivery options of the subscription
-/// that matched.
+/// A delivery queue, as records name it: a queue exists, fills and is replayed on its own, with
+/// zero, one or more consumers. Queue numbers are never reused (an MQTT session's is its id).
+///
+/// Later kinds go here: module inputs (`{device}/{module}/{input}` at a priority, numbered in
+/// the metadata store) and `$upstream`. Several consumers sharing one queue by key attach to
+/// the queue, not to a session (see `reference/ordered-replicas.md`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum QueueId {
+    /// The queue of an MQTT session, fed by its subscriptions.
+    Session(u64),
+}
+
+impl QueueId {
+    fn encode(self, out: &mut BytesMut) {
+        match self {
+            QueueId::Session(id) => {
+                out.put_u8(0);
+                out.put_u64_le(id);
+            }
+        }
+    }
+
+    fn decode(bytes: &mut Bytes) -> Result<QueueId, RecordError> {
+        match take_u8(bytes)? {
+            0 => Ok(QueueId::Session(take_u64(bytes)?)),
+            kind => Err(RecordError::QueueKind(kind)),
+        }
+    }
+}
+
+/// Where a message goes: one queue, with the delivery options of what routed it there.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
-    pub session: u64,
+    pub queue: QueueId,
     /// The QoS to deliver with: the lower of the publish and the subscription QoS.
     pub qos: QoS,
     pub retain_as_published: bool,
     pub subscription_ids: Vec<u32>,
+    /// Wall-clock time (ms since the epoch) after which this queue drops the message, fixed
+    /// when it was routed, if earlier than the message's own expiry: stored so that it means
+    /// the same after a restart, on any node, and expiry never needs the message read back.
+    pub deadline_ms: Option<u64>,
 }
 
 impl Target {
     /// Bytes of a target in a record besides its subscription ids (4 bytes each).
-    pub const ENCODED_BYTES_FIXED: usize = 8 + 1 + 2;
+    pub const ENCODED_BYTES_FIXED: usize = 1 + 8 + 1 + 8 + 2;
 }
 
 /// A publish as logged.
@@ -103,8 +139,9 @@ impl PublishRecord {
         }
         out.put_u32_le(u32::try_from(self.targets.len()).expect("targets fit in u32"));
         for target in &self.targets {
-            out.put_u64_le(target.session);
+            target.queue.encode(&mut out);
             out.put_u8(target.qos as u8 | u8::from(target.retain_as_published) << 2);
+            out.put_u64_le(target.deadline_ms.unwrap_or(0));
             // At most one id per subscription, and sessions hold at most
             // SUBSCRIPTIONS_PER_SESSION_MAX of them.
             let ids = u16::try_from(target.subscription_ids.len()).expect("subscription ids fit");
@@ -122,7 +159,7 @@ impl PublishRecord {
     /// `RecordError` for anything that is not a well-formed record.
     pub fn decode(mut bytes: Bytes) -> Result<PublishRecord, RecordError> {
         let version = take_u8(&mut bytes)?;
-        if version != VERSION && version != 1 {
+        if !(1..=VERSION).contains(&version) {
             return Err(RecordError::Version(version));
         }
         let flags = take_u8(&mut bytes)?;
@@ -145,7 +182,7 @@ impl PublishRecord {
         for _ in 0..user_count {
             user.push((take_str16(&mut bytes)?, take_str16(&mut bytes)?));
         }
-        let targets = take_targets(&mut bytes)?;
+        let targets = take_targets(&mut bytes, version)?;
         if !bytes.is_empty() {
             return Err(RecordError::Trailing(bytes.len()));
         }
@@ -230,24 +267,33 @@ impl ReceivedRecord {
     }
 }
 
-fn take_targets(bytes: &mut Bytes) -> Result<Vec<Target>, RecordError> {
+fn take_targets(bytes: &mut Bytes, version: u8) -> Result<Vec<Target>, RecordError> {
     let count = take_u32(bytes)? as usize;
-    // Each target takes at least 10 bytes: never allocate more than the input can hold.
-    let mut targets = Vec::with_capacity(count.min(bytes.len() / 10));
+    // Each target takes at least 11 bytes: never allocate more than the input can hold.
+    let mut targets = Vec::with_capacity(count.min(bytes.len() / 11));
     for _ in 0..count {
-        let session = take_u64(bytes)?;
+        // Versions 1 and 2 named sessions only, and had no deadlines.
+        let queue = match version {
+            1 | 2 => QueueId::Session(take_u64(bytes)?),
+            _ => QueueId::decode(bytes)?,
+        };
         let options = take_u8(bytes)?;
         let qos = QoS::from_u8(options & 0b11).ok_or(RecordError::QoS(options & 0b11))?;
+        let deadline_ms = match version {
+            1 | 2 => None,
+            _ => Some(take_u64(bytes)?).filter(|&at| at != 0),
+        };
         let id_count = take_u16(bytes)?;
         let mut subscription_ids = Vec::with_capacity(usize::from(id_count));
         for _ in 0..id_count {
             subscription_ids.push(take_u32(bytes)?);
         }
         targets.push(Target {
-            session,
+            queue,
             qos,
             retain_as_published: options & 0b100 != 0,
             subscription_ids,
+            deadline_ms,
         });
     }
     Ok(targets)
@@ -282,12 +328,14 @@ mod tests {
             0u8..3,
             any::<bool>(),
             proptest::collection::vec(any::<u32>(), 0..3),
+            proptest::option::of(1u64..),
         )
-            .prop_map(|(session, qos, rap, ids)| Target {
-                session,
+            .prop_map(|(session, qos, rap, ids, deadline)| Target {
+                queue: QueueId::Session(session),
                 qos: QoS::from_u8(qos).unwrap(),
                 retain_as_published: rap,
                 subscription_ids: ids,
+                deadline_ms: deadline,
             });
         (
             "[a-z/]{1,20}",
@@ -329,6 +377,32 @@ mod tests {
             )
     }
 
+    /// A record as versions 1 and 2 wrote it.
+    fn encode_old(record: &PublishRecord, version: u8) -> Bytes {
+        let without_targets = PublishRecord {
+            targets: Vec::new(),
+            ..record.clone()
+        };
+        let mut old = without_targets.encode().to_vec();
+        old.truncate(old.len() - 4); // the target count
+        old[0] = version;
+        if version == 1 {
+            old.drain(10..12); // the packet id after version, flags and publisher
+        }
+        old.extend_from_slice(&u32::try_from(record.targets.len()).unwrap().to_le_bytes());
+        for target in &record.targets {
+            let QueueId::Session(session) = target.queue;
+            old.extend_from_slice(&session.to_le_bytes());
+            old.push(target.qos as u8 | u8::from(target.retain_as_published) << 2);
+            let ids = u16::try_from(target.subscription_ids.len()).unwrap();
+            old.extend_from_slice(&ids.to_le_bytes());
+            for id in &target.subscription_ids {
+                old.extend_from_slice(&id.to_le_bytes());
+            }
+        }
+        Bytes::from(old)
+    }
+
     proptest! {
         #[test]
         fn records_round_trip(record in arb_record()) {
@@ -354,14 +428,18 @@ mod tests {
             let _ = ReceivedRecord::decode(Bytes::from(bytes));
         }
 
-        /// Goal: records written before QoS 2 receipts existed still decode.
+        /// Goal: records of versions 1 (before QoS 2 receipts) and 2 (before queues and
+        /// deadlines) still decode, their targets as session queues without deadlines.
         #[test]
-        fn version_1_records_decode(mut record in arb_record()) {
-            record.qos2_packet_id = None;
-            let mut old = record.encode().to_vec();
-            old[0] = 1;
-            old.drain(10..12); // the packet id after version, flags and publisher
-            prop_assert_eq!(PublishRecord::decode(Bytes::from(old)).unwrap(), record);
+        fn version_1_and_2_records_decode(mut record in arb_record(), version in 1u8..3) {
+            for target in &mut record.targets {
+                target.deadline_ms = None;
+            }
+            if version == 1 {
+                record.qos2_packet_id = None;
+            }
+            let old = encode_old(&record, version);
+            prop_assert_eq!(PublishRecord::decode(old).unwrap(), record);
         }
 
         #[test]

@@ -3,7 +3,9 @@
 
 use super::Hub;
 use crate::delivery::queue::QueueEntry;
-use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, ReceivedRecord};
+use crate::delivery::record::{
+    KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
+};
 use crate::hub::events::{Delivery, Outbound};
 use crate::message::{Message, QoS, now_ms};
 use bytes::Bytes;
@@ -140,20 +142,24 @@ impl Hub {
             self.retained.apply(record.seq, &Arc::new(retained));
         }
         for target in publish.targets {
-            let Some(session) = self.sessions.get_mut(&target.session) else {
+            let QueueId::Session(id) = target.queue;
+            let Some(session) = self.sessions.get_mut(&id) else {
                 continue;
             };
             if record.seq <= session.replay_floor {
                 continue; // acknowledged before the last restart
             }
-            let entry = QueueEntry::new(
-                record.seq,
-                target.qos,
-                target.retain_as_published,
-                target.subscription_ids,
-            );
+            let entry = QueueEntry {
+                deadline_ms: earliest(target.deadline_ms, message.properties.expires_at_ms),
+                ..QueueEntry::new(
+                    record.seq,
+                    target.qos,
+                    target.retain_as_published,
+                    target.subscription_ids,
+                )
+            };
             session.enqueue(entry);
-            self.pump(target.session);
+            self.pump(id);
         }
     }
 
@@ -222,13 +228,10 @@ impl Hub {
 
     /// The PUBLISH for a queue entry, or `None` if its message expired or cannot be read.
     pub(super) fn delivery(&mut self, id: u64, entry: &QueueEntry) -> Option<Delivery> {
-        let message = match &entry.retained {
-            Some(message) => Arc::clone(message),
-            None => self.message(entry.seq)?,
-        };
         let session = self.sessions.get_mut(&id)?;
         // Once sent, a message is delivered to the end (the client may hold its packet id).
-        if !entry.redelivery && message.is_expired(now_ms()) {
+        // The deadline is the entry's: no message is read back to find it expired.
+        if !entry.redelivery && entry.deadline_ms.is_some_and(|at| at <= now_ms()) {
             session.queue.dropped_expired += 1;
             if crate::delivery::drop_worth_logging(session.queue.dropped_expired) {
                 tracing::info!(
@@ -240,6 +243,10 @@ impl Hub {
             }
             return None;
         }
+        let message = match &entry.retained {
+            Some(message) => Arc::clone(message),
+            None => self.message(entry.seq)?,
+        };
         Some(Delivery {
             packet_id: entry.packet_id,
             qos: entry.qos,
@@ -269,5 +276,13 @@ impl Hub {
                 None
             }
         }
+    }
+}
+
+/// The earlier of two optional deadlines.
+fn earliest(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }

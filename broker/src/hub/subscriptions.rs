@@ -3,7 +3,7 @@
 
 use super::Hub;
 use crate::delivery::queue::QueueEntry;
-use crate::delivery::record::{KIND_PUBLISH, PublishRecord, Target};
+use crate::delivery::record::{KIND_PUBLISH, PublishRecord, QueueId, Target};
 use crate::hub::events::SubscribeRefusal;
 use crate::limits::SUBSCRIPTIONS_PER_SESSION_MAX;
 use crate::message::{Message, QoS, now_ms};
@@ -97,6 +97,7 @@ impl Hub {
                     continue;
                 }
                 let entry = QueueEntry {
+                    deadline_ms: message.properties.expires_at_ms,
                     retained: Some(message),
                     ..QueueEntry::new(position, qos, true, ids)
                 };
@@ -153,10 +154,11 @@ fn log_retained_copy(
         qos2_packet_id: None,
         retained_copy: true,
         targets: vec![Target {
-            session,
+            queue: QueueId::Session(session),
             qos,
             retain_as_published: true,
             subscription_ids,
+            deadline_ms: None,
         }],
     };
     match wal.try_submit(KIND_PUBLISH, record.encode()) {

@@ -292,7 +292,7 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::record::PublishRecord;
+    use crate::delivery::record::{PublishRecord, QueueId};
     use crate::message::MessageProperties;
     use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};
     use spool_storage::{FaultyFs, WalOptions};
@@ -361,8 +361,8 @@ mod tests {
         let logged = PublishRecord::decode(record.payload).expect("decodes");
         assert_eq!(logged.targets.len(), 1);
         assert_eq!(
-            (logged.targets[0].session, logged.qos2_packet_id),
-            (7, Some(9))
+            (logged.targets[0].queue, logged.qos2_packet_id),
+            (QueueId::Session(7), Some(9))
         );
         let (_, found) = ingest.release(&publisher, 9).await.expect("released");
         let (_, found_again) = ingest.release(&publisher, 9).await.expect("released");

@@ -4,7 +4,7 @@
 //! The hub is the only writer; connection tasks read the snapshot to route each publish before
 //! it is logged, so that the routing decision is part of the durable record.
 
-use crate::delivery::record::PublishRecord;
+use crate::delivery::record::{PublishRecord, QueueId};
 use crate::limits::{TARGETS_BYTES_MAX, TARGETS_PER_MESSAGE_MAX};
 use crate::message::{Message, QoS};
 use crate::routing::trie::FilterTrie;
@@ -105,10 +105,12 @@ impl SubscriptionTable {
                 return;
             }
             let target = targets.entry(session).or_insert(Target {
-                session,
+                queue: QueueId::Session(session),
                 qos: QoS::AtMostOnce,
                 retain_as_published: false,
                 subscription_ids: Vec::new(),
+                // MQTT subscriptions set no time to live of their own: the message's applies.
+                deadline_ms: None,
             });
             target.qos = target.qos.max(options.qos.min(qos));
             target.retain_as_published |= options.retain_as_published;
@@ -231,7 +233,10 @@ mod tests {
         let snapshot = table.clone();
         let targets = snapshot.route("t", 0, QoS::AtLeastOnce);
         assert_eq!(targets.len(), TARGETS_PER_MESSAGE_MAX);
-        assert_eq!(targets.last().map(|t| t.session), Some(sessions - 3));
+        assert_eq!(
+            targets.last().map(|t| t.queue),
+            Some(QueueId::Session(sessions - 3))
+        );
         assert_eq!(table.fanout_drops(), 3, "clones share the count");
     }
 
