@@ -50,15 +50,13 @@ fn wal_options(config: &Config) -> WalOptions {
 /// Opens the metadata store, then the log, which must reach every checkpoint the metadata
 /// holds, or it lost acknowledged messages (recovery refuses it).
 fn open_storage(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<(Arc<Meta>, Wal)> {
-    std::fs::create_dir_all(&config.settings.data_dir).with_context(|| {
-        format!(
-            "create data directory {}",
-            config.settings.data_dir.display()
-        )
-    })?;
-    let meta_path = config.settings.data_dir.join("meta.redb");
-    let meta =
-        Arc::new(Meta::open(&meta_path).with_context(|| format!("open {}", meta_path.display()))?);
+    let data_dir = &config.settings.data_dir;
+    fs.create_dir_all(data_dir)
+        .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    let meta_path = data_dir.join("meta.redb");
+    let meta = Meta::open_with_fs(Arc::clone(&fs), &meta_path)
+        .with_context(|| format!("open {}", meta_path.display()))?;
+    let meta = Arc::new(meta);
     let wal_dir = config.settings.data_dir.join("wal");
     let options = WalOptions {
         // The log must reach every checkpoint, or it lost acknowledged messages.
@@ -93,8 +91,8 @@ impl Server {
         Server::start_on(config, Arc::new(RealFs)).await
     }
 
-    /// [`Server::start`] with the write-ahead log on `fs`: tests run the whole server over a
-    /// fault-injecting file system (the metadata store stays on the real one).
+    /// [`Server::start`] with the write-ahead log and the metadata store on `fs`: tests run the
+    /// whole server over a fault-injecting file system.
     ///
     /// # Errors
     /// As [`Server::start`].

@@ -8,11 +8,14 @@
 //! redelivers: duplicates, never loss (law 2). Retention must only trust durable checkpoints,
 //! which is why `durable_checkpoints` reads them separately.
 
+use crate::fs::{FileHandle, FileSystem, OpenMode, RealFs};
 use crate::{Error, Result};
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use std::any::Any;
 use std::collections::BTreeMap;
+use std::io;
 use std::path::Path;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Arc, Mutex, PoisonError};
 
 /// queue name -> the highest sequence number up to which the queue's consumer acknowledged
 /// everything.
@@ -89,19 +92,101 @@ pub struct Meta {
     durable: Mutex<BTreeMap<String, u64>>,
 }
 
+/// redb's storage, through the file-system seam.
+struct FsBackend {
+    file: Box<dyn FileHandle>,
+    /// Held for as long as redb keeps the backend.
+    _lock: Box<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for FsBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FsBackend")
+            .field("file", &self.file)
+            .finish()
+    }
+}
+
+impl redb::StorageBackend for FsBackend {
+    fn len(&self) -> io::Result<u64> {
+        self.file.size()
+    }
+
+    fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+        let mut filled = 0;
+        while filled < out.len() {
+            match self
+                .file
+                .read_at(&mut out[filled..], offset + filled as u64)?
+            {
+                0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+                read => filled += read,
+            }
+        }
+        Ok(())
+    }
+
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+}
+
 fn meta_error(context: &str, error: impl std::fmt::Display) -> Error {
     Error::Meta(format!("failed to {context}: {error}"))
 }
 
 impl Meta {
-    /// Opens (creating if needed) the store at `path`. redb takes its own lock on the file, so a
-    /// second open fails too.
+    /// Opens (creating if needed) the store at `path` on the real file system.
     ///
     /// # Errors
-    /// `Error::Meta` when the file cannot be opened or is damaged.
+    /// As [`Meta::open_with_fs`].
     pub fn open(path: &Path) -> Result<Meta> {
-        let db = Database::create(path)
-            .map_err(|e| meta_error(&format!("open metadata store {}", path.display()), e))?;
+        Meta::open_with_fs(Arc::new(RealFs), path)
+    }
+
+    /// Opens (creating if needed) the store at `path` on `fs`, the same seam the log uses, so
+    /// tests can cut the power under the metadata store too. It takes an exclusive lock on the
+    /// file, so a second open fails.
+    ///
+    /// # Errors
+    /// `Error::Locked` if another holds the store, `Error::Meta` when the file cannot be
+    /// opened or is damaged.
+    pub fn open_with_fs(fs: Arc<dyn FileSystem>, path: &Path) -> Result<Meta> {
+        let failed = |e: &dyn std::fmt::Display| {
+            meta_error(&format!("open metadata store {}", path.display()), e)
+        };
+        let lock = match fs.lock_exclusive(path) {
+            Ok(lock) => lock,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Err(Error::Locked {
+                    dir: path.to_path_buf(),
+                });
+            }
+            Err(e) => return Err(failed(&e)),
+        };
+        let file = match fs.open(path, OpenMode::ReadWrite) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs.open(path, OpenMode::CreateNew),
+            opened => opened,
+        }
+        .map_err(|e| failed(&e))?;
+        // The file's name must survive a power loss before anything is committed in it.
+        let dir = match path.parent() {
+            Some(dir) if !dir.as_os_str().is_empty() => dir,
+            _ => Path::new("."),
+        };
+        fs.sync_dir(dir).map_err(|e| failed(&e))?;
+        let backend = FsBackend { file, _lock: lock };
+        let db = Database::builder()
+            .create_with_backend(backend)
+            .map_err(|e| failed(&e))?;
         let meta = Meta {
             db,
             durable: Mutex::new(BTreeMap::new()),

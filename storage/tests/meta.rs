@@ -70,7 +70,7 @@ fn second_open_of_the_store_fails() {
     let path = dir.path().join("meta.redb");
     let _meta = Meta::open(&path).unwrap();
     let err = Meta::open(&path).unwrap_err();
-    assert!(matches!(err, Error::Meta(_)), "{err:?}");
+    assert!(matches!(err, Error::Locked { .. }), "{err:?}");
 }
 
 #[test]
