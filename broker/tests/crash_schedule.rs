@@ -147,15 +147,20 @@ async fn run_schedule(seed: u64) {
         receive_everything(client, name, &mut model, seed).await;
     }
     server.stop().await.unwrap();
-    let wal = dir.path().join("wal");
-    let files = spool_storage::FileSystem::list_dir(fs.as_ref(), &wal).unwrap();
-    let moved = files.iter().filter(|f| f.ends_with(".moved")).count();
-    eprintln!(
-        "SPOOL_SEED={seed}: {} messages acknowledged, {} segment and {moved} moved files left",
-        model.acknowledged.len(),
-        files.iter().filter(|f| f.ends_with(".seg")).count(),
-    );
+    report(&fs, &dir.path().join("wal"), &model, seed);
     check(&model, seed);
+}
+
+/// What the schedule did to the log, to see that it reached reclaiming.
+fn report(fs: &FaultyFs, wal: &Path, model: &Model, seed: u64) {
+    let files = spool_storage::FileSystem::list_dir(fs, wal).unwrap();
+    let count = |suffix: &str| files.iter().filter(|f| f.ends_with(suffix)).count();
+    eprintln!(
+        "SPOOL_SEED={seed}: {} messages acknowledged, {} segment and {} moved files left",
+        model.acknowledged.len(),
+        count(".seg"),
+        count(".moved"),
+    );
 }
 
 /// Publishes `count` numbered messages on `topic` and notes those acknowledged.
