@@ -8,6 +8,7 @@ use crate::delivery::record::{
 };
 use crate::hub::events::{Delivery, Outbound};
 use crate::message::{Message, QoS, now_ms};
+use crate::session::SessionState;
 use bytes::Bytes;
 use spool_storage::Record;
 use std::sync::Arc;
@@ -171,7 +172,7 @@ impl Hub {
             let Some(session) = self.sessions.get_mut(&id) else {
                 return;
             };
-            let Some(attachment) = session.attachment.as_ref() else {
+            let SessionState::Connected(attachment) = &session.state else {
                 return;
             };
             let window = attachment.window;
@@ -213,7 +214,7 @@ impl Hub {
                 },
             };
             let session = self.sessions.get_mut(&id).expect("looked up above");
-            let channel = &session.attachment.as_ref().expect("attached").outbound;
+            let channel = &session.attachment().expect("attached").outbound;
             match channel.try_send(outbound) {
                 Ok(()) if entry.qos != QoS::AtMostOnce => session.queue.sent(entry),
                 Ok(()) => {}

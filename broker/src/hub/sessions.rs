@@ -46,8 +46,7 @@ impl Hub {
         };
         let session = self.sessions.get_mut(&id).expect("just ensured");
         session.expiry = expiry;
-        session.detached_at = None;
-        session.attachment = Some(Attachment {
+        session.attach(Attachment {
             connection: request.connection,
             protocol: request.protocol,
             outbound: request.outbound,
@@ -84,14 +83,14 @@ impl Hub {
             .sessions
             .get_mut(&id)
             .expect("index and sessions agree");
-        if let Some(old) = session.attachment.take() {
+        if let Some(old) = session.detach(Instant::now()) {
             tracing::info!(client_id = %request.client_id, "session taken over by a new connection");
             let _ = old.outbound.try_send(Outbound::SessionTakenOver);
             session.queue.requeue_in_flight();
         }
         if request.clean_start {
             self.remove_session(id);
-        } else if session.pending_will.take().is_some() {
+        } else if session.cancel_will().is_some() {
             tracing::debug!(client_id = %request.client_id, "session resumed within its will delay: will not published");
         }
         Some(id)
@@ -101,7 +100,7 @@ impl Hub {
     pub(super) fn is_attached(&self, id: u64, connection: u64) -> bool {
         self.sessions
             .get(&id)
-            .and_then(|s| s.attachment.as_ref())
+            .and_then(Session::attachment)
             .is_some_and(|a| a.connection == connection)
     }
 
@@ -113,25 +112,29 @@ impl Hub {
         session_expiry_secs: Option<u32>,
     ) {
         let attached = self.is_attached(id, connection);
-        if let Some(will) = will {
-            self.will_due(id, attached, will);
-        }
-        let Some(session) = self.sessions.get_mut(&id) else {
+        let session = self.sessions.get_mut(&id).filter(|_| attached);
+        let Some(session) = session else {
+            // A connection that was already taken over: only its will may still go.
+            if let Some(will) = will {
+                self.will_due(id, false, will);
+            }
             return;
         };
-        if !attached {
-            return; // a connection that was already taken over
-        }
-        session.attachment = None;
+        session.detach(Instant::now());
         session.queue.requeue_in_flight();
         if let Some(secs) = session_expiry_secs {
             session.expiry = Duration::from_secs(u64::from(secs));
         }
+        if let Some(will) = will {
+            self.will_due(id, true, will);
+        }
+        let Some(session) = self.sessions.get(&id) else {
+            return;
+        };
         if session.expiry.is_zero() {
             self.remove_session(id);
             return;
         }
-        session.detached_at = Some(Instant::now());
         if session_expiry_secs.is_some() {
             self.store_session(id, None); // a failure is logged
         }
@@ -146,7 +149,7 @@ impl Hub {
             self.subscriptions.unsubscribe(id, filter);
         }
         self.router.install(self.subscriptions.clone());
-        if let Some((will, _)) = session.pending_will.take() {
+        if let Some(will) = session.cancel_will() {
             self.publish_will(id, *will);
         }
         if session.stored {
@@ -180,7 +183,7 @@ impl Hub {
         let expired: Vec<u64> = self
             .sessions
             .values()
-            .filter(|s| s.attachment.is_none() && s.is_expired(now))
+            .filter(|s| s.is_expired(now))
             .map(|s| s.id)
             .collect();
         for id in expired {

@@ -7,14 +7,13 @@ use crate::session::Session;
 use crate::session::persist::PersistedSession;
 use crate::session::receipts::{self, Qos2Receipts};
 use spool_storage::{Commit, Record, StateTable};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 impl Hub {
     /// Restores stored sessions; returns where the log replay must start for them.
     pub(super) fn load_sessions(&mut self) -> Result<u64, StartError> {
         let checkpoints = self.meta.checkpoints()?;
         let mut replay_from = self.wal.durable_seq() + 1;
-        let now = Instant::now();
         for (client_id, stored) in self.meta.sessions()? {
             let stored =
                 PersistedSession::decode(&stored).map_err(|source| StartError::CorruptSession {
@@ -35,8 +34,8 @@ impl Hub {
             session.replay_floor = checkpoint.max(stored.replay_floor);
             session.checkpoint = session.replay_floor;
             session.stored = true;
-            // The expiry clock restarts with the process: the time spent down is not counted.
-            session.detached_at = Some(now);
+            // The expiry clock restarts with the process (a new session is offline from
+            // now): the time spent down is not counted.
             for (filter, options) in &stored.subscriptions {
                 self.subscriptions.subscribe(stored.id, filter, *options);
             }

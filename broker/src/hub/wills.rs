@@ -4,6 +4,7 @@
 use super::Hub;
 use crate::delivery::record::KIND_PUBLISH;
 use crate::message::{Will, expires_at_ms};
+use crate::session::Session;
 use std::time::{Duration, Instant};
 
 impl Hub {
@@ -14,7 +15,7 @@ impl Hub {
         let delay = Duration::from_secs(u64::from(will.delay_secs));
         match self.sessions.get_mut(&id) {
             Some(session) if !delay.is_zero() && attached && !session.expiry.is_zero() => {
-                session.pending_will = Some((will, Instant::now() + delay.min(session.expiry)));
+                session.await_will(will, Instant::now() + delay.min(session.expiry));
             }
             Some(_) if !delay.is_zero() && !attached => {}
             Some(_) | None => self.publish_will(id, *will),
@@ -25,15 +26,12 @@ impl Hub {
         let due: Vec<u64> = self
             .sessions
             .values()
-            .filter(|s| s.pending_will.as_ref().is_some_and(|(_, at)| *at <= now))
+            .filter(|s| s.will_is_due(now))
             .map(|s| s.id)
             .collect();
         for id in due {
-            let will = self
-                .sessions
-                .get_mut(&id)
-                .and_then(|s| s.pending_will.take());
-            if let Some((will, _)) = will {
+            let will = self.sessions.get_mut(&id).and_then(Session::cancel_will);
+            if let Some(will) = will {
                 self.publish_will(id, *will);
             }
         }

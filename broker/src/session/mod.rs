@@ -28,6 +28,23 @@ pub struct Attachment {
     pub _released: DropGuard,
 }
 
+/// Where a session stands with its client.
+#[derive(Debug)]
+pub enum SessionState {
+    /// A connection is attached: messages go out through it.
+    Connected(Attachment),
+    /// No connection since `since`: messages wait in the queue until one comes back, or the
+    /// session expires.
+    Offline { since: Instant },
+    /// As `Offline`, and the will of the connection that ended goes out at `due` unless a
+    /// connection resumes the session first (MQTT 5 will delay).
+    AwaitingWill {
+        since: Instant,
+        will: Box<Will>,
+        due: Instant,
+    },
+}
+
 /// One client's session.
 #[derive(Debug)]
 pub struct Session {
@@ -36,11 +53,11 @@ pub struct Session {
     pub client_id: String,
     /// How long the session outlives its connection; zero for a clean session.
     pub expiry: Duration,
-    pub attachment: Option<Attachment>,
+    /// Read it freely; change it through `attach`, `detach`, `await_will` and `cancel_will`,
+    /// which keep its transitions to those the protocol allows.
+    pub(crate) state: SessionState,
     pub subscriptions: BTreeMap<String, SubscriptionOptions>,
     pub queue: DeliveryQueue,
-    /// When the connection dropped, for expiry.
-    pub detached_at: Option<Instant>,
     /// Records up to this sequence number are not for this queue: they were routed before the
     /// session existed, or acknowledged before the last restart.
     pub replay_floor: u64,
@@ -48,8 +65,6 @@ pub struct Session {
     pub checkpoint: u64,
     /// Whether the metadata store holds a copy, to be removed with the session.
     pub stored: bool,
-    /// A will waiting for its delay while the session is detached, and when it is due.
-    pub pending_will: Option<(Box<Will>, Instant)>,
     /// The QoS 2 packet ids its client sent and has not released, shared with its connection.
     pub receipts: SharedReceipts,
     /// The receipts as last stored (encoded), so unchanged ones are not written again.
@@ -64,15 +79,15 @@ impl Session {
             id,
             client_id,
             expiry,
-            attachment: None,
+            state: SessionState::Offline {
+                since: Instant::now(),
+            },
             subscriptions: BTreeMap::new(),
             queue: DeliveryQueue::new(queue_limit),
-            detached_at: None,
             replay_floor: 0,
             checkpoint: 0,
             stored: false,
             next_packet_id: 0,
-            pending_will: None,
             receipts: SharedReceipts::default(),
             receipts_stored: None,
         }
@@ -139,7 +154,128 @@ impl Session {
     /// Whether an offline session has outlived its expiry.
     #[must_use]
     pub fn is_expired(&self, now: Instant) -> bool {
-        self.detached_at
-            .is_some_and(|at| now.saturating_duration_since(at) >= self.expiry)
+        match self.state {
+            SessionState::Connected(_) => false,
+            SessionState::Offline { since } | SessionState::AwaitingWill { since, .. } => {
+                now.saturating_duration_since(since) >= self.expiry
+            }
+        }
+    }
+
+    /// The connection the session is attached to, if it is connected.
+    #[must_use]
+    pub fn attachment(&self) -> Option<&Attachment> {
+        match &self.state {
+            SessionState::Connected(attachment) => Some(attachment),
+            SessionState::Offline { .. } | SessionState::AwaitingWill { .. } => None,
+        }
+    }
+
+    /// Attaches a connection to a session that has none (detach a previous one first).
+    ///
+    /// # Panics
+    /// If a connection is attached already.
+    pub fn attach(&mut self, attachment: Attachment) {
+        assert!(
+            self.attachment().is_none(),
+            "detach the previous connection first"
+        );
+        assert!(
+            !matches!(self.state, SessionState::AwaitingWill { .. }),
+            "a resumed session's will is cancelled first"
+        );
+        self.state = SessionState::Connected(attachment);
+    }
+
+    /// Detaches the connection, if one is attached, and returns it; the session is offline
+    /// from `now`.
+    pub fn detach(&mut self, now: Instant) -> Option<Attachment> {
+        if !matches!(self.state, SessionState::Connected(_)) {
+            return None;
+        }
+        match std::mem::replace(&mut self.state, SessionState::Offline { since: now }) {
+            SessionState::Connected(attachment) => Some(attachment),
+            SessionState::Offline { .. } | SessionState::AwaitingWill { .. } => None,
+        }
+    }
+
+    /// Holds an offline session's will until `due`.
+    ///
+    /// # Panics
+    /// If the session is not offline.
+    pub fn await_will(&mut self, will: Box<Will>, due: Instant) {
+        let SessionState::Offline { since } = self.state else {
+            panic!("only an offline session awaits a will");
+        };
+        self.state = SessionState::AwaitingWill { since, will, due };
+    }
+
+    /// Takes the will the session awaits, if any (it resumed, or ends); it stays offline.
+    pub fn cancel_will(&mut self) -> Option<Box<Will>> {
+        let SessionState::AwaitingWill { since, .. } = self.state else {
+            return None;
+        };
+        match std::mem::replace(&mut self.state, SessionState::Offline { since }) {
+            SessionState::AwaitingWill { will, .. } => Some(will),
+            SessionState::Offline { .. } | SessionState::Connected(_) => None,
+        }
+    }
+
+    /// Whether the session awaits a will due by `now`.
+    #[must_use]
+    pub fn will_is_due(&self, now: Instant) -> bool {
+        matches!(self.state, SessionState::AwaitingWill { due, .. } if due <= now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::events::outbound_channel;
+    use crate::message::{Message, MessageProperties, QoS};
+    use tokio_util::sync::CancellationToken;
+
+    fn attachment(connection: u64) -> Attachment {
+        Attachment {
+            connection,
+            protocol: Protocol::V5,
+            outbound: outbound_channel(4).0,
+            window: 1,
+            _released: CancellationToken::new().drop_guard(),
+        }
+    }
+
+    fn will() -> Box<Will> {
+        Box::new(Will {
+            message: Message {
+                topic: "w".into(),
+                payload: bytes::Bytes::new(),
+                qos: QoS::AtMostOnce,
+                retain: false,
+                properties: MessageProperties::default(),
+            },
+            delay_secs: 5,
+            expiry_interval_secs: None,
+        })
+    }
+
+    /// Goal: a session goes connected -> offline -> awaiting its will -> offline (resumed or
+    /// due), and expires only while offline.
+    #[test]
+    fn a_session_moves_between_its_states_as_the_protocol_allows() {
+        let start = Instant::now();
+        let mut session = Session::new(1, "c".into(), Duration::from_secs(60), 10);
+        assert!(session.attachment().is_none() && session.detach(start).is_none());
+        session.attach(attachment(7));
+        assert_eq!(session.attachment().map(|a| a.connection), Some(7));
+        assert!(!session.is_expired(start + Duration::from_secs(600)));
+        assert_eq!(session.detach(start).map(|a| a.connection), Some(7));
+        session.await_will(will(), start + Duration::from_secs(5));
+        assert!(!session.will_is_due(start + Duration::from_secs(4)));
+        assert!(session.will_is_due(start + Duration::from_secs(5)));
+        assert!(session.cancel_will().is_some() && session.cancel_will().is_none());
+        assert!(!session.is_expired(start + Duration::from_secs(59)));
+        assert!(session.is_expired(start + Duration::from_secs(60)));
+        session.attach(attachment(8));
     }
 }
