@@ -202,7 +202,9 @@ impl Ingest {
         packet_id: u16,
     ) -> Result<Ingested, IngestError> {
         let mut held_back = false;
-        let mut space_freed = self.wal.watch_space_freed();
+        // Watched only once the log is full (a shared counter is not touched per publish): a
+        // freeing between the refusal and the watch is caught by trying once more right after.
+        let mut space_freed = None;
         loop {
             let error = match self
                 .submit(publisher, kind, record.clone(), qos, packet_id)
@@ -228,6 +230,10 @@ impl Ingest {
             if publisher.when_full == WhenFull::Refuse {
                 return Ok(Ingested::Refused);
             }
+            let Some(space_freed) = space_freed.as_mut() else {
+                space_freed = Some(self.wal.watch_space_freed());
+                continue;
+            };
             // A taken-over connection must not log later what its successor published
             // meanwhile (law 2: the sender's order).
             tokio::select! {

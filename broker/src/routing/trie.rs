@@ -11,6 +11,9 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
+/// Topic levels split without allocating when routing a topic.
+const LEVELS_ON_STACK: usize = 16;
+
 /// Subscribers by key, with a value each.
 type Subscribers<V> = Arc<BTreeMap<u64, V>>;
 
@@ -86,7 +89,26 @@ impl<V: Clone> FilterTrie<V> {
     /// with several matching filters is visited once for each. Filters that begin with a
     /// wildcard do not match names that begin with `$` (MQTT §4.7.2).
     pub fn for_each_match(&self, name: &str, mut each: impl FnMut(u64, &V)) {
-        let levels: Vec<&str> = name.split('/').collect();
+        // Most topics have few levels: those are split on the stack, not in an allocation.
+        let mut stack = [""; LEVELS_ON_STACK];
+        let mut heap = Vec::new();
+        let mut count = 0;
+        for level in name.split('/') {
+            if count < LEVELS_ON_STACK {
+                stack[count] = level;
+            } else {
+                if heap.is_empty() {
+                    heap.extend_from_slice(&stack);
+                }
+                heap.push(level);
+            }
+            count += 1;
+        }
+        let levels = if heap.is_empty() {
+            &stack[..count]
+        } else {
+            &heap[..]
+        };
         let root = &self.root;
         if name.starts_with('$') {
             if let Some(child) = levels.first().and_then(|first| root.literal.get(*first)) {
@@ -94,7 +116,7 @@ impl<V: Clone> FilterTrie<V> {
             }
             return;
         }
-        visit(root, &levels, &mut each);
+        visit(root, levels, &mut each);
     }
 
     /// The number of (filter, subscriber) pairs.
@@ -223,6 +245,20 @@ mod tests {
             assert_eq!(trie.remove(filter, key), Some(filter));
         }
         assert!(trie.is_empty() && trie.root.is_empty());
+    }
+
+    #[test]
+    fn a_topic_deeper_than_the_stack_buffer_matches_too() {
+        let deep: Vec<String> = (0..LEVELS_ON_STACK + 4).map(|i| format!("l{i}")).collect();
+        let name = deep.join("/");
+        let mut trie = FilterTrie::default();
+        trie.insert(&name, 1, "exact");
+        trie.insert("l0/#", 2, "l0/#");
+        trie.insert(&format!("{}/+", deep[..deep.len() - 1].join("/")), 3, "+");
+        assert_eq!(
+            matching(&trie, &name),
+            vec![(1, "exact"), (2, "l0/#"), (3, "+")]
+        );
     }
 
     const LEVELS: [&str; 4] = ["a", "b", "", "$x"];
