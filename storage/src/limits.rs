@@ -58,6 +58,11 @@ pub const PREALLOCATE_WRITE_BYTES_MAX: u64 = 32 << 10;
 /// and the caller's metadata commits.
 pub const DISK_FREE_MIN_BYTES_DEFAULT: u64 = 16 << 20;
 
+/// Free space above the reserve at which a low-space episode ends: waiting appends are woken,
+/// and the writer may seal its segment again the next time space runs low. (A little above the
+/// reserve, so that one freed record does not wake everyone for nothing.)
+pub const DISK_ROOM_AGAIN_BYTES: u64 = 1 << 20;
+
 /// While the file system is below the reserve, the writer measures its free space this often,
 /// so that space freed by anyone (not only the log) lets waiting appends go on.
 pub const DISK_RECHECK_INTERVAL_MS: u64 = 500;

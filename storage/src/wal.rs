@@ -12,6 +12,7 @@ pub use reclaim::{Liveness, ReclaimReport};
 use crate::fence::{self, DirLock};
 use crate::fs::{FileSystem, RealFs};
 use crate::layout::{FRAME_HEADER_BYTES, KIND_USER_MASK};
+use crate::limits::DISK_ROOM_AGAIN_BYTES;
 use crate::moved::MovedSet;
 use crate::options::WalOptions;
 use crate::reader::{Record, WalReader};
@@ -133,7 +134,7 @@ impl Shared {
         let mut queue = self.lock_queue();
         queue.disk_available = available;
         let reserve = self.options.disk_free_min_bytes;
-        if queue.disk_low && available >= reserve.saturating_mul(2) {
+        if queue.disk_low && available >= reserve.saturating_add(DISK_ROOM_AGAIN_BYTES) {
             queue.disk_low = false;
             drop(queue);
             tracing::info!(available, "file system has room again: appends resume");
@@ -443,11 +444,11 @@ impl Wal {
             return Err(Error::QuotaExceeded { quota_bytes });
         }
         let reserve_bytes = shared.options.disk_free_min_bytes;
-        if !beyond_quota && reserve_bytes > 0 && queue.disk_available < frame_bytes + reserve_bytes
-        {
+        let needed_bytes = frame_bytes.saturating_add(reserve_bytes);
+        if !beyond_quota && reserve_bytes > 0 && queue.disk_available < needed_bytes {
             // Look again: space may have been freed outside the log since it was measured.
             queue.disk_available = shared.measure_available();
-            if queue.disk_available < frame_bytes + reserve_bytes {
+            if queue.disk_available < needed_bytes {
                 if !queue.disk_low {
                     queue.disk_low = true;
                     shared.queue_changed.notify_one(); // the writer watches for room from now

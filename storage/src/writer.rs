@@ -65,6 +65,8 @@ pub(crate) struct Writer {
     last_batch_records: usize,
     /// A moving average of how long an fdatasync takes here.
     sync_duration: Duration,
+    /// The active segment was sealed in this low-space episode (see `seal_active_segment`).
+    sealed_while_low: bool,
 }
 
 impl Writer {
@@ -77,6 +79,7 @@ impl Writer {
             epoch_checked_at: Instant::now(),
             last_batch_records: 0,
             sync_duration: Duration::ZERO,
+            sealed_while_low: false,
         }
     }
 
@@ -346,9 +349,15 @@ impl Writer {
     /// only sealed segments are reclaimed, so a segment larger than the free space would keep
     /// what consumers are done with for good.
     fn seal_active_segment(&mut self) -> Result<()> {
-        if self.active.len <= SEGMENT_HEADER_BYTES || !self.shared.lock_queue().disk_low {
+        if !self.shared.lock_queue().disk_low {
+            self.sealed_while_low = false;
             return Ok(());
         }
+        // Once an episode: appends that still fit go on into the new segment meanwhile.
+        if self.sealed_while_low || self.active.len <= SEGMENT_HEADER_BYTES {
+            return Ok(());
+        }
+        self.sealed_while_low = true;
         let last_seq = self
             .shared
             .segments

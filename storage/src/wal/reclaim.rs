@@ -217,9 +217,13 @@ impl Wal {
                 break;
             }
             let ratio = if pressed { 2 } else { SPARSE_SEGMENT_RATIO };
-            let budget = (segment.bytes / ratio).min(move_budget);
+            let worth_moving = segment.bytes / ratio;
+            let budget = worth_moving.min(move_budget);
             let Some((records, bytes)) = self.read_live_records(&segment, &to_move, budget)? else {
-                *verdict = Some(this);
+                // Remembered only when density, not this run's room, was the limit.
+                if budget == worth_moving {
+                    *verdict = Some(this);
+                }
                 break;
             };
             move_budget -= bytes;
