@@ -13,6 +13,10 @@ pub const METADATA_WRITES_MAX: usize = 4096;
 /// Packets queued from the hub to one connection, beyond its in-flight window.
 pub const CONNECTION_OUTBOUND_EXTRA: usize = 64;
 
+/// Connections the kernel queues for a listener before spool accepts them (capped by the
+/// system's `net.core.somaxconn`).
+pub const LISTEN_BACKLOG: u32 = 4096;
+
 /// Seconds a new connection has to send CONNECT.
 pub const CONNECT_TIMEOUT_SECS: u64 = 10;
 

@@ -3,7 +3,7 @@
 use crate::config::Config;
 use crate::hub::{Hub, HubLimits};
 use crate::ingest::Ingest;
-use crate::limits::{HUB_EVENTS_MAX, record_payload_bytes_max};
+use crate::limits::{HUB_EVENTS_MAX, LISTEN_BACKLOG, record_payload_bytes_max};
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
@@ -45,6 +45,28 @@ fn wal_options(config: &Config) -> WalOptions {
         segment_size_bytes: config.settings.wal_segment_bytes,
         ..WalOptions::default()
     }
+}
+
+/// Binds a listener with room for a whole fleet's reconnections at once: after a failover
+/// every module connects in the same instant, and connections beyond the listen backlog are
+/// dropped by the kernel and retried by the client a second later.
+async fn bind_listener(bind: &str) -> std::io::Result<TcpListener> {
+    let mut last_error = None;
+    for addr in tokio::net::lookup_host(bind).await? {
+        let socket = match addr {
+            SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        match socket
+            .bind(addr)
+            .and_then(|()| socket.listen(LISTEN_BACKLOG))
+        {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last_error = Some(e),
+        }
+    }
+    Err(last_error.unwrap_or_else(|| std::io::Error::other(format!("{bind} names no address"))))
 }
 
 /// Opens the metadata store, then the log, which must reach every checkpoint the metadata
@@ -127,7 +149,7 @@ impl Server {
         let connections = Arc::new(Semaphore::new(connections_max as usize));
         let mut mqtt_addr = None;
         if let Some(bind) = &config.mqtt_bind {
-            let listener = TcpListener::bind(bind)
+            let listener = bind_listener(bind)
                 .await
                 .with_context(|| format!("bind MQTT listener to {bind}"))?;
             mqtt_addr = Some(listener.local_addr()?);
@@ -141,7 +163,7 @@ impl Server {
         let (mut mqtts_addr, mut tls_files) = (None, None);
         if let Some(bind) = &config.mqtts_bind {
             let (acceptor, files) = tls::acceptor(&config.tls_certificate)?;
-            let listener = TcpListener::bind(bind)
+            let listener = bind_listener(bind)
                 .await
                 .with_context(|| format!("bind MQTTS listener to {bind}"))?;
             mqtts_addr = Some(listener.local_addr()?);
