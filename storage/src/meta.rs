@@ -74,6 +74,8 @@ pub enum MetaChange {
         client_id: String,
         state: Option<Vec<u8>>,
     },
+    /// Advances a queue's checkpoint (never backwards: `CheckpointBackwards`).
+    Checkpoint { queue: String, seq: u64 },
     /// Removes a queue's checkpoint (its queue is gone).
     RemoveCheckpoint(String),
     /// Stores or removes an entry of keyed state.
@@ -409,6 +411,12 @@ fn apply_change(write: &redb::WriteTransaction, change: &MetaChange) -> Result<(
         }
         MetaChange::State { table, key, value } => {
             (table.definition(), table.name(), key, value.as_deref())
+        }
+        MetaChange::Checkpoint { queue, seq } => {
+            let mut table = write
+                .open_table(CHECKPOINTS)
+                .map_err(|e| meta_error("open checkpoints", e))?;
+            return advance_checkpoints(&mut table, &[(queue.as_str(), *seq)]);
         }
         MetaChange::RemoveCheckpoint(queue) => {
             let mut table = write

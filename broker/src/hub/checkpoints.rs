@@ -2,53 +2,130 @@
 //! log's space reclaimed from what the queues still need.
 
 use super::{Hub, RECEIPTS_CHECKPOINT};
-use crate::hub::retained::RETAINED_CHECKPOINT;
+use crate::hub::retained::{self, RETAINED_CHECKPOINT};
 use crate::limits::{RECLAIM_LIVE_ENTRIES_MAX, RECLAIM_SEGMENTS_PER_RUN};
+use crate::message::Message;
 use crate::session::receipts;
-use spool_storage::{Commit, Liveness, StateTable};
+use spool_storage::{Liveness, MetaChange, StateTable};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 impl Hub {
-    /// Commits every persistent session's progress durably, with the retained messages and
-    /// QoS 2 receipts. A checkpoint is the sequence before the first message still needed (or
+    /// Commits every persistent session's progress, with the retained messages and QoS 2
+    /// receipts, in one durable transaction made by the metadata writer, off the hub task; its
+    /// outcome comes back as a [`ProgressReport`]. One at a time: the next waits for the tick
+    /// after. A checkpoint is the sequence before the first message still needed (or
     /// everything the hub has read, for an empty queue), so it never moves back.
     pub(super) fn commit_checkpoints(&mut self) {
+        if self.progress_in_flight {
+            return;
+        }
         let read_through = self.tail.next_seq() - 1;
-        let mut updates = Vec::new();
+        let mut report = ProgressReport {
+            committed: false,
+            read_through,
+            // Receipts are complete through any durable record (see `session::receipts`).
+            receipts_through: self.wal.durable_seq().max(self.receipts_checkpoint),
+            ..ProgressReport::default()
+        };
+        let mut changes = Vec::new();
         for session in self.sessions.values().filter(|s| s.is_persistent()) {
             let checkpoint = session
                 .queue
                 .first_needed()
                 .map_or(read_through, |first| first.saturating_sub(1));
             if checkpoint > session.checkpoint {
-                updates.push((session.checkpoint_key(), checkpoint, session.id));
+                changes.push(checkpoint_change(session.checkpoint_key(), checkpoint));
+                report.sessions.push((session.id, checkpoint));
             }
         }
         if read_through > self.retained.checkpoint() || self.retained.has_uncommitted() {
             // Replaying after a restart, `read_through` may still be below the checkpoint.
             let checkpoint = read_through.max(self.retained.checkpoint());
-            updates.push((RETAINED_CHECKPOINT.to_string(), checkpoint, 0));
+            changes.push(checkpoint_change(RETAINED_CHECKPOINT.into(), checkpoint));
+            report.retained = self.retained.take_changes();
+            changes.extend(
+                report
+                    .retained
+                    .iter()
+                    .map(|(topic, message)| MetaChange::State {
+                        table: StateTable::Retained,
+                        key: topic.clone(),
+                        value: message.as_deref().map(retained::encode),
+                    }),
+            );
         }
-        // Receipts are complete through any durable record (see `session::receipts`).
-        let receipts_through = self.wal.durable_seq().max(self.receipts_checkpoint);
-        if receipts_through > self.receipts_checkpoint {
-            updates.push((RECEIPTS_CHECKPOINT.to_string(), receipts_through, 0));
+        if report.receipts_through > self.receipts_checkpoint {
+            let through = report.receipts_through;
+            changes.push(checkpoint_change(RECEIPTS_CHECKPOINT.into(), through));
         }
-        if !updates.is_empty() && self.commit_progress(&updates, read_through, receipts_through) {
-            for (_, checkpoint, id) in updates {
-                if let Some(session) = self.sessions.get_mut(&id) {
-                    session.checkpoint = checkpoint;
-                }
+        report.receipts = self.changed_receipts(report.receipts_through);
+        changes.extend(
+            report
+                .receipts
+                .iter()
+                .map(|(id, stored)| MetaChange::State {
+                    table: StateTable::Qos2Receipts,
+                    key: id.to_string(),
+                    value: Some(stored.clone()),
+                }),
+        );
+        if changes.is_empty() {
+            return;
+        }
+        self.progress_in_flight = true;
+        let reports = self.progress_reports.clone();
+        let done = move |result: spool_storage::Result<()>| {
+            report.committed = result.is_ok();
+            if let Err(e) = result {
+                tracing::error!("failed to commit checkpoints: {e}");
+            }
+            // Room for it: one report is in flight at a time.
+            let _ = reports.try_send(report);
+        };
+        self.metadata.write(changes, Some(Box::new(done)));
+    }
+
+    /// The outcome of `commit_checkpoints`: committed progress counts from now on (retention
+    /// trusts it, and what is unchanged is not written again); failed, it is tried again.
+    pub(super) fn progress_committed(&mut self, report: ProgressReport) {
+        self.progress_in_flight = false;
+        if !report.committed {
+            self.retained.restore(report.retained);
+            return;
+        }
+        self.retained.committed(report.read_through);
+        self.receipts_checkpoint = self.receipts_checkpoint.max(report.receipts_through);
+        for (id, checkpoint) in report.sessions {
+            if let Some(session) = self.sessions.get_mut(&id) {
+                session.checkpoint = session.checkpoint.max(checkpoint);
+            }
+        }
+        for (id, stored) in report.receipts {
+            if let Some(session) = self.sessions.get_mut(&id) {
+                session.receipts_stored = Some(stored);
             }
         }
     }
 
-    /// Lets the log free what no one needs any more (see `Wal::reclaim`): every record from
-    /// the first one a replay after a restart reads whole (retained messages, QoS 2 receipts)
-    /// or that the hub has not read yet, and below that, only what the queues still hold. A
-    /// record no queue holds was acknowledged, expired or dropped by a counted rule; after a
-    /// crash a queue may find older records again (at least once), never lose one it held.
+    /// The persistent sessions' QoS 2 receipts that differ from what is stored, encoded.
+    fn changed_receipts(&self, receipts_through: u64) -> Vec<(u64, Vec<u8>)> {
+        self.sessions
+            .values()
+            .filter(|s| s.is_persistent())
+            .filter_map(|s| {
+                let current = receipts::lock(&s.receipts).through(receipts_through);
+                let encoded = current.encode();
+                let unchanged = match &s.receipts_stored {
+                    Some(before) => *before == encoded,
+                    None => current.is_empty(),
+                };
+                (!unchanged).then_some((s.id, encoded))
+            })
+            .collect()
+    }
+
     pub(super) fn reclaim_log_space(&mut self) {
         // Only sealed segments are reclaimed; and one reclaim at a time, on a slow disk.
         if self.wal.segment_count() < 2 || self.retention_running.swap(true, Ordering::AcqRel) {
@@ -114,54 +191,6 @@ impl Hub {
             live: Vec::new(),
         }
     }
-
-    /// Commits checkpoints with the retained changes read through `read_through` and the
-    /// receipts complete through `receipts_through`, in one durable transaction.
-    pub(super) fn commit_progress(
-        &mut self,
-        updates: &[(String, u64, u64)],
-        read_through: u64,
-        receipts_through: u64,
-    ) -> bool {
-        let receipts: Vec<(u64, String, Vec<u8>)> = self
-            .sessions
-            .values()
-            .filter(|s| s.is_persistent())
-            .filter_map(|s| {
-                let current = receipts::lock(&s.receipts).through(receipts_through);
-                let encoded = current.encode();
-                let unchanged = match &s.receipts_stored {
-                    Some(before) => *before == encoded,
-                    None => current.is_empty(),
-                };
-                (!unchanged).then(|| (s.id, s.id.to_string(), encoded))
-            })
-            .collect();
-        let retained = self.retained.changes();
-        let changes: Vec<(StateTable, &str, Option<&[u8]>)> = retained
-            .iter()
-            .map(|(topic, message)| (StateTable::Retained, topic.as_str(), message.as_deref()))
-            .chain(receipts.iter().map(|(_, key, stored)| {
-                (StateTable::Qos2Receipts, key.as_str(), Some(&stored[..]))
-            }))
-            .collect();
-        let pairs: Vec<(&str, u64)> = updates.iter().map(|(k, c, _)| (k.as_str(), *c)).collect();
-        let committed = self
-            .meta
-            .set_checkpoints_and_state(&pairs, &changes, Commit::Durable);
-        if let Err(e) = committed {
-            tracing::error!("failed to commit checkpoints: {e}");
-            return false;
-        }
-        self.retained.committed(read_through);
-        self.receipts_checkpoint = receipts_through;
-        for (id, _, stored) in receipts {
-            if let Some(session) = self.sessions.get_mut(&id) {
-                session.receipts_stored = Some(stored);
-            }
-        }
-        true
-    }
 }
 
 /// Held by a reclaim under way; lets the next one start when dropped, even by a panic.
@@ -171,4 +200,22 @@ impl Drop for ReclaimRunning {
     fn drop(&mut self) {
         self.0.store(false, Ordering::Release);
     }
+}
+
+fn checkpoint_change(queue: String, seq: u64) -> MetaChange {
+    MetaChange::Checkpoint { queue, seq }
+}
+
+/// What a progress commit was, and whether it went through.
+#[derive(Debug, Default)]
+pub(super) struct ProgressReport {
+    committed: bool,
+    read_through: u64,
+    receipts_through: u64,
+    /// Sessions and the checkpoints committed for them.
+    sessions: Vec<(u64, u64)>,
+    /// The retained-message changes committed (given back if the commit failed).
+    retained: BTreeMap<String, Option<Arc<Message>>>,
+    /// Sessions and the receipts stored for them.
+    receipts: Vec<(u64, Vec<u8>)>,
 }

@@ -28,6 +28,7 @@ mod wills;
 
 use crate::delivery::cache::MessageCache;
 use crate::encoding::FormatError;
+use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
 use crate::hub::metadata::MetaWriter;
 use crate::hub::retained::RetainedMessages;
@@ -85,8 +86,12 @@ pub(super) const RECEIPTS_CHECKPOINT: &str = "qos2-receipts";
 pub struct Hub {
     wal: Wal,
     meta: Arc<Meta>,
-    /// Session writes, committed off the hub task.
+    /// Session writes and progress commits, made off the hub task.
     metadata: MetaWriter,
+    /// A progress commit is under way; its report comes back on `progress_reports`.
+    progress_in_flight: bool,
+    progress_reports: mpsc::Sender<ProgressReport>,
+    progress_received: mpsc::Receiver<ProgressReport>,
     tail: WalReader,
     /// Every subscription; the hub changes it and installs a snapshot of it in `router`.
     subscriptions: SubscriptionTable,
@@ -121,10 +126,15 @@ impl Hub {
         let next_session_id = (wal.epoch() << 32) + 1;
         let retained = RetainedMessages::load(&meta)?;
         let metadata = MetaWriter::start(Arc::clone(&meta)).map_err(StartError::MetaWriter)?;
+        // One report in flight at a time: a send into this never waits.
+        let (progress_reports, progress_received) = mpsc::channel(1);
         let mut hub = Hub {
             wal,
             meta,
             metadata,
+            progress_in_flight: false,
+            progress_reports,
+            progress_received,
             tail,
             subscriptions: SubscriptionTable::default(),
             router,
@@ -178,6 +188,7 @@ impl Hub {
                     self.commit_checkpoints();
                 }
                 _ = reclaim.tick() => self.reclaim_log_space(),
+                Some(report) = self.progress_received.recv() => self.progress_committed(report),
             }
         }
     }

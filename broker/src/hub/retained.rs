@@ -141,13 +141,16 @@ impl RetainedMessages {
             .collect()
     }
 
-    /// The uncommitted changes, encoded for the metadata store.
-    #[must_use]
-    pub fn changes(&self) -> Vec<(String, Option<Vec<u8>>)> {
-        self.uncommitted
-            .iter()
-            .map(|(topic, message)| (topic.clone(), message.as_ref().map(|m| encode(m))))
-            .collect()
+    /// Takes the uncommitted changes, to commit; give them back with `restore` if that fails.
+    pub fn take_changes(&mut self) -> BTreeMap<String, Option<Arc<Message>>> {
+        std::mem::take(&mut self.uncommitted)
+    }
+
+    /// Gives back changes whose commit failed, under any made since.
+    pub fn restore(&mut self, changes: BTreeMap<String, Option<Arc<Message>>>) {
+        for (topic, change) in changes {
+            self.uncommitted.entry(topic).or_insert(change);
+        }
     }
 
     #[must_use]
@@ -155,9 +158,8 @@ impl RetainedMessages {
         !self.uncommitted.is_empty()
     }
 
-    /// The changes were committed with the checkpoint `read_through`.
+    /// Changes taken before were committed with the checkpoint `read_through`.
     pub fn committed(&mut self, read_through: u64) {
-        self.uncommitted.clear();
         self.checkpoint = self.checkpoint.max(read_through);
     }
 
@@ -205,7 +207,7 @@ fn literal_prefix(filter: &str) -> &str {
 }
 
 /// A retained message as stored: a publish record without targets.
-fn encode(message: &Message) -> Vec<u8> {
+pub(super) fn encode(message: &Message) -> Vec<u8> {
     PublishRecord {
         message: message.clone(),
         publisher: 0,
