@@ -18,6 +18,8 @@
 mod common;
 
 use common::{PUBACK, Seen, connect, connect_v311, publish_v311, raw_connect, read_packet};
+use proptest::prelude::Rng as _;
+use proptest::test_runner::{RngAlgorithm, TestRng};
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::server::Server;
 use spool_storage::{CrashMode, FaultyFs};
@@ -36,20 +38,18 @@ const TOPICS: [&str; 3] = ["t/a", "t/b", "r/x"];
 const PAYLOAD_BYTES: usize = 6_000;
 const STEPS: u32 = 60;
 
-/// A tiny deterministic generator (SplitMix64).
-struct Rng(u64);
+/// The schedule's choices, all from the seed.
+struct Rng(TestRng);
 
 impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+    fn new(seed: u64) -> Rng {
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        Rng(TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
     }
 
     fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound
+        self.0.next_u64() % bound
     }
 }
 
@@ -80,7 +80,7 @@ async fn seeded_crash_schedules_keep_every_acknowledged_message_in_order() {
 }
 
 async fn run_schedule(seed: u64) {
-    let mut rng = Rng(seed);
+    let mut rng = Rng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let fs = Arc::new(FaultyFs::new());
     fs.set_sync_latency(Duration::from_micros(100));

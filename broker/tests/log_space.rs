@@ -6,19 +6,9 @@
 
 mod common;
 
-use common::{Spool, connect, options};
+use common::{SMALL_LOG, Spool, connect, options};
 use rumqttc::QoS;
 use std::time::Duration;
-
-/// Two segments of 1.3 MB: the smallest a quota may be.
-const SMALL_LOG: [&str; 6] = [
-    "--max-packet-size",
-    "65536",
-    "--wal-segment-bytes",
-    "1300000",
-    "--wal-quota-bytes",
-    "2600000",
-];
 
 /// 10 KB messages: ten times the quota in all.
 const FLOW_MESSAGES: u64 = 2600;

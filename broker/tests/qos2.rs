@@ -299,17 +299,7 @@ async fn a_connection_held_back_at_the_log_quota_ends_when_its_session_is_taken_
 /// takes its session over; the old connection must end.
 async fn held_back_until_taken_over(qos: u8) {
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::start(
-        dir.path(),
-        &[
-            "--max-packet-size",
-            "65536",
-            "--wal-segment-bytes",
-            "1300000",
-            "--wal-quota-bytes",
-            "2600000",
-        ],
-    );
+    let spool = Spool::start(dir.path(), &common::SMALL_LOG);
     // An offline persistent subscriber keeps what is published: 50 × 60 KB fill the quota,
     // so the log has no room for one more record of that size.
     let mut sink = connect_raw(&spool, "sink", false).await;

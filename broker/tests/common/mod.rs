@@ -92,6 +92,17 @@ impl Drop for Spool {
     }
 }
 
+/// `spool serve` flags for the smallest log a quota allows: two segments of 1.3 MB, with
+/// packets of up to 64 KiB.
+pub const SMALL_LOG: [&str; 6] = [
+    "--max-packet-size",
+    "65536",
+    "--wal-segment-bytes",
+    "1300000",
+    "--wal-quota-bytes",
+    "2600000",
+];
+
 /// What a v4 test client saw.
 #[derive(Debug)]
 pub enum Seen {
