@@ -5,8 +5,8 @@
 //! Checkpoints are committed cheaply (`Commit::Deferred`, not fsynced) as consumers acknowledge,
 //! and made durable in batches (`Commit::Durable`, or `Meta::make_durable`). A crash loses at
 //! most the deferred ones, and a lost checkpoint only means a queue resumes a little earlier and
-//! redelivers: duplicates, never loss (law 2). Retention must only trust durable checkpoints,
-//! which is why `durable_checkpoints` reads them separately.
+//! redelivers: duplicates, never loss (law 2). (The log's space is reclaimed from what queues
+//! hold in memory, not from checkpoints: see `Wal::reclaim`.)
 
 use crate::fs::{FileHandle, FileSystem, OpenMode, RealFs};
 use crate::{Error, Result};
@@ -15,7 +15,7 @@ use std::any::Any;
 use std::collections::BTreeMap;
 use std::io;
 use std::path::Path;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 
 /// queue name -> the highest sequence number up to which the queue's consumer acknowledged
 /// everything.
@@ -90,8 +90,6 @@ pub enum MetaChange {
 #[derive(Debug)]
 pub struct Meta {
     db: Database,
-    /// The checkpoints as of the last durable commit: what retention may trust.
-    durable: Mutex<BTreeMap<String, u64>>,
 }
 
 /// redb's storage, through the file-system seam.
@@ -189,13 +187,7 @@ impl Meta {
         let db = Database::builder()
             .create_with_backend(backend)
             .map_err(|e| failed(&e))?;
-        let meta = Meta {
-            db,
-            durable: Mutex::new(BTreeMap::new()),
-        };
-        let checkpoints = meta.checkpoints()?;
-        *meta.durable.lock().unwrap_or_else(PoisonError::into_inner) = checkpoints;
-        Ok(meta)
+        Ok(Meta { db })
     }
 
     /// Every queue's checkpoint, including deferred ones.
@@ -240,16 +232,6 @@ impl Meta {
     /// `Error::Meta`.
     pub fn checkpoint(&self, queue: &str) -> Result<Option<u64>> {
         Ok(self.checkpoints()?.get(queue).copied())
-    }
-
-    /// The checkpoints as of the last durable commit. Retention computes the lowest sequence
-    /// still needed from these, never from deferred ones.
-    #[must_use]
-    pub fn durable_checkpoints(&self) -> BTreeMap<String, u64> {
-        self.durable
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .clone()
     }
 
     /// The highest checkpoint of any queue (0 if none): the log must reach at least this far,
@@ -366,11 +348,7 @@ impl Meta {
             .set_durability(durability)
             .map_err(|e| meta_error("set durability", e))?;
         change(&write)?;
-        write.commit().map_err(|e| meta_error(what, e))?;
-        if commit == Commit::Durable {
-            *self.durable.lock().unwrap_or_else(PoisonError::into_inner) = self.checkpoints()?;
-        }
-        Ok(())
+        write.commit().map_err(|e| meta_error(what, e))
     }
 
     /// Every stored session, by client id.

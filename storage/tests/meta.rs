@@ -33,19 +33,6 @@ fn durable_checkpoints_survive_a_reopen() {
 }
 
 #[test]
-fn retention_sees_only_durable_checkpoints() {
-    // Goal: a deferred checkpoint may be lost in a crash, so retention must not trust it yet.
-    let dir = tempfile::tempdir().unwrap();
-    let meta = Meta::open(&dir.path().join("meta.redb")).unwrap();
-    meta.set_checkpoints(&[("q", 5)], Commit::Durable).unwrap();
-    meta.set_checkpoints(&[("q", 9)], Commit::Deferred).unwrap();
-    assert_eq!(meta.checkpoint("q").unwrap(), Some(9));
-    assert_eq!(meta.durable_checkpoints()["q"], 5);
-    meta.make_durable().unwrap();
-    assert_eq!(meta.durable_checkpoints()["q"], 9);
-}
-
-#[test]
 fn checkpoints_never_move_backwards() {
     let dir = tempfile::tempdir().unwrap();
     let meta = Meta::open(&dir.path().join("meta.redb")).unwrap();
@@ -158,7 +145,6 @@ fn state_changes_commit_atomically_with_their_checkpoint() {
         "the refused commit removed nothing"
     );
     assert_eq!(meta.checkpoint("retained").unwrap(), Some(12));
-    assert_eq!(meta.durable_checkpoints().get("retained"), Some(&12));
 }
 
 #[test]
