@@ -17,7 +17,7 @@
 
 mod common;
 
-use common::{PUBACK, Seen, connect, connect_v311, publish_v311, raw_connect, read_packet};
+use common::{PUBACK, Seen, connect, connect_v311, publish_v311, raw_connect};
 use proptest::prelude::Rng as _;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 use spool_broker::config::{Config, ServeArgs};
@@ -28,7 +28,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Subscribers and the filters they follow: the rare one is mostly offline.
 const SUBSCRIBERS: [(&str, &str); 3] = [("all", "t/#"), ("only-a", "t/a"), ("rare", "r/+")];
@@ -62,6 +62,14 @@ struct Model {
     received: BTreeMap<&'static str, Vec<(u8, u16)>>,
     /// The next number each publisher sends.
     next_number: [u16; 2],
+}
+
+impl Model {
+    fn note_acknowledged(&mut self, acknowledged: &[Acknowledged]) {
+        for &(publisher, number, topic) in acknowledged {
+            self.acknowledged.insert((publisher, number), topic);
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -116,24 +124,10 @@ async fn run_schedule(seed: u64) {
             }
             8 => tokio::time::sleep(Duration::from_millis(rng.below(300))).await,
             _ => {
-                // The power goes: clients lose their connections, the server starts again on
-                // what survived, and the subscribers that were online come back.
-                fs.crash(CrashMode::TornWrites {
-                    seed: seed * 1000 + u64::from(step),
-                });
-                for (name, client) in std::mem::take(&mut online) {
-                    drain_and_leave(client, name, &mut model).await;
-                }
-                let _ = server.stop().await;
-                server = start_on(&fs, dir.path()).await;
-                for (name, filter) in SUBSCRIBERS {
-                    if name != "rare" || rng.below(2) == 0 {
-                        online.insert(
-                            name,
-                            rejoin(server.mqtt_addr.unwrap(), name, filter, &mut model).await,
-                        );
-                    }
-                }
+                let cut = PowerCut { seed, step };
+                server = cut
+                    .run(&mut rng, &fs, dir.path(), server, &mut online, &mut model)
+                    .await;
             }
         }
     }
@@ -164,6 +158,59 @@ fn report(fs: &FaultyFs, wal: &Path, model: &Model, seed: u64) {
 }
 
 /// Publishes `count` numbered messages on `topic` and notes those acknowledged.
+/// A power cut at one step of a schedule.
+struct PowerCut {
+    seed: u64,
+    step: u32,
+}
+
+impl PowerCut {
+    /// Cuts the power, sometimes while a publisher waits for its PUBACKs (those that came
+    /// before the cut count as acknowledged); clients lose their connections, the server
+    /// starts again on what survived, and the subscribers that were online come back.
+    async fn run(
+        self,
+        rng: &mut Rng,
+        fs: &Arc<FaultyFs>,
+        dir: &Path,
+        server: Server,
+        online: &mut BTreeMap<&'static str, common::Client>,
+        model: &mut Model,
+    ) -> Server {
+        let burst = (rng.below(2) == 0).then(|| {
+            let publisher = u8::try_from(rng.below(2)).unwrap();
+            let topic = TOPICS[usize::try_from(rng.below(3)).unwrap()];
+            Burst::new(model, publisher, topic, 100)
+        });
+        let addr = server.mqtt_addr.unwrap();
+        let sending = burst.clone().map(|burst| tokio::spawn(burst.send(addr)));
+        tokio::time::sleep(Duration::from_millis(rng.below(40))).await;
+        fs.crash(CrashMode::TornWrites {
+            seed: self.seed * 1000 + u64::from(self.step),
+        });
+        if let (Some(burst), Some(sending)) = (burst, sending) {
+            sending.abort();
+            let acknowledged = burst.acknowledged.lock().unwrap().clone();
+            model.note_acknowledged(&acknowledged);
+        }
+        for (name, client) in std::mem::take(online) {
+            drain_and_leave(client, name, model).await;
+        }
+        let _ = server.stop().await;
+        let server = start_on(fs, dir).await;
+        for (name, filter) in SUBSCRIBERS {
+            if name != "rare" || rng.below(2) == 0 {
+                online.insert(
+                    name,
+                    rejoin(server.mqtt_addr.unwrap(), name, filter, model).await,
+                );
+            }
+        }
+        server
+    }
+}
+
+/// Publishes `count` numbered messages on `topic`; every one must be acknowledged.
 async fn publish_burst(
     addr: SocketAddr,
     model: &mut Model,
@@ -171,29 +218,76 @@ async fn publish_burst(
     topic: &'static str,
     count: u64,
 ) {
-    let name = PUBLISHERS[usize::from(publisher)];
-    let (stream, _) = raw_connect(addr, &connect_v311(name, true)).await;
-    let (mut reader, mut writer) = stream.into_split();
-    let mut sent = Vec::new();
-    for _ in 0..count {
-        let number = model.next_number[usize::from(publisher)];
-        model.next_number[usize::from(publisher)] += 1;
-        let mut payload = vec![0x5a; PAYLOAD_BYTES];
-        payload[0] = publisher;
-        payload[1..3].copy_from_slice(&number.to_be_bytes());
-        let packet_id = number % u16::MAX + 1;
-        writer
-            .write_all(&publish_v311(1, false, packet_id, topic, &payload))
-            .await
-            .unwrap();
-        sent.push((packet_id, number));
+    let burst = Burst::new(model, publisher, topic, count);
+    let acknowledged = burst.send(addr).await;
+    assert_eq!(
+        acknowledged.len() as u64,
+        count,
+        "every publish acknowledged"
+    );
+    model.note_acknowledged(&acknowledged);
+}
+
+/// A message acknowledged to its publisher: publisher, number, topic.
+type Acknowledged = (u8, u16, &'static str);
+
+/// Numbered messages one publisher sends on one topic.
+#[derive(Clone)]
+struct Burst {
+    publisher: u8,
+    topic: &'static str,
+    numbers: Vec<u16>,
+    /// Filled as the PUBACKs come, so that what came before a power cut is known.
+    acknowledged: Arc<std::sync::Mutex<Vec<Acknowledged>>>,
+}
+
+impl Burst {
+    /// Takes the publisher's next `count` numbers.
+    fn new(model: &mut Model, publisher: u8, topic: &'static str, count: u64) -> Burst {
+        let next = &mut model.next_number[usize::from(publisher)];
+        let numbers = (0..count)
+            .map(|i| *next + u16::try_from(i).unwrap())
+            .collect();
+        *next += u16::try_from(count).unwrap();
+        Burst {
+            publisher,
+            topic,
+            numbers,
+            acknowledged: Arc::default(),
+        }
     }
-    for (packet_id, number) in sent {
-        let (kind, body) = tokio::time::timeout(Duration::from_secs(20), read_packet(&mut reader))
-            .await
-            .expect("a PUBACK within 20 s");
-        assert_eq!((kind, &body[..2]), (PUBACK, &packet_id.to_be_bytes()[..]));
-        model.acknowledged.insert((publisher, number), topic);
+
+    /// Sends the burst and reads its PUBACKs until all came or the connection ended; returns
+    /// what was acknowledged.
+    async fn send(self, addr: SocketAddr) -> Vec<Acknowledged> {
+        let name = PUBLISHERS[usize::from(self.publisher)];
+        let (stream, _) = raw_connect(addr, &connect_v311(name, true)).await;
+        let (mut reader, mut writer) = stream.into_split();
+        for &number in &self.numbers {
+            let mut payload = vec![0x5a; PAYLOAD_BYTES];
+            payload[0] = self.publisher;
+            payload[1..3].copy_from_slice(&number.to_be_bytes());
+            let publish = publish_v311(1, false, number % u16::MAX + 1, self.topic, &payload);
+            if writer.write_all(&publish).await.is_err() {
+                break; // the power went
+            }
+        }
+        for &number in &self.numbers {
+            let mut puback = [0u8; 4];
+            let read =
+                tokio::time::timeout(Duration::from_secs(20), reader.read_exact(&mut puback));
+            match read.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => break, // the connection ended with the power
+                Err(_) => panic!("no PUBACK within 20 s"),
+            }
+            let packet_id = (number % u16::MAX + 1).to_be_bytes();
+            assert_eq!(puback, [PUBACK, 2, packet_id[0], packet_id[1]]);
+            let mut acknowledged = self.acknowledged.lock().unwrap();
+            acknowledged.push((self.publisher, number, self.topic));
+        }
+        let acknowledged = self.acknowledged.lock().unwrap();
+        acknowledged.clone()
     }
 }
 
