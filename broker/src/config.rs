@@ -108,6 +108,9 @@ settings! {
     max_sessions: usize = "100000", env "SPOOL_MAX_SESSIONS";
     /// Messages a session keeps; beyond it the oldest are dropped and counted (queue_full).
     session_queue_max: usize = "100000", env "SPOOL_SESSION_QUEUE_MAX";
+    /// Bytes of messages a session keeps; beyond it the oldest are dropped and counted
+    /// (queue_full); 0: no limit but the log's quota.
+    session_queue_max_bytes: u64 = "0", env "SPOOL_SESSION_QUEUE_MAX_BYTES";
     /// The most bytes the write-ahead log may use; at the quota publishers are held back,
     /// nothing is dropped.
     wal_quota_bytes: u64 = "10737418240", env "SPOOL_WAL_QUOTA_BYTES";

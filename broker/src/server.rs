@@ -1,6 +1,7 @@
 //! Wiring: opens the storage, starts the hub and the listeners, and stops them in order.
 
 use crate::config::Config;
+use crate::delivery::queue::QueueLimits;
 use crate::hub::{Hub, HubLimits};
 use crate::ingest::Ingest;
 use crate::limits::{HUB_EVENTS_MAX, LISTEN_BACKLOG, record_payload_bytes_max};
@@ -69,6 +70,19 @@ async fn bind_listener(bind: &str) -> std::io::Result<TcpListener> {
     Err(last_error.unwrap_or_else(|| std::io::Error::other(format!("{bind} names no address"))))
 }
 
+/// What the hub enforces on sessions, from the configuration.
+fn hub_limits(config: &Config) -> HubLimits {
+    HubLimits {
+        in_flight_max: config.settings.max_inflight,
+        sessions_max: config.settings.max_sessions,
+        session_queue: QueueLimits {
+            entries_max: config.settings.session_queue_max,
+            bytes_max: config.settings.session_queue_max_bytes,
+        },
+        session_expiry_v311: config.session_expiry_v311,
+    }
+}
+
 /// Opens the metadata store, then the log, which must reach every checkpoint the metadata
 /// holds, or it lost acknowledged messages (recovery refuses it).
 fn open_storage(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<(Arc<Meta>, Wal)> {
@@ -121,12 +135,7 @@ impl Server {
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
         let (meta, wal) = open_storage(config, fs)?;
         let router = Arc::new(Router::default());
-        let limits = HubLimits {
-            in_flight_max: config.settings.max_inflight,
-            sessions_max: config.settings.max_sessions,
-            session_queue_max: config.settings.session_queue_max,
-            session_expiry_v311: config.session_expiry_v311,
-        };
+        let limits = hub_limits(config);
         let hub =
             Hub::new(wal.clone(), meta, Arc::clone(&router), limits).context("start the hub")?;
         let shutdown = CancellationToken::new();

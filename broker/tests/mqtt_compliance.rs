@@ -105,12 +105,37 @@ async fn persistent_session_keeps_subscriptions_and_messages_while_offline() {
 
 #[tokio::test]
 async fn an_offline_session_beyond_its_queue_limit_keeps_the_newest_messages() {
-    // Goal: the per-session limit bounds what waits for an offline client: beyond it the
-    // oldest messages go (`queue_full`) and the newest arrive, in order, also when the queue
-    // is rebuilt from the log after a crash.
+    // Goal: the per-session limits, in messages and in bytes, bound what waits for an offline
+    // client: beyond them the oldest messages go (`queue_full`) and the newest arrive, in
+    // order, also when the queue is rebuilt from the log after a crash.
+    keeps_the_newest_ten(&["--session-queue-max", "10"]).await;
+    // Ten records of a two-digit message, as the log holds them.
+    let record = spool_broker::delivery::record::PublishRecord {
+        message: spool_broker::message::Message {
+            topic: "events/door".into(),
+            payload: payload(10).into(),
+            qos: spool_broker::message::QoS::AtLeastOnce,
+            retain: false,
+            properties: spool_broker::message::MessageProperties::default(),
+        },
+        publisher: 1,
+        qos2_packet_id: None,
+        retained_copy: false,
+        targets: vec![spool_broker::delivery::record::Target {
+            queue: spool_broker::delivery::record::QueueId::Session(1),
+            qos: spool_broker::message::QoS::AtLeastOnce,
+            retain_as_published: false,
+            subscription_ids: Vec::new(),
+            deadline_ms: None,
+        }],
+    };
+    let ten_records = (10 * record.encode().len()).to_string();
+    keeps_the_newest_ten(&["--session-queue-max-bytes", &ten_records]).await;
+}
+
+async fn keeps_the_newest_ten(limit: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let limit = ["--session-queue-max", "10"];
-    let mut spool = Spool::start(dir.path(), &limit);
+    let mut spool = Spool::start(dir.path(), limit);
     let mut subscriber = connect(options(spool.addr, "dead-letter", false));
     subscriber.connected().await;
     subscriber.subscribe("events/#", QoS::AtLeastOnce).await;
@@ -127,14 +152,14 @@ async fn an_offline_session_beyond_its_queue_limit_keeps_the_newest_messages() {
         publisher.acks(25).await;
         if round == 1 {
             spool.kill();
-            spool = Spool::start(dir.path(), &limit);
+            spool = Spool::start(dir.path(), limit);
         }
         let mut subscriber = connect(options(spool.addr, "dead-letter", false));
         assert!(subscriber.connected().await);
         let received = subscriber.publishes(10).await;
         let expected: Vec<Vec<u8>> = range.skip(15).map(payload).collect();
         let received: Vec<Vec<u8>> = received.iter().map(|p| p.payload.to_vec()).collect();
-        assert_eq!(received, expected, "round {round}");
+        assert_eq!(received, expected, "{limit:?}, round {round}");
         tokio::time::sleep(Duration::from_millis(300)).await;
         subscriber.client.disconnect().await.unwrap();
     }

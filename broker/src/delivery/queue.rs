@@ -29,6 +29,8 @@ pub struct QueueEntry {
     pub packet_id: Option<u16>,
     /// A QoS 2 message the client received (PUBREC): only its PUBREL remains to be sent.
     pub released: bool,
+    /// The bytes its message takes (its log record's payload), for the queue's byte limit.
+    pub bytes: u64,
     /// Wall-clock time (ms since the epoch) after which the entry is dropped unsent
     /// (`ttl_expiry`): the earlier of the message's expiry and the queue's own deadline,
     /// fixed when it was routed.
@@ -51,6 +53,7 @@ impl QueueEntry {
             redelivery: false,
             packet_id: None,
             released: false,
+            bytes: 0,
             deadline_ms: None,
             received_record: None,
         }
@@ -65,6 +68,15 @@ pub enum Pushed {
     DroppedOldest,
 }
 
+/// What a queue keeps at most; beyond either, its oldest waiting entries go (`queue_full`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct QueueLimits {
+    /// Entries, waiting and in flight.
+    pub entries_max: usize,
+    /// Bytes of their messages; 0 for no limit but the log's quota.
+    pub bytes_max: u64,
+}
+
 /// A session's delivery queue.
 #[derive(Debug)]
 pub struct DeliveryQueue {
@@ -73,8 +85,9 @@ pub struct DeliveryQueue {
     in_flight: VecDeque<QueueEntry>,
     /// Packet ids of in-flight QoS 2 messages the client received, whose PUBREL is not sent yet.
     releases_due: VecDeque<u16>,
-    /// The most entries (waiting + in flight) kept; beyond it the oldest waiting one goes.
-    limit: usize,
+    limits: QueueLimits,
+    /// Bytes of the entries held (waiting and in flight).
+    bytes: u64,
     /// Entries dropped because the queue was full (`queue_full`).
     pub dropped_full: u64,
     /// Entries dropped because their message expired (`ttl_expiry`).
@@ -83,13 +96,14 @@ pub struct DeliveryQueue {
 
 impl DeliveryQueue {
     #[must_use]
-    pub fn new(limit: usize) -> DeliveryQueue {
-        assert!(limit > 0);
+    pub fn new(limits: QueueLimits) -> DeliveryQueue {
+        assert!(limits.entries_max > 0);
         DeliveryQueue {
             waiting: VecDeque::new(),
             in_flight: VecDeque::new(),
             releases_due: VecDeque::new(),
-            limit,
+            limits,
+            bytes: 0,
             dropped_full: 0,
             dropped_expired: 0,
         }
@@ -109,18 +123,27 @@ impl DeliveryQueue {
         // and would take a later message with that id for a copy. So does one it received
         // before a restart (released, its packet id not given again yet). Those are at most a
         // window's worth, so the queue stays bounded.
-        if self.len() >= self.limit
+        while self.over_limits(&entry)
             && let Some(at) = self
                 .waiting
                 .iter()
                 .position(|e| e.packet_id.is_none() && !e.released)
         {
-            self.waiting.remove(at);
+            let dropped = self.waiting.remove(at).expect("found above");
+            self.bytes -= dropped.bytes;
             self.dropped_full += 1;
             pushed = Pushed::DroppedOldest;
         }
+        self.bytes += entry.bytes;
         self.waiting.push_back(entry);
         pushed
+    }
+
+    /// Whether `entry` does not fit beside what the queue holds.
+    fn over_limits(&self, entry: &QueueEntry) -> bool {
+        let limits = self.limits;
+        self.len() >= limits.entries_max
+            || (limits.bytes_max > 0 && self.bytes + entry.bytes > limits.bytes_max)
     }
 
     /// The next entry to send, if the window has room.
@@ -128,11 +151,14 @@ impl DeliveryQueue {
         if self.in_flight.len() >= window {
             return None;
         }
-        self.waiting.pop_front()
+        let entry = self.waiting.pop_front()?;
+        self.bytes -= entry.bytes;
+        Some(entry)
     }
 
     /// Puts back an entry that could not be sent (the connection's channel was full).
     pub fn unsend(&mut self, entry: QueueEntry) {
+        self.bytes += entry.bytes;
         self.waiting.push_front(entry);
     }
 
@@ -143,6 +169,7 @@ impl DeliveryQueue {
             entry.packet_id.is_some(),
             "in-flight messages have packet ids"
         );
+        self.bytes += entry.bytes;
         self.in_flight.push_back(entry);
     }
 
@@ -151,7 +178,8 @@ impl DeliveryQueue {
     pub fn acknowledge(&mut self, packet_id: u16) -> bool {
         match self.position(packet_id) {
             Some(at) => {
-                self.in_flight.remove(at);
+                let done = self.in_flight.remove(at).expect("found above");
+                self.bytes -= done.bytes;
                 self.releases_due.retain(|&due| due != packet_id);
                 true
             }
@@ -290,6 +318,13 @@ impl DeliveryQueue {
 mod tests {
     use super::*;
 
+    fn entries(entries_max: usize) -> QueueLimits {
+        QueueLimits {
+            entries_max,
+            bytes_max: 0,
+        }
+    }
+
     fn entry(seq: u64) -> QueueEntry {
         QueueEntry::new(seq, QoS::AtLeastOnce, false, Vec::new())
     }
@@ -302,7 +337,7 @@ mod tests {
 
     #[test]
     fn window_bounds_in_flight_and_requeue_keeps_order_and_packet_ids() {
-        let mut queue = DeliveryQueue::new(100);
+        let mut queue = DeliveryQueue::new(entries(100));
         for seq in 1..=5 {
             queue.push(entry(seq));
         }
@@ -323,7 +358,7 @@ mod tests {
 
     #[test]
     fn a_received_qos2_message_stays_needed_until_completed_and_resends_as_a_release() {
-        let mut queue = DeliveryQueue::new(100);
+        let mut queue = DeliveryQueue::new(entries(100));
         queue.push(QueueEntry::new(7, QoS::ExactlyOnce, false, Vec::new()));
         queue.push(entry(8));
         send(&mut queue, 9);
@@ -347,7 +382,7 @@ mod tests {
     #[test]
     fn a_logged_pubrec_releases_the_message_in_flight_or_waiting_after_a_restart() {
         let qos2 = |seq| QueueEntry::new(seq, QoS::ExactlyOnce, false, Vec::new());
-        let mut queue = DeliveryQueue::new(100);
+        let mut queue = DeliveryQueue::new(entries(100));
         queue.push(qos2(3));
         queue.push(QueueEntry {
             retained: Some(Arc::new(Message {
@@ -385,7 +420,7 @@ mod tests {
 
     #[test]
     fn a_full_queue_keeps_a_message_the_client_received_before_a_restart() {
-        let mut queue = DeliveryQueue::new(2);
+        let mut queue = DeliveryQueue::new(entries(2));
         queue.push(QueueEntry::new(1, QoS::ExactlyOnce, false, Vec::new()));
         assert!(queue.received_logged(1, 2));
         queue.push(entry(2));
@@ -395,9 +430,32 @@ mod tests {
         assert_eq!(queue.next_to_send(10).unwrap().seq, 3);
     }
 
+    /// Goal: a byte limit drops as many of the oldest waiting entries as a new one needs,
+    /// counting each, and in-flight bytes count until acknowledged.
+    #[test]
+    fn a_queue_over_its_byte_limit_drops_its_oldest_waiting_entries() {
+        let mut queue = DeliveryQueue::new(QueueLimits {
+            entries_max: 100,
+            bytes_max: 1000,
+        });
+        let sized = |seq, bytes| QueueEntry {
+            bytes,
+            ..entry(seq)
+        };
+        for seq in 1..=4 {
+            assert_eq!(queue.push(sized(seq, 250)), Pushed::Queued);
+        }
+        send(&mut queue, 1); // 1 in flight: kept, its bytes still count
+        assert_eq!(queue.push(sized(5, 600)), Pushed::DroppedOldest);
+        assert_eq!(queue.dropped_full, 3, "2, 3 and 4 made room for 600 bytes");
+        assert!(queue.acknowledge(1));
+        assert_eq!(queue.push(sized(6, 400)), Pushed::Queued, "1000 bytes fit");
+        assert_eq!(queue.next_to_send(10).map(|e| e.seq), Some(5));
+    }
+
     #[test]
     fn a_full_queue_drops_its_oldest_waiting_entry_and_counts_it() {
-        let mut queue = DeliveryQueue::new(3);
+        let mut queue = DeliveryQueue::new(entries(3));
         for seq in 1..=3 {
             assert_eq!(queue.push(entry(seq)), Pushed::Queued);
         }

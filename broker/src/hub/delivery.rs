@@ -151,6 +151,7 @@ impl Hub {
                 continue; // acknowledged before the last restart
             }
             let entry = QueueEntry {
+                bytes: record.payload.len() as u64,
                 deadline_ms: earliest(target.deadline_ms, message.properties.expires_at_ms),
                 ..QueueEntry::new(
                     record.seq,

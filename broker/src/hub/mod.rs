@@ -27,6 +27,7 @@ mod subscriptions;
 mod wills;
 
 use crate::delivery::cache::MessageCache;
+use crate::delivery::queue::QueueLimits;
 use crate::encoding::FormatError;
 use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
@@ -51,8 +52,8 @@ pub struct HubLimits {
     pub in_flight_max: u16,
     /// The most sessions, connected or not; a CONNECT that would create one more is refused.
     pub sessions_max: usize,
-    /// The most messages one session's queue keeps.
-    pub session_queue_max: usize,
+    /// What one session's queue keeps at most.
+    pub session_queue: QueueLimits,
     /// How long a persistent MQTT 3.1.1 session outlives its connection.
     pub session_expiry_v311: Duration,
 }

@@ -35,7 +35,7 @@ impl Hub {
                     id,
                     request.client_id.clone(),
                     expiry,
-                    self.limits.session_queue_max,
+                    self.limits.session_queue,
                 );
                 session.replay_floor = self.tail.next_seq() - 1;
                 session.checkpoint = session.replay_floor;

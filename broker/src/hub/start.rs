@@ -25,7 +25,7 @@ impl Hub {
                 stored.id,
                 client_id.clone(),
                 expiry,
-                self.limits.session_queue_max,
+                self.limits.session_queue,
             );
             let checkpoint = checkpoints
                 .get(&session.checkpoint_key())

@@ -97,6 +97,7 @@ impl Hub {
                     continue;
                 }
                 let entry = QueueEntry {
+                    bytes: message.size_bytes() as u64,
                     deadline_ms: message.properties.expires_at_ms,
                     retained: Some(message),
                     ..QueueEntry::new(position, qos, true, ids)

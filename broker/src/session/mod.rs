@@ -6,7 +6,7 @@ pub mod persist;
 pub mod receipts;
 
 use crate::delivery::drop_worth_logging;
-use crate::delivery::queue::{DeliveryQueue, Pushed, QueueEntry};
+use crate::delivery::queue::{DeliveryQueue, Pushed, QueueEntry, QueueLimits};
 use crate::hub::events::{OutboundSender, Protocol};
 use crate::message::Will;
 use crate::routing::SubscriptionOptions;
@@ -74,7 +74,7 @@ pub struct Session {
 
 impl Session {
     #[must_use]
-    pub fn new(id: u64, client_id: String, expiry: Duration, queue_limit: usize) -> Session {
+    pub fn new(id: u64, client_id: String, expiry: Duration, queue_limits: QueueLimits) -> Session {
         Session {
             id,
             client_id,
@@ -83,7 +83,7 @@ impl Session {
                 since: Instant::now(),
             },
             subscriptions: BTreeMap::new(),
-            queue: DeliveryQueue::new(queue_limit),
+            queue: DeliveryQueue::new(queue_limits),
             replay_floor: 0,
             checkpoint: 0,
             stored: false,
@@ -264,7 +264,11 @@ mod tests {
     #[test]
     fn a_session_moves_between_its_states_as_the_protocol_allows() {
         let start = Instant::now();
-        let mut session = Session::new(1, "c".into(), Duration::from_secs(60), 10);
+        let limits = QueueLimits {
+            entries_max: 10,
+            bytes_max: 0,
+        };
+        let mut session = Session::new(1, "c".into(), Duration::from_secs(60), limits);
         assert!(session.attachment().is_none() && session.detach(start).is_none());
         session.attach(attachment(7));
         assert_eq!(session.attachment().map(|a| a.connection), Some(7));
