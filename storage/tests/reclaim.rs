@@ -149,3 +149,32 @@ async fn a_damaged_moved_file_stops_the_open() {
         "{error:?}"
     );
 }
+
+#[tokio::test]
+async fn a_move_held_back_for_room_is_made_once_there_is_room() {
+    // Goal: when a reclaim cannot move a segment's few live records for want of disk space
+    // (not because the segment is dense), the next reclaim with room moves them: the segment
+    // is not remembered as too dense, which would pin the log for good.
+    let fs = FaultyFs::new();
+    let options = spool_storage::WalOptions {
+        disk_free_min_bytes: 0,
+        ..small_segments()
+    };
+    let (wal, _) = open_faulty(&fs, options).unwrap();
+    append(&wal, 300).await;
+    let dir = std::path::Path::new("/data/wal");
+    let probe = 1 << 30;
+    fs.set_capacity(Some(probe));
+    let used = probe - spool_storage::FileSystem::available_bytes(&fs, dir).unwrap();
+    fs.set_capacity(Some(used + 100)); // room for no moved file at all
+    let live = Liveness {
+        needed_from: 290,
+        live: vec![3],
+    };
+    let cramped = wal.reclaim(&live).unwrap();
+    assert_eq!((cramped.records_moved, cramped.segments_removed), (0, 0));
+    fs.set_capacity(None);
+    let roomy = wal.reclaim(&live).unwrap();
+    assert_eq!(roomy.records_moved, 1);
+    assert!(roomy.segments_removed > 0);
+}
