@@ -7,7 +7,8 @@
 //! - [`hub`]: the single owner of sessions, subscriptions and delivery; synchronous handlers.
 //! - [`session`]: one client's session state, without sockets.
 //! - [`routing`]: topic validation and matching, the subscription table.
-//! - [`delivery`]: the WAL record of a publish, per-session queues, the message cache.
+//! - [`delivery`]: the WAL record of a publish (naming queues), queues as endpoints, the
+//!   message cache.
 //! - [`tls`]: the MQTTS listener's certificate, given or generated.
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`].
 

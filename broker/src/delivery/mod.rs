@@ -1,7 +1,8 @@
-//! Delivery: what the hub writes to the log for each publish, and the per-session queues over
-//! the log that deliver it in order.
+//! Delivery: what the hub writes to the log for each publish, and the queues over the log that
+//! deliver it in order (`endpoint`: a queue as an endpoint; `queue`: its entries and window).
 
 pub mod cache;
+pub mod endpoint;
 pub mod queue;
 pub mod record;
 

@@ -2,6 +2,7 @@
 //! log's space reclaimed from what the queues still need.
 
 use super::{Hub, RECEIPTS_CHECKPOINT};
+use crate::delivery::record::QueueId;
 use crate::hub::retained::{self, RETAINED_CHECKPOINT};
 use crate::limits::{RECLAIM_LIVE_ENTRIES_MAX, RECLAIM_SEGMENTS_PER_RUN};
 use crate::message::Message;
@@ -30,14 +31,13 @@ impl Hub {
             ..ProgressReport::default()
         };
         let mut changes = Vec::new();
-        for session in self.sessions.values().filter(|s| s.is_persistent()) {
-            let checkpoint = session
-                .queue
-                .first_needed()
-                .map_or(read_through, |first| first.saturating_sub(1));
-            if checkpoint > session.checkpoint {
-                changes.push(checkpoint_change(session.checkpoint_key(), checkpoint));
-                report.sessions.push((session.id, checkpoint));
+        // Only persistent sessions' queues are checkpointed: the others do not outlive spool.
+        let persistent = self.sessions.values().filter(|s| s.is_persistent());
+        for queue in persistent.filter_map(|s| self.queues.get(&s.queue())) {
+            let checkpoint = queue.checkpoint_due(read_through);
+            if checkpoint > queue.checkpoint {
+                changes.push(checkpoint_change(queue.checkpoint_key(), checkpoint));
+                report.queues.push((queue.id, checkpoint));
             }
         }
         if read_through > self.retained.checkpoint() || self.retained.has_uncommitted() {
@@ -97,9 +97,9 @@ impl Hub {
         }
         self.retained.committed(report.read_through);
         self.receipts_checkpoint = self.receipts_checkpoint.max(report.receipts_through);
-        for (id, checkpoint) in report.sessions {
-            if let Some(session) = self.sessions.get_mut(&id) {
-                session.checkpoint = session.checkpoint.max(checkpoint);
+        for (id, checkpoint) in report.queues {
+            if let Some(queue) = self.queues.get_mut(&id) {
+                queue.checkpoint = queue.checkpoint.max(checkpoint);
             }
         }
         for (id, stored) in report.receipts {
@@ -164,14 +164,14 @@ impl Hub {
         while segments > 0 {
             let horizon = self.wal.reclaim_horizon(segments).min(needed_from);
             let entries: usize = self
-                .sessions
+                .queues
                 .values()
-                .map(|s| s.queue.count_below(horizon))
+                .map(|q| q.entries.count_below(horizon))
                 .sum();
             if entries <= RECLAIM_LIVE_ENTRIES_MAX {
                 let mut live = Vec::with_capacity(entries);
-                for session in self.sessions.values() {
-                    session.queue.records_needed_below(horizon, &mut live);
+                for queue in self.queues.values() {
+                    queue.entries.records_needed_below(horizon, &mut live);
                 }
                 live.sort_unstable();
                 live.dedup();
@@ -183,9 +183,9 @@ impl Hub {
             segments /= 2;
         }
         let first_needed = self
-            .sessions
+            .queues
             .values()
-            .filter_map(|s| s.queue.first_needed());
+            .filter_map(|q| q.entries.first_needed());
         Liveness {
             needed_from: first_needed.fold(needed_from, u64::min),
             live: Vec::new(),
@@ -212,8 +212,8 @@ pub(super) struct ProgressReport {
     committed: bool,
     read_through: u64,
     receipts_through: u64,
-    /// Sessions and the checkpoints committed for them.
-    sessions: Vec<(u64, u64)>,
+    /// Queues and the checkpoints committed for them.
+    queues: Vec<(QueueId, u64)>,
     /// The retained-message changes committed (given back if the commit failed).
     retained: BTreeMap<String, Option<Arc<Message>>>,
     /// Sessions and the receipts stored for them.

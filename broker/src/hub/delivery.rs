@@ -16,11 +16,11 @@ use tokio::sync::mpsc::error::TrySendError;
 
 impl Hub {
     pub(super) fn acknowledge(&mut self, id: u64, packet_id: u16) {
-        let Some(session) = self.sessions.get_mut(&id) else {
+        let Some(queue) = self.queues.get_mut(&QueueId::Session(id)) else {
             return;
         };
-        if !session.queue.acknowledge(packet_id) {
-            tracing::debug!(client_id = %session.client_id, packet_id, "acknowledgement for no message in flight");
+        if !queue.entries.acknowledge(packet_id) {
+            tracing::debug!(queue = %queue.name, packet_id, "acknowledgement for no message in flight");
         }
         self.pump(id);
     }
@@ -31,16 +31,19 @@ impl Hub {
     /// passed on. (A retained copy sent from memory, when the log could not take it, has no
     /// record to point at.)
     pub(super) fn received(&mut self, id: u64, packet_id: u16) {
-        let Some(session) = self.sessions.get_mut(&id) else {
+        let (Some(session), Some(queue)) = (
+            self.sessions.get(&id),
+            self.queues.get_mut(&QueueId::Session(id)),
+        ) else {
             return;
         };
-        let entry = session
-            .queue
+        let entry = queue
+            .entries
             .in_flight(packet_id)
             .filter(|e| e.qos == QoS::ExactlyOnce);
         match entry {
             None => {
-                tracing::debug!(client_id = %session.client_id, packet_id, "PUBREC for no QoS 2 message in flight");
+                tracing::debug!(queue = %queue.name, packet_id, "PUBREC for no QoS 2 message in flight");
             }
             Some(entry)
                 if session.is_persistent() && entry.retained.is_none() && !entry.released =>
@@ -52,7 +55,7 @@ impl Hub {
                 self.log_received(record);
             }
             Some(_) => {
-                session.queue.received(packet_id);
+                queue.entries.received(packet_id);
                 self.pump(id);
             }
         }
@@ -111,11 +114,11 @@ impl Hub {
                 return;
             }
         };
-        let Some(session) = self.sessions.get_mut(&received.session) else {
+        let Some(queue) = self.queues.get_mut(&QueueId::Session(received.session)) else {
             return;
         };
         // Not found: the message was completed (PUBCOMP) before the last checkpoint.
-        if session.queue.received_logged(received.seq, record.seq) {
+        if queue.entries.received_logged(received.seq, record.seq) {
             self.pump(received.session);
         }
     }
@@ -143,11 +146,10 @@ impl Hub {
             self.retained.apply(record.seq, &Arc::new(retained));
         }
         for target in publish.targets {
-            let QueueId::Session(id) = target.queue;
-            let Some(session) = self.sessions.get_mut(&id) else {
-                continue;
+            let Some(queue) = self.queues.get_mut(&target.queue) else {
+                continue; // a queue that is gone
             };
-            if record.seq <= session.replay_floor {
+            if record.seq <= queue.replay_floor {
                 continue; // acknowledged before the last restart
             }
             let entry = QueueEntry {
@@ -160,8 +162,9 @@ impl Hub {
                     target.subscription_ids,
                 )
             };
-            session.enqueue(entry);
-            self.pump(id);
+            queue.enqueue(entry);
+            let QueueId::Session(consumer) = target.queue;
+            self.pump(consumer);
         }
     }
 
@@ -169,40 +172,44 @@ impl Hub {
     /// always keeps a slot per in-flight message, so a PUBREL never waits behind QoS 0
     /// messages for an acknowledgement that cannot come before it.
     pub(super) fn pump(&mut self, id: u64) {
+        let queue_id = QueueId::Session(id);
         loop {
-            let Some(session) = self.sessions.get_mut(&id) else {
+            let (Some(session), Some(queue)) =
+                (self.sessions.get_mut(&id), self.queues.get_mut(&queue_id))
+            else {
                 return;
             };
+            let entries = &mut queue.entries;
             let SessionState::Connected(attachment) = &session.state else {
                 return;
             };
             let window = attachment.window;
-            if let Some(packet_id) = session.queue.take_release() {
+            if let Some(packet_id) = entries.take_release() {
                 match attachment.outbound.try_send(Outbound::Release(packet_id)) {
                     Ok(()) => continue,
                     Err(TrySendError::Full(_)) if attachment.outbound.ask_for_room(1) => {
-                        session.queue.release_unsent(packet_id);
+                        entries.release_unsent(packet_id);
                         continue;
                     }
                     Err(_) => {
-                        session.queue.release_unsent(packet_id);
+                        entries.release_unsent(packet_id);
                         return; // sent when the connection makes room (Event::Drained)
                     }
                 }
             }
-            let reserved = session.queue.in_flight_len();
+            let reserved = entries.in_flight_len();
             if attachment.outbound.capacity() <= reserved {
                 if attachment.outbound.ask_for_room(reserved + 1) {
                     continue;
                 }
                 return;
             }
-            let Some(mut entry) = session.queue.next_to_send(window) else {
+            let Some(mut entry) = entries.next_to_send(window) else {
                 return;
             };
             if entry.qos != QoS::AtMostOnce && entry.packet_id.is_none() {
-                let Some(packet_id) = session.packet_id_for(&entry) else {
-                    session.queue.unsend(entry); // its id is in flight: wait for that ack
+                let Some(packet_id) = session.packet_id_for(&entry, entries) else {
+                    entries.unsend(entry); // its id is in flight: wait for that ack
                     return;
                 };
                 entry.packet_id = Some(packet_id);
@@ -214,14 +221,19 @@ impl Hub {
                     None => continue, // expired or unreadable: counted and logged, and skipped
                 },
             };
-            let session = self.sessions.get_mut(&id).expect("looked up above");
+            let session = self.sessions.get(&id).expect("looked up above");
+            let entries = &mut self
+                .queues
+                .get_mut(&queue_id)
+                .expect("looked up above")
+                .entries;
             let channel = &session.attachment().expect("attached").outbound;
             match channel.try_send(outbound) {
-                Ok(()) if entry.qos != QoS::AtMostOnce => session.queue.sent(entry),
+                Ok(()) if entry.qos != QoS::AtMostOnce => entries.sent(entry),
                 Ok(()) => {}
                 // Not full: the hub is the only sender and saw room above. Closed, then.
                 Err(_) => {
-                    session.queue.unsend(entry);
+                    entries.unsend(entry);
                     return;
                 }
             }
@@ -230,17 +242,17 @@ impl Hub {
 
     /// The PUBLISH for a queue entry, or `None` if its message expired or cannot be read.
     pub(super) fn delivery(&mut self, id: u64, entry: &QueueEntry) -> Option<Delivery> {
-        let session = self.sessions.get_mut(&id)?;
+        let queue = self.queues.get_mut(&QueueId::Session(id))?;
         // Once sent, a message is delivered to the end (the client may hold its packet id).
         // The deadline is the entry's: no message is read back to find it expired.
         if !entry.redelivery && entry.deadline_ms.is_some_and(|at| at <= now_ms()) {
-            session.queue.dropped_expired += 1;
-            if crate::delivery::drop_worth_logging(session.queue.dropped_expired) {
+            queue.entries.dropped_expired += 1;
+            if crate::delivery::drop_worth_logging(queue.entries.dropped_expired) {
                 tracing::info!(
-                    client_id = %session.client_id,
+                    queue = %queue.name,
                     seq = entry.seq,
-                    dropped = session.queue.dropped_expired,
-                    "message expired before delivery (ttl_expiry; `dropped` counts this session's since start)"
+                    dropped = queue.entries.dropped_expired,
+                    "message expired before delivery (ttl_expiry; `dropped` counts this queue's since start)"
                 );
             }
             return None;

@@ -27,7 +27,9 @@ mod subscriptions;
 mod wills;
 
 use crate::delivery::cache::MessageCache;
+use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueLimits;
+use crate::delivery::record::QueueId;
 use crate::encoding::FormatError;
 use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
@@ -98,6 +100,8 @@ pub struct Hub {
     subscriptions: SubscriptionTable,
     router: Arc<Router>,
     sessions: HashMap<u64, Session>,
+    /// Every delivery queue; a session's is `QueueId::Session(its id)`.
+    queues: HashMap<QueueId, Queue>,
     session_by_client: HashMap<String, u64>,
     /// Session ids are the log's epoch in the high 32 bits and a counter in the low ones, so an
     /// id is never reused across restarts and old records can never reach a new session.
@@ -140,6 +144,7 @@ impl Hub {
             subscriptions: SubscriptionTable::default(),
             router,
             sessions: HashMap::new(),
+            queues: HashMap::new(),
             session_by_client: HashMap::new(),
             next_session_id,
             cache: MessageCache::new(MESSAGE_CACHE_BYTES_MAX),

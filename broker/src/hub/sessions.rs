@@ -3,6 +3,7 @@
 
 use super::Hub;
 use super::metadata::{Completion, MetaWriter};
+use crate::delivery::endpoint::{Queue, checkpoint_key};
 use crate::hub::events::{ConnectOutcome, ConnectRefusal, ConnectRequest, Outbound, Protocol};
 use crate::message::Will;
 use crate::session::receipts;
@@ -31,14 +32,14 @@ impl Hub {
             None => {
                 let id = self.next_session_id;
                 self.next_session_id += 1;
-                let mut session = Session::new(
-                    id,
+                let session = Session::new(id, request.client_id.clone(), expiry);
+                let queue = Queue::new(
+                    session.queue(),
                     request.client_id.clone(),
-                    expiry,
                     self.limits.session_queue,
+                    self.tail.next_seq() - 1,
                 );
-                session.replay_floor = self.tail.next_seq() - 1;
-                session.checkpoint = session.replay_floor;
+                self.queues.insert(queue.id, queue);
                 self.sessions.insert(id, session);
                 self.session_by_client.insert(request.client_id.clone(), id);
                 id
@@ -86,7 +87,9 @@ impl Hub {
         if let Some(old) = session.detach(Instant::now()) {
             tracing::info!(client_id = %request.client_id, "session taken over by a new connection");
             let _ = old.outbound.try_send(Outbound::SessionTakenOver);
-            session.queue.requeue_in_flight();
+            if let Some(queue) = self.queues.get_mut(&session.queue()) {
+                queue.entries.requeue_in_flight();
+            }
         }
         if request.clean_start {
             self.remove_session(id);
@@ -121,7 +124,9 @@ impl Hub {
             return;
         };
         session.detach(Instant::now());
-        session.queue.requeue_in_flight();
+        if let Some(queue) = self.queues.get_mut(&session.queue()) {
+            queue.entries.requeue_in_flight();
+        }
         if let Some(secs) = session_expiry_secs {
             session.expiry = Duration::from_secs(u64::from(secs));
         }
@@ -145,6 +150,7 @@ impl Hub {
             return;
         };
         self.session_by_client.remove(&session.client_id);
+        self.queues.remove(&session.queue());
         for filter in session.subscriptions.keys() {
             self.subscriptions.unsubscribe(id, filter);
         }
@@ -163,9 +169,13 @@ impl Hub {
     pub(super) fn store_session(&mut self, id: u64, done: Option<Completion>) {
         match self.sessions.get_mut(&id) {
             Some(session) if session.is_persistent() => {
+                let replay_floor = self
+                    .queues
+                    .get(&session.queue())
+                    .map_or(0, |q| q.replay_floor);
                 let change = MetaChange::Session {
                     client_id: session.client_id.clone(),
-                    state: Some(session.to_persisted().encode()),
+                    state: Some(session.to_persisted(replay_floor).encode()),
                 };
                 session.stored = true;
                 self.metadata.write(vec![change], done);
@@ -201,7 +211,7 @@ fn forget_stored(metadata: &MetaWriter, session: &mut Session, done: Option<Comp
             client_id: session.client_id.clone(),
             state: None,
         },
-        MetaChange::RemoveCheckpoint(session.checkpoint_key()),
+        MetaChange::RemoveCheckpoint(checkpoint_key(session.queue())),
     ];
     if session.receipts_stored.take().is_some() {
         changes.push(MetaChange::State {

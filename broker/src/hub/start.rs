@@ -2,6 +2,7 @@
 //! and their subscriptions, QoS 2 receipts), before any client connects.
 
 use super::{Hub, RECEIPTS_CHECKPOINT, StartError};
+use crate::delivery::endpoint::{Queue, checkpoint_key};
 use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord};
 use crate::session::Session;
 use crate::session::persist::PersistedSession;
@@ -21,18 +22,19 @@ impl Hub {
                     source,
                 })?;
             let expiry = Duration::from_secs(stored.expiry_secs);
-            let mut session = Session::new(
-                stored.id,
-                client_id.clone(),
-                expiry,
-                self.limits.session_queue,
-            );
+            let mut session = Session::new(stored.id, client_id.clone(), expiry);
             let checkpoint = checkpoints
-                .get(&session.checkpoint_key())
+                .get(&checkpoint_key(session.queue()))
                 .copied()
                 .unwrap_or(0);
-            session.replay_floor = checkpoint.max(stored.replay_floor);
-            session.checkpoint = session.replay_floor;
+            let replay_floor = checkpoint.max(stored.replay_floor);
+            let queue = Queue::new(
+                session.queue(),
+                client_id.clone(),
+                self.limits.session_queue,
+                replay_floor,
+            );
+            self.queues.insert(queue.id, queue);
             session.stored = true;
             // The expiry clock restarts with the process (a new session is offline from
             // now): the time spent down is not counted.
@@ -40,7 +42,7 @@ impl Hub {
                 self.subscriptions.subscribe(stored.id, filter, *options);
             }
             session.subscriptions = stored.subscriptions;
-            replay_from = replay_from.min(session.replay_floor + 1);
+            replay_from = replay_from.min(replay_floor + 1);
             self.session_by_client.insert(client_id, stored.id);
             self.sessions.insert(stored.id, session);
         }

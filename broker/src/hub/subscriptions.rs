@@ -81,10 +81,13 @@ impl Hub {
     ) {
         let now = now_ms();
         let position = self.tail.next_seq() - 1;
-        let Some(session) = self.sessions.get_mut(&id) else {
+        let Some(session) = self.sessions.get(&id) else {
             return;
         };
         let persistent = session.is_persistent();
+        let Some(queue) = self.queues.get_mut(&session.queue()) else {
+            return;
+        };
         for (filter, options) in subscriptions {
             for message in self.retained.matching(filter, now) {
                 // MQTT requires the lower of the two QoS even here.
@@ -102,7 +105,7 @@ impl Hub {
                     retained: Some(message),
                     ..QueueEntry::new(position, qos, true, ids)
                 };
-                session.enqueue(entry);
+                queue.enqueue(entry);
             }
         }
     }

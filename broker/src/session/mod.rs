@@ -1,12 +1,13 @@
-//! [`Session`]: one client's MQTT session as the hub keeps it: its subscriptions, its delivery
-//! queue, its packet identifiers, and the connection it is attached to, if any. It owns no
+//! [`Session`]: one client's MQTT session as the hub keeps it: its subscriptions, its packet
+//! identifiers, and the connection it is attached to, if any (its delivery queue is an endpoint
+//! of its own, `delivery::endpoint`). It owns no
 //! socket: the hub hands it packets to send through the connection's bounded channel.
 
 pub mod persist;
 pub mod receipts;
 
-use crate::delivery::drop_worth_logging;
-use crate::delivery::queue::{DeliveryQueue, Pushed, QueueEntry, QueueLimits};
+use crate::delivery::queue::{DeliveryQueue, QueueEntry};
+use crate::delivery::record::QueueId;
 use crate::hub::events::{OutboundSender, Protocol};
 use crate::message::Will;
 use crate::routing::SubscriptionOptions;
@@ -57,12 +58,7 @@ pub struct Session {
     /// which keep its transitions to those the protocol allows.
     pub(crate) state: SessionState,
     pub subscriptions: BTreeMap<String, SubscriptionOptions>,
-    pub queue: DeliveryQueue,
-    /// Records up to this sequence number are not for this queue: they were routed before the
-    /// session existed, or acknowledged before the last restart.
-    pub replay_floor: u64,
-    /// The checkpoint last committed durably: everything up to it was acknowledged.
-    pub checkpoint: u64,
+    /// Its delivery queue, an endpoint of its own in the hub (`QueueId::Session(id)`).
     /// Whether the metadata store holds a copy, to be removed with the session.
     pub stored: bool,
     /// The QoS 2 packet ids its client sent and has not released, shared with its connection.
@@ -74,7 +70,7 @@ pub struct Session {
 
 impl Session {
     #[must_use]
-    pub fn new(id: u64, client_id: String, expiry: Duration, queue_limits: QueueLimits) -> Session {
+    pub fn new(id: u64, client_id: String, expiry: Duration) -> Session {
         Session {
             id,
             client_id,
@@ -83,9 +79,6 @@ impl Session {
                 since: Instant::now(),
             },
             subscriptions: BTreeMap::new(),
-            queue: DeliveryQueue::new(queue_limits),
-            replay_floor: 0,
-            checkpoint: 0,
             stored: false,
             next_packet_id: 0,
             receipts: SharedReceipts::default(),
@@ -99,33 +92,24 @@ impl Session {
     /// sent again after a restart, and a QoS 2 receiver that already has it recognises it
     /// (MQTT §4.3.3). A retained message, not logged for this queue, takes any free id; the
     /// window is far below 65535, so one is always free.
-    pub fn packet_id_for(&mut self, entry: &QueueEntry) -> Option<u16> {
+    pub fn packet_id_for(&mut self, entry: &QueueEntry, queue: &DeliveryQueue) -> Option<u16> {
         if entry.retained.is_none() {
             let id = u16::try_from(entry.seq % u64::from(u16::MAX)).expect("below u16::MAX") + 1;
-            return (!self.queue.packet_id_in_use(id)).then_some(id);
+            return (!queue.packet_id_in_use(id)).then_some(id);
         }
-        assert!(self.queue.in_flight_len() < usize::from(u16::MAX));
+        assert!(queue.in_flight_len() < usize::from(u16::MAX));
         loop {
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            if !self.queue.packet_id_in_use(self.next_packet_id) {
+            if !queue.packet_id_in_use(self.next_packet_id) {
                 return Some(self.next_packet_id);
             }
         }
     }
 
-    /// Queues an entry; at the queue's limit the oldest waiting entry goes, counted and logged
-    /// (`queue_full`): the first drop, then every thousandth, so a long-offline client does
-    /// not flood the log (a restart replays its whole backlog through here).
-    pub fn enqueue(&mut self, entry: QueueEntry) {
-        if self.queue.push(entry) == Pushed::DroppedOldest
-            && drop_worth_logging(self.queue.dropped_full)
-        {
-            tracing::warn!(
-                client_id = %self.client_id,
-                dropped = self.queue.dropped_full,
-                "queue full: dropped its oldest message (queue_full; `dropped` counts this session's since start)"
-            );
-        }
+    /// The id of the session's queue.
+    #[must_use]
+    pub fn queue(&self) -> QueueId {
+        QueueId::Session(self.id)
     }
 
     /// Whether the session outlives its connection, and so is stored.
@@ -134,19 +118,13 @@ impl Session {
         !self.expiry.is_zero()
     }
 
-    /// The key of the session's checkpoint in the metadata store.
+    /// What of the session is stored, with its queue's replay floor.
     #[must_use]
-    pub fn checkpoint_key(&self) -> String {
-        format!("session/{}", self.id)
-    }
-
-    /// What of the session is stored.
-    #[must_use]
-    pub fn to_persisted(&self) -> persist::PersistedSession {
+    pub fn to_persisted(&self, replay_floor: u64) -> persist::PersistedSession {
         persist::PersistedSession {
             id: self.id,
             expiry_secs: self.expiry.as_secs(),
-            replay_floor: self.replay_floor,
+            replay_floor,
             subscriptions: self.subscriptions.clone(),
         }
     }
@@ -264,11 +242,7 @@ mod tests {
     #[test]
     fn a_session_moves_between_its_states_as_the_protocol_allows() {
         let start = Instant::now();
-        let limits = QueueLimits {
-            entries_max: 10,
-            bytes_max: 0,
-        };
-        let mut session = Session::new(1, "c".into(), Duration::from_secs(60), limits);
+        let mut session = Session::new(1, "c".into(), Duration::from_secs(60));
         assert!(session.attachment().is_none() && session.detach(start).is_none());
         session.attach(attachment(7));
         assert_eq!(session.attachment().map(|a| a.connection), Some(7));

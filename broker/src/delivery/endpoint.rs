@@ -1,0 +1,110 @@
+//! [`Queue`]: a delivery queue as an endpoint. It exists, fills, is checkpointed and is rebuilt
+//! after a restart on its own, whether or not a consumer is attached; publish records name it
+//! (`QueueId`), not a connection. Today every queue is an MQTT session's, consumed by the
+//! session's connection while it has one; module inputs and `$upstream` come next, and several
+//! consumers sharing one queue by key attach here (see `reference/ordered-replicas.md`): the
+//! queue keeps order and the log positions, consumers only windows.
+
+use crate::delivery::drop_worth_logging;
+use crate::delivery::queue::{DeliveryQueue, Pushed, QueueEntry, QueueLimits};
+use crate::delivery::record::QueueId;
+
+/// One delivery queue; see the module documentation.
+#[derive(Debug)]
+pub struct Queue {
+    pub id: QueueId,
+    /// Who the queue is for, in log lines (an MQTT client id).
+    pub name: String,
+    /// The entries waiting and in flight, in log order.
+    pub entries: DeliveryQueue,
+    /// Records up to this sequence number are not for this queue: they were routed before it
+    /// existed, or acknowledged before the last restart.
+    pub replay_floor: u64,
+    /// The checkpoint last committed durably: everything up to it was acknowledged.
+    pub checkpoint: u64,
+}
+
+impl Queue {
+    /// An empty queue that takes records after `replay_floor`.
+    #[must_use]
+    pub fn new(id: QueueId, name: String, limits: QueueLimits, replay_floor: u64) -> Queue {
+        Queue {
+            id,
+            name,
+            entries: DeliveryQueue::new(limits),
+            replay_floor,
+            checkpoint: replay_floor,
+        }
+    }
+
+    /// Queues an entry; beyond the queue's limits its oldest waiting entries go, counted and
+    /// logged (`queue_full`): the first drop, then every thousandth, so a long-offline client
+    /// does not flood the log (a restart replays its whole backlog through here).
+    pub fn enqueue(&mut self, entry: QueueEntry) {
+        if self.entries.push(entry) == Pushed::DroppedOldest
+            && drop_worth_logging(self.entries.dropped_full)
+        {
+            tracing::warn!(
+                queue = %self.name,
+                dropped = self.entries.dropped_full,
+                "queue full: dropped its oldest message (queue_full; `dropped` counts this queue's since start)"
+            );
+        }
+    }
+
+    /// The key of the queue's checkpoint in the metadata store.
+    #[must_use]
+    pub fn checkpoint_key(&self) -> String {
+        checkpoint_key(self.id)
+    }
+
+    /// The checkpoint to commit now: the sequence before the first entry still needed, or
+    /// `read_through` (everything the hub has read) when the queue is empty. It never moves
+    /// back.
+    #[must_use]
+    pub fn checkpoint_due(&self, read_through: u64) -> u64 {
+        self.entries
+            .first_needed()
+            .map_or(read_through, |first| first.saturating_sub(1))
+    }
+}
+
+/// The key of a queue's checkpoint in the metadata store.
+#[must_use]
+pub fn checkpoint_key(id: QueueId) -> String {
+    match id {
+        QueueId::Session(session) => format!("session/{session}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::QoS;
+
+    /// Goal: a queue fills with no consumer, and its checkpoint stops before its first entry
+    /// still needed, or covers everything read once it is empty.
+    #[test]
+    fn a_queue_fills_alone_and_checkpoints_before_its_first_entry() {
+        let limits = QueueLimits {
+            entries_max: 10,
+            bytes_max: 0,
+        };
+        let mut queue = Queue::new(QueueId::Session(7), "c".into(), limits, 4);
+        assert_eq!(
+            (queue.checkpoint, queue.checkpoint_key()),
+            (4, "session/7".into())
+        );
+        assert_eq!(queue.checkpoint_due(9), 9, "empty: everything read");
+        for seq in [5, 8] {
+            queue.enqueue(QueueEntry::new(seq, QoS::AtLeastOnce, false, Vec::new()));
+        }
+        assert_eq!(queue.checkpoint_due(9), 4);
+        assert_eq!(queue.entries.next_to_send(1).map(|e| e.seq), Some(5));
+        assert_eq!(
+            queue.checkpoint_due(9),
+            7,
+            "5 went (QoS 0 would), 8 is next"
+        );
+    }
+}
