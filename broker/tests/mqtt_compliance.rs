@@ -139,9 +139,8 @@ async fn keeps_the_newest_ten(limit: &[&str]) {
     let mut subscriber = connect(options(spool.addr, "dead-letter", false));
     subscriber.connected().await;
     subscriber.subscribe("events/#", QoS::AtLeastOnce).await;
-    subscriber.client.disconnect().await.unwrap();
+    leave(subscriber).await;
     for (round, range) in [(0, 0..25), (1, 25..50)] {
-        tokio::time::sleep(Duration::from_millis(200)).await;
         let mut publisher = connect(options(spool.addr, "pub", true));
         publisher.connected().await;
         for i in range.clone() {
@@ -161,8 +160,16 @@ async fn keeps_the_newest_ten(limit: &[&str]) {
         let received: Vec<Vec<u8>> = received.iter().map(|p| p.payload.to_vec()).collect();
         assert_eq!(received, expected, "{limit:?}, round {round}");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        subscriber.client.disconnect().await.unwrap();
+        leave(subscriber).await;
     }
+}
+
+/// Disconnects and waits until spool closed the connection: it told the hub first, so the
+/// session is offline for whatever connects next (a fixed sleep was not always long enough on
+/// a loaded machine, and the messages then went out to the leaving connection).
+async fn leave(mut client: common::Client) {
+    client.client.disconnect().await.unwrap();
+    while !matches!(client.next(10).await, common::Seen::Disconnected(_)) {}
 }
 
 #[tokio::test]
