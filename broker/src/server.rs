@@ -2,7 +2,7 @@
 
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
-use crate::hub::{Hub, HubLimits};
+use crate::hub::{Hub, HubLimits, reclaim_when_asked};
 use crate::ingest::Ingest;
 use crate::limits::{HUB_EVENTS_MAX, LISTEN_BACKLOG, record_payload_bytes_max};
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
@@ -136,11 +136,16 @@ impl Server {
         let (meta, wal) = open_storage(config, fs)?;
         let router = Arc::new(Router::default());
         let limits = hub_limits(config);
-        let hub =
-            Hub::new(wal.clone(), meta, Arc::clone(&router), limits).context("start the hub")?;
+        // One reclaim asked for at a time: the hub asks again at its next tick.
+        let (reclaims, reclaim_requests) = mpsc::channel(1);
+        let hub = Hub::new(wal.clone(), meta, Arc::clone(&router), limits, reclaims)
+            .context("start the hub")?;
         let shutdown = CancellationToken::new();
         let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
-        let mut tasks = vec![tokio::spawn(hub.run(events_rx, shutdown.clone()))];
+        let mut tasks = vec![
+            tokio::spawn(hub.run(events_rx, shutdown.clone())),
+            tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests)),
+        ];
         let connection_limits = ConnectionLimits {
             packet_size_max: config.settings.max_packet_size,
             receive_max: config.settings.max_inflight,

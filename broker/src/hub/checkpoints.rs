@@ -7,10 +7,11 @@ use crate::hub::retained::{self, RETAINED_CHECKPOINT};
 use crate::limits::{RECLAIM_LIVE_ENTRIES_MAX, RECLAIM_SEGMENTS_PER_RUN};
 use crate::message::Message;
 use crate::session::receipts;
+use spool_storage::Wal;
 use spool_storage::{Liveness, MetaChange, StateTable};
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use tokio::sync::mpsc;
 
 impl Hub {
     /// Commits every persistent session's progress, with the retained messages and QoS 2
@@ -126,32 +127,19 @@ impl Hub {
             .collect()
     }
 
+    /// Asks the reclaimer (`reclaim_when_asked`) to free what no queue needs any more. One
+    /// request waits at most: while one does, the next tick asks again.
     pub(super) fn reclaim_log_space(&mut self) {
-        // Only sealed segments are reclaimed; and one reclaim at a time, on a slow disk.
-        if self.wal.segment_count() < 2 || self.retention_running.swap(true, Ordering::AcqRel) {
+        // Only sealed segments are reclaimed.
+        if self.wal.segment_count() < 2 || self.reclaims.capacity() == 0 {
             return;
         }
-        let running = ReclaimRunning(Arc::clone(&self.retention_running));
         let needed_from = self
             .tail
             .next_seq()
             .min(self.retained.replay_from())
             .min(self.receipts_checkpoint + 1);
-        let liveness = self.liveness(needed_from);
-        let wal = self.wal.clone();
-        tokio::task::spawn_blocking(move || {
-            let _running = running;
-            match wal.reclaim(&liveness) {
-                Ok(report) if report.records_moved > 0 => tracing::debug!(
-                    records_moved = report.records_moved,
-                    segments_removed = report.segments_removed,
-                    bytes_freed = report.bytes_freed,
-                    "moved the few live records out of old log segments"
-                ),
-                Ok(_) => {}
-                Err(e) => tracing::error!("failed to free log space: {e}"),
-            }
-        });
+        let _ = self.reclaims.try_send(self.liveness(needed_from));
     }
 
     /// What the queues still need of the log below `needed_from`, gathered only as far as
@@ -193,12 +181,23 @@ impl Hub {
     }
 }
 
-/// Held by a reclaim under way; lets the next one start when dropped, even by a panic.
-struct ReclaimRunning(Arc<AtomicBool>);
-
-impl Drop for ReclaimRunning {
-    fn drop(&mut self) {
-        self.0.store(false, Ordering::Release);
+/// Runs the reclaims the hub asks for (`Hub::reclaim_log_space`), one at a time, on a blocking
+/// thread: they read, write and remove files, which the hub never does itself. Ends when the
+/// hub does.
+pub async fn reclaim_when_asked(wal: Wal, mut requests: mpsc::Receiver<Liveness>) {
+    while let Some(liveness) = requests.recv().await {
+        let wal = wal.clone();
+        match tokio::task::spawn_blocking(move || wal.reclaim(&liveness)).await {
+            Ok(Ok(report)) if report.records_moved > 0 => tracing::debug!(
+                records_moved = report.records_moved,
+                segments_removed = report.segments_removed,
+                bytes_freed = report.bytes_freed,
+                "moved the few live records out of old log segments"
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("failed to free log space: {e}"),
+            Err(e) => tracing::error!("a reclaim of log space failed: {e}"),
+        }
     }
 }
 

@@ -2,6 +2,7 @@
 //! within their windows; acknowledgements from clients (PUBACK, PUBREC, PUBCOMP).
 
 use super::Hub;
+use super::appends::{Metering, OwnAppend};
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
@@ -64,17 +65,14 @@ impl Hub {
     /// Logs a subscriber's PUBREC without making the hub wait: the hub's tail sees the record
     /// once it is durable. It may go past the log's quota, as it lets a message complete and
     /// its space be freed; the in-flight window bounds how many there are.
-    pub(super) fn log_received(&self, record: ReceivedRecord) {
-        let wal = self.wal.clone();
-        tokio::spawn(async move {
-            let logged = match wal.reserve(KIND_QOS2_RECEIVED, record.encode()).await {
-                Ok(reservation) => reservation.submit_beyond_quota().map(drop),
-                Err(e) => Err(e),
-            };
-            if let Err(e) = logged {
-                // The PUBREL never goes out; the message is resent after a reconnect.
-                tracing::error!("failed to log a subscriber's PUBREC: {e}");
-            }
+    pub(super) fn log_received(&mut self, record: ReceivedRecord) {
+        // If it cannot be logged, the PUBREL never goes out; the message is resent after a
+        // reconnect.
+        self.append_own(OwnAppend {
+            kind: KIND_QOS2_RECEIVED,
+            payload: record.encode(),
+            metering: Metering::BeyondQuota,
+            what: "a subscriber's PUBREC",
         });
     }
 

@@ -16,7 +16,10 @@
 //! - `checkpoints`: committed progress, and the log's space reclaimed by liveness;
 //! - `wills`; `events`: the messages between connections and the hub.
 
+mod appends;
 mod checkpoints;
+
+pub use checkpoints::reclaim_when_asked;
 mod delivery;
 pub mod events;
 mod metadata;
@@ -31,6 +34,7 @@ use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueLimits;
 use crate::delivery::record::QueueId;
 use crate::encoding::FormatError;
+use crate::hub::appends::OwnAppend;
 use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
 use crate::hub::metadata::MetaWriter;
@@ -39,10 +43,9 @@ use crate::limits::{MESSAGE_CACHE_BYTES_MAX, RECLAIM_INTERVAL};
 use crate::message::now_ms;
 use crate::routing::{Router, SubscriptionTable};
 use crate::session::Session;
-use spool_storage::{Meta, Wal, WalReader};
-use std::collections::HashMap;
+use spool_storage::{Liveness, Meta, Wal, WalReader};
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -89,6 +92,8 @@ pub(super) const RECEIPTS_CHECKPOINT: &str = "qos2-receipts";
 pub struct Hub {
     wal: Wal,
     meta: Arc<Meta>,
+    /// Records of the hub's own waiting for room in the log's queue, in order.
+    own_appends: VecDeque<OwnAppend>,
     /// Session writes and progress commits, made off the hub task.
     metadata: MetaWriter,
     /// A progress commit is under way; its report comes back on `progress_reports`.
@@ -110,8 +115,8 @@ pub struct Hub {
     retained: RetainedMessages,
     /// Where the stored QoS 2 receipts are complete (see `session::receipts`).
     receipts_checkpoint: u64,
-    /// A removal of old log segments is under way (on a blocking thread).
-    retention_running: Arc<AtomicBool>,
+    /// Where reclaims of log space are asked for (see `checkpoints::reclaim_when_asked`).
+    reclaims: mpsc::Sender<Liveness>,
     limits: HubLimits,
 }
 
@@ -126,6 +131,7 @@ impl Hub {
         meta: Arc<Meta>,
         router: Arc<Router>,
         limits: HubLimits,
+        reclaims: mpsc::Sender<Liveness>,
     ) -> Result<Hub, StartError> {
         let tail = wal.reader(wal.durable_seq() + 1)?;
         let next_session_id = (wal.epoch() << 32) + 1;
@@ -136,6 +142,7 @@ impl Hub {
         let mut hub = Hub {
             wal,
             meta,
+            own_appends: VecDeque::new(),
             metadata,
             progress_in_flight: false,
             progress_reports,
@@ -150,7 +157,7 @@ impl Hub {
             cache: MessageCache::new(MESSAGE_CACHE_BYTES_MAX),
             retained,
             receipts_checkpoint: 0,
-            retention_running: Arc::new(AtomicBool::new(false)),
+            reclaims,
             limits,
         };
         let replay_from = hub.load_sessions()?.min(hub.retained.replay_from());
@@ -193,7 +200,10 @@ impl Hub {
                     self.retained.expire(now_ms());
                     self.commit_checkpoints();
                 }
-                _ = reclaim.tick() => self.reclaim_log_space(),
+                _ = reclaim.tick() => {
+                    self.retry_own_appends();
+                    self.reclaim_log_space();
+                }
                 Some(report) = self.progress_received.recv() => self.progress_committed(report),
             }
         }

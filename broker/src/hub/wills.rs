@@ -2,6 +2,7 @@
 //! delay.
 
 use super::Hub;
+use super::appends::{Metering, OwnAppend};
 use crate::delivery::record::KIND_PUBLISH;
 use crate::message::{Will, expires_at_ms};
 use crate::session::Session;
@@ -45,15 +46,11 @@ impl Hub {
         message.properties.expires_at_ms = expires_at_ms(will.expiry_interval_secs);
         tracing::info!(topic = %message.topic, "publishing a will");
         let record = self.subscriptions.record(message, publisher).encode();
-        let wal = self.wal.clone();
-        tokio::spawn(async move {
-            let logged = match wal.submit(KIND_PUBLISH, record).await {
-                Ok(append) => append.await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = logged {
-                tracing::warn!("failed to log a will: {e}");
-            }
+        self.append_own(OwnAppend {
+            kind: KIND_PUBLISH,
+            payload: record,
+            metering: Metering::Quota,
+            what: "a will",
         });
     }
 }
