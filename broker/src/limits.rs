@@ -6,6 +6,10 @@ pub const TOPIC_LEVELS_MAX: usize = 128;
 /// Events queued from all connections to the hub.
 pub const HUB_EVENTS_MAX: usize = 4096;
 
+/// Records of the hub's own (a subscriber's PUBREC, a will) handed to the appender and not
+/// yet logged, and as many again waiting in the hub; beyond that more are refused, logged.
+pub const OWN_APPENDS_MAX: usize = 4096;
+
 /// Metadata writes (sessions stored or forgotten) queued for the metadata writer, and the most
 /// it commits in one transaction.
 pub const METADATA_WRITES_MAX: usize = 4096;

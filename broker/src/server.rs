@@ -2,9 +2,9 @@
 
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
-use crate::hub::{Hub, HubLimits, reclaim_when_asked};
+use crate::hub::{Hub, HubHelpers, HubLimits, append_when_asked, reclaim_when_asked};
 use crate::ingest::Ingest;
-use crate::limits::{HUB_EVENTS_MAX, LISTEN_BACKLOG, record_payload_bytes_max};
+use crate::limits::{HUB_EVENTS_MAX, LISTEN_BACKLOG, OWN_APPENDS_MAX, record_payload_bytes_max};
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
@@ -138,13 +138,16 @@ impl Server {
         let limits = hub_limits(config);
         // One reclaim asked for at a time: the hub asks again at its next tick.
         let (reclaims, reclaim_requests) = mpsc::channel(1);
-        let hub = Hub::new(wal.clone(), meta, Arc::clone(&router), limits, reclaims)
+        let (appender, append_requests) = mpsc::channel(OWN_APPENDS_MAX);
+        let helpers = HubHelpers { reclaims, appender };
+        let hub = Hub::new(wal.clone(), meta, Arc::clone(&router), limits, helpers)
             .context("start the hub")?;
         let shutdown = CancellationToken::new();
         let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
         let mut tasks = vec![
             tokio::spawn(hub.run(events_rx, shutdown.clone())),
             tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests)),
+            tokio::spawn(append_when_asked(wal.clone(), append_requests)),
         ];
         let connection_limits = ConnectionLimits {
             packet_size_max: config.settings.max_packet_size,

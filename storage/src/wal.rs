@@ -398,23 +398,9 @@ impl Wal {
     /// # Errors
     /// `QueueFull` when the queue has no room, otherwise as [`Wal::submit`].
     pub fn try_submit(&self, kind: u8, payload: Bytes) -> Result<PendingAppend> {
-        self.try_enqueue(kind, payload, false)
-    }
-
-    /// Queues a record without waiting, even when the log is at its quota or the disk's
-    /// reserve (see [`Reservation::submit_beyond_quota`]).
-    ///
-    /// # Errors
-    /// `QueueFull` when the queue has no room, `InvalidKind`, `RecordTooLarge`, `Closed`, or
-    /// the sticky failure.
-    pub fn try_submit_beyond_quota(&self, kind: u8, payload: Bytes) -> Result<PendingAppend> {
-        self.try_enqueue(kind, payload, true)
-    }
-
-    fn try_enqueue(&self, kind: u8, payload: Bytes, beyond_quota: bool) -> Result<PendingAppend> {
         let frame_bytes = self.check_record(kind, &payload)?;
         match Arc::clone(&self.shared().queue_room).try_acquire_many_owned(frame_bytes) {
-            Ok(room) => self.enqueue(kind, payload, room, beyond_quota),
+            Ok(room) => self.enqueue(kind, payload, room, false),
             Err(tokio::sync::TryAcquireError::NoPermits) => Err(Error::QueueFull),
             Err(tokio::sync::TryAcquireError::Closed) => Err(self.stopped_error()),
         }

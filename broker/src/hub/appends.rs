@@ -1,18 +1,25 @@
-//! Records the hub logs itself (a subscriber's PUBREC, a will), without waiting and without a
-//! task of its own: queued in the log at once, or, while the log's queue is full, kept in order
-//! and tried again on the next tick. The hub's tail sees them once they are durable.
+//! Records the hub logs itself (a subscriber's PUBREC, a will). The hub hands them to the
+//! appender (`append_when_asked`, a task the server starts), which waits its turn for room in
+//! the log like any publisher, so they are neither starved by busy publishers nor waited for on
+//! the hub's task. While the appender's queue is full they wait here, in order, and are handed
+//! over on the next tick; past `OWN_APPENDS_MAX` waiting, more are refused with a log line.
+//! The hub's tail sees them once they are durable.
 
 use super::Hub;
+use crate::limits::OWN_APPENDS_MAX;
 use bytes::Bytes;
+use spool_storage::Wal;
+use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 /// A record the hub logs itself.
 #[derive(Debug)]
-pub(super) struct OwnAppend {
-    pub kind: u8,
-    pub payload: Bytes,
-    pub metering: Metering,
+pub struct OwnAppend {
+    pub(super) kind: u8,
+    pub(super) payload: Bytes,
+    pub(super) metering: Metering,
     /// What it is, for log lines.
-    pub what: &'static str,
+    pub(super) what: &'static str,
 }
 
 /// Whether a record of the hub's own counts against the log's quota and disk reserve.
@@ -26,26 +33,50 @@ pub(super) enum Metering {
 }
 
 impl Hub {
-    /// Logs `append` now, or after those still waiting for room in the log's queue.
+    /// Hands `append` to the appender, after those still waiting here.
     pub(super) fn append_own(&mut self, append: OwnAppend) {
+        if self.own_appends.len() >= OWN_APPENDS_MAX {
+            tracing::error!(
+                "not logging {}: {OWN_APPENDS_MAX} records of the hub's own wait for the log already",
+                append.what
+            );
+            return;
+        }
         self.own_appends.push_back(append);
-        self.retry_own_appends();
+        self.hand_over_own_appends();
     }
 
-    /// Queues the waiting records of the hub's own, in order, while the log takes them.
-    pub(super) fn retry_own_appends(&mut self) {
-        while let Some(append) = self.own_appends.front() {
-            let payload = append.payload.clone();
-            let submitted = match append.metering {
-                Metering::Quota => self.wal.try_submit(append.kind, payload),
-                Metering::BeyondQuota => self.wal.try_submit_beyond_quota(append.kind, payload),
-            };
-            match submitted {
-                Ok(_durable_later) => {}
-                Err(spool_storage::Error::QueueFull) => return, // the next tick tries again
-                Err(e) => tracing::warn!("failed to log {}: {e}", append.what),
+    /// Hands the waiting records of the hub's own to the appender, in order, while it takes
+    /// them.
+    pub(super) fn hand_over_own_appends(&mut self) {
+        while let Some(append) = self.own_appends.pop_front() {
+            match self.appender.try_send(append) {
+                Ok(()) => {}
+                Err(TrySendError::Full(append)) => {
+                    self.own_appends.push_front(append);
+                    return; // the next tick tries again
+                }
+                Err(TrySendError::Closed(append)) => {
+                    tracing::warn!("not logging {}: the appender stopped", append.what);
+                }
             }
-            self.own_appends.pop_front();
+        }
+    }
+}
+
+/// Logs the records the hub hands over, in order, each waiting its turn for room in the log.
+/// Ends when the hub does.
+pub async fn append_when_asked(wal: Wal, mut requests: mpsc::Receiver<OwnAppend>) {
+    while let Some(append) = requests.recv().await {
+        let submitted = match wal.reserve(append.kind, append.payload).await {
+            Ok(room) => match append.metering {
+                Metering::Quota => room.submit(),
+                Metering::BeyondQuota => room.submit_beyond_quota(),
+            },
+            Err(e) => Err(e),
+        };
+        if let Err(e) = submitted {
+            tracing::warn!("failed to log {}: {e}", append.what);
         }
     }
 }

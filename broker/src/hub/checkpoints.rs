@@ -6,10 +6,9 @@ use crate::delivery::record::QueueId;
 use crate::hub::retained::{self, RETAINED_CHECKPOINT};
 use crate::limits::{RECLAIM_LIVE_ENTRIES_MAX, RECLAIM_SEGMENTS_PER_RUN};
 use crate::message::Message;
-use crate::session::receipts;
-use spool_storage::Wal;
-use spool_storage::{Liveness, MetaChange, StateTable};
-use std::collections::BTreeMap;
+use crate::session::{Session, receipts};
+use spool_storage::{Liveness, MetaChange, StateTable, Wal};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -34,11 +33,16 @@ impl Hub {
         let mut changes = Vec::new();
         // Only persistent sessions' queues are checkpointed: the others do not outlive spool.
         let persistent = self.sessions.values().filter(|s| s.is_persistent());
-        for queue in persistent.filter_map(|s| self.queues.get(&s.queue())) {
+        for session in persistent {
+            let Some(queue) = self.queues.get(&session.queue()) else {
+                continue;
+            };
             let checkpoint = queue.checkpoint_due(read_through);
             if checkpoint > queue.checkpoint {
                 changes.push(checkpoint_change(queue.checkpoint_key(), checkpoint));
-                report.queues.push((queue.id, checkpoint));
+                report
+                    .queues
+                    .push((session.id, session.forgotten, checkpoint));
             }
         }
         if read_through > self.retained.checkpoint() || self.retained.has_uncommitted() {
@@ -66,7 +70,7 @@ impl Hub {
             report
                 .receipts
                 .iter()
-                .map(|(id, stored)| MetaChange::State {
+                .map(|(id, _, stored)| MetaChange::State {
                     table: StateTable::Qos2Receipts,
                     key: id.to_string(),
                     value: Some(stored.clone()),
@@ -76,14 +80,15 @@ impl Hub {
             return;
         }
         self.progress_in_flight = true;
-        let reports = self.progress_reports.clone();
+        let mut outcome = ReportOnDrop {
+            report: Some(report),
+            reports: self.progress_reports.clone(),
+        };
         let done = move |result: spool_storage::Result<()>| {
-            report.committed = result.is_ok();
-            if let Err(e) = result {
+            if let Err(e) = &result {
                 tracing::error!("failed to commit checkpoints: {e}");
             }
-            // Room for it: one report is in flight at a time.
-            let _ = reports.try_send(report);
+            outcome.send(result.is_ok());
         };
         self.metadata.write(changes, Some(Box::new(done)));
     }
@@ -98,20 +103,28 @@ impl Hub {
         }
         self.retained.committed(report.read_through);
         self.receipts_checkpoint = self.receipts_checkpoint.max(report.receipts_through);
-        for (id, checkpoint) in report.queues {
-            if let Some(queue) = self.queues.get_mut(&id) {
+        // What a session forgot since the commit was taken is not stored any more.
+        let current = |sessions: &HashMap<u64, Session>, id: u64, forgotten: u64| {
+            sessions.get(&id).is_some_and(|s| s.forgotten == forgotten)
+        };
+        for (id, forgotten, checkpoint) in report.queues {
+            if current(&self.sessions, id, forgotten)
+                && let Some(queue) = self.queues.get_mut(&QueueId::Session(id))
+            {
                 queue.checkpoint = queue.checkpoint.max(checkpoint);
             }
         }
-        for (id, stored) in report.receipts {
-            if let Some(session) = self.sessions.get_mut(&id) {
+        for (id, forgotten, stored) in report.receipts {
+            if current(&self.sessions, id, forgotten)
+                && let Some(session) = self.sessions.get_mut(&id)
+            {
                 session.receipts_stored = Some(stored);
             }
         }
     }
 
     /// The persistent sessions' QoS 2 receipts that differ from what is stored, encoded.
-    fn changed_receipts(&self, receipts_through: u64) -> Vec<(u64, Vec<u8>)> {
+    fn changed_receipts(&self, receipts_through: u64) -> Vec<(u64, u64, Vec<u8>)> {
         self.sessions
             .values()
             .filter(|s| s.is_persistent())
@@ -122,7 +135,7 @@ impl Hub {
                     Some(before) => *before == encoded,
                     None => current.is_empty(),
                 };
-                (!unchanged).then_some((s.id, encoded))
+                (!unchanged).then_some((s.id, s.forgotten, encoded))
             })
             .collect()
     }
@@ -201,6 +214,30 @@ pub async fn reclaim_when_asked(wal: Wal, mut requests: mpsc::Receiver<Liveness>
     }
 }
 
+/// Sends a progress report back to the hub once: as committed or not by the completion, or as
+/// failed if the completion is dropped without running (the writer thread died), so that the
+/// hub never waits for it for good.
+struct ReportOnDrop {
+    report: Option<ProgressReport>,
+    reports: mpsc::Sender<ProgressReport>,
+}
+
+impl ReportOnDrop {
+    fn send(&mut self, committed: bool) {
+        if let Some(mut report) = self.report.take() {
+            report.committed = committed;
+            // Room for it: one report is in flight at a time.
+            let _ = self.reports.try_send(report);
+        }
+    }
+}
+
+impl Drop for ReportOnDrop {
+    fn drop(&mut self) {
+        self.send(false);
+    }
+}
+
 fn checkpoint_change(queue: String, seq: u64) -> MetaChange {
     MetaChange::Checkpoint { queue, seq }
 }
@@ -211,10 +248,10 @@ pub(super) struct ProgressReport {
     committed: bool,
     read_through: u64,
     receipts_through: u64,
-    /// Queues and the checkpoints committed for them.
-    queues: Vec<(QueueId, u64)>,
+    /// Sessions (with how often they were forgotten then) and their queues' checkpoints.
+    queues: Vec<(u64, u64, u64)>,
     /// The retained-message changes committed (given back if the commit failed).
     retained: BTreeMap<String, Option<Arc<Message>>>,
-    /// Sessions and the receipts stored for them.
-    receipts: Vec<(u64, Vec<u8>)>,
+    /// Sessions (with how often they were forgotten then) and the receipts stored for them.
+    receipts: Vec<(u64, u64, Vec<u8>)>,
 }

@@ -19,7 +19,16 @@
 mod appends;
 mod checkpoints;
 
+pub use appends::{OwnAppend, append_when_asked};
 pub use checkpoints::reclaim_when_asked;
+
+/// Where the hub asks for the work it does not do on its own task: the server runs
+/// `reclaim_when_asked` and `append_when_asked` on the other ends.
+#[derive(Debug)]
+pub struct HubHelpers {
+    pub reclaims: mpsc::Sender<Liveness>,
+    pub appender: mpsc::Sender<OwnAppend>,
+}
 mod delivery;
 pub mod events;
 mod metadata;
@@ -34,7 +43,6 @@ use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueLimits;
 use crate::delivery::record::QueueId;
 use crate::encoding::FormatError;
-use crate::hub::appends::OwnAppend;
 use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
 use crate::hub::metadata::MetaWriter;
@@ -92,8 +100,10 @@ pub(super) const RECEIPTS_CHECKPOINT: &str = "qos2-receipts";
 pub struct Hub {
     wal: Wal,
     meta: Arc<Meta>,
-    /// Records of the hub's own waiting for room in the log's queue, in order.
+    /// Records of the hub's own waiting for the appender to take them, in order.
     own_appends: VecDeque<OwnAppend>,
+    /// Where records of the hub's own are logged (see `appends::append_when_asked`).
+    appender: mpsc::Sender<OwnAppend>,
     /// Session writes and progress commits, made off the hub task.
     metadata: MetaWriter,
     /// A progress commit is under way; its report comes back on `progress_reports`.
@@ -131,8 +141,9 @@ impl Hub {
         meta: Arc<Meta>,
         router: Arc<Router>,
         limits: HubLimits,
-        reclaims: mpsc::Sender<Liveness>,
+        helpers: HubHelpers,
     ) -> Result<Hub, StartError> {
+        let HubHelpers { reclaims, appender } = helpers;
         let tail = wal.reader(wal.durable_seq() + 1)?;
         let next_session_id = (wal.epoch() << 32) + 1;
         let retained = RetainedMessages::load(&meta)?;
@@ -143,6 +154,7 @@ impl Hub {
             wal,
             meta,
             own_appends: VecDeque::new(),
+            appender,
             metadata,
             progress_in_flight: false,
             progress_reports,
@@ -201,7 +213,7 @@ impl Hub {
                     self.commit_checkpoints();
                 }
                 _ = reclaim.tick() => {
-                    self.retry_own_appends();
+                    self.hand_over_own_appends();
                     self.reclaim_log_space();
                 }
                 Some(report) = self.progress_received.recv() => self.progress_committed(report),

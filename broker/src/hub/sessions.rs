@@ -221,5 +221,6 @@ fn forget_stored(metadata: &MetaWriter, session: &mut Session, done: Option<Comp
         });
     }
     session.stored = false;
+    session.forgotten += 1;
     metadata.write(changes, done);
 }

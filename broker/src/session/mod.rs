@@ -65,6 +65,9 @@ pub struct Session {
     pub receipts: SharedReceipts,
     /// The receipts as last stored (encoded), so unchanged ones are not written again.
     pub receipts_stored: Option<Vec<u8>>,
+    /// How many times its stored copy was forgotten: a progress commit taken before the last
+    /// forget must not mark anything of it stored.
+    pub forgotten: u64,
     next_packet_id: u16,
 }
 
@@ -83,6 +86,7 @@ impl Session {
             next_packet_id: 0,
             receipts: SharedReceipts::default(),
             receipts_stored: None,
+            forgotten: 0,
         }
     }
 
