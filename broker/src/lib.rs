@@ -10,8 +10,10 @@
 //! - [`delivery`]: the WAL record of a publish (naming queues), queues as endpoints, the
 //!   message cache.
 //! - [`tls`]: the MQTTS listener's certificate, given or generated.
+//! - [`clock`]: the hub's time, which tests move by hand.
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`].
 
+pub mod clock;
 pub mod config;
 pub mod delivery;
 pub mod encoding;

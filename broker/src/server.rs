@@ -1,7 +1,9 @@
 //! Wiring: opens the storage, starts the hub and the listeners, and stops them in order.
 
+use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
+use crate::hub::events::Event;
 use crate::hub::{Hub, HubHelpers, HubLimits, append_when_asked, reclaim_when_asked};
 use crate::ingest::Ingest;
 use crate::limits::{HUB_EVENTS_MAX, LISTEN_BACKLOG, OWN_APPENDS_MAX, record_payload_bytes_max};
@@ -118,6 +120,37 @@ fn open_storage(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<(Arc
     Ok((meta, wal))
 }
 
+/// Starts the hub with the server's clock, and the tasks it asks for work (reclaims, records
+/// of its own); returns where connections send it events.
+fn spawn_hub(
+    config: &Config,
+    wal: &Wal,
+    meta: Arc<Meta>,
+    router: &Arc<Router>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<(mpsc::Sender<Event>, Vec<JoinHandle<()>>)> {
+    // One reclaim asked for at a time: the hub asks again at its next tick.
+    let (reclaims, reclaim_requests) = mpsc::channel(1);
+    let (appender, append_requests) = mpsc::channel(OWN_APPENDS_MAX);
+    let helpers = HubHelpers { reclaims, appender };
+    let hub = Hub::new(
+        wal.clone(),
+        meta,
+        Arc::clone(router),
+        hub_limits(config),
+        helpers,
+        Arc::new(SystemClock),
+    )
+    .context("start the hub")?;
+    let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
+    let tasks = vec![
+        tokio::spawn(hub.run(events_rx, shutdown.clone())),
+        tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests)),
+        tokio::spawn(append_when_asked(wal.clone(), append_requests)),
+    ];
+    Ok((events, tasks))
+}
+
 impl Server {
     /// Opens the data directory (recovering the log) and starts serving.
     ///
@@ -135,20 +168,8 @@ impl Server {
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
         let (meta, wal) = open_storage(config, fs)?;
         let router = Arc::new(Router::default());
-        let limits = hub_limits(config);
-        // One reclaim asked for at a time: the hub asks again at its next tick.
-        let (reclaims, reclaim_requests) = mpsc::channel(1);
-        let (appender, append_requests) = mpsc::channel(OWN_APPENDS_MAX);
-        let helpers = HubHelpers { reclaims, appender };
-        let hub = Hub::new(wal.clone(), meta, Arc::clone(&router), limits, helpers)
-            .context("start the hub")?;
         let shutdown = CancellationToken::new();
-        let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
-        let mut tasks = vec![
-            tokio::spawn(hub.run(events_rx, shutdown.clone())),
-            tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests)),
-            tokio::spawn(append_when_asked(wal.clone(), append_requests)),
-        ];
+        let (events, mut tasks) = spawn_hub(config, &wal, meta, &router, &shutdown)?;
         let connection_limits = ConnectionLimits {
             packet_size_max: config.settings.max_packet_size,
             receive_max: config.settings.max_inflight,

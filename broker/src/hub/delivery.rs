@@ -8,7 +8,7 @@ use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
 };
 use crate::hub::events::{Delivery, Outbound};
-use crate::message::{Message, QoS, now_ms};
+use crate::message::{Message, QoS};
 use crate::session::SessionState;
 use bytes::Bytes;
 use spool_storage::Record;
@@ -243,7 +243,11 @@ impl Hub {
         let queue = self.queues.get_mut(&QueueId::Session(id))?;
         // Once sent, a message is delivered to the end (the client may hold its packet id).
         // The deadline is the entry's: no message is read back to find it expired.
-        if !entry.redelivery && entry.deadline_ms.is_some_and(|at| at <= now_ms()) {
+        if !entry.redelivery
+            && entry
+                .deadline_ms
+                .is_some_and(|at| at <= self.clock.unix_ms())
+        {
             queue.entries.dropped_expired += 1;
             if crate::delivery::drop_worth_logging(queue.entries.dropped_expired) {
                 tracing::info!(

@@ -4,7 +4,8 @@
 //! follows the write-ahead log with a reader that sees only durable records: each publish record
 //! names the sessions it goes to, so the hub appends its sequence number to their queues and
 //! sends what their windows allow. It never blocks on a connection: packets go out with a bounded
-//! `try_send`, and what does not fit stays in the queue until the next acknowledgement.
+//! `try_send`, and what does not fit stays in the queue until the next acknowledgement. It reads
+//! the time only from its [`Clock`], which tests move by hand (`tests/hub_clock.rs`).
 //!
 //! # Layout
 //! This file holds the state and the event loop; each concern adds its handlers:
@@ -38,6 +39,7 @@ mod start;
 mod subscriptions;
 mod wills;
 
+use crate::clock::Clock;
 use crate::delivery::cache::MessageCache;
 use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueLimits;
@@ -48,13 +50,12 @@ use crate::hub::events::Event;
 use crate::hub::metadata::MetaWriter;
 use crate::hub::retained::RetainedMessages;
 use crate::limits::{MESSAGE_CACHE_BYTES_MAX, RECLAIM_INTERVAL};
-use crate::message::now_ms;
 use crate::routing::{Router, SubscriptionTable};
 use crate::session::Session;
 use spool_storage::{Liveness, Meta, Wal, WalReader};
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -128,6 +129,8 @@ pub struct Hub {
     /// Where reclaims of log space are asked for (see `checkpoints::reclaim_when_asked`).
     reclaims: mpsc::Sender<Liveness>,
     limits: HubLimits,
+    /// Every time the hub reads: expiry of sessions, wills and messages.
+    clock: Arc<dyn Clock>,
 }
 
 impl Hub {
@@ -142,6 +145,7 @@ impl Hub {
         router: Arc<Router>,
         limits: HubLimits,
         helpers: HubHelpers,
+        clock: Arc<dyn Clock>,
     ) -> Result<Hub, StartError> {
         let HubHelpers { reclaims, appender } = helpers;
         let tail = wal.reader(wal.durable_seq() + 1)?;
@@ -171,6 +175,7 @@ impl Hub {
             receipts_checkpoint: 0,
             reclaims,
             limits,
+            clock,
         };
         let replay_from = hub.load_sessions()?.min(hub.retained.replay_from());
         hub.router.install(hub.subscriptions.clone());
@@ -207,9 +212,9 @@ impl Hub {
                     }
                 },
                 _ = expiry.tick() => {
-                    self.expire_sessions(Instant::now());
-                    self.publish_due_wills(Instant::now());
-                    self.retained.expire(now_ms());
+                    self.expire_sessions(self.clock.now());
+                    self.publish_due_wills(self.clock.now());
+                    self.retained.expire(self.clock.unix_ms());
                     self.commit_checkpoints();
                 }
                 _ = reclaim.tick() => {

@@ -32,7 +32,7 @@ impl Hub {
             None => {
                 let id = self.next_session_id;
                 self.next_session_id += 1;
-                let session = Session::new(id, request.client_id.clone(), expiry);
+                let session = Session::new(id, request.client_id.clone(), expiry, self.clock.now());
                 let queue = Queue::new(
                     session.queue(),
                     request.client_id.clone(),
@@ -84,7 +84,7 @@ impl Hub {
             .sessions
             .get_mut(&id)
             .expect("index and sessions agree");
-        if let Some(old) = session.detach(Instant::now()) {
+        if let Some(old) = session.detach(self.clock.now()) {
             tracing::info!(client_id = %request.client_id, "session taken over by a new connection");
             let _ = old.outbound.try_send(Outbound::SessionTakenOver);
             if let Some(queue) = self.queues.get_mut(&session.queue()) {
@@ -123,7 +123,7 @@ impl Hub {
             }
             return;
         };
-        session.detach(Instant::now());
+        session.detach(self.clock.now());
         if let Some(queue) = self.queues.get_mut(&session.queue()) {
             queue.entries.requeue_in_flight();
         }

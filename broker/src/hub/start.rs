@@ -22,7 +22,7 @@ impl Hub {
                     source,
                 })?;
             let expiry = Duration::from_secs(stored.expiry_secs);
-            let mut session = Session::new(stored.id, client_id.clone(), expiry);
+            let mut session = Session::new(stored.id, client_id.clone(), expiry, self.clock.now());
             let checkpoint = checkpoints
                 .get(&checkpoint_key(session.queue()))
                 .copied()

@@ -6,7 +6,7 @@ use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{KIND_PUBLISH, PublishRecord, QueueId, Target};
 use crate::hub::events::SubscribeRefusal;
 use crate::limits::SUBSCRIPTIONS_PER_SESSION_MAX;
-use crate::message::{Message, QoS, now_ms};
+use crate::message::{Message, QoS};
 use crate::routing::{RetainHandling, SubscriptionOptions};
 use spool_storage::Wal;
 use tokio::sync::oneshot;
@@ -79,7 +79,7 @@ impl Hub {
         id: u64,
         subscriptions: &[(String, SubscriptionOptions)],
     ) {
-        let now = now_ms();
+        let now = self.clock.unix_ms();
         let position = self.tail.next_seq() - 1;
         let Some(session) = self.sessions.get(&id) else {
             return;

@@ -4,7 +4,7 @@
 use super::Hub;
 use super::appends::{Metering, OwnAppend};
 use crate::delivery::record::KIND_PUBLISH;
-use crate::message::{Will, expires_at_ms};
+use crate::message::Will;
 use crate::session::Session;
 use std::time::{Duration, Instant};
 
@@ -16,7 +16,7 @@ impl Hub {
         let delay = Duration::from_secs(u64::from(will.delay_secs));
         match self.sessions.get_mut(&id) {
             Some(session) if !delay.is_zero() && attached && !session.expiry.is_zero() => {
-                session.await_will(will, Instant::now() + delay.min(session.expiry));
+                session.await_will(will, self.clock.now() + delay.min(session.expiry));
             }
             Some(_) if !delay.is_zero() && !attached => {}
             Some(_) | None => self.publish_will(id, *will),
@@ -43,7 +43,9 @@ impl Hub {
     /// as there is no client left to hold back.
     pub(super) fn publish_will(&mut self, publisher: u64, will: Will) {
         let mut message = will.message;
-        message.properties.expires_at_ms = expires_at_ms(will.expiry_interval_secs);
+        message.properties.expires_at_ms = will
+            .expiry_interval_secs
+            .map(|secs| self.clock.unix_ms() + u64::from(secs) * 1000);
         tracing::info!(topic = %message.topic, "publishing a will");
         let record = self.subscriptions.record(message, publisher).encode();
         self.append_own(OwnAppend {

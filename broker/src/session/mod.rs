@@ -72,15 +72,14 @@ pub struct Session {
 }
 
 impl Session {
+    /// A session that is offline from `now` until a connection attaches it.
     #[must_use]
-    pub fn new(id: u64, client_id: String, expiry: Duration) -> Session {
+    pub fn new(id: u64, client_id: String, expiry: Duration, now: Instant) -> Session {
         Session {
             id,
             client_id,
             expiry,
-            state: SessionState::Offline {
-                since: Instant::now(),
-            },
+            state: SessionState::Offline { since: now },
             subscriptions: BTreeMap::new(),
             stored: false,
             next_packet_id: 0,
@@ -246,7 +245,7 @@ mod tests {
     #[test]
     fn a_session_moves_between_its_states_as_the_protocol_allows() {
         let start = Instant::now();
-        let mut session = Session::new(1, "c".into(), Duration::from_secs(60));
+        let mut session = Session::new(1, "c".into(), Duration::from_secs(60), start);
         assert!(session.attachment().is_none() && session.detach(start).is_none());
         session.attach(attachment(7));
         assert_eq!(session.attachment().map(|a| a.connection), Some(7));

@@ -1,0 +1,206 @@
+//! The hub without sockets, on a clock the test moves: an hour of will delay and two hours of
+//! session expiry pass in seconds, and nothing fires a moment early.
+//!
+//! The hub is wired as the server wires it (log, metadata store, appender, reclaimer), with
+//! connections played by the test through the hub's events.
+
+use bytes::Bytes;
+use spool_broker::clock::ManualClock;
+use spool_broker::delivery::queue::QueueLimits;
+use spool_broker::delivery::record::{KIND_PUBLISH, PublishRecord};
+use spool_broker::hub::events::{
+    ConnectOutcome, ConnectRequest, Event, OutboundReceiver, Protocol, outbound_channel,
+};
+use spool_broker::hub::{Hub, HubHelpers, HubLimits, append_when_asked, reclaim_when_asked};
+use spool_broker::message::{Message, MessageProperties, QoS, Will};
+use spool_broker::routing::Router;
+use spool_storage::{Meta, Wal, WalOptions, WalReader};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+const HOUR: Duration = Duration::from_secs(3600);
+/// Longer than the hub's tick (one second), so a tick has looked at the clock since it moved.
+const TICKS: Duration = Duration::from_millis(2500);
+
+struct TestHub {
+    events: mpsc::Sender<Event>,
+    clock: Arc<ManualClock>,
+    wal: Wal,
+    shutdown: CancellationToken,
+    _dir: tempfile::TempDir,
+}
+
+impl TestHub {
+    fn start() -> TestHub {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let (wal, _) = Wal::open(&dir.path().join("wal"), WalOptions::default()).expect("log");
+        let meta = Arc::new(Meta::open(&dir.path().join("meta.redb")).expect("metadata store"));
+        let limits = HubLimits {
+            in_flight_max: 16,
+            sessions_max: 100,
+            session_queue: QueueLimits {
+                entries_max: 1000,
+                bytes_max: 0,
+            },
+            session_expiry_v311: HOUR,
+        };
+        let (reclaims, reclaim_requests) = mpsc::channel(1);
+        let (appender, append_requests) = mpsc::channel(64);
+        let clock = Arc::new(ManualClock::new());
+        let hub = Hub::new(
+            wal.clone(),
+            meta,
+            Arc::new(Router::default()),
+            limits,
+            HubHelpers { reclaims, appender },
+            Arc::clone(&clock) as _,
+        )
+        .expect("hub");
+        let (events, events_rx) = mpsc::channel(64);
+        let shutdown = CancellationToken::new();
+        tokio::spawn(hub.run(events_rx, shutdown.clone()));
+        tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests));
+        tokio::spawn(append_when_asked(wal.clone(), append_requests));
+        TestHub {
+            events,
+            clock,
+            wal,
+            shutdown,
+            _dir: dir,
+        }
+    }
+
+    /// Connects `client_id` as connection `connection` with a persistent MQTT 5 session. The
+    /// connection lives while its outbound channel does: the hub lets go of a closed one.
+    async fn connect(
+        &self,
+        connection: u64,
+        client_id: &str,
+        expiry: Duration,
+    ) -> (ConnectOutcome, OutboundReceiver) {
+        let (outbound, outbound_rx) = outbound_channel(16);
+        let (reply, answer) = oneshot::channel();
+        let request = ConnectRequest {
+            connection,
+            client_id: client_id.to_owned(),
+            protocol: Protocol::V5,
+            clean_start: false,
+            session_expiry_secs: u32::try_from(expiry.as_secs()).expect("expiry fits"),
+            receive_max: 16,
+            outbound,
+            released: CancellationToken::new(),
+            reply,
+        };
+        self.send(Event::Connect(request)).await;
+        let outcome = answer
+            .await
+            .expect("the hub answers")
+            .expect("the hub accepts the session");
+        (outcome, outbound_rx)
+    }
+
+    async fn disconnect(&self, session: u64, connection: u64, will: Option<Box<Will>>) {
+        self.send(Event::Disconnected {
+            session,
+            connection,
+            will,
+            session_expiry_secs: None,
+        })
+        .await;
+    }
+
+    /// Waits until the hub has handled every event sent before: it handles them in order, and
+    /// this one (for no session) is answered at once.
+    async fn settle(&self) {
+        let (reply, answer) = oneshot::channel();
+        self.send(Event::Unsubscribe {
+            session: 0,
+            filters: Vec::new(),
+            reply,
+        })
+        .await;
+        answer.await.expect("the hub answers");
+    }
+
+    async fn send(&self, event: Event) {
+        self.events.send(event).await.expect("the hub runs");
+    }
+
+    /// The next publish record in the log, if one is logged within `wait`.
+    async fn next_publish(&self, reader: &mut WalReader, wait: Duration) -> Option<Message> {
+        let record = tokio::time::timeout(wait, reader.next()).await.ok()?;
+        let record = record.expect("the log reads");
+        assert_eq!(record.kind, KIND_PUBLISH, "only a will is logged here");
+        Some(
+            PublishRecord::decode(record.payload)
+                .expect("a publish record")
+                .message,
+        )
+    }
+}
+
+impl Drop for TestHub {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+fn will(delay: Duration) -> Box<Will> {
+    Box::new(Will {
+        message: Message {
+            topic: "status/sensor".into(),
+            payload: Bytes::from_static(b"offline"),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: MessageProperties::default(),
+        },
+        expiry_interval_secs: None,
+        delay_secs: u32::try_from(delay.as_secs()).expect("delay fits"),
+    })
+}
+
+/// Goal: a will delayed by an hour goes out when the hub's clock has moved an hour, not a
+/// second before; a session with two hours of expiry is gone after two hours, while one with a
+/// day of expiry is still there. Without the hub reading time from its clock, this would take
+/// a day, or nothing would fire.
+#[tokio::test]
+async fn a_delayed_will_and_session_expiry_follow_the_hubs_clock() {
+    let hub = TestHub::start();
+    let mut log = hub.wal.reader(1).expect("log reader");
+
+    let (sensor, _sensor_connection) = hub.connect(1, "sensor", 2 * HOUR).await;
+    let (keeper, _keeper_connection) = hub.connect(2, "keeper", 24 * HOUR).await;
+    hub.disconnect(sensor.session, 1, Some(will(HOUR))).await;
+    hub.disconnect(keeper.session, 2, None).await;
+    hub.settle().await;
+
+    hub.clock.advance(HOUR - Duration::from_secs(1));
+    assert_eq!(
+        hub.next_publish(&mut log, TICKS).await,
+        None,
+        "the will went out before its delay"
+    );
+
+    hub.clock.advance(Duration::from_secs(1));
+    let published = hub
+        .next_publish(&mut log, Duration::from_secs(10))
+        .await
+        .expect("the will goes out once its delay has passed");
+    assert_eq!(published.topic, "status/sensor");
+    assert_eq!(published.payload, Bytes::from_static(b"offline"));
+
+    hub.clock.advance(HOUR);
+    tokio::time::sleep(TICKS).await;
+    let (sensor_again, _) = hub.connect(3, "sensor", 2 * HOUR).await;
+    assert!(
+        !sensor_again.session_present,
+        "the session outlived its two hours of expiry"
+    );
+    let (keeper_again, _) = hub.connect(4, "keeper", 24 * HOUR).await;
+    assert!(
+        keeper_again.session_present,
+        "a session with a day of expiry was removed after two hours"
+    );
+}
