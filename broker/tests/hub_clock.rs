@@ -1,19 +1,20 @@
-//! The hub without sockets, on a clock the test moves: an hour of will delay and two hours of
-//! session expiry pass in seconds, and nothing fires a moment early.
+//! The hub without sockets, on a clock the test moves: an hour of will delay, two hours of
+//! session expiry and a minute of message expiry pass in seconds, and nothing fires early.
 //!
 //! The hub is wired as the server wires it (log, metadata store, appender, reclaimer), with
 //! connections played by the test through the hub's events.
 
 use bytes::Bytes;
-use spool_broker::clock::ManualClock;
+use spool_broker::clock::{Clock, ManualClock};
 use spool_broker::delivery::queue::QueueLimits;
 use spool_broker::delivery::record::{KIND_PUBLISH, PublishRecord};
 use spool_broker::hub::events::{
-    ConnectOutcome, ConnectRequest, Event, OutboundReceiver, Protocol, outbound_channel,
+    ConnectOutcome, ConnectRequest, Event, Outbound, OutboundReceiver, Protocol, outbound_channel,
 };
 use spool_broker::hub::{Hub, HubHelpers, HubLimits, append_when_asked, reclaim_when_asked};
+use spool_broker::ingest::{Ingest, Ingested, Publisher, WhenFull};
 use spool_broker::message::{Message, MessageProperties, QoS, Will};
-use spool_broker::routing::Router;
+use spool_broker::routing::{RetainHandling, Router, SubscriptionOptions};
 use spool_storage::{Meta, Wal, WalOptions, WalReader};
 use std::sync::Arc;
 use std::time::Duration;
@@ -26,6 +27,7 @@ const TICKS: Duration = Duration::from_millis(2500);
 
 struct TestHub {
     events: mpsc::Sender<Event>,
+    ingest: Ingest,
     clock: Arc<ManualClock>,
     wal: Wal,
     shutdown: CancellationToken,
@@ -49,10 +51,11 @@ impl TestHub {
         let (reclaims, reclaim_requests) = mpsc::channel(1);
         let (appender, append_requests) = mpsc::channel(64);
         let clock = Arc::new(ManualClock::new());
+        let router = Arc::new(Router::default());
         let hub = Hub::new(
             wal.clone(),
             meta,
-            Arc::new(Router::default()),
+            Arc::clone(&router),
             limits,
             HubHelpers { reclaims, appender },
             Arc::clone(&clock) as _,
@@ -65,6 +68,7 @@ impl TestHub {
         tokio::spawn(append_when_asked(wal.clone(), append_requests));
         TestHub {
             events,
+            ingest: Ingest::new(wal.clone(), router, shutdown.clone()),
             clock,
             wal,
             shutdown,
@@ -111,6 +115,43 @@ impl TestHub {
         .await;
     }
 
+    async fn subscribe(&self, session: u64, filter: &str) {
+        let options = SubscriptionOptions {
+            qos: QoS::AtLeastOnce,
+            no_local: false,
+            retain_as_published: false,
+            subscription_id: None,
+            retain_handling: RetainHandling::default(),
+        };
+        let (reply, answer) = oneshot::channel();
+        self.send(Event::Subscribe {
+            session,
+            filters: vec![(filter.to_owned(), options)],
+            reply,
+        })
+        .await;
+        let granted = answer.await.expect("the hub answers");
+        assert_eq!(granted, vec![Ok(QoS::AtLeastOnce)]);
+    }
+
+    /// Publishes `message` from the connected session `publisher` and waits until it is
+    /// durable, as before a PUBACK.
+    async fn publish(&self, publisher: &ConnectOutcome, connection: u64, message: Message) {
+        let released = CancellationToken::new();
+        let from = Publisher {
+            session: publisher.session,
+            connection,
+            receipts: &publisher.receipts,
+            released: &released,
+            when_full: WhenFull::Refuse,
+        };
+        let ingested = self.ingest.publish(&from, message, 1).await;
+        let Ok(Ingested::Logged(mut durable)) = ingested else {
+            panic!("the publish was not logged: {ingested:?}");
+        };
+        self.ingest.durable(&mut durable).await.expect("durable");
+    }
+
     /// Waits until the hub has handled every event sent before: it handles them in order, and
     /// this one (for no session) is answered at once.
     async fn settle(&self) {
@@ -147,15 +188,22 @@ impl Drop for TestHub {
     }
 }
 
+fn message(topic: &str, payload: &'static [u8], expires_at_ms: Option<u64>) -> Message {
+    Message {
+        topic: topic.into(),
+        payload: Bytes::from_static(payload),
+        qos: QoS::AtLeastOnce,
+        retain: false,
+        properties: MessageProperties {
+            expires_at_ms,
+            ..MessageProperties::default()
+        },
+    }
+}
+
 fn will(delay: Duration) -> Box<Will> {
     Box::new(Will {
-        message: Message {
-            topic: "status/sensor".into(),
-            payload: Bytes::from_static(b"offline"),
-            qos: QoS::AtLeastOnce,
-            retain: false,
-            properties: MessageProperties::default(),
-        },
+        message: message("status/sensor", b"offline", None),
         expiry_interval_secs: None,
         delay_secs: u32::try_from(delay.as_secs()).expect("delay fits"),
     })
@@ -202,5 +250,45 @@ async fn a_delayed_will_and_session_expiry_follow_the_hubs_clock() {
     assert!(
         keeper_again.session_present,
         "a session with a day of expiry was removed after two hours"
+    );
+}
+
+/// Goal: a message queued for an offline session with a minute to live is not delivered once
+/// the hub's clock has passed that minute, and the one queued behind it, which does not
+/// expire, is. (By the machine's clock the minute has not passed.)
+#[tokio::test]
+async fn a_queued_message_expires_by_the_hubs_clock() {
+    let hub = TestHub::start();
+    let (writer, _writer_connection) = hub.connect(1, "writer", HOUR).await;
+    let (reader, reader_connection) = hub.connect(2, "reader", 24 * HOUR).await;
+    hub.subscribe(reader.session, "data/#").await;
+    hub.disconnect(reader.session, 2, None).await;
+    drop(reader_connection);
+    hub.settle().await;
+
+    let in_a_minute = hub.clock.unix_ms() + 60_000;
+    hub.publish(
+        &writer,
+        1,
+        message("data/a", b"short-lived", Some(in_a_minute)),
+    )
+    .await;
+    hub.publish(&writer, 1, message("data/a", b"kept", None))
+        .await;
+    hub.clock.advance(Duration::from_secs(61));
+
+    let (resumed, mut connection) = hub.connect(3, "reader", 24 * HOUR).await;
+    assert!(resumed.session_present);
+    let delivered = tokio::time::timeout(Duration::from_secs(10), connection.recv())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the connection is open");
+    let Outbound::Publish(delivery) = delivered else {
+        panic!("expected a publish, got {delivered:?}");
+    };
+    assert_eq!(
+        delivery.message.payload,
+        Bytes::from_static(b"kept"),
+        "the first delivery is the message that does not expire"
     );
 }
