@@ -141,6 +141,12 @@ async fn keeps_the_newest_ten(limit: &[&str]) {
     subscriber.subscribe("events/#", QoS::AtLeastOnce).await;
     leave(subscriber).await;
     for (round, range) in [(0, 0..25), (1, 25..50)] {
+        // A witness of a marker published after the messages: once it has the marker, the hub
+        // has queued every message before it (it applies records in log order), so the
+        // session's limit was applied before the session is resumed.
+        let mut witness = connect(options(spool.addr, "witness", true));
+        witness.connected().await;
+        witness.subscribe("marker", QoS::AtLeastOnce).await;
         let mut publisher = connect(options(spool.addr, "pub", true));
         publisher.connected().await;
         for i in range.clone() {
@@ -148,7 +154,11 @@ async fn keeps_the_newest_ten(limit: &[&str]) {
                 .publish("events/door", QoS::AtLeastOnce, payload(i))
                 .await;
         }
-        publisher.acks(25).await;
+        publisher
+            .publish("marker", QoS::AtLeastOnce, "all sent")
+            .await;
+        publisher.acks(26).await;
+        witness.publishes(1).await;
         if round == 1 {
             spool.kill();
             spool = Spool::start(dir.path(), limit);
