@@ -201,14 +201,14 @@ impl Hub {
         reclaim.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                () = shutdown.cancelled() => return,
+                () = shutdown.cancelled() => break,
                 Some(event) = events.recv() => self.handle(event),
                 record = self.tail.next() => match record {
                     Ok(record) => self.on_record(&record),
-                    Err(spool_storage::Error::Closed) => return,
+                    Err(spool_storage::Error::Closed) => break,
                     Err(e) => {
                         tracing::error!("failed to read the write-ahead log: {e}");
-                        return;
+                        break;
                     }
                 },
                 _ = expiry.tick() => {
@@ -223,6 +223,14 @@ impl Hub {
                 }
                 Some(report) = self.progress_received.recv() => self.progress_committed(report),
             }
+        }
+        self.hand_over_own_appends();
+        if !self.own_appends.is_empty() {
+            tracing::warn!(
+                records = self.own_appends.len(),
+                "stopping with records of the hub's own not handed to the log: wills not \
+                 published, and QoS 2 messages whose PUBREC is not logged are sent again"
+            );
         }
     }
 
