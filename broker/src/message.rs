@@ -81,10 +81,11 @@ pub struct Will {
     pub delay_secs: u32,
 }
 
-/// The absolute expiry (`expires_at_ms`) of a message expiry interval that starts now.
+/// The absolute expiry (`expires_at_ms`) of a message expiry interval that starts at
+/// `now_ms`.
 #[must_use]
-pub fn expires_at_ms(interval_secs: Option<u32>) -> Option<u64> {
-    interval_secs.map(|secs| now_ms() + u64::from(secs) * 1000)
+pub fn expires_at_ms(now_ms: u64, interval_secs: Option<u32>) -> Option<u64> {
+    interval_secs.map(|secs| now_ms.saturating_add(u64::from(secs) * 1000))
 }
 
 /// Milliseconds since the Unix epoch, the clock message expiry is measured with.

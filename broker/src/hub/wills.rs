@@ -4,7 +4,7 @@
 use super::Hub;
 use super::appends::{Metering, OwnAppend};
 use crate::delivery::record::KIND_PUBLISH;
-use crate::message::Will;
+use crate::message::{Will, expires_at_ms};
 use crate::session::Session;
 use std::time::{Duration, Instant};
 
@@ -43,9 +43,8 @@ impl Hub {
     /// as there is no client left to hold back.
     pub(super) fn publish_will(&mut self, publisher: u64, will: Will) {
         let mut message = will.message;
-        message.properties.expires_at_ms = will
-            .expiry_interval_secs
-            .map(|secs| self.clock.unix_ms() + u64::from(secs) * 1000);
+        message.properties.expires_at_ms =
+            expires_at_ms(self.clock.unix_ms(), will.expiry_interval_secs);
         tracing::info!(topic = %message.topic, "publishing a will");
         let record = self.subscriptions.record(message, publisher).encode();
         self.append_own(OwnAppend {

@@ -576,7 +576,7 @@ where
         let packet_id = publish.packet_id.unwrap_or(0);
         self.check_receive_maximum(publish.qos, packet_id)?;
         let mut properties = publish.properties;
-        properties.expires_at_ms = expires_at_ms(publish.expiry_interval_secs);
+        properties.expires_at_ms = expires_at_ms(now_ms(), publish.expiry_interval_secs);
         let message = Message {
             topic,
             payload: publish.payload,
