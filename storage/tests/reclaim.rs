@@ -6,7 +6,7 @@
 mod common;
 
 use common::{open_faulty, payload_for, small_segments};
-use spool_storage::{CrashMode, FaultyFs, Liveness, Wal};
+use spool_storage::{CrashMode, Error, FaultyFs, Liveness, LockPolicy, Wal, WalOptions};
 
 async fn append(wal: &Wal, count: u64) {
     for i in 1..=count {
@@ -177,4 +177,27 @@ async fn a_move_held_back_for_room_is_made_once_there_is_room() {
     let roomy = wal.reclaim(&live).unwrap();
     assert_eq!(roomy.records_moved, 1);
     assert!(roomy.segments_removed > 0);
+}
+
+#[tokio::test]
+async fn a_fenced_writer_leaves_the_moved_records_alone() {
+    // Goal: law 3 for moved files, whose names are the same in every epoch: a writer fenced by
+    // a newer one (a volume mounted twice) must not remove moved records the newer one needs,
+    // even when it has no segment left to remove.
+    let fs = FaultyFs::new();
+    let unlocked = WalOptions {
+        lock: LockPolicy::SkipForFencingTests,
+        ..small_segments()
+    };
+    let (old, _) = open_faulty(&fs, unlocked.clone()).unwrap();
+    append(&old, 300).await;
+    let live = |live: Vec<u64>| Liveness {
+        needed_from: 290,
+        live,
+    };
+    assert_eq!(old.reclaim(&live(vec![3, 50])).unwrap().records_moved, 2);
+    let (new, _) = open_faulty(&fs, unlocked).unwrap();
+    let fenced = old.reclaim(&live(Vec::new())).unwrap_err();
+    assert!(matches!(fenced, Error::Fenced { .. }), "{fenced:?}");
+    assert_eq!(seqs_from(&new, 1)[..2], [3, 50]);
 }

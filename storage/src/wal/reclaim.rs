@@ -292,6 +292,8 @@ impl Wal {
             if kept.len() == file.records.len() || 2 * kept_bytes > file.bytes {
                 continue;
             }
+            // A newer writer reads the same moved files (their names carry no epoch).
+            fence::check_epoch(shared.fs.as_ref(), &shared.dir, shared.epoch)?;
             // Readers of moved records hold this lock while they read, so none reads a file
             // while it is replaced or removed under it.
             let mut moved = shared.moved.write().unwrap_or_else(PoisonError::into_inner);
