@@ -70,29 +70,34 @@ const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX as u64 + FRAME_HEADER_BYTES <= u3
 /// The file name of the segment whose first record is `first_seq`.
 #[must_use]
 pub fn segment_file_name(first_seq: u64) -> String {
-    format!("{first_seq:020}{SEGMENT_SUFFIX}")
+    seq_file_name(first_seq, SEGMENT_SUFFIX)
 }
 
 /// The first sequence number encoded in a segment file name, or `None` if `name` is not one.
 #[must_use]
 pub fn parse_segment_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(SEGMENT_SUFFIX)?;
-    if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
-        return None;
-    }
-    digits.parse().ok()
+    parse_seq_file_name(name, SEGMENT_SUFFIX)
 }
 
 /// The file name of the moved records whose first sequence number is `first_seq`.
 #[must_use]
 pub fn moved_file_name(first_seq: u64) -> String {
-    format!("{first_seq:020}{MOVED_SUFFIX}")
+    seq_file_name(first_seq, MOVED_SUFFIX)
 }
 
 /// The sequence number encoded in a moved-record file name, or `None` if `name` is not one.
 #[must_use]
 pub fn parse_moved_file_name(name: &str) -> Option<u64> {
-    let digits = name.strip_suffix(MOVED_SUFFIX)?;
+    parse_seq_file_name(name, MOVED_SUFFIX)
+}
+
+/// Log files are named by a sequence number in 20 digits (sorting by name sorts by number).
+fn seq_file_name(seq: u64, suffix: &str) -> String {
+    format!("{seq:020}{suffix}")
+}
+
+fn parse_seq_file_name(name: &str, suffix: &str) -> Option<u64> {
+    let digits = name.strip_suffix(suffix)?;
     if digits.len() != 20 || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }

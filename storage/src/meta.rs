@@ -264,32 +264,18 @@ impl Meta {
         changes: &[(StateTable, &str, Option<&[u8]>)],
         commit: Commit,
     ) -> Result<()> {
-        self.write(commit, "commit state", |write| {
-            // Each table opened once, however many of its entries change.
-            let mut tables: Vec<StateTable> = Vec::new();
-            for &(table, _, _) in changes {
-                if !tables.contains(&table) {
-                    tables.push(table);
-                }
-            }
-            for table in tables {
-                let entries = changes.iter().filter(|(t, _, _)| *t == table);
-                let mut open = write
-                    .open_table(table.definition())
-                    .map_err(|e| meta_error(&format!("open {}", table.name()), e))?;
-                for &(_, key, value) in entries {
-                    match value {
-                        Some(value) => open.insert(key, value).map(|_| ()),
-                        None => open.remove(key).map(|_| ()),
-                    }
-                    .map_err(|e| meta_error(&format!("write {}", table.name()), e))?;
-                }
-            }
-            let mut table = write
-                .open_table(CHECKPOINTS)
-                .map_err(|e| meta_error("open checkpoints", e))?;
-            advance_checkpoints(&mut table, updates)
-        })
+        let state = changes
+            .iter()
+            .map(|&(table, key, value)| MetaChange::State {
+                table,
+                key: key.to_owned(),
+                value: value.map(<[u8]>::to_vec),
+            });
+        let checkpoints = updates.iter().map(|&(queue, seq)| MetaChange::Checkpoint {
+            queue: queue.to_owned(),
+            seq,
+        });
+        self.apply(&state.chain(checkpoints).collect::<Vec<_>>(), commit)
     }
 
     /// Every entry of a keyed state table.
@@ -305,12 +291,7 @@ impl Meta {
     /// # Errors
     /// `Error::Meta`.
     pub fn remove_checkpoint(&self, queue: &str, commit: Commit) -> Result<()> {
-        self.write_checkpoints(commit, |table| {
-            table
-                .remove(queue)
-                .map_err(|e| meta_error("remove checkpoint", e))?;
-            Ok(())
-        })
+        self.apply(&[MetaChange::RemoveCheckpoint(queue.to_owned())], commit)
     }
 
     /// Runs `change` on the checkpoint table in one write transaction, committed as `commit`

@@ -89,10 +89,11 @@ impl Writer {
             match self.write_batch(&batch) {
                 Ok(last_seq) => {
                     self.shared.durable.send_replace(last_seq);
-                    self.shared.disk_measured(self.shared.measure_available());
                     for submission in batch {
                         let _ = submission.done.send(Ok(submission.seq));
                     }
+                    // After the acknowledgements, not before: they need no statvfs.
+                    self.shared.disk_measured(self.shared.measure_available());
                 }
                 Err(cause) => return self.stop(cause, batch),
             }
