@@ -52,6 +52,25 @@ impl Queue {
         }
     }
 
+    /// Whether the entry's message expired by `now_ms` before it was sent; an expired one is
+    /// counted and logged (`ttl_expiry`) like a drop for room. Once sent, a message is
+    /// delivered to the end (the client may hold its packet id).
+    pub fn expired(&mut self, entry: &QueueEntry, now_ms: u64) -> bool {
+        if entry.redelivery || entry.deadline_ms.is_none_or(|at| at > now_ms) {
+            return false;
+        }
+        self.entries.dropped_expired += 1;
+        if drop_worth_logging(self.entries.dropped_expired) {
+            tracing::info!(
+                queue = %self.name,
+                seq = entry.seq,
+                dropped = self.entries.dropped_expired,
+                "message expired before delivery (ttl_expiry; `dropped` counts this queue's since start)"
+            );
+        }
+        true
+    }
+
     /// The key of the queue's checkpoint in the metadata store.
     #[must_use]
     pub fn checkpoint_key(&self) -> String {

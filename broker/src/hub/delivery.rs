@@ -240,23 +240,13 @@ impl Hub {
 
     /// The PUBLISH for a queue entry, or `None` if its message expired or cannot be read.
     pub(super) fn delivery(&mut self, id: u64, entry: &QueueEntry) -> Option<Delivery> {
-        let queue = self.queues.get_mut(&QueueId::Session(id))?;
-        // Once sent, a message is delivered to the end (the client may hold its packet id).
+        let now_ms = self.clock.unix_ms();
         // The deadline is the entry's: no message is read back to find it expired.
-        if !entry.redelivery
-            && entry
-                .deadline_ms
-                .is_some_and(|at| at <= self.clock.unix_ms())
+        if self
+            .queues
+            .get_mut(&QueueId::Session(id))?
+            .expired(entry, now_ms)
         {
-            queue.entries.dropped_expired += 1;
-            if crate::delivery::drop_worth_logging(queue.entries.dropped_expired) {
-                tracing::info!(
-                    queue = %queue.name,
-                    seq = entry.seq,
-                    dropped = queue.entries.dropped_expired,
-                    "message expired before delivery (ttl_expiry; `dropped` counts this queue's since start)"
-                );
-            }
             return None;
         }
         let message = match &entry.retained {

@@ -30,6 +30,7 @@ impl Hub {
         };
         let mut outcomes = Vec::with_capacity(filters.len());
         let mut retained_for = Vec::new();
+        let mut routing_changed = false;
         for (filter, options) in filters {
             let full = session.subscriptions.len() >= SUBSCRIPTIONS_PER_SESSION_MAX
                 && !session.subscriptions.contains_key(&filter);
@@ -38,10 +39,9 @@ impl Hub {
                 continue;
             }
             self.subscriptions.subscribe(id, &filter, options);
-            let is_new = session
-                .subscriptions
-                .insert(filter.clone(), options)
-                .is_none();
+            let held_before = session.subscriptions.insert(filter.clone(), options);
+            let is_new = held_before.is_none();
+            routing_changed |= held_before != Some(options);
             let send_retained = match options.retain_handling {
                 RetainHandling::AtSubscribe => true,
                 RetainHandling::AtNewSubscribe => is_new,
@@ -55,7 +55,9 @@ impl Hub {
         // Publishers see the new subscriptions only after the retained copies are queued in
         // the log, so a publish routed to them cannot overtake the copies.
         self.queue_retained(id, &retained_for);
-        self.router.install(self.subscriptions.clone());
+        if routing_changed {
+            self.router.install(self.subscriptions.clone());
+        }
         self.pump(id);
         let stored = move |result: spool_storage::Result<()>| {
             let outcomes = match result {

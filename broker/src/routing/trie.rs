@@ -64,10 +64,15 @@ impl<V> Default for FilterTrie<V> {
     }
 }
 
-impl<V: Clone> FilterTrie<V> {
+impl<V: Clone + PartialEq> FilterTrie<V> {
     /// Adds `key`'s subscription to `filter`, or replaces its value; returns the value replaced.
     pub fn insert(&mut self, filter: &str, key: u64, value: V) -> Option<V> {
         let levels: Vec<&str> = filter.split('/').collect();
+        // The same again (a client subscribing again after a reconnect) changes nothing, and
+        // must not copy the nodes a snapshot shares.
+        if held(&self.root, &levels, key) == Some(&value) {
+            return Some(value);
+        }
         let replaced = insert(&mut self.root, &levels, key, value);
         self.len += usize::from(replaced.is_none());
         replaced
@@ -148,15 +153,13 @@ fn insert<V: Clone>(node: &mut Arc<Node<V>>, levels: &[&str], key: u64, value: V
 
 fn remove<V: Clone>(node: &mut Arc<Node<V>>, levels: &[&str], key: u64) -> Option<V> {
     // Look before writing: a removal of nothing must not copy nodes a snapshot shares.
-    if !holds(node, levels, key) {
-        return None;
-    }
+    held(node, levels, key)?;
     let node = Arc::make_mut(node);
     match levels {
         [] => Arc::make_mut(&mut node.here).remove(&key),
         ["#"] => Arc::make_mut(&mut node.under).remove(&key),
         ["+", rest @ ..] => {
-            let child = node.single.as_mut().expect("holds() found it");
+            let child = node.single.as_mut().expect("held() found it");
             let removed = remove(child, rest, key);
             if child.is_empty() {
                 node.single = None;
@@ -164,7 +167,7 @@ fn remove<V: Clone>(node: &mut Arc<Node<V>>, levels: &[&str], key: u64) -> Optio
             removed
         }
         [level, rest @ ..] => {
-            let child = node.literal.get_mut(*level).expect("holds() found it");
+            let child = node.literal.get_mut(*level).expect("held() found it");
             let removed = remove(child, rest, key);
             if child.is_empty() {
                 node.literal.remove(*level);
@@ -174,16 +177,13 @@ fn remove<V: Clone>(node: &mut Arc<Node<V>>, levels: &[&str], key: u64) -> Optio
     }
 }
 
-/// Whether `key` holds the filter made of `levels` under `node`.
-fn holds<V>(node: &Node<V>, levels: &[&str], key: u64) -> bool {
+/// The value `key` holds for the filter made of `levels` under `node`, if any.
+fn held<'a, V>(node: &'a Node<V>, levels: &[&str], key: u64) -> Option<&'a V> {
     match levels {
-        [] => node.here.contains_key(&key),
-        ["#"] => node.under.contains_key(&key),
-        ["+", rest @ ..] => node.single.as_ref().is_some_and(|c| holds(c, rest, key)),
-        [level, rest @ ..] => node
-            .literal
-            .get(*level)
-            .is_some_and(|c| holds(c, rest, key)),
+        [] => node.here.get(&key),
+        ["#"] => node.under.get(&key),
+        ["+", rest @ ..] => node.single.as_ref().and_then(|c| held(c, rest, key)),
+        [level, rest @ ..] => node.literal.get(*level).and_then(|c| held(c, rest, key)),
     }
 }
 

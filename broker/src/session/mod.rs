@@ -58,7 +58,6 @@ pub struct Session {
     /// which keep its transitions to those the protocol allows.
     pub(crate) state: SessionState,
     pub subscriptions: BTreeMap<String, SubscriptionOptions>,
-    /// Its delivery queue, an endpoint of its own in the hub (`QueueId::Session(id)`).
     /// Whether the metadata store holds a copy, to be removed with the session.
     pub stored: bool,
     /// The QoS 2 packet ids its client sent and has not released, shared with its connection.
