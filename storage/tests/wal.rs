@@ -214,9 +214,12 @@ async fn a_full_disk_holds_appends_back_until_space_is_freed() {
     // Goal: below the free-space reserve, appends are refused as back-pressure (`DiskFull`),
     // not as a failure; the log reopens on the full disk (its epoch file fits the reserve);
     // freeing space lets appends go on, and a waiter on `watch_space_freed` is told.
+    // No zeros are allocated ahead: the writer seals the active segment once appends are
+    // refused, and trimming them would give room back at a moment the test cannot know.
     let fs = FaultyFs::new();
     let options = WalOptions {
         disk_free_min_bytes: 8 * 1024,
+        preallocate_bytes: 0,
         ..small_segments()
     };
     fs.set_capacity(Some(64 * 1024));
