@@ -35,7 +35,7 @@ pub use error::{Error, Result};
 pub use fence::LockPolicy;
 pub use fs::{CrashMode, FaultyFs, FileSystem, RealFs};
 pub use meta::{Commit, Meta, MetaChange, StateTable};
-pub use options::{SyncPolicy, WalOptions};
+pub use options::{SyncPolicy, WalOptions, WriterMode};
 pub use reader::{Record, WalReader};
 pub use recovery::RecoveryReport;
 pub use wal::{Liveness, PendingAppend, ReclaimReport, Reservation, Wal};

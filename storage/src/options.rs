@@ -22,6 +22,18 @@ pub enum SyncPolicy {
     UnsafeNoFsync,
 }
 
+/// Who runs the writer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WriterMode {
+    /// A thread of its own, which group-commits appends as they come. The mode for service.
+    #[default]
+    Thread,
+    /// The caller, through [`crate::Wal::write_queued`]: nothing becomes durable until it is
+    /// called. For deterministic simulations, where one thread decides what happens when and
+    /// a seed replays it exactly. A write that meets a full disk waits on the caller's thread.
+    Caller,
+}
+
 /// Options of [`crate::Wal::open`].
 #[derive(Debug, Clone)]
 pub struct WalOptions {
@@ -52,6 +64,8 @@ pub struct WalOptions {
     pub sync: SyncPolicy,
     /// Whether to take the directory lock.
     pub lock: LockPolicy,
+    /// Who runs the writer.
+    pub writer: WriterMode,
     /// The highest sequence number the caller's metadata refers to (e.g. the highest durable
     /// checkpoint). Recovery refuses a log that ends before it (`MetadataAhead`).
     pub required_last_seq: u64,
@@ -71,6 +85,7 @@ impl Default for WalOptions {
             preallocate_bytes: PREALLOCATE_BYTES_DEFAULT,
             sync: SyncPolicy::Always,
             lock: LockPolicy::Exclusive,
+            writer: WriterMode::Thread,
             required_last_seq: 0,
         }
     }

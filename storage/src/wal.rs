@@ -14,7 +14,7 @@ use crate::fs::{FileSystem, RealFs};
 use crate::layout::{FRAME_HEADER_BYTES, KIND_USER_MASK};
 use crate::limits::DISK_ROOM_AGAIN_BYTES;
 use crate::moved::MovedSet;
-use crate::options::WalOptions;
+use crate::options::{WalOptions, WriterMode};
 use crate::reader::{Record, WalReader};
 use crate::recovery::{RecoveryReport, recover};
 use crate::segment::{SegmentSet, create_segment};
@@ -212,7 +212,7 @@ pub struct Wal {
 #[derive(Debug)]
 struct Owner {
     shared: Arc<Shared>,
-    writer: Mutex<Option<JoinHandle<()>>>,
+    writer: Mutex<WriterSlot>,
     /// Serialises reclaim runs, and keeps what the last one learnt.
     retention: Mutex<Option<reclaim::DenseVerdict>>,
     /// Held until the writer has stopped.
@@ -225,6 +225,23 @@ impl Drop for Owner {
     }
 }
 
+/// Where the writer runs (`WalOptions::writer`).
+enum WriterSlot {
+    Thread(JoinHandle<()>),
+    Caller(Box<Writer>),
+    Stopped,
+}
+
+impl std::fmt::Debug for WriterSlot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            WriterSlot::Thread(_) => "Thread",
+            WriterSlot::Caller(_) => "Caller",
+            WriterSlot::Stopped => "Stopped",
+        })
+    }
+}
+
 impl Owner {
     fn stop_writer(&self) {
         {
@@ -234,15 +251,17 @@ impl Owner {
             }
         }
         self.shared.queue_changed.notify_all();
-        let handle = self
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
-        if let Some(handle) = handle {
+        let slot = std::mem::replace(&mut *self.lock_writer(), WriterSlot::Stopped);
+        match slot {
             // A panic in the writer is a bug; it already failed every append (see writer.rs).
-            let _ = handle.join();
+            WriterSlot::Thread(handle) => drop(handle.join()),
+            WriterSlot::Caller(writer) => writer.drain(),
+            WriterSlot::Stopped => {}
         }
+    }
+
+    fn lock_writer(&self) -> MutexGuard<'_, WriterSlot> {
+        self.writer.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
 
@@ -333,13 +352,18 @@ impl Wal {
             epoch,
         });
         let writer = Writer::new(Arc::clone(&shared), active);
-        let handle = std::thread::Builder::new()
-            .name("spool-wal-writer".into())
-            .spawn(move || writer.run())
-            .map_err(|e| Error::io("start writer thread for", dir, e))?;
+        let writer = match shared.options.writer {
+            WriterMode::Thread => WriterSlot::Thread(
+                std::thread::Builder::new()
+                    .name("spool-wal-writer".into())
+                    .spawn(move || writer.run())
+                    .map_err(|e| Error::io("start writer thread for", dir, e))?,
+            ),
+            WriterMode::Caller => WriterSlot::Caller(Box::new(writer)),
+        };
         let owner = Owner {
             shared,
-            writer: Mutex::new(Some(handle)),
+            writer: Mutex::new(writer),
             retention: Mutex::new(None),
             _lock: lock,
         };
@@ -517,6 +541,16 @@ impl Wal {
             }
         }
         Ok(None)
+    }
+
+    /// Writes, syncs and resolves every append queued now, on this thread; returns how many.
+    /// Only a log opened with `WriterMode::Caller` has its writer here: with a writer thread
+    /// this does nothing and returns 0.
+    pub fn write_queued(&self) -> usize {
+        match &mut *self.owner.lock_writer() {
+            WriterSlot::Caller(writer) => writer.write_queued(),
+            WriterSlot::Thread(_) | WriterSlot::Stopped => 0,
+        }
     }
 
     /// The last durable sequence number (0 if none).

@@ -1,4 +1,4 @@
-//! The writer thread: group commit.
+//! The writer: group commit, on a thread of its own (or the caller's, `WriterMode::Caller`).
 //!
 //! It takes every append queued while the previous fdatasync ran (bounded by the batch limits),
 //! writes them with one positional write per segment, fdatasyncs once, advances the durable
@@ -19,9 +19,9 @@ use crate::limits::{
     DISK_RECHECK_INTERVAL_MS, EPOCH_CHECK_INTERVAL_MS, GATHER_RECORDS_MIN, GATHER_WAIT_US_MAX,
     PREALLOCATE_WRITE_BYTES_MAX,
 };
-use crate::options::SyncPolicy;
+use crate::options::{SyncPolicy, WalOptions};
 use crate::segment::{Segment, create_segment};
-use crate::wal::{QueueState, Shared, Submission};
+use crate::wal::{Queue, QueueState, Shared, Submission};
 use crate::{Error, Result};
 use std::path::PathBuf;
 use std::sync::{Arc, PoisonError};
@@ -86,18 +86,65 @@ impl Writer {
     /// Runs until the log is closed and drained, or fails.
     pub fn run(mut self) {
         while let Some(batch) = self.next_batch() {
-            match self.write_batch(&batch) {
-                Ok(last_seq) => {
-                    self.shared.durable.send_replace(last_seq);
-                    for submission in batch {
-                        let _ = submission.done.send(Ok(submission.seq));
-                    }
-                    // After the acknowledgements, not before: they need no statvfs.
-                    self.shared.disk_measured(self.shared.measure_available());
-                }
-                Err(cause) => return self.stop(cause, batch),
+            if !self.commit(batch) {
+                return;
             }
         }
+        self.finish();
+    }
+
+    /// Writes every append queued now, in batches, on the caller's thread
+    /// (`WriterMode::Caller`); returns how many it wrote.
+    pub fn write_queued(&mut self) -> usize {
+        let mut written = 0;
+        loop {
+            let batch = {
+                let mut queue = self.shared.lock_queue();
+                if matches!(queue.state, QueueState::Failed(_)) {
+                    return written;
+                }
+                take_batch(&mut queue, &self.shared.options)
+            };
+            self.last_batch_records = batch.len();
+            if batch.is_empty() {
+                return written;
+            }
+            written += batch.len();
+            if !self.commit(batch) {
+                return written;
+            }
+        }
+    }
+
+    /// Writes what is queued and stops (`WriterMode::Caller`, once the log is closing).
+    pub fn drain(mut self) {
+        self.write_queued();
+        if !matches!(self.shared.lock_queue().state, QueueState::Failed(_)) {
+            self.finish();
+        }
+    }
+
+    /// Writes and syncs `batch`, then resolves its appends; false if the log stopped.
+    fn commit(&mut self, batch: Vec<Submission>) -> bool {
+        match self.write_batch(&batch) {
+            Ok(last_seq) => {
+                self.shared.durable.send_replace(last_seq);
+                for submission in batch {
+                    let _ = submission.done.send(Ok(submission.seq));
+                }
+                // After the acknowledgements, not before: they need no statvfs.
+                self.shared.disk_measured(self.shared.measure_available());
+                true
+            }
+            Err(cause) => {
+                self.stop(cause, batch);
+                false
+            }
+        }
+    }
+
+    /// The log closed and everything queued is durable: no appends any more.
+    fn finish(&self) {
         self.shared.queue_room.close();
         self.shared.durable.send_modify(|_| {});
     }
@@ -169,18 +216,7 @@ impl Writer {
                 .0;
         }
         queue.writer_wakes_at = None;
-        let mut batch = Vec::new();
-        let mut bytes = 0;
-        while let Some(next) = queue.pending.front() {
-            let frame_bytes = FRAME_HEADER_BYTES + next.payload.len() as u64;
-            let full = batch.len() as u64 >= u64::from(options.batch_records_max)
-                || (!batch.is_empty() && bytes + frame_bytes > options.batch_bytes_max);
-            if full {
-                break;
-            }
-            bytes += frame_bytes;
-            batch.push(queue.pending.pop_front().expect("front exists"));
-        }
+        let batch = take_batch(&mut queue, options);
         self.last_batch_records = batch.len();
         Some(batch)
     }
@@ -421,4 +457,21 @@ impl Writer {
         self.shared.lock_queue().usage_bytes += SEGMENT_HEADER_BYTES;
         Ok(())
     }
+}
+
+/// Takes the next batch from the front of the queue, as large as the batch limits allow.
+fn take_batch(queue: &mut Queue, options: &WalOptions) -> Vec<Submission> {
+    let mut batch = Vec::new();
+    let mut bytes = 0;
+    while let Some(next) = queue.pending.front() {
+        let frame_bytes = FRAME_HEADER_BYTES + next.payload.len() as u64;
+        let full = batch.len() as u64 >= u64::from(options.batch_records_max)
+            || (!batch.is_empty() && bytes + frame_bytes > options.batch_bytes_max);
+        if full {
+            break;
+        }
+        bytes += frame_bytes;
+        batch.push(queue.pending.pop_front().expect("front exists"));
+    }
+    batch
 }

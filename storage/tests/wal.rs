@@ -8,7 +8,9 @@ mod common;
 
 use bytes::Bytes;
 use common::{open_faulty, payload_for, read_all, small_segments};
-use spool_storage::{CrashMode, Error, FaultyFs, LockPolicy, SyncPolicy, Wal, WalOptions};
+use spool_storage::{
+    CrashMode, Error, FaultyFs, LockPolicy, SyncPolicy, Wal, WalOptions, WriterMode,
+};
 use std::time::Duration;
 
 #[tokio::test]
@@ -537,4 +539,39 @@ async fn a_segment_larger_than_the_free_space_is_sealed_so_it_can_be_freed() {
         wal.append(1, payload_for(last + 1, 0)).await.unwrap(),
         last + 1
     );
+}
+
+#[tokio::test]
+async fn a_writer_run_by_the_caller_makes_records_durable_only_when_asked() {
+    // Goal: with `WriterMode::Caller` (deterministic simulations), appends stay queued until
+    // the caller writes them, a power cut before that loses exactly them, and a close writes
+    // what is queued.
+    let fs = FaultyFs::new();
+    let options = WalOptions {
+        writer: WriterMode::Caller,
+        ..small_segments()
+    };
+    let (wal, _) = open_faulty(&fs, options.clone()).unwrap();
+    let first = wal.submit(1, payload_for(1, 0)).await.unwrap();
+    let second = wal.submit(1, payload_for(2, 0)).await.unwrap();
+    tokio::task::yield_now().await;
+    assert_eq!(
+        wal.durable_seq(),
+        0,
+        "nothing written before the caller asks"
+    );
+    assert_eq!(wal.write_queued(), 2);
+    assert_eq!((first.await.unwrap(), second.await.unwrap()), (1, 2));
+    let lost = wal.submit(1, payload_for(3, 0)).await.unwrap();
+    fs.crash(CrashMode::PowerLoss);
+    drop(wal);
+    assert!(
+        lost.await.is_err(),
+        "queued, never written: not acknowledged"
+    );
+    let (wal, _) = open_faulty(&fs, options.clone()).unwrap();
+    assert_eq!(read_all(&wal).len(), 2, "only what was written survived");
+    let closed = wal.submit(1, payload_for(3, 0)).await.unwrap();
+    wal.close().unwrap();
+    assert_eq!(closed.await.unwrap(), 3, "a close writes what is queued");
 }
