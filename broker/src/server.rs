@@ -4,14 +4,14 @@ use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
 use crate::hub::events::Event;
-use crate::hub::{Hub, HubHelpers, HubLimits, append_when_asked, reclaim_when_asked};
+use crate::hub::{Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, reclaim_when_asked};
 use crate::ingest::Ingest;
 use crate::limits::{HUB_EVENTS_MAX, LISTEN_BACKLOG, OWN_APPENDS_MAX, record_payload_bytes_max};
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
 use anyhow::Context;
-use spool_storage::{FileSystem, Meta, RealFs, Wal, WalOptions};
+use spool_storage::{FileSystem, Meta, RealFs, Wal, WalOptions, WriterMode};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -73,7 +73,8 @@ async fn bind_listener(bind: &str) -> std::io::Result<TcpListener> {
 }
 
 /// What the hub enforces on sessions, from the configuration.
-fn hub_limits(config: &Config) -> HubLimits {
+#[must_use]
+pub fn hub_limits(config: &Config) -> HubLimits {
     HubLimits {
         in_flight_max: config.settings.max_inflight,
         sessions_max: config.settings.max_sessions,
@@ -86,8 +87,16 @@ fn hub_limits(config: &Config) -> HubLimits {
 }
 
 /// Opens the metadata store, then the log, which must reach every checkpoint the metadata
-/// holds, or it lost acknowledged messages (recovery refuses it).
-fn open_storage(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<(Arc<Meta>, Wal)> {
+/// holds, or it lost acknowledged messages (recovery refuses it). The server runs the log's
+/// writer on a thread (`WriterMode::Thread`); a simulation runs it itself.
+///
+/// # Errors
+/// Storage that cannot be opened or recovered.
+pub fn open_storage(
+    config: &Config,
+    fs: Arc<dyn FileSystem>,
+    writer: WriterMode,
+) -> anyhow::Result<(Arc<Meta>, Wal)> {
     let data_dir = &config.settings.data_dir;
     fs.create_dir_all(data_dir)
         .with_context(|| format!("create data directory {}", data_dir.display()))?;
@@ -99,6 +108,7 @@ fn open_storage(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<(Arc
     let options = WalOptions {
         // The log must reach every checkpoint, or it lost acknowledged messages.
         required_last_seq: meta.highest_checkpoint()?,
+        writer,
         ..wal_options(config)
     };
     let (wal, report) = Wal::open_with_fs(fs, &wal_dir, options)
@@ -132,7 +142,12 @@ fn spawn_hub(
     // One reclaim asked for at a time: the hub asks again at its next tick.
     let (reclaims, reclaim_requests) = mpsc::channel(1);
     let (appender, append_requests) = mpsc::channel(OWN_APPENDS_MAX);
-    let helpers = HubHelpers { reclaims, appender };
+    let metadata = MetaWriter::start(Arc::clone(&meta)).context("start the metadata writer")?;
+    let helpers = HubHelpers {
+        reclaims,
+        appender,
+        metadata,
+    };
     let hub = Hub::new(
         wal.clone(),
         meta,
@@ -166,7 +181,7 @@ impl Server {
     /// # Errors
     /// As [`Server::start`].
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
-        let (meta, wal) = open_storage(config, fs)?;
+        let (meta, wal) = open_storage(config, fs, WriterMode::Thread)?;
         let router = Arc::new(Router::default());
         let shutdown = CancellationToken::new();
         let (events, mut tasks) = spawn_hub(config, &wal, meta, &router, &shutdown)?;

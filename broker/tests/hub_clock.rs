@@ -11,7 +11,9 @@ use spool_broker::delivery::record::{KIND_PUBLISH, PublishRecord};
 use spool_broker::hub::events::{
     ConnectOutcome, ConnectRequest, Event, Outbound, OutboundReceiver, Protocol, outbound_channel,
 };
-use spool_broker::hub::{Hub, HubHelpers, HubLimits, append_when_asked, reclaim_when_asked};
+use spool_broker::hub::{
+    Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, reclaim_when_asked,
+};
 use spool_broker::ingest::{Ingest, Ingested, Publisher, WhenFull};
 use spool_broker::message::{Message, MessageProperties, QoS, Will};
 use spool_broker::routing::{RetainHandling, Router, SubscriptionOptions};
@@ -52,12 +54,18 @@ impl TestHub {
         let (appender, append_requests) = mpsc::channel(64);
         let clock = Arc::new(ManualClock::new());
         let router = Arc::new(Router::default());
+        let metadata = MetaWriter::start(Arc::clone(&meta)).expect("metadata writer");
+        let helpers = HubHelpers {
+            reclaims,
+            appender,
+            metadata,
+        };
         let hub = Hub::new(
             wal.clone(),
             meta,
             Arc::clone(&router),
             limits,
-            HubHelpers { reclaims, appender },
+            helpers,
             Arc::clone(&clock) as _,
         )
         .expect("hub");

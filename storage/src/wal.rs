@@ -422,9 +422,23 @@ impl Wal {
     /// # Errors
     /// `QueueFull` when the queue has no room, otherwise as [`Wal::submit`].
     pub fn try_submit(&self, kind: u8, payload: Bytes) -> Result<PendingAppend> {
+        self.try_reserve(kind, payload)?.submit()
+    }
+
+    /// Takes room in the queue for a record without waiting, as [`Wal::reserve`] does by
+    /// waiting.
+    ///
+    /// # Errors
+    /// `QueueFull` when the queue has no room, otherwise as [`Wal::reserve`].
+    pub fn try_reserve(&self, kind: u8, payload: Bytes) -> Result<Reservation<'_>> {
         let frame_bytes = self.check_record(kind, &payload)?;
         match Arc::clone(&self.shared().queue_room).try_acquire_many_owned(frame_bytes) {
-            Ok(room) => self.enqueue(kind, payload, room, false),
+            Ok(room) => Ok(Reservation {
+                wal: self,
+                kind,
+                payload,
+                room,
+            }),
             Err(tokio::sync::TryAcquireError::NoPermits) => Err(Error::QueueFull),
             Err(tokio::sync::TryAcquireError::Closed) => Err(self.stopped_error()),
         }

@@ -8,7 +8,7 @@
 use super::Hub;
 use crate::limits::OWN_APPENDS_MAX;
 use bytes::Bytes;
-use spool_storage::Wal;
+use spool_storage::{Reservation, Wal};
 use tokio::sync::mpsc;
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -64,19 +64,37 @@ impl Hub {
     }
 }
 
+impl OwnAppend {
+    /// Queues the record in the room taken for it in the log, or says why it could not.
+    fn submit(self, room: spool_storage::Result<Reservation<'_>>) {
+        let submitted = room.and_then(|room| match self.metering {
+            Metering::Quota => room.submit(),
+            Metering::BeyondQuota => room.submit_beyond_quota(),
+        });
+        if let Err(e) = submitted {
+            tracing::warn!("failed to log {}: {e}", self.what);
+        }
+    }
+}
+
 /// Logs the records the hub hands over, in order, each waiting its turn for room in the log.
 /// Ends when the hub does.
 pub async fn append_when_asked(wal: Wal, mut requests: mpsc::Receiver<OwnAppend>) {
     while let Some(append) = requests.recv().await {
-        let submitted = match wal.reserve(append.kind, append.payload).await {
-            Ok(room) => match append.metering {
-                Metering::Quota => room.submit(),
-                Metering::BeyondQuota => room.submit_beyond_quota(),
-            },
-            Err(e) => Err(e),
-        };
-        if let Err(e) = submitted {
-            tracing::warn!("failed to log {}: {e}", append.what);
-        }
+        let room = wal.reserve(append.kind, append.payload.clone()).await;
+        append.submit(room);
     }
+}
+
+/// Logs the records handed over so far, in order, without waiting: the appender of a
+/// simulation that runs on one thread (where a record that finds no room in the log's queue
+/// is not logged, and says so). Returns how many it took.
+pub fn append_handed_over(wal: &Wal, requests: &mut mpsc::Receiver<OwnAppend>) -> usize {
+    let mut taken = 0;
+    while let Ok(append) = requests.try_recv() {
+        let room = wal.try_reserve(append.kind, append.payload.clone());
+        append.submit(room);
+        taken += 1;
+    }
+    taken
 }

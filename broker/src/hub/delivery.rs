@@ -76,8 +76,9 @@ impl Hub {
         });
     }
 
-    /// Processes the durable records the tail has not delivered yet, without waiting.
-    pub(super) fn read_durable_records(&mut self) {
+    /// Processes the durable records the tail has not delivered yet, without waiting (`run`
+    /// follows the log as records come instead).
+    pub fn read_durable_records(&mut self) {
         loop {
             match self.tail.try_next() {
                 Ok(Some(record)) => self.on_record(&record),

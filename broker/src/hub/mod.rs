@@ -20,19 +20,22 @@
 mod appends;
 mod checkpoints;
 
-pub use appends::{OwnAppend, append_when_asked};
+pub use appends::{OwnAppend, append_handed_over, append_when_asked};
 pub use checkpoints::reclaim_when_asked;
 
 /// Where the hub asks for the work it does not do on its own task: the server runs
-/// `reclaim_when_asked` and `append_when_asked` on the other ends.
+/// `reclaim_when_asked` and `append_when_asked` on the other ends, and the metadata writer
+/// commits on its thread (a simulation does all three itself, when its seed says).
 #[derive(Debug)]
 pub struct HubHelpers {
     pub reclaims: mpsc::Sender<Liveness>,
     pub appender: mpsc::Sender<OwnAppend>,
+    pub metadata: MetaWriter,
 }
 mod delivery;
 pub mod events;
 mod metadata;
+pub use metadata::MetaWriter;
 pub mod retained;
 mod sessions;
 mod start;
@@ -47,7 +50,6 @@ use crate::delivery::record::QueueId;
 use crate::encoding::FormatError;
 use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
-use crate::hub::metadata::MetaWriter;
 use crate::hub::retained::RetainedMessages;
 use crate::limits::{MESSAGE_CACHE_BYTES_MAX, RECLAIM_INTERVAL};
 use crate::routing::{Router, SubscriptionTable};
@@ -84,8 +86,6 @@ pub enum StartError {
     },
     #[error("the stored retained message of topic {topic:?} is corrupt: {source}")]
     CorruptRetained { topic: String, source: FormatError },
-    #[error("failed to start the metadata writer: {0}")]
-    MetaWriter(std::io::Error),
     #[error("the stored QoS 2 receipts of client {client_id:?} are corrupt: {source}")]
     CorruptReceipts {
         client_id: String,
@@ -147,11 +147,14 @@ impl Hub {
         helpers: HubHelpers,
         clock: Arc<dyn Clock>,
     ) -> Result<Hub, StartError> {
-        let HubHelpers { reclaims, appender } = helpers;
+        let HubHelpers {
+            reclaims,
+            appender,
+            metadata,
+        } = helpers;
         let tail = wal.reader(wal.durable_seq() + 1)?;
         let next_session_id = (wal.epoch() << 32) + 1;
         let retained = RetainedMessages::load(&meta)?;
-        let metadata = MetaWriter::start(Arc::clone(&meta)).map_err(StartError::MetaWriter)?;
         // One report in flight at a time: a send into this never waits.
         let (progress_reports, progress_received) = mpsc::channel(1);
         let mut hub = Hub {
@@ -194,7 +197,8 @@ impl Hub {
         Ok(hub)
     }
 
-    /// Runs until `shutdown` is cancelled or the log stops.
+    /// Runs until `shutdown` is cancelled or the log stops: takes the hub's inputs as they
+    /// come. (A simulation takes them in the order its seed picks, through the same methods.)
     pub async fn run(mut self, mut events: mpsc::Receiver<Event>, shutdown: CancellationToken) {
         let mut expiry = tokio::time::interval(Duration::from_secs(1));
         let mut reclaim = tokio::time::interval(RECLAIM_INTERVAL);
@@ -211,16 +215,8 @@ impl Hub {
                         break;
                     }
                 },
-                _ = expiry.tick() => {
-                    self.expire_sessions(self.clock.now());
-                    self.publish_due_wills(self.clock.now());
-                    self.retained.expire(self.clock.unix_ms());
-                    self.commit_checkpoints();
-                }
-                _ = reclaim.tick() => {
-                    self.hand_over_own_appends();
-                    self.reclaim_log_space();
-                }
+                _ = expiry.tick() => self.tick(),
+                _ = reclaim.tick() => self.reclaim_tick(),
                 Some(report) = self.progress_received.recv() => self.progress_committed(report),
             }
         }
@@ -234,7 +230,37 @@ impl Hub {
         }
     }
 
-    fn handle(&mut self, event: Event) {
+    /// Once a second: sessions and wills that are due, expired retained messages, and the
+    /// progress commit.
+    pub fn tick(&mut self) {
+        self.expire_sessions(self.clock.now());
+        self.publish_due_wills(self.clock.now());
+        self.retained.expire(self.clock.unix_ms());
+        self.commit_checkpoints();
+    }
+
+    /// Every `RECLAIM_INTERVAL`: records of the hub's own handed over again, and a reclaim of
+    /// log space asked for.
+    pub fn reclaim_tick(&mut self) {
+        self.hand_over_own_appends();
+        self.reclaim_log_space();
+    }
+
+    /// Takes in the outcome of a progress commit, if one came back.
+    pub fn take_progress_report(&mut self) {
+        if let Ok(report) = self.progress_received.try_recv() {
+            self.progress_committed(report);
+        }
+    }
+
+    /// Commits the metadata writes queued by a writer the caller runs
+    /// ([`MetaWriter::run_by_caller`]); returns how many.
+    pub fn commit_metadata(&self) -> usize {
+        self.metadata.commit_queued()
+    }
+
+    /// Takes one event from a connection.
+    pub fn handle(&mut self, event: Event) {
         match event {
             Event::Connect(request) => self.connect(request),
             Event::Subscribe {
