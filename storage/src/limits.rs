@@ -67,10 +67,15 @@ pub const DISK_ROOM_AGAIN_BYTES: u64 = 1 << 20;
 /// so that space freed by anyone (not only the log) lets waiting appends go on.
 pub const DISK_RECHECK_INTERVAL_MS: u64 = 500;
 
-/// Bytes a reader fetches from a segment file at once.
+/// Bytes a reader fetches from a segment file at once, at most.
 pub const READ_CHUNK_BYTES: usize = 256 << 10;
+/// Bytes a reader fetches first from a segment; each further read doubles, up to
+/// `READ_CHUNK_BYTES`. A reader made for one record (a cache miss) then reads about that
+/// record, and one that goes on through the segment soon reads in large chunks.
+pub const READ_FIRST_CHUNK_BYTES: usize = 16 << 10;
 
 const _: () = assert!(SEGMENT_SIZE_BYTES_MIN <= SEGMENT_SIZE_BYTES_DEFAULT);
+const _: () = assert!(READ_FIRST_CHUNK_BYTES <= READ_CHUNK_BYTES);
 // A default segment always holds at least one maximal record, so rolling always makes progress.
 const _: () = assert!(RECORD_PAYLOAD_BYTES_MAX as u64 <= SEGMENT_SIZE_BYTES_DEFAULT);
 const _: () = assert!(BATCH_BYTES_MAX_DEFAULT <= QUEUE_BYTES_MAX_DEFAULT);

@@ -11,7 +11,7 @@
 
 use crate::fs::{FileHandle, OpenMode};
 use crate::layout::{FrameCheck, KIND_USER_MASK, check_frame};
-use crate::limits::READ_CHUNK_BYTES;
+use crate::limits::{READ_CHUNK_BYTES, READ_FIRST_CHUNK_BYTES};
 use crate::wal::Shared;
 use crate::{Error, Result};
 use bytes::Bytes;
@@ -53,6 +53,8 @@ struct Cursor {
     buffer_offset: u64,
     /// Position of the next frame inside `buffer`.
     position: usize,
+    /// Bytes the next read fetches at most (see `READ_FIRST_CHUNK_BYTES`).
+    chunk_bytes: usize,
 }
 
 impl WalReader {
@@ -250,6 +252,7 @@ impl WalReader {
             buffer: Vec::new(),
             buffer_offset: offset,
             position: 0,
+            chunk_bytes: READ_FIRST_CHUNK_BYTES,
         });
         Ok(())
     }
@@ -297,10 +300,11 @@ impl Cursor {
         }
         let filled = self.buffer.len();
         let unread = self.end.saturating_sub(self.buffer_offset + filled as u64);
-        let chunk = usize::try_from(unread).map_or(READ_CHUNK_BYTES, |u| u.min(READ_CHUNK_BYTES));
+        let chunk = usize::try_from(unread).map_or(self.chunk_bytes, |u| u.min(self.chunk_bytes));
         if chunk == 0 {
             return Ok(false);
         }
+        self.chunk_bytes = (self.chunk_bytes * 2).min(READ_CHUNK_BYTES);
         self.buffer.resize(filled + chunk, 0);
         let read = self
             .file

@@ -173,6 +173,11 @@ impl OutboundReceiver {
         self.receiver.recv().await
     }
 
+    /// What the hub sent, if anything, without waiting (a simulation's connection).
+    pub fn try_recv(&mut self) -> Option<Outbound> {
+        self.receiver.try_recv().ok()
+    }
+
     /// Whether the hub asked for room and the channel is at least half free now: the
     /// connection then sends [`Event::Drained`] (once: this clears the request).
     pub fn room_made(&self) -> bool {
