@@ -39,6 +39,11 @@ pub const PUBLISHES_IN_FLIGHT_MAX: usize = 1024;
 /// read back from the write-ahead log.
 pub const MESSAGE_CACHE_BYTES_MAX: usize = 64 << 20;
 
+/// Messages the hub asks the loader for at once, for one queue (`hub::loads`).
+pub const LOADS_PER_REQUEST: usize = 64;
+/// Load requests under way at once; more queues needing messages wait for one to come back.
+pub const LOAD_REQUESTS_MAX: usize = 16;
+
 /// How often the hub lets the log reclaim space: publishers held back at the quota wait
 /// about this long for the segments their consumers are done with.
 pub const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);

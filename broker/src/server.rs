@@ -4,9 +4,14 @@ use crate::clock::SystemClock;
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
 use crate::hub::events::Event;
-use crate::hub::{Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, reclaim_when_asked};
+use crate::hub::{
+    Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, load_when_asked, reclaim_when_asked,
+};
 use crate::ingest::Ingest;
-use crate::limits::{HUB_EVENTS_MAX, LISTEN_BACKLOG, OWN_APPENDS_MAX, record_payload_bytes_max};
+use crate::limits::{
+    HUB_EVENTS_MAX, LISTEN_BACKLOG, LOAD_REQUESTS_MAX, MESSAGE_CACHE_BYTES_MAX, OWN_APPENDS_MAX,
+    record_payload_bytes_max,
+};
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
@@ -83,6 +88,7 @@ pub fn hub_limits(config: &Config) -> HubLimits {
             bytes_max: config.settings.session_queue_max_bytes,
         },
         session_expiry_v311: config.session_expiry_v311,
+        message_cache_bytes: MESSAGE_CACHE_BYTES_MAX,
     }
 }
 
@@ -142,11 +148,13 @@ fn spawn_hub(
     // One reclaim asked for at a time: the hub asks again at its next tick.
     let (reclaims, reclaim_requests) = mpsc::channel(1);
     let (appender, append_requests) = mpsc::channel(OWN_APPENDS_MAX);
+    let (loads, load_requests) = mpsc::channel(LOAD_REQUESTS_MAX);
     let metadata = MetaWriter::start(Arc::clone(&meta)).context("start the metadata writer")?;
     let helpers = HubHelpers {
         reclaims,
         appender,
         metadata,
+        loads,
     };
     let hub = Hub::new(
         wal.clone(),
@@ -162,6 +170,7 @@ fn spawn_hub(
         tokio::spawn(hub.run(events_rx, shutdown.clone())),
         tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests)),
         tokio::spawn(append_when_asked(wal.clone(), append_requests)),
+        tokio::spawn(load_when_asked(wal.clone(), load_requests)),
     ];
     Ok((events, tasks))
 }

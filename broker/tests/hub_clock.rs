@@ -12,7 +12,7 @@ use spool_broker::hub::events::{
     ConnectOutcome, ConnectRequest, Event, Outbound, OutboundReceiver, Protocol, outbound_channel,
 };
 use spool_broker::hub::{
-    Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, reclaim_when_asked,
+    Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, load_when_asked, reclaim_when_asked,
 };
 use spool_broker::ingest::{Ingest, Ingested, Publisher, WhenFull};
 use spool_broker::message::{Message, MessageProperties, QoS, Will};
@@ -49,16 +49,19 @@ impl TestHub {
                 bytes_max: 0,
             },
             session_expiry_v311: HOUR,
+            message_cache_bytes: 1 << 20,
         };
         let (reclaims, reclaim_requests) = mpsc::channel(1);
         let (appender, append_requests) = mpsc::channel(64);
         let clock = Arc::new(ManualClock::new());
         let router = Arc::new(Router::default());
         let metadata = MetaWriter::start(Arc::clone(&meta)).expect("metadata writer");
+        let (loads, load_requests) = mpsc::channel(16);
         let helpers = HubHelpers {
             reclaims,
             appender,
             metadata,
+            loads,
         };
         let hub = Hub::new(
             wal.clone(),
@@ -74,6 +77,7 @@ impl TestHub {
         tokio::spawn(hub.run(events_rx, shutdown.clone()));
         tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests));
         tokio::spawn(append_when_asked(wal.clone(), append_requests));
+        tokio::spawn(load_when_asked(wal.clone(), load_requests));
         TestHub {
             events,
             ingest: Ingest::new(wal.clone(), router, shutdown.clone()),

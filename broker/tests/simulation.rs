@@ -4,12 +4,14 @@
 //! The hub is wired as the server wires it (`server::open_storage`, `server::hub_limits`),
 //! with its log and metadata store on `FaultyFs`, but nothing in it runs on its own: the
 //! simulation runs the log's writer (`WriterMode::Caller`), the metadata writer
-//! (`MetaWriter::run_by_caller`), the appender (`append_handed_over`) and the reclaimer
+//! (`MetaWriter::run_by_caller`), the appender (`append_handed_over`), the loader of messages
+//! no longer cached (`load_asked`, with a cache of a few hundred messages) and the reclaimer
 //! (`Wal::reclaim`); it drives the hub through its step API (`handle`,
 //! `read_durable_records`, `tick`, `reclaim_tick`); the clock is a `ManualClock`; and the
 //! clients are played through the hub's events and outbound channels, publishing through the
 //! same `Ingest` as MQTT connections. So the seed picks every interleaving: when records become
-//! durable, when the hub reads them, when metadata commits, when clients publish, receive,
+//! durable, when the hub reads them, when metadata commits, when old messages are read back,
+//! when clients publish, receive,
 //! acknowledge, leave and come back, and when the power goes (its torn writes too).
 //!
 //! The checker requires, for every subscriber, every message acknowledged to a publisher on a
@@ -31,8 +33,11 @@ use spool_broker::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Event, Outbound, OutboundReceiver, Protocol,
     SubscribeRefusal, outbound_channel,
 };
-use spool_broker::hub::{Hub, HubHelpers, MetaWriter, OwnAppend, append_handed_over};
+use spool_broker::hub::{
+    Hub, HubHelpers, HubLimits, LoadRequest, MetaWriter, OwnAppend, append_handed_over, load_asked,
+};
 use spool_broker::ingest::{Durable, Ingest, Ingested, Publisher, WhenFull};
+use spool_broker::limits::LOAD_REQUESTS_MAX;
 use spool_broker::message::{Message, MessageProperties, QoS};
 use spool_broker::routing::{RetainHandling, Router, SubscriptionOptions};
 use spool_broker::server::{hub_limits, open_storage};
@@ -61,6 +66,9 @@ const PAYLOAD_BYTES: usize = 4_000;
 /// channel fills and the hub waits for `Drained`).
 const RECEIVE_MAX: u16 = 16;
 const OUTBOUND_CAPACITY: usize = 6;
+/// The hub's message cache: a few hundred messages, so that queues fall behind it and have
+/// their messages read back by the loader.
+const CACHE_BYTES: usize = 200 * PAYLOAD_BYTES;
 
 #[test]
 fn seeded_simulations_keep_every_acknowledged_message_in_order() {
@@ -82,6 +90,7 @@ fn seeded_simulations_keep_every_acknowledged_message_in_order() {
     assert!(totals.power_cuts > 0, "the schedules cut the power");
     assert!(totals.records_moved > 0, "the schedules moved live records");
     assert!(totals.refused > 0, "the schedules reached the quota");
+    assert!(totals.loads > 0, "queues fell behind the cache");
 }
 
 #[test]
@@ -128,6 +137,7 @@ struct Outcome {
     power_cuts: u32,
     records_moved: u64,
     refused: u64,
+    loads: usize,
 }
 
 #[derive(Debug, Default)]
@@ -137,6 +147,7 @@ struct Totals {
     power_cuts: u32,
     records_moved: u64,
     refused: u64,
+    loads: usize,
 }
 
 impl Totals {
@@ -146,6 +157,7 @@ impl Totals {
         self.power_cuts += outcome.power_cuts;
         self.records_moved += outcome.records_moved;
         self.refused += outcome.refused;
+        self.loads += outcome.loads;
     }
 }
 
@@ -219,6 +231,7 @@ struct Node {
     clock: Arc<ManualClock>,
     reclaims: mpsc::Receiver<Liveness>,
     appends: mpsc::Receiver<OwnAppend>,
+    loads: mpsc::Receiver<LoadRequest>,
 }
 
 impl Node {
@@ -229,14 +242,20 @@ impl Node {
             .unwrap_or_else(|e| panic!("SPOOL_SIM_SEED={seed}: the node cannot start: {e:#}"));
         let (reclaim_requests, reclaims) = mpsc::channel(1);
         let (appender, appends) = mpsc::channel(64);
+        let (load_requests, loads) = mpsc::channel(LOAD_REQUESTS_MAX);
         let helpers = HubHelpers {
             reclaims: reclaim_requests,
             appender,
             metadata: MetaWriter::run_by_caller(Arc::clone(&meta)),
+            loads: load_requests,
         };
         let clock = Arc::new(ManualClock::new());
         let router = Arc::new(Router::default());
-        let limits = hub_limits(config);
+        let limits = HubLimits {
+            // Queues that fall behind have their messages read back.
+            message_cache_bytes: CACHE_BYTES,
+            ..hub_limits(config)
+        };
         let hub = Hub::new(
             wal.clone(),
             meta,
@@ -254,6 +273,7 @@ impl Node {
             clock,
             reclaims,
             appends,
+            loads,
         }
     }
 }
@@ -363,7 +383,8 @@ impl Simulation {
             20..=34 => self.write_log(),
             35..=44 => self.node.hub.read_durable_records(),
             45..=52 => self.commit_metadata(),
-            53..=84 => {
+            53..=56 => self.load(),
+            57..=84 => {
                 let index = self.rng.index(SUBSCRIBERS.len());
                 self.subscriber_step(index);
             }
@@ -660,6 +681,14 @@ impl Simulation {
         }
     }
 
+    /// The loader reads the messages the hub asked for; the hub takes them in.
+    fn load(&mut self) {
+        let answered = load_asked(&self.node.wal, &mut self.node.loads);
+        self.outcome.loads += answered;
+        self.node.hub.take_loaded();
+        self.trace(format!("loaded {answered}"));
+    }
+
     fn commit_metadata(&mut self) {
         let committed = self.node.hub.commit_metadata();
         self.node.hub.take_progress_report();
@@ -708,18 +737,14 @@ impl Simulation {
             self.write_log();
             self.node.hub.read_durable_records();
             self.commit_metadata();
+            self.load();
             for index in 0..SUBSCRIBERS.len() {
                 self.receive(index, usize::MAX);
                 self.acknowledge(index, usize::MAX);
             }
             self.node.clock.advance(Duration::from_secs(1));
             self.node.hub.tick();
-            let idle = [
-                "tick",
-                "wrote 0",
-                "committed 0 ",
-                "reclaimed: 0 moved, 0 segments",
-            ];
+            let idle = ["tick", "wrote 0", "committed 0 ", "loaded 0"];
             let moved = self.outcome.trace[before..]
                 .iter()
                 .any(|step| !idle.iter().any(|quiet| step.starts_with(quiet)));

@@ -156,6 +156,11 @@ impl DeliveryQueue {
         Some(entry)
     }
 
+    /// The entries waiting to be sent, next first.
+    pub fn waiting(&self) -> impl Iterator<Item = &QueueEntry> {
+        self.waiting.iter()
+    }
+
     /// Puts back an entry that could not be sent (the connection's channel was full).
     pub fn unsend(&mut self, entry: QueueEntry) {
         self.bytes += entry.bytes;

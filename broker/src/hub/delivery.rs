@@ -1,8 +1,8 @@
 //! Delivery: durable records from the log into session queues, and from queues to connections
 //! within their windows; acknowledgements from clients (PUBACK, PUBREC, PUBCOMP).
 
-use super::Hub;
 use super::appends::{Metering, OwnAppend};
+use super::{Hub, loads};
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
@@ -206,6 +206,11 @@ impl Hub {
             let Some(mut entry) = entries.next_to_send(window) else {
                 return;
             };
+            if loads::to_read(&self.cache, &self.unreadable, &entry) {
+                entries.unsend(entry); // the queue goes on once it is read
+                self.ask_for_loads(id, window);
+                return;
+            }
             if entry.qos != QoS::AtMostOnce && entry.packet_id.is_none() {
                 let Some(packet_id) = session.packet_id_for(&entry, entries) else {
                     entries.unsend(entry); // its id is in flight: wait for that ack
@@ -264,25 +269,12 @@ impl Hub {
         })
     }
 
-    /// A logged message, from the cache or read back from the log.
-    pub(super) fn message(&mut self, seq: u64) -> Option<Arc<Message>> {
-        if let Some(message) = self.cache.get(seq) {
-            return Some(message);
-        }
-        match self.wal.read(seq) {
-            Ok(Some(record)) => match PublishRecord::decode(record.payload) {
-                Ok(publish) => Some(Arc::new(publish.message)),
-                Err(e) => {
-                    tracing::error!(seq, "undecodable publish record: {e}");
-                    None
-                }
-            },
-            Ok(None) => None,
-            Err(e) => {
-                tracing::error!(seq, "failed to read a queued message: {e}");
-                None
-            }
-        }
+    /// A logged message from the cache (`pump` has it read first), or `None` if it cannot be
+    /// read.
+    pub(super) fn message(&self, seq: u64) -> Option<Arc<Message>> {
+        let message = self.cache.get(seq);
+        debug_assert!(message.is_some() || self.unreadable.contains(&seq));
+        message
     }
 }
 

@@ -31,10 +31,15 @@ pub struct HubHelpers {
     pub reclaims: mpsc::Sender<Liveness>,
     pub appender: mpsc::Sender<OwnAppend>,
     pub metadata: MetaWriter,
+    /// Where messages no longer cached are asked for (`loads::load_when_asked`); it must
+    /// hold `LOAD_REQUESTS_MAX` requests.
+    pub loads: mpsc::Sender<LoadRequest>,
 }
 mod delivery;
 pub mod events;
+mod loads;
 mod metadata;
+pub use loads::{LoadRequest, load_asked, load_when_asked};
 pub use metadata::MetaWriter;
 pub mod retained;
 mod sessions;
@@ -50,12 +55,13 @@ use crate::delivery::record::QueueId;
 use crate::encoding::FormatError;
 use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
+use crate::hub::loads::Loaded;
 use crate::hub::retained::RetainedMessages;
-use crate::limits::{MESSAGE_CACHE_BYTES_MAX, RECLAIM_INTERVAL};
+use crate::limits::{LOAD_REQUESTS_MAX, RECLAIM_INTERVAL};
 use crate::routing::{Router, SubscriptionTable};
 use crate::session::Session;
 use spool_storage::{Liveness, Meta, Wal, WalReader};
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -72,6 +78,8 @@ pub struct HubLimits {
     pub session_queue: QueueLimits,
     /// How long a persistent MQTT 3.1.1 session outlives its connection.
     pub session_expiry_v311: Duration,
+    /// Bytes of recent messages kept in memory for delivery; older ones are read back.
+    pub message_cache_bytes: usize,
 }
 
 /// Why the hub could not start.
@@ -123,6 +131,16 @@ pub struct Hub {
     /// id is never reused across restarts and old records can never reach a new session.
     next_session_id: u64,
     cache: MessageCache,
+    /// Loads under way: messages asked for, how many requests, and the sessions waiting for
+    /// them (a `BTreeSet`, so a simulation pumps them in the same order every run).
+    loads: mpsc::Sender<LoadRequest>,
+    loading: HashSet<u64>,
+    loads_outstanding: usize,
+    waiting_for_loads: BTreeSet<u64>,
+    loaded_sender: mpsc::Sender<Loaded>,
+    loaded_received: mpsc::Receiver<Loaded>,
+    /// Queued messages that could not be read back (logged): skipped.
+    unreadable: BTreeSet<u64>,
     retained: RetainedMessages,
     /// Where the stored QoS 2 receipts are complete (see `session::receipts`).
     receipts_checkpoint: u64,
@@ -151,12 +169,14 @@ impl Hub {
             reclaims,
             appender,
             metadata,
+            loads,
         } = helpers;
         let tail = wal.reader(wal.durable_seq() + 1)?;
         let next_session_id = (wal.epoch() << 32) + 1;
         let retained = RetainedMessages::load(&meta)?;
         // One report in flight at a time: a send into this never waits.
         let (progress_reports, progress_received) = mpsc::channel(1);
+        let (loaded_sender, loaded_received) = mpsc::channel(LOAD_REQUESTS_MAX);
         let mut hub = Hub {
             wal,
             meta,
@@ -173,7 +193,14 @@ impl Hub {
             queues: HashMap::new(),
             session_by_client: HashMap::new(),
             next_session_id,
-            cache: MessageCache::new(MESSAGE_CACHE_BYTES_MAX),
+            cache: MessageCache::new(limits.message_cache_bytes),
+            loads,
+            loading: HashSet::new(),
+            loads_outstanding: 0,
+            waiting_for_loads: BTreeSet::new(),
+            loaded_sender,
+            loaded_received,
+            unreadable: BTreeSet::new(),
             retained,
             receipts_checkpoint: 0,
             reclaims,
@@ -218,6 +245,7 @@ impl Hub {
                 _ = expiry.tick() => self.tick(),
                 _ = reclaim.tick() => self.reclaim_tick(),
                 Some(report) = self.progress_received.recv() => self.progress_committed(report),
+                Some(loaded) = self.loaded_received.recv() => self.loaded(loaded),
             }
         }
         self.hand_over_own_appends();
@@ -244,6 +272,8 @@ impl Hub {
     pub fn reclaim_tick(&mut self) {
         self.hand_over_own_appends();
         self.reclaim_log_space();
+        // What is gone from the log is in no queue any more.
+        self.unreadable = self.unreadable.split_off(&self.wal.first_seq());
     }
 
     /// Takes in the outcome of a progress commit, if one came back.
