@@ -109,28 +109,16 @@ async fn an_offline_session_beyond_its_queue_limit_keeps_the_newest_messages() {
     // client: beyond them the oldest messages go (`queue_full`) and the newest arrive, in
     // order, also when the queue is rebuilt from the log after a crash.
     keeps_the_newest_ten(&["--session-queue-max", "10"]).await;
-    // Ten records of a two-digit message, as the log holds them.
-    let record = spool_broker::delivery::record::PublishRecord {
-        message: spool_broker::message::Message {
-            topic: "events/door".into(),
-            payload: payload(10).into(),
-            qos: spool_broker::message::QoS::AtLeastOnce,
-            retain: false,
-            properties: spool_broker::message::MessageProperties::default(),
-        },
-        publisher: 1,
-        qos2_packet_id: None,
-        retained_copy: false,
-        targets: vec![spool_broker::delivery::record::Target {
-            queue: spool_broker::delivery::record::QueueId::Session(1),
-            qos: spool_broker::message::QoS::AtLeastOnce,
-            retain_as_published: false,
-            subscription_ids: Vec::new(),
-            deadline_ms: None,
-        }],
+    // Ten two-digit messages, as a queue counts them (their own bytes, not the record's).
+    let message = spool_broker::message::Message {
+        topic: "events/door".into(),
+        payload: payload(10).into(),
+        qos: spool_broker::message::QoS::AtLeastOnce,
+        retain: false,
+        properties: spool_broker::message::MessageProperties::default(),
     };
-    let ten_records = (10 * record.encode().len()).to_string();
-    keeps_the_newest_ten(&["--session-queue-max-bytes", &ten_records]).await;
+    let ten_messages = (10 * message.size_bytes()).to_string();
+    keeps_the_newest_ten(&["--session-queue-max-bytes", &ten_messages]).await;
 }
 
 async fn keeps_the_newest_ten(limit: &[&str]) {

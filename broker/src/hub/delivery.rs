@@ -152,7 +152,7 @@ impl Hub {
                 continue; // acknowledged before the last restart
             }
             let entry = QueueEntry {
-                bytes: record.payload.len() as u64,
+                bytes: message.size_bytes() as u64,
                 deadline_ms: earliest(target.deadline_ms, message.properties.expires_at_ms),
                 ..QueueEntry::new(
                     record.seq,
