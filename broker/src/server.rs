@@ -158,7 +158,7 @@ fn spawn_hub(
     };
     let hub = Hub::new(
         wal.clone(),
-        meta,
+        &meta,
         Arc::clone(router),
         hub_limits(config),
         helpers,

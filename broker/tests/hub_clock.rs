@@ -65,7 +65,7 @@ impl TestHub {
         };
         let hub = Hub::new(
             wal.clone(),
-            meta,
+            &meta,
             Arc::clone(&router),
             limits,
             helpers,

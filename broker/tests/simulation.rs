@@ -258,7 +258,7 @@ impl Node {
         };
         let hub = Hub::new(
             wal.clone(),
-            meta,
+            &meta,
             Arc::clone(&router),
             limits,
             helpers,

@@ -108,7 +108,6 @@ pub(super) const RECEIPTS_CHECKPOINT: &str = "qos2-receipts";
 /// The hub's state; see the module documentation.
 pub struct Hub {
     wal: Wal,
-    meta: Arc<Meta>,
     /// Records of the hub's own waiting for the appender to take them, in order.
     own_appends: VecDeque<OwnAppend>,
     /// Where records of the hub's own are logged (see `appends::append_when_asked`).
@@ -159,7 +158,7 @@ impl Hub {
     /// If the log or the metadata cannot be read, or a stored session is corrupt.
     pub fn new(
         wal: Wal,
-        meta: Arc<Meta>,
+        meta: &Meta,
         router: Arc<Router>,
         limits: HubLimits,
         helpers: HubHelpers,
@@ -173,13 +172,12 @@ impl Hub {
         } = helpers;
         let tail = wal.reader(wal.durable_seq() + 1)?;
         let next_session_id = (wal.epoch() << 32) + 1;
-        let retained = RetainedMessages::load(&meta)?;
+        let retained = RetainedMessages::load(meta)?;
         // One report in flight at a time: a send into this never waits.
         let (progress_reports, progress_received) = mpsc::channel(1);
         let (loaded_sender, loaded_received) = mpsc::channel(LOAD_REQUESTS_MAX);
         let mut hub = Hub {
             wal,
-            meta,
             own_appends: VecDeque::new(),
             appender,
             metadata,
@@ -207,9 +205,9 @@ impl Hub {
             limits,
             clock,
         };
-        let replay_from = hub.load_sessions()?.min(hub.retained.replay_from());
+        let replay_from = hub.load_sessions(meta)?.min(hub.retained.replay_from());
         hub.router.install(hub.subscriptions.clone());
-        hub.restore_receipts()?;
+        hub.restore_receipts(meta)?;
         // Records below the log's first segment that a queue still held were moved, not
         // removed: the reader yields them first, in sequence order.
         hub.tail = hub.wal.reader(replay_from)?;

@@ -7,15 +7,15 @@ use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, Re
 use crate::session::Session;
 use crate::session::persist::PersistedSession;
 use crate::session::receipts::{self, Qos2Receipts};
-use spool_storage::{Commit, Record, StateTable};
+use spool_storage::{Commit, Meta, Record, StateTable};
 use std::time::Duration;
 
 impl Hub {
     /// Restores stored sessions; returns where the log replay must start for them.
-    pub(super) fn load_sessions(&mut self) -> Result<u64, StartError> {
-        let checkpoints = self.meta.checkpoints()?;
+    pub(super) fn load_sessions(&mut self, meta: &Meta) -> Result<u64, StartError> {
+        let checkpoints = meta.checkpoints()?;
         let mut replay_from = self.wal.durable_seq() + 1;
-        for (client_id, stored) in self.meta.sessions()? {
+        for (client_id, stored) in meta.sessions()? {
             let stored =
                 PersistedSession::decode(&stored).map_err(|source| StartError::CorruptSession {
                     client_id: client_id.clone(),
@@ -57,10 +57,10 @@ impl Hub {
     /// Rebuilds the stored sessions' QoS 2 receipts: as stored at their checkpoint, then every
     /// publish and release record after it. This happens before any client connects, and
     /// stored receipts of sessions that no longer exist are removed.
-    pub(super) fn restore_receipts(&mut self) -> Result<(), StartError> {
-        self.receipts_checkpoint = self.meta.checkpoint(RECEIPTS_CHECKPOINT)?.unwrap_or(0);
+    pub(super) fn restore_receipts(&mut self, meta: &Meta) -> Result<(), StartError> {
+        self.receipts_checkpoint = meta.checkpoint(RECEIPTS_CHECKPOINT)?.unwrap_or(0);
         let mut orphans = Vec::new();
-        for (key, bytes) in self.meta.state(StateTable::Qos2Receipts)? {
+        for (key, bytes) in meta.state(StateTable::Qos2Receipts)? {
             let Some(session) = key.parse().ok().and_then(|id| self.sessions.get_mut(&id)) else {
                 orphans.push(key);
                 continue;
@@ -77,8 +77,7 @@ impl Hub {
             .iter()
             .map(|key| (StateTable::Qos2Receipts, key.as_str(), None))
             .collect();
-        self.meta
-            .set_checkpoints_and_state(&[], &removals, Commit::Durable)?;
+        meta.set_checkpoints_and_state(&[], &removals, Commit::Durable)?;
         let first = self.wal.first_seq();
         if self.receipts_checkpoint + 1 < first {
             tracing::warn!(
