@@ -1,6 +1,6 @@
 //! Wiring: opens the storage, starts the hub and the listeners, and stops them in order.
 
-use crate::clock::SystemClock;
+use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
 use crate::hub::events::Event;
@@ -144,6 +144,7 @@ fn spawn_hub(
     meta: Arc<Meta>,
     router: &Arc<Router>,
     shutdown: &CancellationToken,
+    clock: Arc<dyn Clock>,
 ) -> anyhow::Result<(mpsc::Sender<Event>, Vec<JoinHandle<()>>)> {
     // One reclaim asked for at a time: the hub asks again at its next tick.
     let (reclaims, reclaim_requests) = mpsc::channel(1);
@@ -162,7 +163,7 @@ fn spawn_hub(
         Arc::clone(router),
         hub_limits(config),
         helpers,
-        Arc::new(SystemClock),
+        clock,
     )
     .context("start the hub")?;
     let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
@@ -193,14 +194,17 @@ impl Server {
         let (meta, wal) = open_storage(config, fs, WriterMode::Thread)?;
         let router = Arc::new(Router::default());
         let shutdown = CancellationToken::new();
-        let (events, mut tasks) = spawn_hub(config, &wal, meta, &router, &shutdown)?;
+        // One clock for the hub and the publish path: message expiry is stamped and read on it.
+        let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let (events, mut tasks) =
+            spawn_hub(config, &wal, meta, &router, &shutdown, Arc::clone(&clock))?;
         let connection_limits = ConnectionLimits {
             packet_size_max: config.settings.max_packet_size,
             receive_max: config.settings.max_inflight,
             topic_alias_max: 64,
             keep_alive_max_secs: config.settings.max_keep_alive,
         };
-        let ingest = Ingest::new(wal.clone(), router, shutdown.clone());
+        let ingest = Ingest::new(wal.clone(), router, shutdown.clone(), clock);
         let context = Arc::new(ServerContext::new(
             events,
             ingest,

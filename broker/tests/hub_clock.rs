@@ -80,7 +80,12 @@ impl TestHub {
         tokio::spawn(load_when_asked(wal.clone(), load_requests));
         TestHub {
             events,
-            ingest: Ingest::new(wal.clone(), router, shutdown.clone()),
+            ingest: Ingest::new(
+                wal.clone(),
+                router,
+                shutdown.clone(),
+                Arc::clone(&clock) as _,
+            ),
             clock,
             wal,
             shutdown,

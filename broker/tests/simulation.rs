@@ -265,7 +265,12 @@ impl Node {
             Arc::clone(&clock) as _,
         )
         .unwrap_or_else(|e| panic!("SPOOL_SIM_SEED={seed}: the hub cannot start: {e}"));
-        let ingest = Ingest::new(wal.clone(), router, CancellationToken::new());
+        let ingest = Ingest::new(
+            wal.clone(),
+            router,
+            CancellationToken::new(),
+            Arc::clone(&clock) as _,
+        );
         Node {
             hub,
             wal,

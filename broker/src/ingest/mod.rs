@@ -9,6 +9,7 @@
 //! names the packet id, and a release record frees it (see `session::receipts`), so neither a
 //! resend nor a restart can log it twice.
 
+use crate::clock::Clock;
 use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord};
 use crate::message::{Message, QoS};
 use crate::routing::Router;
@@ -24,6 +25,8 @@ pub struct Ingest {
     wal: Wal,
     router: Arc<Router>,
     shutdown: CancellationToken,
+    /// The hub's clock: message expiry is stamped and read on it.
+    clock: Arc<dyn Clock>,
 }
 
 /// Who publishes, as the publish path needs to know them.
@@ -118,12 +121,26 @@ impl From<spool_storage::Error> for Submit {
 
 impl Ingest {
     #[must_use]
-    pub fn new(wal: Wal, router: Arc<Router>, shutdown: CancellationToken) -> Ingest {
+    pub fn new(
+        wal: Wal,
+        router: Arc<Router>,
+        shutdown: CancellationToken,
+        clock: Arc<dyn Clock>,
+    ) -> Ingest {
         Ingest {
             wal,
             router,
             shutdown,
+            clock,
         }
+    }
+
+    /// The wall-clock time in milliseconds on the hub's clock, which message expiry counts
+    /// from: a protocol stamps a message's expiry interval with it, and tells the time left
+    /// from it when it delivers.
+    #[must_use]
+    pub fn now_ms(&self) -> u64 {
+        self.clock.unix_ms()
     }
 
     /// Routes a message by the current routing snapshot and logs it with its routing decision.
@@ -325,7 +342,8 @@ mod tests {
         table.subscribe(7, "t/#", options);
         let router = Arc::new(Router::default());
         router.install(table);
-        let ingest = Ingest::new(wal.clone(), router, CancellationToken::new());
+        let clock = Arc::new(crate::clock::SystemClock);
+        let ingest = Ingest::new(wal.clone(), router, CancellationToken::new(), clock);
         (ingest, wal)
     }
 

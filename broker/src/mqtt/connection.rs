@@ -477,9 +477,12 @@ where
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), Close> {
         let (packet_id, qos, dup) = (delivery.packet_id, delivery.qos, delivery.dup);
         let expiry = delivery.message.properties.expires_at_ms.map(|at| {
-            u32::try_from(at.saturating_sub(now_ms()).div_ceil(1000))
-                .unwrap_or(u32::MAX)
-                .max(1)
+            u32::try_from(
+                at.saturating_sub(self.context.ingest.now_ms())
+                    .div_ceil(1000),
+            )
+            .unwrap_or(u32::MAX)
+            .max(1)
         });
         match self
             .try_send(ServerPacket::Publish(Box::new(delivery), expiry))
@@ -576,7 +579,8 @@ where
         let packet_id = publish.packet_id.unwrap_or(0);
         self.check_receive_maximum(publish.qos, packet_id)?;
         let mut properties = publish.properties;
-        properties.expires_at_ms = expires_at_ms(now_ms(), publish.expiry_interval_secs);
+        let now_ms = self.context.ingest.now_ms();
+        properties.expires_at_ms = expires_at_ms(now_ms, publish.expiry_interval_secs);
         let message = Message {
             topic,
             payload: publish.payload,
