@@ -13,6 +13,7 @@
 //! - [`clock`]: the hub's time, which tests move by hand.
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`].
 
+pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod delivery;

@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use spool_broker::auth::cli::IdentityArgs;
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::server::Server;
 use tracing_subscriber::EnvFilter;
@@ -18,6 +19,8 @@ struct Cli {
 enum Command {
     /// Run the hub.
     Serve(ServeArgs),
+    /// Manage the devices and modules that may connect.
+    Identity(IdentityArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -30,6 +33,10 @@ fn main() -> anyhow::Result<()> {
         .init();
     match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Identity(args) => {
+            print!("{}", spool_broker::auth::cli::run(&args)?);
+            Ok(())
+        }
     }
 }
 

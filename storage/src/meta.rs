@@ -1,6 +1,6 @@
 //! [`Meta`]: the metadata store, on redb, for small state that changes often and must survive a
-//! restart: queue checkpoints, sessions, retained messages and QoS 2 receipts; twins and
-//! identities later.
+//! restart: queue checkpoints, sessions, retained messages, QoS 2 receipts and identities;
+//! twins later.
 //!
 //! Checkpoints are committed cheaply (`Commit::Deferred`, not fsynced) as consumers acknowledge,
 //! and made durable in batches (`Commit::Durable`, or `Meta::make_durable`). A crash loses at
@@ -31,6 +31,10 @@ const RETAINED: TableDefinition<&str, &[u8]> = TableDefinition::new("retained");
 /// await PUBREL (opaque to storage).
 const QOS2_RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("qos2_receipts");
 
+/// identity (`device` or `device/module`) -> the broker's encoding of it: credentials, status
+/// (opaque to storage).
+const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
+
 /// The tables of keyed state, opaque to storage, that the broker commits together with the
 /// checkpoint saying how far in the log they are complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -39,6 +43,8 @@ pub enum StateTable {
     Retained,
     /// session -> the QoS 2 packet ids its client sent that are logged and await PUBREL.
     Qos2Receipts,
+    /// device or module -> its credentials and status.
+    Identities,
 }
 
 impl StateTable {
@@ -46,6 +52,7 @@ impl StateTable {
         match self {
             StateTable::Retained => RETAINED,
             StateTable::Qos2Receipts => QOS2_RECEIPTS,
+            StateTable::Identities => IDENTITIES,
         }
     }
 
@@ -53,6 +60,7 @@ impl StateTable {
         match self {
             StateTable::Retained => "retained messages",
             StateTable::Qos2Receipts => "QoS 2 receipts",
+            StateTable::Identities => "identities",
         }
     }
 }

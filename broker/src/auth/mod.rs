@@ -1,0 +1,13 @@
+//! Who may connect: the identity registry (devices and modules, their keys or certificates,
+//! enabled or not), SAS tokens, and the `spool identity` commands that manage the registry.
+//!
+//! - `identity`: [`identity::Identity`] and its id, credentials and connection string; the
+//!   identities file spool is seeded from.
+//! - `registry`: [`registry::IdentityRegistry`], the identities in the metadata store.
+//! - `sas`: parsing, signing and verifying SAS tokens (edgehub-contract.md §2.1).
+//! - `cli`: `spool identity …` on a data directory no server holds.
+
+pub mod cli;
+pub mod identity;
+pub mod registry;
+pub mod sas;

@@ -1,0 +1,141 @@
+//! `spool identity …` as an operator runs it: the registry of a data directory, managed offline,
+//! with the connection strings and environment the Azure IoT SDKs read.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::Spool;
+use spool_broker::auth::sas::{SasToken, resource_uri, sign};
+use std::path::Path;
+use std::process::Command;
+
+/// Runs `spool identity ARGS --data-dir DIR`; returns whether it succeeded and what it printed
+/// (stdout, then stderr).
+fn identity(dir: &Path, args: &[&str]) -> (bool, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_spool"))
+        .arg("identity")
+        .args(args)
+        .arg("--data-dir")
+        .arg(dir)
+        .args([
+            "--iothub-hostname",
+            "hub.example",
+            "--gateway-hostname",
+            "spool",
+        ])
+        .env("SPOOL_LOG", "warn")
+        .output()
+        .unwrap();
+    let mut text = String::from_utf8(output.stdout).unwrap();
+    text.push_str(&String::from_utf8(output.stderr).unwrap());
+    (output.status.success(), text)
+}
+
+fn ok(dir: &Path, args: &[&str]) -> String {
+    let (success, text) = identity(dir, args);
+    assert!(success, "spool identity {args:?} failed: {text}");
+    text
+}
+
+/// The field `name` of a connection string.
+fn field<'a>(connection_string: &'a str, name: &str) -> &'a str {
+    connection_string
+        .split(';')
+        .find_map(|f| f.strip_prefix(&format!("{name}=")))
+        .unwrap_or_else(|| panic!("{name} in {connection_string}"))
+}
+
+#[test]
+fn identities_are_added_listed_rotated_disabled_and_removed() {
+    // Goal: an operator adds a module and gets a connection string whose key signs tokens the
+    // registry's key verifies; list, show, env, disable, rotate and remove do what they say
+    // and last across runs (the registry is in the data directory).
+    let dir = tempfile::tempdir().unwrap();
+    let added = ok(dir.path(), &["add", "myEdge/filter"]);
+    let line = added
+        .lines()
+        .find_map(|l| l.strip_prefix("connection string: "))
+        .expect("a connection string");
+    assert_eq!(field(line, "HostName"), "hub.example");
+    assert_eq!(field(line, "DeviceId"), "myEdge");
+    assert_eq!(field(line, "ModuleId"), "filter");
+    assert_eq!(field(line, "GatewayHostName"), "spool");
+    let key = BASE64.decode(field(line, "SharedAccessKey")).unwrap();
+    assert_eq!(key.len(), 32);
+    assert!(added.contains("ca.pem"), "the CA file is named: {added}");
+
+    // The SDKs sign with the connection string's key; the registry's primary key verifies it.
+    let token = sign(
+        &key,
+        &resource_uri("hub.example", "myEdge", Some("filter")),
+        4_000_000_000,
+    );
+    let shown = ok(dir.path(), &["show", "myEdge/filter"]);
+    let primary = shown
+        .lines()
+        .find_map(|l| l.strip_prefix("primary:"))
+        .map(str::trim)
+        .unwrap();
+    let parsed = SasToken::parse(&token).unwrap();
+    let primary = BASE64.decode(primary).unwrap();
+    parsed
+        .verify("myEdge", Some("filter"), &["hub.example"], &[&primary], 1)
+        .unwrap();
+
+    let env = ok(dir.path(), &["env", "myEdge/filter"]);
+    assert!(
+        env.contains(&format!("EdgeHubConnectionString={line}")),
+        "{env}"
+    );
+    assert!(env.contains("EdgeModuleCACertificateFile="), "{env}");
+
+    let (refused, text) = identity(dir.path(), &["add", "myEdge/filter"]);
+    assert!(!refused && text.contains("exists already"), "{text}");
+    let (refused, text) = identity(dir.path(), &["add", "bad/id/here"]);
+    assert!(!refused && text.contains("not a device id"), "{text}");
+
+    ok(dir.path(), &["add", "leaf", "--x509-ca"]);
+    ok(dir.path(), &["disable", "myEdge/filter"]);
+    let listed = ok(dir.path(), &["list"]);
+    assert!(
+        listed.contains("myEdge/filter") && listed.contains("disabled"),
+        "{listed}"
+    );
+    assert!(
+        listed.contains("leaf") && listed.contains("x509-ca"),
+        "{listed}"
+    );
+
+    let rotated = ok(dir.path(), &["rotate", "myEdge/filter"]);
+    let new_line = rotated
+        .lines()
+        .find_map(|l| l.strip_prefix("connection string: "))
+        .unwrap();
+    assert_ne!(
+        field(new_line, "SharedAccessKey"),
+        field(line, "SharedAccessKey")
+    );
+    let (refused, text) = identity(dir.path(), &["rotate", "leaf"]);
+    assert!(!refused && text.contains("no SAS keys"), "{text}");
+
+    ok(dir.path(), &["remove", "leaf"]);
+    let listed = ok(dir.path(), &["list"]);
+    assert!(!listed.contains("leaf"), "{listed}");
+    let (refused, text) = identity(dir.path(), &["show", "leaf"]);
+    assert!(!refused && text.contains("no identity leaf"), "{text}");
+}
+
+#[test]
+fn a_directory_a_running_server_holds_is_refused() {
+    // Goal: one writer (law 3): the command does not open a data directory a server holds, and
+    // says why; once the server stops it works.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let (success, text) = identity(dir.path(), &["list"]);
+    assert!(!success, "refused while the server runs");
+    assert!(text.contains("held by a running spool server"), "{text}");
+    spool.kill();
+    ok(dir.path(), &["list"]);
+}
