@@ -5,9 +5,13 @@
 //!   identities file spool is seeded from.
 //! - `registry`: [`registry::IdentityRegistry`], the identities in the metadata store.
 //! - `sas`: parsing, signing and verifying SAS tokens (edgehub-contract.md §2.1).
+//! - `username`: the IoT Hub MQTT username grammar (§1.2).
+//! - `authenticator`: [`authenticator::Authenticator`], who a CONNECT is.
 //! - `cli`: `spool identity …` on a data directory no server holds.
 
+pub mod authenticator;
 pub mod cli;
 pub mod identity;
 pub mod registry;
 pub mod sas;
+pub mod username;

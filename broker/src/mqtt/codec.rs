@@ -132,6 +132,8 @@ pub enum Reason {
     PacketIdentifierNotFound,
     SharedSubscriptionsNotSupported,
     ImplementationSpecificError,
+    /// The client's credentials do not check out (MQTT 3.1.1: CONNACK 5, as edgeHub answers).
+    NotAuthorized,
 }
 
 impl Reason {
@@ -148,6 +150,7 @@ impl Reason {
             Reason::MalformedPacket => 0x81,
             Reason::ProtocolError => 0x82,
             Reason::ClientIdentifierNotValid => 0x85,
+            Reason::NotAuthorized => 0x87,
             Reason::ServerUnavailable => 0x88,
             Reason::ServerBusy => 0x89,
             Reason::ServerShuttingDown => 0x8B,
@@ -465,6 +468,7 @@ fn to_v3(packet: ServerPacket) -> Option<v3::Packet> {
             return_code: match connack.reason {
                 Reason::Success => v3::ConnectAckReason::ConnectionAccepted,
                 Reason::ClientIdentifierNotValid => v3::ConnectAckReason::IdentifierRejected,
+                Reason::NotAuthorized => v3::ConnectAckReason::NotAuthorized,
                 _ => v3::ConnectAckReason::ServiceUnavailable,
             },
         }),

@@ -1,0 +1,279 @@
+//! [`Authenticator`]: who a CONNECT is (edgehub-contract.md §1.2, §2.1), decided without
+//! sockets. An IoT Hub username (`{host}/{device}[/{module}]/?api-version=…`) is checked
+//! wherever it arrives: the client id must be the identity it names, exactly; the identity
+//! must exist, be enabled and use SAS keys; and the password must be a SAS token for it, signed
+//! with one of its keys, on one of the hub's host names, not expired. Any other client is
+//! anonymous, which a listener allows or not (`ListenerAuth`).
+
+use super::identity::{Credentials, IdentityId, Status};
+use super::registry::IdentityRegistry;
+use super::sas::{SasError, SasToken};
+use super::username::IotUsername;
+use std::str::FromStr;
+
+/// What a listener asks of its clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ListenerAuth {
+    /// Clients without IoT Hub credentials are let in as anonymous MQTT clients (those with
+    /// them are checked all the same).
+    Anonymous,
+    /// Every client proves an identity.
+    Identity,
+}
+
+impl FromStr for ListenerAuth {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<ListenerAuth, String> {
+        match s {
+            "anonymous" => Ok(ListenerAuth::Anonymous),
+            "identity" => Ok(ListenerAuth::Identity),
+            other => Err(format!("{other:?} is neither anonymous nor identity")),
+        }
+    }
+}
+
+/// Who a connection is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Authenticated {
+    Anonymous,
+    Identity {
+        id: IdentityId,
+        /// When its token expires (seconds since 1970): the connection ends then.
+        token_expiry: u64,
+    },
+}
+
+/// Why a CONNECT was refused (the client gets CONNACK 5, MQTT 5: 0x87).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("this listener requires an identity: an IoT Hub username and a SAS token")]
+    Required,
+    #[error("the client id {client_id:?} is not {identity}, which its username names")]
+    ClientIdMismatch { client_id: String, identity: String },
+    #[error("{0}")]
+    BadIdentity(String),
+    #[error("no identity {0}")]
+    Unknown(IdentityId),
+    #[error("identity {0} is disabled")]
+    Disabled(IdentityId),
+    #[error("identity {0} authenticates with a certificate, not a SAS token")]
+    NotSas(IdentityId),
+    #[error("no SAS token in the password")]
+    NoToken,
+    #[error(transparent)]
+    Token(#[from] SasError),
+}
+
+/// Decides who a CONNECT is; see the module documentation.
+#[derive(Debug)]
+pub struct Authenticator {
+    registry: IdentityRegistry,
+    /// The host names a token's audience may name: the IoT Hub's and the gateway's.
+    hosts: Vec<String>,
+}
+
+impl Authenticator {
+    #[must_use]
+    pub fn new(registry: IdentityRegistry, hosts: Vec<String>) -> Authenticator {
+        Authenticator { registry, hosts }
+    }
+
+    /// Who the client of a CONNECT is, at `now` (seconds since 1970), on a listener that asks
+    /// `policy`.
+    ///
+    /// # Errors
+    /// Why it is refused.
+    pub fn authenticate(
+        &self,
+        policy: ListenerAuth,
+        client_id: &str,
+        username: Option<&str>,
+        password: Option<&[u8]>,
+        now: u64,
+    ) -> Result<Authenticated, AuthError> {
+        let Some(username) = username.and_then(IotUsername::parse) else {
+            return match policy {
+                ListenerAuth::Anonymous => Ok(Authenticated::Anonymous),
+                ListenerAuth::Identity => Err(AuthError::Required),
+            };
+        };
+        let named = username.client_id();
+        if client_id != named {
+            return Err(AuthError::ClientIdMismatch {
+                client_id: client_id.to_owned(),
+                identity: named,
+            });
+        }
+        let id = IdentityId::parse(&named).map_err(|e| AuthError::BadIdentity(e.to_string()))?;
+        let identity = self
+            .registry
+            .get(&id)
+            .ok_or_else(|| AuthError::Unknown(id.clone()))?;
+        if identity.status == Status::Disabled {
+            return Err(AuthError::Disabled(id));
+        }
+        if !matches!(identity.credentials, Credentials::Sas { .. }) {
+            return Err(AuthError::NotSas(id));
+        }
+        let password = password.ok_or(AuthError::NoToken)?;
+        let token = std::str::from_utf8(password).map_err(|_| AuthError::NoToken)?;
+        let token = SasToken::parse(token)?;
+        let keys = identity.sas_keys();
+        let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+        let hosts: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
+        token.verify(&id.device, id.module.as_deref(), &hosts, &keys, now)?;
+        Ok(Authenticated::Identity {
+            id,
+            token_expiry: token.expiry,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::identity::Identity;
+    use crate::auth::sas::{resource_uri, sign};
+    use base64::Engine as _;
+    use base64::engine::general_purpose::STANDARD as BASE64;
+    use spool_storage::Meta;
+
+    const NOW: u64 = 1_800_000_000;
+    const USERNAME: &str = "hub.example/edge/filter/?api-version=2020-09-30";
+
+    /// An authenticator that knows `edge/filter` (enabled, SAS), `edge/off` (disabled) and
+    /// `leaf` (a certificate); with `edge/filter`'s primary key.
+    fn authenticator() -> (Authenticator, Vec<u8>, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("dir");
+        let meta = Meta::open(&dir.path().join("meta.redb")).expect("meta");
+        let mut registry = IdentityRegistry::load(&meta).expect("empty");
+        let mut identities = Vec::new();
+        for id in ["edge/filter", "edge/off", "leaf"] {
+            let mut identity =
+                Identity::with_new_keys(IdentityId::parse(id).expect("id")).expect("keys");
+            match id {
+                "edge/off" => identity.status = Status::Disabled,
+                "leaf" => identity.credentials = Credentials::X509Ca,
+                _ => {}
+            }
+            identities.push(identity);
+        }
+        let Credentials::Sas { primary, .. } = &identities[0].credentials else {
+            unreachable!("SAS")
+        };
+        let key = BASE64.decode(primary).expect("base64");
+        for identity in identities {
+            registry.add(&meta, identity).expect("added");
+        }
+        let hosts = vec!["hub.example".to_owned(), "spool".to_owned()];
+        (Authenticator::new(registry, hosts), key, dir)
+    }
+
+    fn token(key: &[u8], id: &str, host: &str, expiry: u64) -> Vec<u8> {
+        let (device, module) = id.split_once('/').map_or((id, None), |(d, m)| (d, Some(m)));
+        sign(key, &resource_uri(host, device, module), expiry).into_bytes()
+    }
+
+    /// Goal: a module with a good token is who its username says; the gateway's host name is
+    /// accepted as the audience too.
+    #[test]
+    fn a_good_token_authenticates_its_module() {
+        let (auth, key, _dir) = authenticator();
+        for host in ["hub.example", "spool"] {
+            let password = token(&key, "edge/filter", host, NOW + 60);
+            let who = auth.authenticate(
+                ListenerAuth::Identity,
+                "edge/filter",
+                Some(USERNAME),
+                Some(&password),
+                NOW,
+            );
+            assert_eq!(
+                who,
+                Ok(Authenticated::Identity {
+                    id: IdentityId::parse("edge/filter").expect("id"),
+                    token_expiry: NOW + 60,
+                })
+            );
+        }
+    }
+
+    /// Goal: every way a CONNECT can be wrong is refused, and says which.
+    #[test]
+    fn wrong_connects_are_refused_with_the_reason() {
+        let (auth, key, _dir) = authenticator();
+        let good = token(&key, "edge/filter", "hub.example", NOW + 60);
+        let check = |client_id: &str, username: &str, password: Option<&[u8]>| {
+            auth.authenticate(
+                ListenerAuth::Anonymous,
+                client_id,
+                Some(username),
+                password,
+                NOW,
+            )
+        };
+        assert!(matches!(
+            check("edge/other", USERNAME, Some(&good)),
+            Err(AuthError::ClientIdMismatch { .. })
+        ));
+        assert!(
+            matches!(
+                check("edge/Filter", USERNAME, Some(&good)),
+                Err(AuthError::ClientIdMismatch { .. })
+            ),
+            "the client id is compared exactly"
+        );
+        let off = "hub.example/edge/off/?api-version=1";
+        assert_eq!(
+            check("edge/off", off, Some(&good)),
+            Err(AuthError::Disabled(
+                IdentityId::parse("edge/off").expect("id")
+            ))
+        );
+        let leaf = "hub.example/leaf/?api-version=1";
+        assert!(matches!(
+            check("leaf", leaf, Some(&good)),
+            Err(AuthError::NotSas(_))
+        ));
+        let ghost = "hub.example/ghost/?api-version=1";
+        assert!(matches!(
+            check("ghost", ghost, Some(&good)),
+            Err(AuthError::Unknown(_))
+        ));
+        assert_eq!(
+            check("edge/filter", USERNAME, None),
+            Err(AuthError::NoToken)
+        );
+        let wrong_key = token(&[9; 32], "edge/filter", "hub.example", NOW + 60);
+        assert_eq!(
+            check("edge/filter", USERNAME, Some(&wrong_key)),
+            Err(AuthError::Token(SasError::BadSignature))
+        );
+        let expired = token(&key, "edge/filter", "hub.example", NOW - 301);
+        assert!(matches!(
+            check("edge/filter", USERNAME, Some(&expired)),
+            Err(AuthError::Token(SasError::Expired { .. }))
+        ));
+        let elsewhere = token(&key, "edge/filter", "other.example", NOW + 60);
+        assert!(matches!(
+            check("edge/filter", USERNAME, Some(&elsewhere)),
+            Err(AuthError::Token(SasError::WrongHost { .. }))
+        ));
+    }
+
+    /// Goal: plain MQTT clients are anonymous where the listener allows it, and refused where
+    /// it requires an identity.
+    #[test]
+    fn plain_clients_are_anonymous_only_where_allowed() {
+        let (auth, _, _dir) = authenticator();
+        for (username, password) in [(None, None), (Some("alice"), Some(&b"secret"[..]))] {
+            let anonymous =
+                auth.authenticate(ListenerAuth::Anonymous, "c", username, password, NOW);
+            assert_eq!(anonymous, Ok(Authenticated::Anonymous));
+            let required = auth.authenticate(ListenerAuth::Identity, "c", username, password, NOW);
+            assert_eq!(required, Err(AuthError::Required));
+        }
+    }
+}
