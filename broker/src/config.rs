@@ -6,6 +6,7 @@
 //! `_`), the `spool.toml` key (the name), the resolved value and a row of [`SETTINGS`], from
 //! which a test checks that the README documents every one.
 
+use crate::auth::authenticator::ListenerAuth;
 use crate::tls::CertificateSource;
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -97,6 +98,19 @@ settings! {
     tls_cert: PathBuf = "", env "SPOOL_TLS_CERT";
     /// PEM private key of --tls-cert.
     tls_key: PathBuf = "", env "SPOOL_TLS_KEY";
+    /// Who may connect on the plain MQTT listener: anonymous (anyone; IoT Hub credentials,
+    /// when given, are checked all the same) or identity (an IoT Hub username and SAS token).
+    mqtt_auth: ListenerAuth = "anonymous", env "SPOOL_MQTT_AUTH";
+    /// Who may connect on the MQTTS listener: identity or anonymous, as for --mqtt-auth.
+    mqtts_auth: ListenerAuth = "identity", env "SPOOL_MQTTS_AUTH";
+    /// The IoT Hub host name modules name in their usernames and SAS tokens.
+    iothub_hostname: String = "localhost", env "SPOOL_IOTHUB_HOSTNAME";
+    /// The host name modules connect to (it must be in the server certificate); SAS tokens
+    /// naming it are accepted too.
+    gateway_hostname: String = "localhost", env "SPOOL_GATEWAY_HOSTNAME";
+    /// A TOML or JSON file of devices and modules added to (or replaced in) the identity
+    /// registry at start; `spool identity` manages the registry too.
+    identities: PathBuf = "", env "SPOOL_IDENTITIES";
     /// The most concurrent client connections.
     max_connections: u32 = "10000", env "SPOOL_MAX_CONNECTIONS";
     /// The largest MQTT packet accepted, in bytes.

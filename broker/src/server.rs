@@ -1,5 +1,8 @@
 //! Wiring: opens the storage, starts the hub and the listeners, and stops them in order.
 
+use crate::auth::authenticator::Authenticator;
+use crate::auth::identity::IdentitiesFile;
+use crate::auth::registry::IdentityRegistry;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
@@ -136,6 +139,26 @@ pub fn open_storage(
     Ok((meta, wal))
 }
 
+/// The identity registry, with the identities file's added (`--identities`), and who may
+/// connect by it.
+fn authenticator(config: &Config, meta: &Meta) -> anyhow::Result<Authenticator> {
+    let mut registry = IdentityRegistry::load(meta).context("load the identity registry")?;
+    let file = &config.settings.identities;
+    if !file.as_os_str().is_empty() {
+        let identities = IdentitiesFile::read(file)?;
+        let count = registry
+            .seed(meta, identities)
+            .context("store the identities file's identities")?;
+        tracing::info!(count, file = %file.display(), "stored the identities of the file");
+    }
+    tracing::info!(identities = registry.len(), "identity registry loaded");
+    let hosts = vec![
+        config.settings.iothub_hostname.clone(),
+        config.settings.gateway_hostname.clone(),
+    ];
+    Ok(Authenticator::new(registry, hosts))
+}
+
 /// Starts the hub with the server's clock, and the tasks it asks for work (reclaims, records
 /// of its own); returns where connections send it events.
 fn spawn_hub(
@@ -192,6 +215,7 @@ impl Server {
     /// As [`Server::start`].
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
         let (meta, wal) = open_storage(config, fs, WriterMode::Thread)?;
+        let authenticator = authenticator(config, &meta)?;
         let router = Arc::new(Router::default());
         let shutdown = CancellationToken::new();
         // One clock for the hub and the publish path: message expiry is stamped and read on it.
@@ -208,6 +232,7 @@ impl Server {
         let context = Arc::new(ServerContext::new(
             events,
             ingest,
+            authenticator,
             connection_limits,
             shutdown.clone(),
         ));
@@ -222,6 +247,7 @@ impl Server {
             tasks.push(tokio::spawn(listener::accept_loop(
                 listener,
                 None,
+                config.settings.mqtt_auth,
                 Arc::clone(&context),
                 Arc::clone(&connections),
             )));
@@ -237,6 +263,7 @@ impl Server {
             tasks.push(tokio::spawn(listener::accept_loop(
                 listener,
                 Some(acceptor),
+                config.settings.mqtts_auth,
                 Arc::clone(&context),
                 Arc::clone(&connections),
             )));

@@ -5,9 +5,14 @@
 
 mod common;
 
-use common::{Spool, connect_v311, publish_qos1_v311, read_packet, subscribe_v311};
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{
+    Spool, connect_v311, connect_v311_as, publish_qos1_v311, read_packet, subscribe_v311,
+};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
+use spool_broker::auth::sas::{resource_uri, sign};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -41,11 +46,48 @@ async fn tls_connect(
     connector.connect(name, socket).await
 }
 
-/// CONNECT, SUBSCRIBE and a QoS 1 PUBLISH to itself over `stream`: CONNACK, SUBACK, PUBACK and
-/// the message come back.
-async fn mqtt_round_trip(stream: &mut TlsStream<TcpStream>, client_id: &str) {
+/// The module the TLS tests connect as, and its key.
+const MODULE: &str = "edge/tls";
+const KEY: [u8; 32] = [7; 32];
+
+/// Starts spool with `MODULE` in its registry, and `edge/off` disabled, with the same key (an
+/// identities file in the data directory).
+fn start_with_module(dir: &Path, extra_args: &[&str]) -> Spool {
+    let key = BASE64.encode(KEY);
+    let file = dir.join("identities.toml");
+    let identity = format!(
+        "[[identities]]\nid = \"{MODULE}\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n\
+         [[identities]]\nid = \"edge/off\"\nstatus = \"disabled\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
+    );
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(&file, identity).unwrap();
+    let mut args = vec!["--identities", file.to_str().unwrap()];
+    args.extend_from_slice(extra_args);
+    Spool::start(dir, &args)
+}
+
+/// `MODULE`'s CONNECT, with a token that expires at `expiry` (seconds since 1970).
+fn module_connect(expiry: u64) -> Vec<u8> {
+    let (device, module) = MODULE.split_once('/').unwrap();
+    let token = sign(
+        &KEY,
+        &resource_uri("localhost", device, Some(module)),
+        expiry,
+    );
+    let username = format!("localhost/{MODULE}/?api-version=2020-09-30");
+    connect_v311_as(MODULE, &username, &token)
+}
+
+fn in_an_hour() -> u64 {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    now.unwrap().as_secs() + 3600
+}
+
+/// CONNECT as `MODULE`, SUBSCRIBE and a QoS 1 PUBLISH to itself over `stream`: CONNACK,
+/// SUBACK, PUBACK and the message come back.
+async fn mqtt_round_trip(stream: &mut TlsStream<TcpStream>) {
     stream
-        .write_all(&connect_v311(client_id, true))
+        .write_all(&module_connect(in_an_hour()))
         .await
         .unwrap();
     assert_eq!(read_packet(stream).await, (0x20, vec![0, 0]), "CONNACK");
@@ -74,7 +116,7 @@ async fn generated_ca_serves_tls_12_and_13_for_localhost_and_edgehub() {
     // names include localhost and edgehub, and serves MQTT over both TLS 1.2 (the Azure IoT
     // Python SDK) and TLS 1.3.
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::start(dir.path(), &[]);
+    let spool = start_with_module(dir.path(), &[]);
     let (addr, ca) = (spool.tls_addr.unwrap(), spool.tls_ca.clone().unwrap());
     assert!(
         ca.starts_with(dir.path()),
@@ -91,7 +133,7 @@ async fn generated_ca_serves_tls_12_and_13_for_localhost_and_edgehub() {
             .unwrap();
         let negotiated = stream.get_ref().1.protocol_version().unwrap();
         assert_eq!(negotiated, version.version);
-        mqtt_round_trip(&mut stream, &format!("{name}-{negotiated:?}")).await;
+        mqtt_round_trip(&mut stream).await;
     }
     let strict = connector(&ca, &rustls::version::TLS13);
     assert!(
@@ -104,17 +146,17 @@ async fn generated_ca_serves_tls_12_and_13_for_localhost_and_edgehub() {
 async fn generated_ca_survives_a_restart() {
     // Goal: clients trust the CA once; a restart must not replace it.
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::start(dir.path(), &[]);
+    let spool = start_with_module(dir.path(), &[]);
     let ca = spool.tls_ca.clone().unwrap();
     let ca_pem = std::fs::read(&ca).unwrap();
     spool.kill();
-    let spool = Spool::start(dir.path(), &[]);
+    let spool = start_with_module(dir.path(), &[]);
     assert_eq!(std::fs::read(&ca).unwrap(), ca_pem);
     let connector = connector(&ca, &rustls::version::TLS13);
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
         .await
         .unwrap();
-    mqtt_round_trip(&mut stream, "after-restart").await;
+    mqtt_round_trip(&mut stream).await;
 }
 
 #[tokio::test]
@@ -128,7 +170,7 @@ async fn operator_certificate_is_used() {
     std::fs::write(&cert_path, cert.pem()).unwrap();
     std::fs::write(&key_path, key.serialize_pem()).unwrap();
     let data = dir.path().join("data");
-    let spool = Spool::start(
+    let spool = start_with_module(
         &data,
         &[
             "--tls-cert",
@@ -143,14 +185,14 @@ async fn operator_certificate_is_used() {
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "hub.example")
         .await
         .unwrap();
-    mqtt_round_trip(&mut stream, "operator").await;
+    mqtt_round_trip(&mut stream).await;
 }
 
 #[tokio::test]
 async fn plain_mqtt_on_the_tls_port_is_refused_and_others_are_served() {
     // Goal: a client that skips TLS gets its connection closed, not a crash or a hang.
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::start(dir.path(), &[]);
+    let spool = start_with_module(dir.path(), &[]);
     let mut plain = TcpStream::connect(spool.tls_addr.unwrap()).await.unwrap();
     plain.write_all(&connect_v311("plain", true)).await.unwrap();
     let mut rest = Vec::new();
@@ -164,5 +206,106 @@ async fn plain_mqtt_on_the_tls_port_is_refused_and_others_are_served() {
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
         .await
         .unwrap();
-    mqtt_round_trip(&mut stream, "after-plain").await;
+    mqtt_round_trip(&mut stream).await;
+}
+
+/// What spool answers a CONNECT on the TLS port: the CONNACK's return code.
+async fn connack_code(spool: &Spool, connect: &[u8]) -> u8 {
+    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
+    let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
+        .await
+        .unwrap();
+    stream.write_all(connect).await.unwrap();
+    let (kind, body) = read_packet(&mut stream).await;
+    assert_eq!(kind, 0x20, "CONNACK");
+    body[1]
+}
+
+#[tokio::test]
+async fn the_tls_port_requires_an_identity_and_checks_its_token() {
+    // Goal: by default the TLS listener lets in only a registered identity with a good SAS
+    // token for it; anything else gets CONNACK 5 (not authorized), as from edgeHub.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start_with_module(dir.path(), &[]);
+    assert_eq!(connack_code(&spool, &module_connect(in_an_hour())).await, 0);
+    assert_eq!(
+        connack_code(&spool, &connect_v311("anonymous", true)).await,
+        5
+    );
+    let (device, module) = MODULE.split_once('/').unwrap();
+    let username = format!("localhost/{MODULE}/?api-version=2020-09-30");
+    let resource = resource_uri("localhost", device, Some(module));
+    let wrong_key = sign(&[1; 32], &resource, in_an_hour());
+    let off_username = "localhost/edge/off/?api-version=2020-09-30";
+    let off_token = sign(
+        &KEY,
+        &resource_uri("localhost", "edge", Some("off")),
+        in_an_hour(),
+    );
+    let refused = [
+        connect_v311_as("edge/off", off_username, &off_token), // disabled
+        connect_v311_as(MODULE, &username, &wrong_key),
+        module_connect(in_an_hour() - 2 * 3600), // expired an hour ago
+        connect_v311_as(
+            "edge/other",
+            &username,
+            &sign(&KEY, &resource, in_an_hour()),
+        ),
+        connect_v311_as(MODULE, &username, "not a token"),
+    ];
+    for connect in refused {
+        assert_eq!(connack_code(&spool, &connect).await, 5);
+    }
+}
+
+#[tokio::test]
+async fn a_connection_ends_when_its_token_expires() {
+    // Goal: a client is not served past its token's expiry: the SDKs connect again with a new
+    // token before it comes.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start_with_module(dir.path(), &[]);
+    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
+    let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
+        .await
+        .unwrap();
+    let now = in_an_hour() - 3600;
+    stream.write_all(&module_connect(now + 2)).await.unwrap();
+    assert_eq!(
+        read_packet(&mut stream).await,
+        (0x20, vec![0, 0]),
+        "CONNACK"
+    );
+    let connected = std::time::Instant::now();
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "the connection ends with the token");
+    // The token had more than a second left (its expiry is two seconds past the whole second).
+    assert!(
+        connected.elapsed() >= std::time::Duration::from_millis(900),
+        "not before the token expires"
+    );
+}
+
+#[tokio::test]
+async fn anonymous_clients_are_let_in_where_configured_but_credentials_are_still_checked() {
+    // Goal: --mqtts-auth anonymous lets plain MQTT clients use the TLS port; a client that
+    // presents IoT Hub credentials there is checked all the same.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start_with_module(dir.path(), &["--mqtts-auth", "anonymous"]);
+    assert_eq!(
+        connack_code(&spool, &connect_v311("anonymous", true)).await,
+        0
+    );
+    assert_eq!(connack_code(&spool, &module_connect(in_an_hour())).await, 0);
+    let username = format!("localhost/{MODULE}/?api-version=2020-09-30");
+    let refused = connect_v311_as(
+        MODULE,
+        &username,
+        "SharedAccessSignature sr=x&sig=AA%3D%3D&se=1",
+    );
+    assert_eq!(connack_code(&spool, &refused).await, 5);
 }

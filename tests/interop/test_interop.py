@@ -6,6 +6,9 @@ plain MQTT and MQTTS with the generated CA. scripts/test.sh installs both and ru
     SPOOL_BIN=target/debug/spool python3 -m unittest discover -s tests/interop -v
 """
 
+import base64
+import hashlib
+import hmac
 import os
 import queue
 import re
@@ -16,6 +19,7 @@ import tempfile
 import threading
 import time
 import unittest
+import urllib.parse
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -54,6 +58,14 @@ class Spool:
         self.process.wait()
         self.drain.join(timeout=5)
         self.process.stdout.close()
+
+
+def sas_token(key, host, device, module, expiry):
+    """A SAS token as the Azure IoT SDKs make one (contract §2.1), independently of spool."""
+    sr = urllib.parse.quote(f"{host}/devices/{device}/modules/{module}", safe="")
+    digest = hmac.new(base64.b64decode(key), f"{sr}\n{expiry}".encode(), hashlib.sha256).digest()
+    sig = urllib.parse.quote(base64.b64encode(digest).decode(), safe="")
+    return f"SharedAccessSignature sr={sr}&sig={sig}&se={expiry}"
 
 
 def mosquitto(tool, *args, timeout=20):
@@ -123,14 +135,34 @@ class Interop(unittest.TestCase):
         out, _ = sub.communicate(timeout=25)
         self.assertEqual(out.split("\n")[:20], [f"interop/seq m{i}" for i in range(20)])
 
-    def test_mosquitto_clients_over_tls_12_and_13_with_the_generated_ca(self):
+    def test_mosquitto_clients_over_tls_12_and_13_as_an_identity_with_the_generated_ca(self):
+        # The TLS port requires an identity: one is added with `spool identity add` (on a
+        # stopped server), and its SAS token computed here as the Azure IoT SDKs compute it.
+        self.spool.kill()
+        added = subprocess.run([SPOOL_BIN, "identity", "add", "edge/mosquitto",
+                                "--data-dir", self.dir],
+                               capture_output=True, text=True, check=True).stdout
+        connection_string = re.search(r"connection string: (\S+)", added).group(1)
+        fields = dict(f.split("=", 1) for f in connection_string.split(";"))
+        self.assertEqual((fields["DeviceId"], fields["ModuleId"]), ("edge", "mosquitto"))
+        self.spool = Spool(self.dir)
+        token = sas_token(fields["SharedAccessKey"], fields["HostName"], "edge", "mosquitto",
+                          int(time.time()) + 3600)
+        username = f"{fields['HostName']}/edge/mosquitto/?api-version=2019-10-01"
         for version in ["tlsv1.2", "tlsv1.3"]:
             tls = ["-p", str(self.spool.tls_port), "--cafile", self.spool.ca,
-                   "-h", "localhost", "--tls-version", version]
+                   "-h", "localhost", "--tls-version", version,
+                   "-i", "edge/mosquitto", "-u", username, "-P", token]
             mosquitto("mosquitto_pub", *tls, "-q", "1", "-r", "-t", f"tls/{version}", "-m", version)
             got = mosquitto("mosquitto_sub", *tls, "-q", "1", "-t", f"tls/{version}",
                             "-C", "1", "-F", "%r %t %p", "-W", "10")
             self.assertEqual(got.stdout.strip(), f"1 tls/{version} {version}")
+        anonymous = ["-p", str(self.spool.tls_port), "--cafile", self.spool.ca, "-h", "localhost",
+                     "-t", "x", "-m", "x"]
+        refused = subprocess.run(["mosquitto_pub", *anonymous], capture_output=True, text=True,
+                                 timeout=20)
+        self.assertNotEqual(refused.returncode, 0, "anonymous clients are refused on TLS")
+        self.assertIn("not authorised", refused.stderr.lower() + refused.stdout.lower())
 
     def test_mosquitto_sub_refuses_a_server_it_cannot_verify(self):
         with self.assertRaises(subprocess.CalledProcessError):

@@ -9,6 +9,7 @@
 //! publishes waiting for durability, the connection stops reading its socket: back-pressure,
 //! not memory.
 
+use crate::auth::authenticator::{Authenticated, ListenerAuth};
 use crate::delivery::drop_worth_logging;
 use crate::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, OutboundReceiver,
@@ -19,7 +20,7 @@ use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
     USER_PROPERTIES_MAX,
 };
-use crate::message::{Message, QoS, Will, expires_at_ms, now_ms};
+use crate::message::{Message, QoS, Will, expires_at_ms};
 use crate::mqtt::ServerContext;
 use crate::mqtt::codec::{
     self, ClientPacket, ConnAck, DecodeError, EncodeError, InboundPublish, Reason, ServerPacket,
@@ -80,14 +81,14 @@ enum Ack {
 }
 
 /// Serves one client until it disconnects or breaks the protocol.
-pub async fn serve<S>(stream: S, peer: SocketAddr, context: Arc<ServerContext>)
+pub async fn serve<S>(stream: S, peer: SocketAddr, auth: ListenerAuth, context: Arc<ServerContext>)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let connection_id = context.next_connection_id();
     let span = tracing::info_span!("conn", conn_id = connection_id, %peer, client_id = tracing::field::Empty);
     async move {
-        let Some(mut connection) = handshake(stream, connection_id, &context).await else {
+        let Some(mut connection) = handshake(stream, connection_id, auth, &context).await else {
             return;
         };
         tracing::Span::current().record("client_id", connection.client_id.as_str());
@@ -128,8 +129,7 @@ where
             _ => None,
         },
         Ok(Some(Err(DecodeError::InvalidClientId))) => {
-            refuse(&mut framed, protocol, Reason::ClientIdentifierNotValid).await;
-            None
+            refuse(&mut framed, protocol, Reason::ClientIdentifierNotValid).await
         }
         Ok(Some(Err(e))) => {
             tracing::info!("malformed CONNECT: {e}");
@@ -143,10 +143,12 @@ fn send_failed(error: EncodeError) -> Close {
     Close::quietly(format!("failed to send: {error}"))
 }
 
-/// Reads CONNECT, registers the session with the hub and answers CONNACK.
+/// Reads CONNECT, authenticates the client, registers the session with the hub and answers
+/// CONNACK.
 async fn handshake<S>(
     stream: S,
     connection_id: u64,
+    auth: ListenerAuth,
     context: &Arc<ServerContext>,
 ) -> Option<Connection<S>>
 where
@@ -154,26 +156,24 @@ where
 {
     let (mut framed, protocol, mut connect) = read_connect(stream, context).await?;
     let limits = &context.limits;
-    if let Some(reason) = connect.will.as_ref().and_then(refuse_will) {
-        refuse(&mut framed, protocol, reason).await;
-        return None;
-    }
+    let admitted = authenticate(context, auth, &connect).ok_or(Reason::NotAuthorized);
+    let refused_will = connect.will.as_ref().and_then(refuse_will);
+    let token_expires = match admitted.and_then(|t| refused_will.map_or(Ok(t), Err)) {
+        Ok(token_expires) => token_expires,
+        Err(reason) => return refuse(&mut framed, protocol, reason).await,
+    };
     let assigned = connect
         .client_id
         .is_empty()
-        .then(|| format!("spool-{connection_id}-{}", now_ms()));
+        .then(|| format!("spool-{connection_id}-{}", context.ingest.now_ms()));
     let client_id = assigned.as_ref().unwrap_or(&connect.client_id).clone();
     let (outbound, released, outcome) =
         match register(context, connection_id, &connect, protocol, &client_id).await {
             Some((outbound, released, Ok(outcome))) => (outbound, released, outcome),
             Some((_, _, Err(ConnectRefusal::SessionsFull))) => {
-                refuse(&mut framed, protocol, Reason::QuotaExceeded).await;
-                return None;
+                return refuse(&mut framed, protocol, Reason::QuotaExceeded).await;
             }
-            None => {
-                refuse(&mut framed, protocol, Reason::ServerUnavailable).await;
-                return None;
-            }
+            None => return refuse(&mut framed, protocol, Reason::ServerUnavailable).await,
         };
     let ConnectOutcome {
         session,
@@ -208,6 +208,7 @@ where
         receipts,
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(keep_alive_secs),
+        token_expires,
         will: connect.will.take().map(Box::new),
         connect_session_expiry_secs: connect.session_expiry_secs,
         session_expiry_update: None,
@@ -220,6 +221,35 @@ where
         return None;
     }
     Some(connection)
+}
+
+/// Who the client is, by its credentials and what the listener asks (see `auth`): `None` if
+/// it is refused (logged), else when its SAS token expires, if it has one.
+fn authenticate(
+    context: &ServerContext,
+    auth: ListenerAuth,
+    connect: &codec::Connect,
+) -> Option<Option<Instant>> {
+    let now_ms = context.ingest.now_ms();
+    let authenticated = context.authenticator.authenticate(
+        auth,
+        &connect.client_id,
+        connect.username.as_deref(),
+        connect.password.as_deref(),
+        now_ms / 1000,
+    );
+    match authenticated {
+        Ok(Authenticated::Anonymous) => Some(None),
+        Ok(Authenticated::Identity { token_expiry, .. }) => {
+            let left = token_expiry.saturating_mul(1000).saturating_sub(now_ms);
+            Some(Some(Instant::now() + Duration::from_millis(left)))
+        }
+        Err(e) => {
+            let client_id = &connect.client_id;
+            tracing::info!(client_id, "refused a CONNECT: {e}");
+            None
+        }
+    }
 }
 
 /// Why a CONNECT's will cannot be accepted, if it cannot.
@@ -277,8 +307,12 @@ async fn register(
     Some((outbound, released, outcome))
 }
 
-/// Answers a refused CONNECT (best effort) before closing.
-async fn refuse<S>(framed: &mut Framed<S, MqttCodec>, protocol: Protocol, reason: Reason)
+/// Answers a refused CONNECT (best effort) before closing; there is no connection.
+async fn refuse<S, T>(
+    framed: &mut Framed<S, MqttCodec>,
+    protocol: Protocol,
+    reason: Reason,
+) -> Option<T>
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -294,6 +328,7 @@ where
     if let Some(packet) = codec::to_wire(connack, protocol) {
         let _ = framed.send(packet).await;
     }
+    None
 }
 
 struct Connection<S> {
@@ -317,6 +352,9 @@ struct Connection<S> {
     topic_aliases: HashMap<u16, String>,
     /// 1.5 times the client's keep-alive.
     keep_alive: Option<Duration>,
+    /// When the SAS token the client connected with expires: the connection ends then, and
+    /// the client connects again with a new one (as the SDKs do before it comes).
+    token_expires: Option<Instant>,
     /// Published if the connection ends without a normal DISCONNECT.
     will: Option<Box<Will>>,
     /// The session expiry the CONNECT asked for (MQTT 5).
@@ -351,6 +389,7 @@ where
                     }
                 }
                 () = sleep_until(deadline) => Err(Close::with(Reason::KeepAliveTimeout, "keep-alive expired")),
+                () = sleep_until(self.token_expires) => Err(Close::with(Reason::NotAuthorized, "its SAS token expired")),
             };
             if let Err(close) = result {
                 return close;

@@ -1,5 +1,6 @@
 //! The TCP accept loop, with a bound on concurrent connections, for plain MQTT and MQTTS.
 
+use crate::auth::authenticator::ListenerAuth;
 use crate::limits::TLS_HANDSHAKE_TIMEOUT;
 use crate::mqtt::{ServerContext, connection};
 use std::net::SocketAddr;
@@ -9,12 +10,14 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 
-/// Accepts connections until shutdown, with TLS when `tls` is given. Each holds a permit of
+/// Accepts connections until shutdown, with TLS when `tls` is given, asking clients what
+/// `auth` says. Each holds a permit of
 /// `connections` (shared by the listeners); at the limit new sockets wait in the kernel's
 /// backlog instead of costing memory here.
 pub async fn accept_loop(
     listener: TcpListener,
     tls: Option<TlsAcceptor>,
+    auth: ListenerAuth,
     context: Arc<ServerContext>,
     connections: Arc<Semaphore>,
 ) {
@@ -37,8 +40,8 @@ pub async fn accept_loop(
                 let tls = tls.clone();
                 tokio::spawn(async move {
                     match tls {
-                        Some(tls) => serve_tls(socket, peer, &tls, context).await,
-                        None => connection::serve(socket, peer, context).await,
+                        Some(tls) => serve_tls(socket, peer, &tls, auth, context).await,
+                        None => connection::serve(socket, peer, auth, context).await,
                     }
                     drop(permit);
                 });
@@ -56,6 +59,7 @@ async fn serve_tls(
     socket: TcpStream,
     peer: SocketAddr,
     tls: &TlsAcceptor,
+    auth: ListenerAuth,
     context: Arc<ServerContext>,
 ) {
     let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(socket));
@@ -73,5 +77,5 @@ async fn serve_tls(
             }
         },
     };
-    connection::serve(stream, peer, context).await;
+    connection::serve(stream, peer, auth, context).await;
 }

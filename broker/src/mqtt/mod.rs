@@ -5,6 +5,7 @@ pub mod codec;
 pub mod connection;
 pub mod listener;
 
+use crate::auth::authenticator::Authenticator;
 use crate::hub::events::Event;
 use crate::ingest::Ingest;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -28,6 +29,8 @@ pub struct ConnectionLimits {
 pub struct ServerContext {
     pub hub: mpsc::Sender<Event>,
     pub ingest: Ingest,
+    /// Who a CONNECT is.
+    pub authenticator: Authenticator,
     pub limits: ConnectionLimits,
     pub shutdown: CancellationToken,
     next_connection: AtomicU64,
@@ -38,12 +41,14 @@ impl ServerContext {
     pub fn new(
         hub: mpsc::Sender<Event>,
         ingest: Ingest,
+        authenticator: Authenticator,
         limits: ConnectionLimits,
         shutdown: CancellationToken,
     ) -> ServerContext {
         ServerContext {
             hub,
             ingest,
+            authenticator,
             limits,
             shutdown,
             next_connection: AtomicU64::new(1),

@@ -252,6 +252,18 @@ pub fn connect_v311(client_id: &str, clean: bool) -> Vec<u8> {
     packet(0x10, &body)
 }
 
+/// CONNECT, MQTT 3.1.1, clean, keep-alive 60, with a username and password (an IoT Hub
+/// client's, say).
+pub fn connect_v311_as(client_id: &str, username: &str, password: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    field(b"MQTT", &mut body);
+    body.extend_from_slice(&[4, 0xC2, 0, 60]);
+    field(client_id.as_bytes(), &mut body);
+    field(username.as_bytes(), &mut body);
+    field(password.as_bytes(), &mut body);
+    packet(0x10, &body)
+}
+
 /// SUBSCRIBE (MQTT 3.1.1) to one filter.
 pub fn subscribe_v311(packet_id: u16, filter: &str, qos: u8) -> Vec<u8> {
     let mut body = packet_id.to_be_bytes().to_vec();
