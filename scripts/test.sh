@@ -45,12 +45,30 @@ need_python_package() {
     fi
 }
 
+# The Azure IoT Python SDK the module interop tests use; it pins paho-mqtt below 2, so it gets a
+# virtual environment of its own.
+AZURE_IOT_DEVICE_VERSION=2.14.0
+AZURE_PYTHON=target/azure-python
+need_azure_python_sdk() {
+    if ! "$AZURE_PYTHON/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('azure-iot-device') != '$AZURE_IOT_DEVICE_VERSION')" 2>/dev/null; then
+        step "installing azure-iot-device $AZURE_IOT_DEVICE_VERSION from PyPI in $AZURE_PYTHON"
+        rm -rf "$AZURE_PYTHON"
+        { python3 -m venv "$AZURE_PYTHON" &&
+            "$AZURE_PYTHON/bin/python" -m pip install --quiet --disable-pip-version-check \
+                "azure-iot-device==$AZURE_IOT_DEVICE_VERSION"; } || {
+            echo "cannot install azure-iot-device $AZURE_IOT_DEVICE_VERSION in $AZURE_PYTHON (python3 -m venv and PyPI are needed)" >&2
+            exit 1
+        }
+    fi
+}
+
 command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with rustup" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "python3 not found: install Python 3.11 or later" >&2; exit 1; }
 need_rust_component fmt rustfmt
 need_rust_component clippy clippy
 need_debian_package mosquitto_sub mosquitto-clients
 need_python_package
+need_azure_python_sdk
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -68,5 +86,9 @@ cargo test -p spool-storage --features failpoints --locked --test failpoints
 step "interop: mosquitto-clients and paho-mqtt against spool serve (tests/interop)"
 cargo build -p spool-broker --locked
 SPOOL_BIN=target/debug/spool python3 -m unittest discover -s tests/interop -v
+
+step "interop: IoT Edge modules on the Azure IoT Python SDK against spool serve (port 8883)"
+SPOOL_BIN=target/debug/spool "$AZURE_PYTHON/bin/python" -m unittest discover \
+    -s tests/interop/azure_python -v
 
 step "all checks passed"

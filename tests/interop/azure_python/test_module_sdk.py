@@ -1,0 +1,135 @@
+"""The Azure IoT Python SDK (azure-iot-device 2.14.0) against a real `spool serve`, unchanged.
+
+The SDK pins paho-mqtt below 2, so scripts/test.sh runs this suite from its own virtual
+environment:
+
+    target/azure-python/bin/python -m unittest discover -s tests/interop/azure_python -v
+
+The SDK always connects to port 8883 of its gateway host, so spool listens there and these
+scenarios run one at a time.
+"""
+
+import os
+import queue
+import re
+import shutil
+import subprocess
+import tempfile
+import threading
+import unittest
+
+import paho.mqtt.client as mqtt
+from azure.iot.device import IoTHubModuleClient as ModuleClient, Message
+from azure.iot.device.exceptions import ClientError, CredentialError, ConnectionFailedError
+
+SPOOL_BIN = os.environ.get("SPOOL_BIN", "target/debug/spool")
+
+
+def spool_identity(data_dir, *args):
+    return subprocess.run([SPOOL_BIN, "identity", *args, "--data-dir", data_dir],
+                          capture_output=True, text=True, check=True).stdout
+
+
+class Spool:
+    """`spool serve` with MQTTS on 8883 (where the SDK connects) and plain MQTT on a free port."""
+
+    def __init__(self, data_dir):
+        self.process = subprocess.Popen(
+            [SPOOL_BIN, "serve", "--data-dir", data_dir,
+             "--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", "127.0.0.1:8883"],
+            stdout=subprocess.PIPE, env={**os.environ, "SPOOL_LOG": "warn"}, text=True)
+        self.port = None
+        for line in self.process.stdout:
+            if m := re.match(r"spool: MQTT listening on .*:(\d+)$", line.strip()):
+                self.port = int(m.group(1))
+            elif line.startswith("spool: data in"):
+                break
+        assert self.port, "spool did not start"
+        self.drain = threading.Thread(target=lambda: [None for _ in self.process.stdout],
+                                      daemon=True)
+        self.drain.start()
+
+    def kill(self):
+        self.process.kill()
+        self.process.wait()
+        self.drain.join(timeout=5)
+        self.process.stdout.close()
+
+
+class Watcher:
+    """A plain MQTT client on spool's anonymous port that sees what the module publishes."""
+
+    def __init__(self, port, topic):
+        self.messages = queue.Queue()
+        subscribed = threading.Event()
+        self.client = mqtt.Client(client_id="watcher", clean_session=True)
+        self.client.on_message = lambda c, u, m: self.messages.put((m.topic, m.payload))
+        self.client.on_subscribe = lambda *args: subscribed.set()
+        self.client.connect("127.0.0.1", port)
+        self.client.subscribe(topic, qos=1)
+        self.client.loop_start()
+        assert subscribed.wait(10), "no SUBACK"
+
+    def next(self):
+        return self.messages.get(timeout=10)
+
+    def stop(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class ModuleSdk(unittest.TestCase):
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="spool-sdk-")
+        added = spool_identity(self.dir, "add", "edge/sender")
+        self.connection_string = re.search(r"connection string: (\S+)", added).group(1)
+        env = spool_identity(self.dir, "env", "edge/sender")
+        self.env = dict(line.split("=", 1) for line in env.strip().splitlines())
+        self.spool = Spool(self.dir)
+        self.watcher = Watcher(self.spool.port, "devices/edge/modules/sender/#")
+
+    def tearDown(self):
+        self.watcher.stop()
+        self.spool.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def send(self, client):
+        client.connect()
+        message = Message("hello from the SDK")
+        message.custom_properties["kind"] = "a&b=c/d"
+        client.send_message_to_output(message, "out1")
+        client.shutdown()
+        topic, payload = self.watcher.next()
+        self.assertEqual(payload, b"hello from the SDK")
+        self.assertTrue(topic.startswith("devices/edge/modules/sender/messages/events/"), topic)
+        self.assertIn("%24.on=out1", topic)
+        self.assertIn("kind=a%26b%3Dc%2Fd", topic)
+
+    def test_a_module_connects_with_a_connection_string_and_the_ca_and_sends(self):
+        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
+            client = ModuleClient.create_from_connection_string(
+                self.connection_string, server_verification_cert=ca.read())
+        self.send(client)
+
+    def test_a_module_started_with_the_edge_environment_sends(self):
+        os.environ.update(self.env)
+        try:
+            client = ModuleClient.create_from_edge_environment()
+        finally:
+            for name in self.env:
+                del os.environ[name]
+        self.send(client)
+
+    def test_a_wrong_key_is_refused(self):
+        wrong = re.sub(r"SharedAccessKey=[^;]+", "SharedAccessKey=" + "A" * 43 + "=",
+                       self.connection_string)
+        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
+            client = ModuleClient.create_from_connection_string(
+                wrong, server_verification_cert=ca.read(), connection_retry=False)
+        with self.assertRaises((CredentialError, ConnectionFailedError, ClientError)):
+            client.connect()
+        client.shutdown()
+
+
+if __name__ == "__main__":
+    unittest.main()
