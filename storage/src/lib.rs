@@ -6,7 +6,8 @@
 //!
 //! # Layout
 //! - [`wal`]: the [`Wal`] handle: append (group-committed, resolved once durable), read, retain.
-//! - `writer`: the one writer thread that batches, writes and fdatasyncs.
+//! - `writer`: the one writer that batches, writes and fdatasyncs, on its own thread (or the
+//!   caller's, `WriterMode::Caller`, for deterministic simulations).
 //! - [`reader`]: [`WalReader`], which iterates durable records and waits for new ones.
 //! - `recovery`: rebuilding and repairing the log on open, by the decision table it documents.
 //! - [`layout`]: file names, the segment header and the record frame, in one place.
