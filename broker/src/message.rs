@@ -47,7 +47,7 @@ pub struct Message {
 }
 
 impl Message {
-    /// Bytes the message occupies in memory, roughly: what the message cache counts.
+    /// Bytes the message occupies in memory, roughly: what a queue's byte limit counts.
     #[must_use]
     pub fn size_bytes(&self) -> usize {
         let properties = &self.properties;
@@ -88,7 +88,8 @@ pub fn expires_at_ms(now_ms: u64, interval_secs: Option<u32>) -> Option<u64> {
     interval_secs.map(|secs| now_ms.saturating_add(u64::from(secs) * 1000))
 }
 
-/// Milliseconds since the Unix epoch, the clock message expiry is measured with.
+/// Milliseconds since the Unix epoch, from the machine's clock (`clock::SystemClock` reads it;
+/// message expiry is measured on the hub's clock).
 #[must_use]
 pub fn now_ms() -> u64 {
     std::time::SystemTime::now()

@@ -21,6 +21,7 @@ use crate::tls::{self, TlsFiles};
 use anyhow::Context;
 use spool_storage::{FileSystem, Meta, RealFs, Wal, WalOptions, WriterMode};
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::TcpListener;
@@ -95,6 +96,12 @@ pub fn hub_limits(config: &Config) -> HubLimits {
     }
 }
 
+/// Where a data directory's metadata store is.
+#[must_use]
+pub fn meta_path(data_dir: &Path) -> PathBuf {
+    data_dir.join("meta.redb")
+}
+
 /// Opens the metadata store, then the log, which must reach every checkpoint the metadata
 /// holds, or it lost acknowledged messages (recovery refuses it). The server runs the log's
 /// writer on a thread (`WriterMode::Thread`); a simulation runs it itself.
@@ -109,7 +116,7 @@ pub fn open_storage(
     let data_dir = &config.settings.data_dir;
     fs.create_dir_all(data_dir)
         .with_context(|| format!("create data directory {}", data_dir.display()))?;
-    let meta_path = data_dir.join("meta.redb");
+    let meta_path = meta_path(data_dir);
     let meta = Meta::open_with_fs(Arc::clone(&fs), &meta_path)
         .with_context(|| format!("open {}", meta_path.display()))?;
     let meta = Arc::new(meta);
@@ -160,7 +167,7 @@ fn authenticator(config: &Config, meta: &Meta) -> anyhow::Result<Authenticator> 
 }
 
 /// Starts the hub with the server's clock, and the tasks it asks for work (reclaims, records
-/// of its own); returns where connections send it events.
+/// of its own, messages read back); returns where connections send it events.
 fn spawn_hub(
     config: &Config,
     wal: &Wal,

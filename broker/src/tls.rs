@@ -81,13 +81,19 @@ pub fn acceptor(source: &CertificateSource) -> anyhow::Result<(TlsAcceptor, TlsF
     Ok((TlsAcceptor::from(Arc::new(config)), files))
 }
 
+/// Where the CA that spool generates in `dir` is: the file clients trust.
+#[must_use]
+pub fn generated_ca(dir: &Path) -> PathBuf {
+    dir.join("ca.pem")
+}
+
 /// The generated CA and server certificate in `dir`, created if the server certificate is not
 /// there yet.
 fn generated_files(dir: &Path) -> anyhow::Result<TlsFiles> {
     let files = TlsFiles {
         cert: dir.join("server.pem"),
         key: dir.join("server-key.pem"),
-        generated_ca: Some(dir.join("ca.pem")),
+        generated_ca: Some(generated_ca(dir)),
     };
     if files.cert.exists() && files.key.exists() {
         return Ok(files);

@@ -15,6 +15,7 @@ use spool_broker::hub::{
     Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, load_when_asked, reclaim_when_asked,
 };
 use spool_broker::ingest::{Ingest, Ingested, Publisher, WhenFull};
+use spool_broker::limits::LOAD_REQUESTS_MAX;
 use spool_broker::message::{Message, MessageProperties, QoS, Will};
 use spool_broker::routing::{RetainHandling, Router, SubscriptionOptions};
 use spool_storage::{Meta, Wal, WalOptions, WalReader};
@@ -56,7 +57,7 @@ impl TestHub {
         let clock = Arc::new(ManualClock::new());
         let router = Arc::new(Router::default());
         let metadata = MetaWriter::start(Arc::clone(&meta)).expect("metadata writer");
-        let (loads, load_requests) = mpsc::channel(16);
+        let (loads, load_requests) = mpsc::channel(LOAD_REQUESTS_MAX);
         let helpers = HubHelpers {
             reclaims,
             appender,

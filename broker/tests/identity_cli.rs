@@ -51,7 +51,7 @@ fn field<'a>(connection_string: &'a str, name: &str) -> &'a str {
 fn identities_are_added_listed_rotated_disabled_and_removed() {
     // Goal: an operator adds a module and gets a connection string whose key signs tokens the
     // registry's key verifies; list, show, env, disable, rotate and remove do what they say
-    // and last across runs (the registry is in the data directory).
+    // (each run is a new process: the registry is in the data directory).
     let dir = tempfile::tempdir().unwrap();
     let added = ok(dir.path(), &["add", "myEdge/filter"]);
     let line = added
@@ -99,12 +99,16 @@ fn identities_are_added_listed_rotated_disabled_and_removed() {
     ok(dir.path(), &["add", "leaf", "--x509-ca"]);
     ok(dir.path(), &["disable", "myEdge/filter"]);
     let listed = ok(dir.path(), &["list"]);
+    let row = |id: &str| {
+        listed
+            .lines()
+            .find(|line| line.split_whitespace().next() == Some(id))
+            .unwrap_or_else(|| panic!("{id} listed: {listed}"))
+            .to_owned()
+    };
+    assert!(row("myEdge/filter").contains("disabled"), "{listed}");
     assert!(
-        listed.contains("myEdge/filter") && listed.contains("disabled"),
-        "{listed}"
-    );
-    assert!(
-        listed.contains("leaf") && listed.contains("x509-ca"),
+        row("leaf").contains("enabled") && row("leaf").contains("x509-ca"),
         "{listed}"
     );
 
@@ -116,6 +120,21 @@ fn identities_are_added_listed_rotated_disabled_and_removed() {
     assert_ne!(
         field(new_line, "SharedAccessKey"),
         field(line, "SharedAccessKey")
+    );
+    let shown = ok(dir.path(), &["show", "myEdge/filter"]);
+    let keys: Vec<Vec<u8>> = ["primary:", "secondary:"]
+        .iter()
+        .map(|name| {
+            let key = shown.lines().find_map(|l| l.strip_prefix(name)).unwrap();
+            BASE64.decode(key.trim()).unwrap()
+        })
+        .collect();
+    let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
+    assert!(
+        parsed
+            .verify("myEdge", Some("filter"), &["hub.example"], &keys, 1)
+            .is_err(),
+        "the old key signs no more"
     );
     let (refused, text) = identity(dir.path(), &["rotate", "leaf"]);
     assert!(!refused && text.contains("no SAS keys"), "{text}");
@@ -138,4 +157,42 @@ fn a_directory_a_running_server_holds_is_refused() {
     assert!(text.contains("held by a running spool server"), "{text}");
     spool.kill();
     ok(dir.path(), &["list"]);
+}
+
+#[test]
+fn the_serve_configuration_applies_and_reading_creates_nothing() {
+    // Goal: the command reads `spool serve`'s configuration file (data directory, host names),
+    // and a command that only reads refuses a data directory that does not exist instead of
+    // creating an empty one.
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let config = dir.path().join("spool.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "data_dir = {:?}\niothub_hostname = \"hub.from-file\"\ngateway_hostname = \"gw\"\n",
+            data.to_str().unwrap()
+        ),
+    )
+    .unwrap();
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_spool"))
+            .arg("identity")
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .env("SPOOL_LOG", "warn")
+            .output()
+            .unwrap()
+    };
+    let listed = run(&["list"]);
+    assert!(!listed.status.success());
+    assert!(String::from_utf8_lossy(&listed.stderr).contains("no data directory"));
+    assert!(!data.exists(), "reading created nothing");
+    let added = run(&["add", "edge/m"]);
+    assert!(added.status.success());
+    let added = String::from_utf8(added.stdout).unwrap();
+    assert!(added.contains("HostName=hub.from-file;"), "{added}");
+    assert!(added.contains("GatewayHostName=gw"), "{added}");
+    assert!(data.join("meta.redb").exists(), "the file's data directory");
 }

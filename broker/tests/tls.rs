@@ -12,7 +12,7 @@ use common::{
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
-use spool_broker::auth::sas::{resource_uri, sign};
+use spool_broker::auth::sas::{CLOCK_SKEW_SECS, resource_uri, sign};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -260,16 +260,20 @@ async fn the_tls_port_requires_an_identity_and_checks_its_token() {
 
 #[tokio::test]
 async fn a_connection_ends_when_its_token_expires() {
-    // Goal: a client is not served past its token's expiry: the SDKs connect again with a new
-    // token before it comes.
+    // Goal: a client is not served past its token's validity (its expiry plus the clock skew
+    // allowed at CONNECT): the SDKs connect again with a new token before it comes.
     let dir = tempfile::tempdir().unwrap();
     let spool = start_with_module(dir.path(), &[]);
     let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
         .await
         .unwrap();
+    // Expired 298 s ago: still accepted (5 minutes of clock skew), valid for 2 s more.
     let now = in_an_hour() - 3600;
-    stream.write_all(&module_connect(now + 2)).await.unwrap();
+    stream
+        .write_all(&module_connect(now + 2 - CLOCK_SKEW_SECS))
+        .await
+        .unwrap();
     assert_eq!(
         read_packet(&mut stream).await,
         (0x20, vec![0, 0]),
@@ -283,7 +287,7 @@ async fn a_connection_ends_when_its_token_expires() {
     )
     .await;
     assert!(closed.is_ok(), "the connection ends with the token");
-    // The token had more than a second left (its expiry is two seconds past the whole second).
+    // The token had more than a second left (two seconds past the whole second).
     assert!(
         connected.elapsed() >= std::time::Duration::from_millis(900),
         "not before the token expires"
@@ -293,7 +297,8 @@ async fn a_connection_ends_when_its_token_expires() {
 #[tokio::test]
 async fn anonymous_clients_are_let_in_where_configured_but_credentials_are_still_checked() {
     // Goal: --mqtts-auth anonymous lets plain MQTT clients use the TLS port; a client that
-    // presents IoT Hub credentials there is checked all the same.
+    // presents IoT Hub credentials there is checked all the same, and no anonymous client
+    // may use an identity's client id (it would take the identity's session over).
     let dir = tempfile::tempdir().unwrap();
     let spool = start_with_module(dir.path(), &["--mqtts-auth", "anonymous"]);
     assert_eq!(
@@ -302,10 +307,18 @@ async fn anonymous_clients_are_let_in_where_configured_but_credentials_are_still
     );
     assert_eq!(connack_code(&spool, &module_connect(in_an_hour())).await, 0);
     let username = format!("localhost/{MODULE}/?api-version=2020-09-30");
-    let refused = connect_v311_as(
-        MODULE,
-        &username,
-        "SharedAccessSignature sr=x&sig=AA%3D%3D&se=1",
+    let (device, module) = MODULE.split_once('/').unwrap();
+    let wrong_key = sign(
+        &[1; 32],
+        &resource_uri("localhost", device, Some(module)),
+        in_an_hour(),
     );
-    assert_eq!(connack_code(&spool, &refused).await, 5);
+    let refused = connect_v311_as(MODULE, &username, &wrong_key);
+    assert_eq!(connack_code(&spool, &refused).await, 5, "a wrong key");
+    let impostor = connect_v311(MODULE, true);
+    assert_eq!(
+        connack_code(&spool, &impostor).await,
+        5,
+        "an identity's id, no credentials"
+    );
 }

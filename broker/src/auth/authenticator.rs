@@ -50,6 +50,8 @@ pub enum Authenticated {
 pub enum AuthError {
     #[error("this listener requires an identity: an IoT Hub username and a SAS token")]
     Required,
+    #[error("the client id is identity {0}'s, and the client did not give its credentials")]
+    IdentityClientId(IdentityId),
     #[error("the client id {client_id:?} is not {identity}, which its username names")]
     ClientIdMismatch { client_id: String, identity: String },
     #[error("{0}")]
@@ -94,9 +96,15 @@ impl Authenticator {
         now: u64,
     ) -> Result<Authenticated, AuthError> {
         let Some(username) = username.and_then(IotUsername::parse) else {
-            return match policy {
-                ListenerAuth::Anonymous => Ok(Authenticated::Anonymous),
-                ListenerAuth::Identity => Err(AuthError::Required),
+            // An identity's client id is its own: an anonymous client using it would take
+            // the identity's session over, and its queue with it.
+            let taken = IdentityId::parse(client_id)
+                .ok()
+                .filter(|id| self.registry.get(id).is_some());
+            return match (policy, taken) {
+                (_, Some(id)) => Err(AuthError::IdentityClientId(id)),
+                (ListenerAuth::Anonymous, None) => Ok(Authenticated::Anonymous),
+                (ListenerAuth::Identity, None) => Err(AuthError::Required),
             };
         };
         let named = username.client_id();
@@ -264,7 +272,7 @@ mod tests {
     }
 
     /// Goal: plain MQTT clients are anonymous where the listener allows it, and refused where
-    /// it requires an identity.
+    /// it requires an identity or use an identity's client id.
     #[test]
     fn plain_clients_are_anonymous_only_where_allowed() {
         let (auth, _, _dir) = authenticator();
@@ -275,5 +283,8 @@ mod tests {
             let required = auth.authenticate(ListenerAuth::Identity, "c", username, password, NOW);
             assert_eq!(required, Err(AuthError::Required));
         }
+        // Not with an identity's client id: it would take the identity's session over.
+        let impostor = auth.authenticate(ListenerAuth::Anonymous, "edge/filter", None, None, NOW);
+        assert!(matches!(impostor, Err(AuthError::IdentityClientId(_))));
     }
 }

@@ -4,41 +4,48 @@
 
 use super::identity::{Credentials, Identity, IdentityId, Status, new_key};
 use super::registry::IdentityRegistry;
+use crate::config::{Config, ServeArgs};
+use crate::server::meta_path;
+use crate::tls::{CertificateSource, generated_ca};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use spool_storage::Meta;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-/// Where the registry is, and the host names connection strings carry.
+/// Where the registry is, and the host names connection strings carry: the same settings as
+/// `spool serve`'s, from flags, `SPOOL_*` variables or its `spool.toml`.
 #[derive(Debug, Args)]
 pub struct IdentityArgs {
     #[command(subcommand)]
     pub command: IdentityCommand,
-    /// Data directory (as given to `spool serve`).
-    #[arg(
-        long,
-        env = "SPOOL_DATA_DIR",
-        default_value = "spool-data",
-        global = true
-    )]
-    pub data_dir: PathBuf,
-    /// The IoT Hub host name that modules name in their usernames and SAS tokens.
-    #[arg(
-        long,
-        env = "SPOOL_IOTHUB_HOSTNAME",
-        default_value = "localhost",
-        global = true
-    )]
-    pub iothub_hostname: String,
-    /// The host name modules connect to (spool's; in the server certificate).
-    #[arg(
-        long,
-        env = "SPOOL_GATEWAY_HOSTNAME",
-        default_value = "localhost",
-        global = true
-    )]
-    pub gateway_hostname: String,
+    /// The `spool serve` configuration file whose settings apply (`data_dir`,
+    /// `iothub_hostname`, `gateway_hostname`, the TLS certificate).
+    #[arg(long, env = "SPOOL_CONFIG", global = true)]
+    pub config: Option<PathBuf>,
+    /// Data directory, as given to `spool serve` [default: spool-data].
+    #[arg(long, env = "SPOOL_DATA_DIR", global = true)]
+    pub data_dir: Option<PathBuf>,
+    /// The IoT Hub host name modules name in their usernames and SAS tokens [default:
+    /// localhost].
+    #[arg(long, env = "SPOOL_IOTHUB_HOSTNAME", global = true)]
+    pub iothub_hostname: Option<String>,
+    /// The host name modules connect to [default: localhost].
+    #[arg(long, env = "SPOOL_GATEWAY_HOSTNAME", global = true)]
+    pub gateway_hostname: Option<String>,
+}
+
+impl IdentityArgs {
+    /// The settings these name, resolved as `spool serve` resolves them.
+    fn config(&self) -> anyhow::Result<Config> {
+        Config::resolve(ServeArgs {
+            config: self.config.clone(),
+            data_dir: self.data_dir.clone(),
+            iothub_hostname: self.iothub_hostname.clone(),
+            gateway_hostname: self.gateway_hostname.clone(),
+            ..ServeArgs::default()
+        })
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +85,16 @@ pub enum IdentityCommand {
     Env { id: String },
 }
 
+impl IdentityCommand {
+    /// Whether the command changes the registry (the others only read it).
+    fn changes_registry(&self) -> bool {
+        !matches!(
+            self,
+            IdentityCommand::List | IdentityCommand::Show { .. } | IdentityCommand::Env { .. }
+        )
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum WhichKey {
     Primary,
@@ -90,7 +107,8 @@ pub enum WhichKey {
 /// # Errors
 /// A directory a server holds, an unknown or invalid identity, or a store that fails.
 pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
-    let meta = open_store(&args.data_dir)?;
+    let config = args.config()?;
+    let meta = open_store(&config.settings.data_dir, args.command.changes_registry())?;
     let mut registry = IdentityRegistry::load(&meta)?;
     let mut out = String::new();
     match &args.command {
@@ -111,7 +129,7 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
             }
             registry.add(&meta, identity.clone())?;
             writeln!(out, "added {}", identity.id)?;
-            describe_access(&mut out, &identity, args)?;
+            describe_access(&mut out, &identity, &config)?;
         }
         IdentityCommand::List => {
             writeln!(out, "{:<40} {:<9} AUTH", "ID", "STATUS")?;
@@ -121,7 +139,7 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
                 writeln!(out, "{:<40} {status:<9} {auth}", identity.id)?;
             }
         }
-        IdentityCommand::Show { id } => show(&mut out, find(&registry, id)?, args)?,
+        IdentityCommand::Show { id } => show(&mut out, find(&registry, id)?, &config)?,
         IdentityCommand::Remove { id } => {
             let removed = registry.remove(&meta, &IdentityId::parse(id)?)?;
             writeln!(out, "removed {}", removed.id)?;
@@ -138,16 +156,20 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
         IdentityCommand::Rotate { id, key } => {
             let identity = rotate(&meta, &mut registry, &IdentityId::parse(id)?, *key)?;
             writeln!(out, "rotated the keys of {}", identity.id)?;
-            describe_access(&mut out, identity, args)?;
+            describe_access(&mut out, identity, &config)?;
         }
         IdentityCommand::Env { id } => {
             let identity = find(&registry, id)?;
+            let settings = &config.settings;
             let connection_string = identity
-                .connection_string(&args.iothub_hostname, &args.gateway_hostname)
+                .connection_string(&settings.iothub_hostname, &settings.gateway_hostname)
                 .ok_or_else(|| anyhow::anyhow!("{id} authenticates with a certificate"))?;
             writeln!(out, "EdgeHubConnectionString={connection_string}")?;
-            let ca = ca_file(&args.data_dir);
-            writeln!(out, "EdgeModuleCACertificateFile={}", ca.display())?;
+            writeln!(
+                out,
+                "EdgeModuleCACertificateFile={}",
+                ca_file(&config).display()
+            )?;
         }
     }
     Ok(out)
@@ -160,7 +182,7 @@ fn find<'a>(registry: &'a IdentityRegistry, id: &str) -> anyhow::Result<&'a Iden
         .ok_or_else(|| anyhow::anyhow!("no identity {id}"))
 }
 
-fn show(out: &mut String, identity: &Identity, args: &IdentityArgs) -> anyhow::Result<()> {
+fn show(out: &mut String, identity: &Identity, config: &Config) -> anyhow::Result<()> {
     writeln!(out, "id:        {}", identity.id)?;
     writeln!(out, "status:    {}", status_name(identity.status))?;
     writeln!(out, "auth:      {}", auth_name(&identity.credentials))?;
@@ -177,7 +199,7 @@ fn show(out: &mut String, identity: &Identity, args: &IdentityArgs) -> anyhow::R
         }
         Credentials::X509Ca => {}
     }
-    describe_access(out, identity, args)
+    describe_access(out, identity, config)
 }
 
 /// Replaces `key` (or both) of an identity's SAS keys with new random ones.
@@ -203,11 +225,16 @@ fn rotate<'a>(
     })?)
 }
 
-/// Opens the data directory's metadata store, creating the directory if needed.
-fn open_store(data_dir: &Path) -> anyhow::Result<Meta> {
-    std::fs::create_dir_all(data_dir)
-        .with_context(|| format!("create data directory {}", data_dir.display()))?;
-    let path = data_dir.join("meta.redb");
+/// Opens the data directory's metadata store; only a command that changes the registry
+/// creates the directory.
+fn open_store(data_dir: &Path, create: bool) -> anyhow::Result<Meta> {
+    if create {
+        std::fs::create_dir_all(data_dir)
+            .with_context(|| format!("create data directory {}", data_dir.display()))?;
+    } else if !data_dir.is_dir() {
+        anyhow::bail!("no data directory {}", data_dir.display());
+    }
+    let path = meta_path(data_dir);
     match Meta::open(&path) {
         Ok(meta) => Ok(meta),
         Err(spool_storage::Error::Locked { .. }) => anyhow::bail!(
@@ -219,27 +246,33 @@ fn open_store(data_dir: &Path) -> anyhow::Result<Meta> {
     }
 }
 
-/// The CA file clients trust: the one `spool serve` generates in the data directory (unless
-/// it was given a certificate of its own, whose CA the operator knows).
-fn ca_file(data_dir: &Path) -> PathBuf {
-    data_dir.join("tls").join("ca.pem")
+/// The CA file clients trust: the one `spool serve` generates, or the given certificate's.
+fn ca_file(config: &Config) -> PathBuf {
+    match &config.tls_certificate {
+        CertificateSource::Generated { dir } => generated_ca(dir),
+        CertificateSource::Files { cert, .. } => cert.clone(),
+    }
 }
 
 /// The connection string and CA file of an identity that uses SAS keys.
-fn describe_access(
-    out: &mut String,
-    identity: &Identity,
-    args: &IdentityArgs,
-) -> anyhow::Result<()> {
-    if let Some(connection_string) =
-        identity.connection_string(&args.iothub_hostname, &args.gateway_hostname)
-    {
+fn describe_access(out: &mut String, identity: &Identity, config: &Config) -> anyhow::Result<()> {
+    let settings = &config.settings;
+    let connection_string =
+        identity.connection_string(&settings.iothub_hostname, &settings.gateway_hostname);
+    if let Some(connection_string) = connection_string {
         writeln!(out, "connection string: {connection_string}")?;
-        writeln!(
-            out,
-            "CA file: {} (generated by `spool serve` unless it was given --tls-cert)",
-            ca_file(&args.data_dir).display()
-        )?;
+        match &config.tls_certificate {
+            CertificateSource::Generated { .. } => writeln!(
+                out,
+                "CA file: {} (generated by `spool serve` at its first start)",
+                ca_file(config).display()
+            )?,
+            CertificateSource::Files { cert, .. } => writeln!(
+                out,
+                "CA file: the CA that issued {} (--tls-cert)",
+                cert.display()
+            )?,
+        }
     }
     Ok(())
 }

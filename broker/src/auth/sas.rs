@@ -114,15 +114,15 @@ impl SasToken {
             let Some((name, value)) = field.split_once('=') else {
                 return Err(SasError::NotSas);
             };
-            let slot = match name.to_ascii_lowercase().as_str() {
-                "sr" => &mut resource,
-                "sig" => &mut signature,
-                "se" => &mut expiry,
-                "skn" => &mut key_name,
+            let (name, slot) = match name.to_ascii_lowercase().as_str() {
+                "sr" => ("sr", &mut resource),
+                "sig" => ("sig", &mut signature),
+                "se" => ("se", &mut expiry),
+                "skn" => ("skn", &mut key_name),
                 _ => continue, // unknown fields are ignored, as edgeHub does
             };
             if slot.replace(value).is_some() {
-                return Err(malformed(field_name(name), "given twice"));
+                return Err(malformed(name, "given twice"));
             }
         }
         let resource = resource.ok_or(SasError::Missing("sr"))?;
@@ -145,8 +145,8 @@ impl SasToken {
     }
 
     /// Whom the token is for: `sr` percent-decoded and split on `/` into
-    /// `{host}/devices/{device}` or `{host}/devices/{device}/modules/{module}`, the ids
-    /// decoded once more (some SDK helpers encode them twice).
+    /// `{host}/devices/{device}` or `{host}/devices/{device}/modules/{module}`. The ids are
+    /// as decoded once; some SDK helpers encode them twice (see `same_id`).
     ///
     /// # Errors
     /// `Malformed` if `sr` has neither shape.
@@ -154,11 +154,10 @@ impl SasToken {
         let uri = decode("sr", &self.resource)?;
         let parts: Vec<&str> = uri.split('/').collect();
         let id = |part: &str| -> Result<String, SasError> {
-            let id = decode("sr", part)?;
-            if id.is_empty() {
+            if part.is_empty() {
                 return Err(malformed("sr", "an empty id"));
             }
-            Ok(id)
+            Ok(part.to_owned())
         };
         match parts.as_slice() {
             [host, "devices", device] => Ok(Audience {
@@ -200,9 +199,9 @@ impl SasToken {
             });
         }
         let audience = self.audience()?;
-        let same_identity = audience.device.eq_ignore_ascii_case(device)
+        let same_identity = same_id(&audience.device, device)
             && match (&audience.module, module) {
-                (Some(theirs), Some(ours)) => theirs.eq_ignore_ascii_case(ours),
+                (Some(theirs), Some(ours)) => same_id(theirs, ours),
                 (None, None) => true,
                 _ => false,
             };
@@ -252,6 +251,16 @@ pub fn sign(key: &[u8], resource: &str, expiry: u64) -> String {
     format!("SharedAccessSignature sr={resource}&sig={signature}&se={expiry}")
 }
 
+/// Whether an id from a token's audience (decoded once) is `id`, without case: as it stands
+/// (the SDKs that encode the resource URI once, like the Python one) or decoded once more (the
+/// C# helper encodes each id, then the whole URI), as edgeHub decodes it.
+fn same_id(audience_id: &str, id: &str) -> bool {
+    audience_id.eq_ignore_ascii_case(id)
+        || percent_decode_str(audience_id)
+            .decode_utf8()
+            .is_ok_and(|twice| twice.eq_ignore_ascii_case(id))
+}
+
 /// The HMAC over what a token signs.
 fn mac(key: &[u8], resource: &str, expiry: &str) -> Hmac<Sha256> {
     let mut mac = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
@@ -272,15 +281,6 @@ fn malformed(field: &'static str, why: &str) -> SasError {
     SasError::Malformed {
         field,
         why: why.to_owned(),
-    }
-}
-
-fn field_name(name: &str) -> &'static str {
-    match name.to_ascii_lowercase().as_str() {
-        "sr" => "sr",
-        "sig" => "sig",
-        "se" => "se",
-        _ => "skn",
     }
 }
 
@@ -398,16 +398,19 @@ mod tests {
         let audience = parsed.audience().expect("an audience");
         assert_eq!(
             (audience.device.as_str(), audience.module.as_deref()),
-            ("d 1", Some("m"))
+            ("d%201", Some("m"))
         );
+        assert!(same_id(&audience.device, "d 1"), "decoded twice");
+        assert!(same_id(&audience.device, "D%201"), "decoded once");
     }
 
     proptest! {
-        /// Goal: any identity and expiry round-trip through `sign`, `parse` and `verify`.
+        /// Goal: any identity IoT Hub allows (`IdentityId`'s characters, `%` included) and any
+        /// expiry round-trip through `sign`, `parse` and `verify`.
         #[test]
         fn signed_tokens_verify(
-            device in "[A-Za-z0-9 .:()!*'_-]{1,20}",
-            module in proptest::option::of("[A-Za-z0-9 ._-]{1,20}"),
+            device in "[A-Za-z0-9.%_*?!(),:=@$'-]{1,20}",
+            module in proptest::option::of("[A-Za-z0-9.%_*?!(),:=@$'-]{1,20}"),
             expiry in 0u64..4_000_000_000,
             key in proptest::collection::vec(any::<u8>(), 1..64),
         ) {

@@ -41,7 +41,8 @@ impl MessageCache {
     }
 
     /// Keeps a message that holds `bytes` alive (a message decoded from a record shares the
-    /// record's buffer, targets included), evicting the first cached beyond the byte bound.
+    /// record's buffer, targets included), evicting the first cached beyond the byte bound
+    /// (never this one).
     pub fn insert(&mut self, seq: u64, message: Arc<Message>, bytes: usize) {
         self.inserted += 1;
         let inserted = self.inserted;
@@ -55,7 +56,9 @@ impl MessageCache {
             self.bytes -= old.bytes;
         }
         self.order.push_back((seq, inserted));
-        while self.bytes > self.bytes_max {
+        // The message just cached stays, even alone above the bound: it is about to be sent,
+        // and evicting it would have it read again and again.
+        while self.bytes > self.bytes_max && self.order.len() > 1 {
             let Some((seq, inserted)) = self.order.pop_front() else {
                 break;
             };
@@ -126,5 +129,8 @@ mod tests {
             "stale entries bounded"
         );
         assert_eq!(cache.bytes, 300);
+        cache.insert(2, message(), 1000); // larger than the whole cache
+        assert!(cache.contains(2), "the message just cached stays");
+        assert_eq!(cache.bytes, 1000);
     }
 }

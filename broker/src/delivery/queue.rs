@@ -29,7 +29,7 @@ pub struct QueueEntry {
     pub packet_id: Option<u16>,
     /// A QoS 2 message the client received (PUBREC): only its PUBREL remains to be sent.
     pub released: bool,
-    /// The bytes its message takes (its log record's payload), for the queue's byte limit.
+    /// The bytes its message takes (`Message::size_bytes`), for the queue's byte limit.
     pub bytes: u64,
     /// Wall-clock time (ms since the epoch) after which the entry is dropped unsent
     /// (`ttl_expiry`): the earlier of the message's expiry and the queue's own deadline,

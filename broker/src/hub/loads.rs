@@ -29,12 +29,12 @@ pub struct LoadRequest {
 }
 
 /// A message read back, with the bytes it keeps alive; `None` if it could not be (logged).
-type Read = Option<(Arc<Message>, usize)>;
+type LoadedMessage = Option<(Arc<Message>, usize)>;
 
 /// Messages read for a [`LoadRequest`].
 #[derive(Debug)]
 pub struct Loaded {
-    messages: Vec<(u64, Read)>,
+    messages: Vec<(u64, LoadedMessage)>,
     /// Not read (past `bytes_max`, or the reading thread failed): asked for again when
     /// needed.
     unread: Vec<u64>,
@@ -87,7 +87,11 @@ impl Hub {
                 self.loads_outstanding += 1;
             }
             Err(TrySendError::Full(_)) => unreachable!("no more loads under way than it holds"),
-            Err(TrySendError::Closed(_)) => tracing::error!("the loader stopped"),
+            Err(TrySendError::Closed(_)) => {
+                // Only when the server stops: nothing will come to wait for.
+                tracing::error!("the loader stopped");
+                self.waiting_for_loads.remove(&session);
+            }
         }
     }
 
@@ -177,9 +181,8 @@ pub async fn load_when_asked(wal: Wal, mut requests: mpsc::Receiver<LoadRequest>
                 }
             }
         };
-        // Room for it: the hub has no more loads under way than the channel holds. An error
-        // means the hub stopped.
-        let _ = reply.try_send(loaded);
+        // An error means the hub stopped.
+        let _ = reply.send(loaded).await;
     }
 }
 
@@ -189,7 +192,8 @@ pub fn load_asked(wal: &Wal, requests: &mut mpsc::Receiver<LoadRequest>) -> usiz
     let mut answered = 0;
     while let Ok(request) = requests.try_recv() {
         let loaded = read_messages(wal, &request.seqs, request.bytes_max);
-        // Room for it, as in `load_when_asked`.
+        // Room for it: the hub has no more loads under way than its reply channel holds (and
+        // an error means the hub stopped).
         let _ = request.reply.try_send(loaded);
         answered += 1;
     }

@@ -15,6 +15,8 @@
 //!   subscriptions (the retained messages themselves are in `retained`);
 //! - `delivery`: durable records into queues, queues to connections, client acknowledgements;
 //! - `checkpoints`: committed progress, and the log's space reclaimed by liveness;
+//! - `loads`: messages no longer cached, read back for delivery off the hub's task;
+//! - `metadata`, `appends`: the metadata writer, and records the hub logs itself;
 //! - `wills`; `events`: the messages between connections and the hub.
 
 mod appends;
@@ -24,8 +26,9 @@ pub use appends::{OwnAppend, append_handed_over, append_when_asked};
 pub use checkpoints::reclaim_when_asked;
 
 /// Where the hub asks for the work it does not do on its own task: the server runs
-/// `reclaim_when_asked` and `append_when_asked` on the other ends, and the metadata writer
-/// commits on its thread (a simulation does all three itself, when its seed says).
+/// `reclaim_when_asked`, `append_when_asked` and `load_when_asked` on the other ends, and the
+/// metadata writer commits on its thread (a simulation does all four itself, when its seed
+/// says).
 #[derive(Debug)]
 pub struct HubHelpers {
     pub reclaims: mpsc::Sender<Liveness>,
@@ -176,6 +179,10 @@ impl Hub {
         // One report in flight at a time: a send into this never waits.
         let (progress_reports, progress_received) = mpsc::channel(1);
         let (loaded_sender, loaded_received) = mpsc::channel(LOAD_REQUESTS_MAX);
+        assert!(
+            loads.max_capacity() >= LOAD_REQUESTS_MAX,
+            "the loader's channel holds every load the hub asks for at once"
+        );
         let mut hub = Hub {
             wal,
             own_appends: VecDeque::new(),

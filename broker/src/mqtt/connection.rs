@@ -10,6 +10,7 @@
 //! not memory.
 
 use crate::auth::authenticator::{Authenticated, ListenerAuth};
+use crate::auth::sas::CLOCK_SKEW_SECS;
 use crate::delivery::drop_worth_logging;
 use crate::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, OutboundReceiver,
@@ -241,7 +242,9 @@ fn authenticate(
     match authenticated {
         Ok(Authenticated::Anonymous) => Some(None),
         Ok(Authenticated::Identity { token_expiry, .. }) => {
-            let left = token_expiry.saturating_mul(1000).saturating_sub(now_ms);
+            // Valid as long as it was accepted: up to the clock skew past its expiry.
+            let valid_until = token_expiry.saturating_add(CLOCK_SKEW_SECS);
+            let left = valid_until.saturating_mul(1000).saturating_sub(now_ms);
             Some(Some(Instant::now() + Duration::from_millis(left)))
         }
         Err(e) => {
@@ -352,8 +355,9 @@ struct Connection<S> {
     topic_aliases: HashMap<u16, String>,
     /// 1.5 times the client's keep-alive.
     keep_alive: Option<Duration>,
-    /// When the SAS token the client connected with expires: the connection ends then, and
-    /// the client connects again with a new one (as the SDKs do before it comes).
+    /// When the SAS token the client connected with stops being valid (its expiry, plus the
+    /// clock skew allowed): the connection ends then, and the client connects again with a
+    /// new one (as the SDKs do before its expiry).
     token_expires: Option<Instant>,
     /// Published if the connection ends without a normal DISCONNECT.
     will: Option<Box<Will>>,
