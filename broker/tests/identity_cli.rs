@@ -39,6 +39,18 @@ fn ok(dir: &Path, args: &[&str]) -> String {
     text
 }
 
+/// The primary and secondary keys `spool identity show` prints, decoded.
+fn sas_keys(dir: &Path, id: &str) -> Vec<Vec<u8>> {
+    let shown = ok(dir, &["show", id]);
+    ["primary:", "secondary:"]
+        .iter()
+        .map(|name| {
+            let key = shown.lines().find_map(|l| l.strip_prefix(name)).unwrap();
+            BASE64.decode(key.trim()).unwrap()
+        })
+        .collect()
+}
+
 /// The field `name` of a connection string.
 fn field<'a>(connection_string: &'a str, name: &str) -> &'a str {
     connection_string
@@ -72,14 +84,8 @@ fn identities_are_added_listed_rotated_disabled_and_removed() {
         &resource_uri("hub.example", "myEdge", Some("filter")),
         4_000_000_000,
     );
-    let shown = ok(dir.path(), &["show", "myEdge/filter"]);
-    let primary = shown
-        .lines()
-        .find_map(|l| l.strip_prefix("primary:"))
-        .map(str::trim)
-        .unwrap();
+    let primary = sas_keys(dir.path(), "myEdge/filter").swap_remove(0);
     let parsed = SasToken::parse(&token).unwrap();
-    let primary = BASE64.decode(primary).unwrap();
     parsed
         .verify("myEdge", Some("filter"), &["hub.example"], &[&primary], 1)
         .unwrap();
@@ -121,21 +127,10 @@ fn identities_are_added_listed_rotated_disabled_and_removed() {
         field(new_line, "SharedAccessKey"),
         field(line, "SharedAccessKey")
     );
-    let shown = ok(dir.path(), &["show", "myEdge/filter"]);
-    let keys: Vec<Vec<u8>> = ["primary:", "secondary:"]
-        .iter()
-        .map(|name| {
-            let key = shown.lines().find_map(|l| l.strip_prefix(name)).unwrap();
-            BASE64.decode(key.trim()).unwrap()
-        })
-        .collect();
+    let keys = sas_keys(dir.path(), "myEdge/filter");
     let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
-    assert!(
-        parsed
-            .verify("myEdge", Some("filter"), &["hub.example"], &keys, 1)
-            .is_err(),
-        "the old key signs no more"
-    );
+    let verified = parsed.verify("myEdge", Some("filter"), &["hub.example"], &keys, 1);
+    assert!(verified.is_err(), "the old key signs no more");
     let (refused, text) = identity(dir.path(), &["rotate", "leaf"]);
     assert!(!refused && text.contains("no SAS keys"), "{text}");
 
