@@ -9,6 +9,8 @@
 //! - [`routing`]: topic validation and matching, the subscription table.
 //! - [`delivery`]: the WAL record of a publish (naming queues), queues as endpoints, the
 //!   message cache.
+//! - [`auth`]: identities, SAS tokens, who a CONNECT is; `spool identity`.
+//! - [`iothub`]: IoT Hub topics and property bags; which topics an identity may use.
 //! - [`tls`]: the MQTTS listener's certificate, given or generated.
 //! - [`clock`]: the hub's time, which tests move by hand.
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`].
@@ -20,6 +22,7 @@ pub mod delivery;
 pub mod encoding;
 pub mod hub;
 pub mod ingest;
+pub mod iothub;
 pub mod limits;
 pub mod message;
 pub mod mqtt;

@@ -322,3 +322,76 @@ async fn anonymous_clients_are_let_in_where_configured_but_credentials_are_still
         "an identity's id, no credentials"
     );
 }
+
+#[tokio::test]
+async fn an_identity_keeps_to_its_own_iot_hub_topics() {
+    // Goal: a module publishes and subscribes only on its own IoT Hub topics; another
+    // module's topic, or a plain one, is refused (SUBACK 0x80; a 3.1.1 PUBLISH ends the
+    // connection), and so are a malformed property bag and a message above IoT Hub's 256 KiB
+    // (a protocol error: never acknowledged, then forgotten).
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start_with_module(dir.path(), &[]);
+    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
+    let connect = || async {
+        let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
+            .await
+            .unwrap();
+        stream
+            .write_all(&module_connect(in_an_hour()))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_packet(&mut stream).await,
+            (0x20, vec![0, 0]),
+            "CONNACK"
+        );
+        stream
+    };
+    let mut stream = connect().await;
+    for (packet_id, filter, granted) in [
+        (1, "devices/edge/modules/tls/inputs/#", 1),
+        (2, "devices/edge/modules/other/inputs/#", 0x80),
+        (3, "$iothub/methods/POST/#", 1),
+        (4, "plain/#", 0x80),
+    ] {
+        stream
+            .write_all(&subscribe_v311(packet_id, filter, 1))
+            .await
+            .unwrap();
+        let (kind, body) = read_packet(&mut stream).await;
+        assert_eq!((kind, body[2]), (0x90, granted), "SUBACK for {filter}");
+    }
+    let own = "devices/edge/modules/tls/messages/events/%24.on=out1&k=v%201";
+    stream
+        .write_all(&publish_qos1_v311(5, own, b"mine"))
+        .await
+        .unwrap();
+    assert_eq!(read_packet(&mut stream).await, (0x40, vec![0, 5]), "PUBACK");
+    let large = vec![b'x'; 256 * 1024];
+    for (topic, payload) in [
+        (
+            "devices/edge/modules/other/messages/events/",
+            &b"theirs"[..],
+        ),
+        ("plain/topic", &b"plain"[..]),
+        (
+            "devices/edge/modules/tls/messages/events/a=1&&b=2",
+            &b"bag"[..],
+        ),
+        ("devices/edge/modules/tls/messages/events/k=v", &large[..]),
+    ] {
+        let mut stream = connect().await;
+        stream
+            .write_all(&publish_qos1_v311(6, topic, payload))
+            .await
+            .unwrap();
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(
+            std::time::Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
+        )
+        .await;
+        assert!(closed.is_ok(), "{topic}: the connection ends");
+        assert!(rest.is_empty(), "{topic}: no PUBACK");
+    }
+}

@@ -10,6 +10,7 @@
 //! not memory.
 
 use crate::auth::authenticator::{Authenticated, ListenerAuth};
+use crate::auth::identity::IdentityId;
 use crate::auth::sas::CLOCK_SKEW_SECS;
 use crate::delivery::drop_worth_logging;
 use crate::hub::events::{
@@ -17,6 +18,7 @@ use crate::hub::events::{
     Protocol, SubscribeRefusal, outbound_channel,
 };
 use crate::ingest::{Durable, Ingest, IngestError, Ingested, Publisher, WhenFull};
+use crate::iothub;
 use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
     USER_PROPERTIES_MAX,
@@ -159,8 +161,8 @@ where
     let limits = &context.limits;
     let admitted = authenticate(context, auth, &connect).ok_or(Reason::NotAuthorized);
     let refused_will = connect.will.as_ref().and_then(refuse_will);
-    let token_expires = match admitted.and_then(|t| refused_will.map_or(Ok(t), Err)) {
-        Ok(token_expires) => token_expires,
+    let (identity, token_expires) = match admitted.and_then(|a| refused_will.map_or(Ok(a), Err)) {
+        Ok(admitted) => admitted,
         Err(reason) => return refuse(&mut framed, protocol, reason).await,
     };
     let assigned = connect
@@ -209,6 +211,7 @@ where
         receipts,
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(keep_alive_secs),
+        identity,
         token_expires,
         will: connect.will.take().map(Box::new),
         connect_session_expiry_secs: connect.session_expiry_secs,
@@ -225,12 +228,13 @@ where
 }
 
 /// Who the client is, by its credentials and what the listener asks (see `auth`): `None` if
-/// it is refused (logged), else when its SAS token expires, if it has one.
+/// it is refused (logged), else its identity and when its SAS token stops being valid, if it
+/// has them.
 fn authenticate(
     context: &ServerContext,
     auth: ListenerAuth,
     connect: &codec::Connect,
-) -> Option<Option<Instant>> {
+) -> Option<(Option<IdentityId>, Option<Instant>)> {
     let now_ms = context.ingest.now_ms();
     let authenticated = context.authenticator.authenticate(
         auth,
@@ -240,12 +244,12 @@ fn authenticate(
         now_ms / 1000,
     );
     match authenticated {
-        Ok(Authenticated::Anonymous) => Some(None),
-        Ok(Authenticated::Identity { token_expiry, .. }) => {
+        Ok(Authenticated::Anonymous) => Some((None, None)),
+        Ok(Authenticated::Identity { id, token_expiry }) => {
             // Valid as long as it was accepted: up to the clock skew past its expiry.
             let valid_until = token_expiry.saturating_add(CLOCK_SKEW_SECS);
             let left = valid_until.saturating_mul(1000).saturating_sub(now_ms);
-            Some(Some(Instant::now() + Duration::from_millis(left)))
+            Some((Some(id), Some(Instant::now() + Duration::from_millis(left))))
         }
         Err(e) => {
             let client_id = &connect.client_id;
@@ -355,6 +359,9 @@ struct Connection<S> {
     topic_aliases: HashMap<u16, String>,
     /// 1.5 times the client's keep-alive.
     keep_alive: Option<Duration>,
+    /// The IoT Hub identity the client proved, which keeps it to its own IoT Hub topics;
+    /// `None` for an anonymous MQTT client.
+    identity: Option<IdentityId>,
     /// When the SAS token the client connected with stops being valid (its expiry, plus the
     /// clock skew allowed): the connection ends then, and the client connects again with a
     /// new one (as the SDKs do before its expiry).
@@ -621,6 +628,9 @@ where
             .map_err(|e| Close::with(Reason::TopicNameInvalid, format!("topic {topic:?}: {e}")))?;
         let packet_id = publish.packet_id.unwrap_or(0);
         self.check_receive_maximum(publish.qos, packet_id)?;
+        if let Some(refusal) = self.check_iot_publish(&topic, publish.payload.len())? {
+            return self.refuse_publish(publish.qos, packet_id, refusal);
+        }
         let mut properties = publish.properties;
         let now_ms = self.context.ingest.now_ms();
         properties.expires_at_ms = expires_at_ms(now_ms, publish.expiry_interval_secs);
@@ -637,20 +647,79 @@ where
             .publish(&self.publisher(), message, packet_id)
             .await
             .map_err(refused)?;
-        let (durable, reason) = match ingested {
-            Ingested::Logged(durable) => (durable, Reason::Success),
-            Ingested::Refused => (Durable::Through(0), Reason::QuotaExceeded),
-            Ingested::Dropped => return Ok(()),
-        };
-        let ack = match publish.qos {
+        match ingested {
+            Ingested::Logged(durable) => self.acknowledge_when(publish.qos, packet_id, durable),
+            Ingested::Refused => self.refuse_publish(publish.qos, packet_id, Reason::QuotaExceeded),
+            Ingested::Dropped => Ok(()),
+        }
+    }
+
+    /// Acknowledges a publish with `reason`, in order behind the others, nothing logged.
+    fn refuse_publish(&mut self, qos: QoS, packet_id: u16, reason: Reason) -> Result<(), Close> {
+        let ack = match qos {
             QoS::AtMostOnce => return Ok(()),
             QoS::AtLeastOnce => Ack::Accepted(packet_id, reason),
             QoS::ExactlyOnce => Ack::Received(packet_id, reason),
         };
+        self.queue_ack(ack, Durable::Through(0));
+        Ok(())
+    }
+
+    /// Acknowledges a logged publish once `durable` is (law 1).
+    fn acknowledge_when(
+        &mut self,
+        qos: QoS,
+        packet_id: u16,
+        durable: Durable,
+    ) -> Result<(), Close> {
+        let ack = match qos {
+            QoS::AtMostOnce => return Ok(()),
+            QoS::AtLeastOnce => Ack::Accepted(packet_id, Reason::Success),
+            QoS::ExactlyOnce => Ack::Received(packet_id, Reason::Success),
+        };
+        self.queue_ack(ack, durable);
+        Ok(())
+    }
+
+    fn queue_ack(&mut self, ack: Ack, durable: Durable) {
         self.publishes_awaiting_ack += usize::from(matches!(ack, Ack::Accepted(..)));
         self.awaiting_durability
             .push_back(AwaitingDurability { ack, durable });
-        Ok(())
+    }
+
+    /// An IoT Hub identity publishes only on its own IoT Hub topics (`iothub::topics`), and
+    /// its telemetry must have a well-formed property bag and be within IoT Hub's size: `Ok(Some)`
+    /// refuses the publish with that reason (MQTT 5); an error ends the connection (MQTT 3.1.1
+    /// has no refusal, and a malformed or oversized message is a protocol error, logged and
+    /// never acknowledged).
+    fn check_iot_publish(&self, topic: &str, body_bytes: usize) -> Result<Option<Reason>, Close> {
+        let Some(identity) = &self.identity else {
+            return Ok(None);
+        };
+        if !iothub::topics::may_publish(identity, topic) {
+            let why = format!("{identity} may not publish on {topic:?}");
+            tracing::info!("refused a publish: {why}");
+            return match self.protocol {
+                Protocol::V5 => Ok(Some(Reason::NotAuthorized)),
+                Protocol::V311 => Err(Close::with(Reason::NotAuthorized, why)),
+            };
+        }
+        let Some(telemetry) = iothub::topics::telemetry(topic) else {
+            return Ok(None);
+        };
+        let properties = iothub::property_bag::decode(telemetry.bag).map_err(|e| {
+            Close::with(
+                Reason::ProtocolError,
+                format!("dropped a message: its property bag: {e}"),
+            )
+        })?;
+        let size = iothub::message_size(&properties, body_bytes);
+        if size > iothub::MESSAGE_BYTES_MAX {
+            let max = iothub::MESSAGE_BYTES_MAX;
+            let why = format!("dropped a message of {size} bytes, above IoT Hub's {max}");
+            return Err(Close::with(Reason::PacketTooLarge, why));
+        }
+        Ok(None)
     }
 
     /// MQTT 5 clients may have at most the receive maximum the CONNACK announced of QoS 1 and
@@ -768,6 +837,15 @@ where
                 // grant a filter that no topic would ever match (MQTT 5 §3.9.3).
                 tracing::info!("refused shared subscription {filter:?}: not supported");
                 granted.push(Err(Reason::SharedSubscriptionsNotSupported));
+                continue;
+            }
+            if let Some(identity) = &self.identity
+                && !iothub::topics::may_subscribe(identity, &filter)
+            {
+                tracing::info!(
+                    "refused subscription to {filter:?}: not one of {identity}'s topics"
+                );
+                granted.push(Err(Reason::NotAuthorized));
                 continue;
             }
             match topic::validate_filter(&filter) {

@@ -1,0 +1,181 @@
+//! Property bags: a message's properties carried in its MQTT topic (edgehub-contract.md §1.4).
+//!
+//! ```text
+//! bag  = pair *("&" pair)
+//! pair = escape(key) ["=" escape(value)]     escape = RFC 3986: keep A-Z a-z 0-9 - . _ ~
+//! ```
+//!
+//! The decoder reads a bag as edgeHub's (the C# SDK's `UrlEncodedDictionarySerializer`) does: a
+//! `/` ends it, `&` separates pairs, the first `=` separates a key from its value, a key with no
+//! `=` has no value, every `?` is dropped, and `+` is not a space. A second raw `=` in a pair, a
+//! pair that starts with `=`, or an empty pair is malformed. The encoder always writes
+//! `key=value` (the Python SDK's decoder fails on a bare key), percent-encoding as
+//! `Uri.EscapeDataString` does, with upper-case hex.
+
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+
+/// What `Uri.EscapeDataString` leaves alone: RFC 3986's unreserved characters.
+const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// Properties in the order they came; a key with no `=` has no value.
+pub type Properties = Vec<(String, Option<String>)>;
+
+/// Why a property bag could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BagError {
+    #[error("property {0} is empty (two '&' in a row, or a leading '&')")]
+    EmptyPair(usize),
+    #[error("property {0} has no key (it starts with '=')")]
+    NoKey(usize),
+    #[error("property {0} has a second '=' that is not percent-encoded")]
+    SecondEquals(usize),
+    #[error("property {0} is not UTF-8 once percent-decoded")]
+    NotUtf8(usize),
+}
+
+/// Reads a property bag: up to its first `/`, if any.
+///
+/// # Errors
+/// What is malformed, naming the property (counted from 1).
+pub fn decode(bag: &str) -> Result<Properties, BagError> {
+    let bag = bag.split('/').next().unwrap_or_default();
+    if bag.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut properties = Vec::new();
+    for (index, pair) in bag.split('&').enumerate() {
+        let number = index + 1;
+        let pair = pair.replace('?', "");
+        if pair.is_empty() {
+            // `?` alone (as in `/?k=v`) is dropped with the rest of the `?`s.
+            if index == 0 && bag.starts_with('?') {
+                continue;
+            }
+            return Err(BagError::EmptyPair(number));
+        }
+        let mut parts = pair.splitn(3, '=');
+        let key = parts.next().unwrap_or_default();
+        let value = parts.next();
+        if parts.next().is_some() {
+            return Err(BagError::SecondEquals(number));
+        }
+        if key.is_empty() {
+            return Err(BagError::NoKey(number));
+        }
+        let unescape = |text: &str| {
+            percent_decode_str(text)
+                .decode_utf8()
+                .map(std::borrow::Cow::into_owned)
+                .map_err(|_| BagError::NotUtf8(number))
+        };
+        properties.push((unescape(key)?, value.map(unescape).transpose()?));
+    }
+    Ok(properties)
+}
+
+/// Writes a property bag, every pair as `key=value` (a property with no value gets an empty
+/// one).
+#[must_use]
+pub fn encode<'a>(properties: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut bag = String::new();
+    for (key, value) in properties {
+        if !bag.is_empty() {
+            bag.push('&');
+        }
+        bag.extend(utf8_percent_encode(key, UNRESERVED));
+        bag.push('=');
+        bag.extend(utf8_percent_encode(value, UNRESERVED));
+    }
+    bag
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn pairs(properties: &Properties) -> Vec<(&str, Option<&str>)> {
+        properties
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect()
+    }
+
+    /// Goal: the bags the SDKs send (contract §1.4 and §12) decode to their properties.
+    #[test]
+    fn the_sdks_bags_decode() {
+        let python = "%24.on=out1&%24.mid=mid-1&%24.cid=cid-1&%24.ct=application%2Fjson\
+                      &%24.ce=utf-8&alpha=a%26b%3Dc%2Fd&k1=v%201";
+        let decoded = decode(python).expect("decodes");
+        assert_eq!(
+            pairs(&decoded),
+            vec![
+                ("$.on", Some("out1")),
+                ("$.mid", Some("mid-1")),
+                ("$.cid", Some("cid-1")),
+                ("$.ct", Some("application/json")),
+                ("$.ce", Some("utf-8")),
+                ("alpha", Some("a&b=c/d")),
+                ("k1", Some("v 1")),
+            ]
+        );
+        let csharp = "%24.on=alerts&%24.mid=m-1&temp=31.5/";
+        assert_eq!(
+            decode(csharp).expect("decodes").len(),
+            3,
+            "a '/' ends the bag"
+        );
+        let question = "?k=v&flag";
+        assert_eq!(
+            pairs(&decode(question).expect("decodes")),
+            vec![("k", Some("v")), ("flag", None)]
+        );
+        assert_eq!(
+            pairs(&decode("a+b=c+d").expect("decodes")),
+            vec![("a+b", Some("c+d"))]
+        );
+        assert!(decode("").expect("empty").is_empty());
+    }
+
+    /// Goal: what edgeHub's decoder refuses is refused, saying which property.
+    #[test]
+    fn malformed_bags_are_refused() {
+        assert_eq!(decode("a=1&&b=2"), Err(BagError::EmptyPair(2)));
+        assert_eq!(decode("&a=1"), Err(BagError::EmptyPair(1)));
+        assert_eq!(decode("=v"), Err(BagError::NoKey(1)));
+        assert_eq!(decode("a=1&b=2=3"), Err(BagError::SecondEquals(2)));
+        assert_eq!(decode("a=%FF"), Err(BagError::NotUtf8(1)));
+    }
+
+    /// Goal: the encoder writes what the C# SDK writes: RFC 3986 escapes in upper-case hex,
+    /// and `key=value` always.
+    #[test]
+    fn bags_encode_as_escape_data_string_does() {
+        let bag = encode([("temp", "31.5"), ("$.mid", "m 1"), ("k", "a&b=c/d;é~")]);
+        assert_eq!(bag, "temp=31.5&%24.mid=m%201&k=a%26b%3Dc%2Fd%3B%C3%A9~");
+        assert_eq!(encode([("bare", "")]), "bare=");
+    }
+
+    proptest! {
+        /// Goal: any properties round-trip through `encode` and `decode`.
+        #[test]
+        fn bags_round_trip(properties in proptest::collection::vec((".{1,12}", ".{0,12}"), 0..8)) {
+            let bag = encode(properties.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+            let decoded = decode(&bag).expect("an encoded bag decodes");
+            // A `?` is encoded (%3F), so the decoder's dropping of raw ones takes nothing.
+            let expected: Properties =
+                properties.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
+            prop_assert_eq!(decoded, expected);
+        }
+
+        /// Goal: arbitrary input decodes or is refused; none panics.
+        #[test]
+        fn arbitrary_bags_never_panic(bag in ".{0,200}") {
+            let _ = decode(&bag);
+        }
+    }
+}
