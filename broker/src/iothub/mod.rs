@@ -3,7 +3,9 @@
 //!
 //! - `topics`: the telemetry topic's parts, and which topics an identity may use.
 //! - `property_bag`: decoding and encoding property bags.
+//! - `message`: telemetry as routes see it (system and application properties, its source).
 
+pub mod message;
 pub mod property_bag;
 pub mod topics;
 

@@ -3,13 +3,15 @@
 //!
 //! - `syntax`: the grammar, read into a [`syntax::Route`] with positions;
 //! - `condition`: WHERE conditions, type-checked at compile time and evaluated with
-//!   three-valued logic.
+//!   three-valued logic;
+//! - `table`: [`table::RouteTable`], a manifest's routes, and where a message goes by them.
 //!
 //! A route that does not parse or type-check is refused with its name and the position of
 //! what is wrong, so a bad manifest never half-applies.
 
 pub mod condition;
 pub mod syntax;
+pub mod table;
 
 use condition::MessageView;
 use syntax::{Expr, Sink};
