@@ -83,8 +83,8 @@ fn in_an_hour() -> u64 {
     now.unwrap().as_secs() + 3600
 }
 
-/// CONNECT as `MODULE`, SUBSCRIBE and a QoS 1 PUBLISH to itself over `stream`: CONNACK,
-/// SUBACK, PUBACK and the message come back.
+/// CONNECT as `MODULE`, SUBSCRIBE to its inputs and a QoS 1 PUBLISH of telemetry over
+/// `stream`: CONNACK, SUBACK and PUBACK come back.
 async fn mqtt_round_trip(stream: &mut TlsStream<TcpStream>) {
     stream
         .write_all(&module_connect(in_an_hour()))
@@ -92,22 +92,16 @@ async fn mqtt_round_trip(stream: &mut TlsStream<TcpStream>) {
         .unwrap();
     assert_eq!(read_packet(stream).await, (0x20, vec![0, 0]), "CONNACK");
     stream
-        .write_all(&subscribe_v311(1, "tls/+", 1))
+        .write_all(&subscribe_v311(1, "devices/edge/modules/tls/inputs/#", 1))
         .await
         .unwrap();
     assert_eq!(read_packet(stream).await, (0x90, vec![0, 1, 1]), "SUBACK");
+    let telemetry = "devices/edge/modules/tls/messages/events/k=over%20tls";
     stream
-        .write_all(&publish_qos1_v311(2, "tls/t", b"over tls"))
+        .write_all(&publish_qos1_v311(2, telemetry, b"over tls"))
         .await
         .unwrap();
-    let mut seen = [read_packet(stream).await, read_packet(stream).await];
-    seen.sort();
-    let (kind, body) = &seen[0];
-    assert_eq!(*kind, 0x32, "PUBLISH at QoS 1");
-    // Topic, then any packet id, then the payload.
-    assert_eq!(&body[..7], &[&[0, 5], &b"tls/t"[..]].concat()[..]);
-    assert_eq!(&body[9..], b"over tls");
-    assert_eq!(seen[1], (0x40, vec![0, 2]), "PUBACK");
+    assert_eq!(read_packet(stream).await, (0x40, vec![0, 2]), "PUBACK");
 }
 
 #[tokio::test]
@@ -207,6 +201,18 @@ async fn plain_mqtt_on_the_tls_port_is_refused_and_others_are_served() {
         .await
         .unwrap();
     mqtt_round_trip(&mut stream).await;
+}
+
+/// The connection ends, with nothing more sent (no PUBACK for what `what` published).
+async fn assert_closed_unacknowledged(stream: &mut TlsStream<TcpStream>, what: &str) {
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        tokio::io::AsyncReadExt::read_to_end(stream, &mut rest),
+    )
+    .await;
+    assert!(closed.is_ok(), "{what}: the connection ends");
+    assert!(rest.is_empty(), "{what}: no PUBACK");
 }
 
 /// What spool answers a CONNECT on the TLS port: the CONNACK's return code.
@@ -353,6 +359,10 @@ async fn an_identity_keeps_to_its_own_iot_hub_topics() {
         (2, "devices/edge/modules/other/inputs/#", 0x80),
         (3, "$iothub/methods/POST/#", 1),
         (4, "plain/#", 0x80),
+        (7, "devices/+/modules/+/inputs/#", 0x80),
+        (8, "devices/edge/modules/+/inputs/#", 0x80),
+        (9, "devices/edge/modules/tl%73/inputs/#", 0x80),
+        (10, "#", 0x80),
     ] {
         stream
             .write_all(&subscribe_v311(packet_id, filter, 1))
@@ -385,13 +395,69 @@ async fn an_identity_keeps_to_its_own_iot_hub_topics() {
             .write_all(&publish_qos1_v311(6, topic, payload))
             .await
             .unwrap();
+        assert_closed_unacknowledged(&mut stream, topic).await;
+    }
+}
+
+#[tokio::test]
+async fn a_will_keeps_to_the_same_topics_and_plain_clients_keep_off_iot_hub_ones() {
+    // Goal: a module cannot reach another's topics through its will (published when it
+    // drops); and an anonymous client may not publish on IoT Hub topics at all, or it could
+    // forge a module's telemetry or call its direct methods.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start_with_module(dir.path(), &["--mqtts-auth", "anonymous"]);
+    let (device, module) = MODULE.split_once('/').unwrap();
+    let token = sign(
+        &KEY,
+        &resource_uri("localhost", device, Some(module)),
+        in_an_hour(),
+    );
+    let username = format!("localhost/{MODULE}/?api-version=2020-09-30");
+    let with_will = |will_topic: &str| {
+        let mut body = Vec::new();
+        common::field(b"MQTT", &mut body);
+        body.extend_from_slice(&[4, 0xCE, 0, 60]);
+        for field in [MODULE, will_topic, "bye", &username, &token] {
+            common::field(field.as_bytes(), &mut body);
+        }
+        common::packet(0x10, &body)
+    };
+    let own = "devices/edge/modules/tls/messages/events/";
+    assert_eq!(connack_code(&spool, &with_will(own)).await, 0);
+    let theirs = "devices/edge/modules/other/messages/events/";
+    assert_eq!(connack_code(&spool, &with_will(theirs)).await, 5);
+    assert_eq!(
+        connack_code(&spool, &with_will("$iothub/twin/res/200/?$rid=1")).await,
+        5
+    );
+
+    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
+    for topic in [own, "$iothub/methods/POST/reboot/?$rid=1"] {
+        let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
+            .await
+            .unwrap();
+        stream
+            .write_all(&connect_v311("plain", true))
+            .await
+            .unwrap();
+        assert_eq!(
+            read_packet(&mut stream).await,
+            (0x20, vec![0, 0]),
+            "CONNACK"
+        );
+        stream
+            .write_all(&publish_qos1_v311(1, topic, b"forged"))
+            .await
+            .unwrap();
         let mut rest = Vec::new();
         let closed = tokio::time::timeout(
             std::time::Duration::from_secs(10),
             tokio::io::AsyncReadExt::read_to_end(&mut stream, &mut rest),
         )
         .await;
-        assert!(closed.is_ok(), "{topic}: the connection ends");
-        assert!(rest.is_empty(), "{topic}: no PUBACK");
+        assert!(
+            closed.is_ok() && rest.is_empty(),
+            "{topic}: refused, no PUBACK"
+        );
     }
 }

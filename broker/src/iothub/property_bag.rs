@@ -7,8 +7,9 @@
 //!
 //! The decoder reads a bag as edgeHub's (the C# SDK's `UrlEncodedDictionarySerializer`) does: a
 //! `/` ends it, `&` separates pairs, the first `=` separates a key from its value, a key with no
-//! `=` has no value, every `?` is dropped, and `+` is not a space. A second raw `=` in a pair, a
-//! pair that starts with `=`, or an empty pair is malformed. The encoder always writes
+//! `=` has no value, every `?` is dropped, `+` is not a space, an escape that is not UTF-8 stays
+//! as written, and a trailing `&` ends the bag. A second raw `=` in a pair, a pair that starts
+//! with `=`, or an empty pair inside the bag is malformed. The encoder always writes
 //! `key=value` (the Python SDK's decoder fails on a bare key), percent-encoding as
 //! `Uri.EscapeDataString` does, with upper-case hex.
 
@@ -33,8 +34,6 @@ pub enum BagError {
     NoKey(usize),
     #[error("property {0} has a second '=' that is not percent-encoded")]
     SecondEquals(usize),
-    #[error("property {0} is not UTF-8 once percent-decoded")]
-    NotUtf8(usize),
 }
 
 /// Reads a property bag: up to its first `/`, if any.
@@ -51,8 +50,10 @@ pub fn decode(bag: &str) -> Result<Properties, BagError> {
         let number = index + 1;
         let pair = pair.replace('?', "");
         if pair.is_empty() {
-            // `?` alone (as in `/?k=v`) is dropped with the rest of the `?`s.
-            if index == 0 && bag.starts_with('?') {
+            // `?` alone (as in `/?k=v`) is dropped with the rest of the `?`s, and a trailing
+            // `&` ends the bag, as the SDKs' decoder reads them.
+            let last = index + 1 == bag.split('&').count();
+            if (index == 0 && bag.starts_with('?')) || (last && index > 0) {
                 continue;
             }
             return Err(BagError::EmptyPair(number));
@@ -66,13 +67,13 @@ pub fn decode(bag: &str) -> Result<Properties, BagError> {
         if key.is_empty() {
             return Err(BagError::NoKey(number));
         }
-        let unescape = |text: &str| {
-            percent_decode_str(text)
-                .decode_utf8()
-                .map(std::borrow::Cow::into_owned)
-                .map_err(|_| BagError::NotUtf8(number))
+        // An escape that does not decode to UTF-8 stays as written, as .NET's
+        // `Uri.UnescapeDataString` leaves it.
+        let unescape = |text: &str| match percent_decode_str(text).decode_utf8() {
+            Ok(decoded) => decoded.into_owned(),
+            Err(_) => text.to_owned(),
         };
-        properties.push((unescape(key)?, value.map(unescape).transpose()?));
+        properties.push((unescape(key), value.map(unescape)));
     }
     Ok(properties)
 }
@@ -148,7 +149,11 @@ mod tests {
         assert_eq!(decode("&a=1"), Err(BagError::EmptyPair(1)));
         assert_eq!(decode("=v"), Err(BagError::NoKey(1)));
         assert_eq!(decode("a=1&b=2=3"), Err(BagError::SecondEquals(2)));
-        assert_eq!(decode("a=%FF"), Err(BagError::NotUtf8(1)));
+        assert_eq!(
+            pairs(&decode("a=%FF&b=1&").expect("lenient")),
+            vec![("a", Some("%FF")), ("b", Some("1"))],
+            "a bad escape stays as written; a trailing '&' ends the bag"
+        );
     }
 
     /// Goal: the encoder writes what the C# SDK writes: RFC 3986 escapes in upper-case hex,

@@ -9,18 +9,33 @@
 //! devices/{device}/modules/{module}/messages/events[/{bag}]
 //! ```
 //!
-//! Ids in topics may be percent-encoded (the Python SDK encodes them); they are compared
-//! decoded.
+//! Ids in topics may be percent-encoded (the Python SDK encodes them): a segment names an id
+//! as written or as that SDK encodes it, never by decoding it.
 
 use crate::auth::identity::IdentityId;
-use percent_encoding::percent_decode_str;
+use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, utf8_percent_encode};
 
-/// A telemetry topic's parts.
+/// A telemetry topic's parts, as written in the topic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Telemetry<'a> {
-    pub sender: IdentityId,
+    pub device: &'a str,
+    pub module: Option<&'a str>,
     /// The property bag, still encoded; empty when there is none.
     pub bag: &'a str,
+}
+
+impl Telemetry<'_> {
+    /// Whether `identity` sent it: the topic names it, as written or as the Python SDK
+    /// percent-encodes it.
+    #[must_use]
+    pub fn is_from(&self, identity: &IdentityId) -> bool {
+        names(self.device, &identity.device)
+            && match (self.module, &identity.module) {
+                (Some(theirs), Some(ours)) => names(theirs, ours),
+                (None, None) => true,
+                _ => false,
+            }
+    }
 }
 
 /// Reads a telemetry topic; `None` if `topic` is not one.
@@ -39,15 +54,14 @@ pub fn telemetry(topic: &str) -> Option<Telemetry<'_>> {
         "" => "",
         after => after.strip_prefix('/')?,
     };
-    let module = match module {
-        Some(module) => Some(decode_id(module)?),
-        None => None,
-    };
-    let sender = IdentityId {
-        device: decode_id(device)?,
+    if device.is_empty() || module.is_some_and(str::is_empty) {
+        return None;
+    }
+    Some(Telemetry {
+        device,
         module,
-    };
-    Some(Telemetry { sender, bag })
+        bag,
+    })
 }
 
 /// Whether `identity` may publish on `topic`: its own telemetry, and the twin and direct
@@ -55,7 +69,7 @@ pub fn telemetry(topic: &str) -> Option<Telemetry<'_>> {
 #[must_use]
 pub fn may_publish(identity: &IdentityId, topic: &str) -> bool {
     if let Some(telemetry) = telemetry(topic) {
-        return telemetry.sender == *identity;
+        return telemetry.is_from(identity);
     }
     topic.starts_with("$iothub/methods/res/")
         || topic.starts_with("$iothub/twin/GET/")
@@ -75,23 +89,31 @@ pub fn may_subscribe(identity: &IdentityId, filter: &str) -> bool {
     let Some(rest) = filter.strip_prefix("devices/") else {
         return false;
     };
-    let own = |id: &str, expected: &str| decode_id(id).is_some_and(|id| id == expected);
     match (
         &identity.module,
         rest.split('/').collect::<Vec<_>>().as_slice(),
     ) {
         (Some(module), [device, "modules", m, "inputs", ..]) => {
-            own(device, &identity.device) && own(m, module)
+            names(device, &identity.device) && names(m, module)
         }
-        (None, [device, "messages", "devicebound", ..]) => own(device, &identity.device),
+        (None, [device, "messages", "devicebound", ..]) => names(device, &identity.device),
         _ => false,
     }
 }
 
-fn decode_id(id: &str) -> Option<String> {
-    let decoded = percent_decode_str(id).decode_utf8().ok()?.into_owned();
-    (!decoded.is_empty()).then_some(decoded)
+/// Whether a topic segment names `id`: as written, or percent-encoded as the Python SDK
+/// writes ids (`quote(id, safe="")`). Never by decoding the segment: an id may itself contain
+/// `%`, and a decoded segment could name another identity than the one it spells.
+fn names(segment: &str, id: &str) -> bool {
+    segment == id || utf8_percent_encode(id, PYTHON_QUOTE).to_string() == segment
 }
+
+/// What Python's `urllib.parse.quote(…, safe="")` leaves alone.
+const PYTHON_QUOTE: &AsciiSet = &NON_ALPHANUMERIC
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'-')
+    .remove(b'~');
 
 #[cfg(test)]
 mod tests {
@@ -116,15 +138,20 @@ mod tests {
                 "%24.on=out1/",
             ),
             (
-                "devices/my%20edge/modules/m/messages/events/",
-                "my edge/m",
+                "devices/my%28edge%29/modules/m/messages/events/",
+                "my(edge)/m",
                 "",
             ),
         ] {
             let read = telemetry(topic).unwrap_or_else(|| panic!("{topic} is telemetry"));
-            assert_eq!(read.sender.to_string(), sender, "{topic}");
+            assert!(read.is_from(&id(sender)), "{topic}");
             assert_eq!(read.bag, bag, "{topic}");
         }
+        let encoded = telemetry("devices/e%64ge/modules/m/messages/events").expect("telemetry");
+        assert!(
+            !encoded.is_from(&id("edge/m")),
+            "not the Python SDK's encoding of edge"
+        );
         for other in [
             "devices/d/messages/eventsx",
             "devices/d/messages",
@@ -169,6 +196,24 @@ mod tests {
             "devices/edge/messages/devicebound/#"
         ));
         assert!(!may_subscribe(&module, "#"));
+        assert!(!may_subscribe(&module, "devices/+/modules/+/inputs/#"));
+        assert!(!may_subscribe(
+            &module,
+            "devices/edge/modules/filte%72/inputs/#"
+        ));
+        let percent = id("a%41/m");
+        assert!(
+            may_subscribe(&percent, "devices/a%2541/modules/m/inputs/#"),
+            "as Python encodes"
+        );
+        assert!(
+            may_subscribe(&percent, "devices/a%41/modules/m/inputs/#"),
+            "as written"
+        );
+        assert!(!may_subscribe(
+            &id("aA/m"),
+            "devices/a%41/modules/m/inputs/#"
+        ));
         let device = id("leaf");
         assert!(may_publish(&device, "devices/leaf/messages/events/"));
         assert!(may_subscribe(

@@ -159,9 +159,7 @@ where
 {
     let (mut framed, protocol, mut connect) = read_connect(stream, context).await?;
     let limits = &context.limits;
-    let admitted = authenticate(context, auth, &connect).ok_or(Reason::NotAuthorized);
-    let refused_will = connect.will.as_ref().and_then(refuse_will);
-    let (identity, token_expires) = match admitted.and_then(|a| refused_will.map_or(Ok(a), Err)) {
+    let (identity, token_expires) = match admit(context, auth, &connect) {
         Ok(admitted) => admitted,
         Err(reason) => return refuse(&mut framed, protocol, reason).await,
     };
@@ -227,6 +225,24 @@ where
     Some(connection)
 }
 
+/// Whether a CONNECT is let in: its client authenticated (`authenticate`), and its will one
+/// it may publish (`refuse_will`). Its identity and token expiry, or the refusal's reason.
+fn admit(
+    context: &ServerContext,
+    auth: ListenerAuth,
+    connect: &codec::Connect,
+) -> Result<(Option<IdentityId>, Option<Instant>), Reason> {
+    let admitted = authenticate(context, auth, connect).ok_or(Reason::NotAuthorized)?;
+    match connect
+        .will
+        .as_ref()
+        .and_then(|w| refuse_will(w, admitted.0.as_ref()))
+    {
+        Some(reason) => Err(reason),
+        None => Ok(admitted),
+    }
+}
+
 /// Who the client is, by its credentials and what the listener asks (see `auth`): `None` if
 /// it is refused (logged), else its identity and when its SAS token stops being valid, if it
 /// has them.
@@ -260,7 +276,12 @@ fn authenticate(
 }
 
 /// Why a CONNECT's will cannot be accepted, if it cannot.
-fn refuse_will(will: &Will) -> Option<Reason> {
+fn refuse_will(will: &Will, identity: Option<&IdentityId>) -> Option<Reason> {
+    let message = &will.message;
+    if let Some((reason, why)) = iot_refusal(identity, &message.topic, message.payload.len()) {
+        tracing::info!("refused a CONNECT's will: {why}");
+        return Some(reason);
+    }
     if let Err(e) = topic::validate_name(&will.message.topic) {
         let topic = &will.message.topic;
         tracing::info!("refused a CONNECT with will topic {topic:?}: {e}");
@@ -273,6 +294,42 @@ fn refuse_will(will: &Will) -> Option<Reason> {
         return Some(Reason::ImplementationSpecificError);
     }
     None
+}
+
+/// Why IoT Hub's rules refuse a publish (or a will) on `topic`, if they do, with the reason
+/// code and a line for the log:
+/// - an identity publishes only on its own IoT Hub topics (`iothub::topics::may_publish`);
+/// - anyone else publishes on no IoT Hub topic (`devices/…`, `$iothub/…`): a plain client
+///   could otherwise forge a module's telemetry or call its direct methods;
+/// - an identity's telemetry has a well-formed property bag and stays within IoT Hub's size.
+fn iot_refusal(
+    identity: Option<&IdentityId>,
+    topic: &str,
+    body_bytes: usize,
+) -> Option<(Reason, String)> {
+    let Some(identity) = identity else {
+        let reserved = topic.starts_with("devices/") || topic.starts_with("$iothub/");
+        let why = || format!("{topic:?} is an IoT Hub topic, for identities only");
+        return reserved.then(|| (Reason::NotAuthorized, why()));
+    };
+    if !iothub::topics::may_publish(identity, topic) {
+        let why = format!("{identity} may not publish on {topic:?}");
+        return Some((Reason::NotAuthorized, why));
+    }
+    let telemetry = iothub::topics::telemetry(topic)?;
+    let properties = match iothub::property_bag::decode(telemetry.bag) {
+        Ok(properties) => properties,
+        Err(e) => {
+            let why = format!("dropped a message: its property bag: {e}");
+            return Some((Reason::ProtocolError, why));
+        }
+    };
+    let size = iothub::message_size(&properties, body_bytes);
+    let max = iothub::MESSAGE_BYTES_MAX;
+    (size > max).then(|| {
+        let why = format!("dropped a message of {size} bytes, above IoT Hub's {max}");
+        (Reason::PacketTooLarge, why)
+    })
 }
 
 /// The hub's answer to a CONNECT, with the connection's ends of what it shares with the hub.
@@ -687,39 +744,19 @@ where
             .push_back(AwaitingDurability { ack, durable });
     }
 
-    /// An IoT Hub identity publishes only on its own IoT Hub topics (`iothub::topics`), and
-    /// its telemetry must have a well-formed property bag and be within IoT Hub's size: `Ok(Some)`
-    /// refuses the publish with that reason (MQTT 5); an error ends the connection (MQTT 3.1.1
-    /// has no refusal, and a malformed or oversized message is a protocol error, logged and
-    /// never acknowledged).
+    /// The IoT Hub rules for a publish (`iot_refusal`): `Ok(Some)` refuses it with that
+    /// reason (MQTT 5, a topic the client may not use); an error ends the connection (MQTT
+    /// 3.1.1 has no refusal, and a malformed or oversized message is a protocol error, logged
+    /// and never acknowledged).
     fn check_iot_publish(&self, topic: &str, body_bytes: usize) -> Result<Option<Reason>, Close> {
-        let Some(identity) = &self.identity else {
-            return Ok(None);
-        };
-        if !iothub::topics::may_publish(identity, topic) {
-            let why = format!("{identity} may not publish on {topic:?}");
-            tracing::info!("refused a publish: {why}");
-            return match self.protocol {
-                Protocol::V5 => Ok(Some(Reason::NotAuthorized)),
-                Protocol::V311 => Err(Close::with(Reason::NotAuthorized, why)),
-            };
+        match iot_refusal(self.identity.as_ref(), topic, body_bytes) {
+            None => Ok(None),
+            Some((Reason::NotAuthorized, why)) if self.protocol == Protocol::V5 => {
+                tracing::info!("refused a publish: {why}");
+                Ok(Some(Reason::NotAuthorized))
+            }
+            Some((reason, why)) => Err(Close::with(reason, why)),
         }
-        let Some(telemetry) = iothub::topics::telemetry(topic) else {
-            return Ok(None);
-        };
-        let properties = iothub::property_bag::decode(telemetry.bag).map_err(|e| {
-            Close::with(
-                Reason::ProtocolError,
-                format!("dropped a message: its property bag: {e}"),
-            )
-        })?;
-        let size = iothub::message_size(&properties, body_bytes);
-        if size > iothub::MESSAGE_BYTES_MAX {
-            let max = iothub::MESSAGE_BYTES_MAX;
-            let why = format!("dropped a message of {size} bytes, above IoT Hub's {max}");
-            return Err(Close::with(Reason::PacketTooLarge, why));
-        }
-        Ok(None)
     }
 
     /// MQTT 5 clients may have at most the receive maximum the CONNACK announced of QoS 1 and

@@ -334,6 +334,15 @@ fn binary(op: BinaryOp, left: &Expr, right: &Expr, message: &dyn MessageView) ->
         },
         BinaryOp::Equal | BinaryOp::NotEqual => match (&l, &r) {
             (Undefined, _) | (_, Undefined) => Undefined,
+            // Values of different types (a `$body` number and a string, say) are not
+            // comparable, as for the ordering operators; null compares with anything.
+            (a, b)
+                if std::mem::discriminant(a) != std::mem::discriminant(b)
+                    && !matches!(a, Value::Null)
+                    && !matches!(b, Value::Null) =>
+            {
+                Undefined
+            }
             _ => Bool((l == r) == (op == BinaryOp::Equal)),
         },
         _ => {
@@ -464,10 +473,8 @@ fn substring(args: &[Value]) -> Value {
         Some(length) => index(length),
         None => chars.len().checked_sub(start),
     };
-    match length {
-        Some(length) if start + length <= chars.len() => {
-            Value::String(chars[start..start + length].iter().collect())
-        }
+    match length.and_then(|length| start.checked_add(length)) {
+        Some(end) if end <= chars.len() => Value::String(chars[start..end].iter().collect()),
         _ => Value::Undefined,
     }
 }

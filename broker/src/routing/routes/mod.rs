@@ -180,6 +180,34 @@ mod tests {
         route("select * from /messages /* keywords in any case */ into $UPSTREAM");
     }
 
+    /// Goal: names are read as edgeHub's lexer reads them, longest first: `-`, `*` and digits
+    /// belong to names (`opc-publisher`, `1cam`, `device-type`), operators stand apart.
+    #[test]
+    fn names_are_read_as_edgehubs_lexer_reads_them() {
+        let none = TestMessage::default();
+        let hyphen = route("FROM /messages/modules/opc-publisher/outputs/* INTO $upstream");
+        assert!(hyphen.matches("/messages/modules/opc-publisher/outputs/o", &none));
+        assert!(
+            route("FROM /messages/modules/1cam/* INTO $upstream")
+                .matches("/messages/modules/1cam", &none)
+        );
+        let m = message(
+            &[("device-type", "x")],
+            &[],
+            r#"{"temp-c": 21, "a": [{"b": 2}]}"#,
+        );
+        assert_eq!(eval("device-type = 'x'", &m), Value::Bool(true));
+        assert_eq!(eval("$body.temp-c = 21", &m), Value::Bool(true));
+        assert_eq!(eval("$BODY.a[0].b = 2", &m), Value::Bool(true));
+        assert_eq!(eval("$body.a[0].b - 1 = 1", &m), Value::Bool(true));
+        assert_eq!(eval("3 - -2 = 5", &m), Value::Bool(true));
+        assert_eq!(
+            eval("é = 'x'", &m),
+            Value::Undefined,
+            "a name of any letters"
+        );
+    }
+
     /// Goal: sources match as edgeHub's do: a case-insensitive prefix, the trailing `*`
     /// trimmed (so a partial wildcard is a literal).
     #[test]
@@ -214,7 +242,10 @@ mod tests {
             ("missing = 'v' OR false", Value::Undefined),
             ("k = 'v'", Value::Bool(true)),
             ("k <> 'v'", Value::Bool(false)),
-            ("missing ?? 'x' = 'x'", Value::Bool(true)),
+            ("(missing ?? 'x') = 'x'", Value::Bool(true)),
+            ("(k ?? 'x') = 'v'", Value::Bool(true)),
+            ("missing ?? 'x' = 'x'", Value::Bool(true)), // ?? binds loosest: missing ?? ('x' = 'x')
+            ("$body.n = 'x'", Value::Undefined),
             ("is_defined(missing)", Value::Bool(false)),
             ("undefined = undefined", Value::Undefined),
         ] {
@@ -285,7 +316,8 @@ mod tests {
             "floor(1.8) = 1",
             "sign(-4) = -1",
             "sqrt(16) = 4",
-            "as_number('0x10') ?? 16 = 16",
+            "as_number(' 12.5 ') = 12.5",
+            "NOT is_defined(as_number('twelve'))",
             "is_string(s)",
             "is_number(1)",
             "is_bool(true)",
@@ -310,6 +342,11 @@ mod tests {
             assert_eq!(eval(condition, &m), Value::Bool(true), "{condition}");
         }
         assert_eq!(eval("substring(s, 4, 9) = 'o'", &m), Value::Undefined);
+        let huge = message(&[("p", "1e20")], &[], "");
+        assert_eq!(
+            eval("substring('abc', as_number(p), 1) = 'a'", &huge),
+            Value::Undefined
+        );
         let twin = message(&[], &[], r#"{"properties":{"reported":{"x":1}}}"#);
         assert_eq!(
             eval("twin_change_includes('properties.reported.x')", &twin),
@@ -357,14 +394,20 @@ mod tests {
     }
 
     proptest! {
-        /// Goal: any text parses and checks or is refused with a position inside it; none
-        /// panics, and a compiled route evaluates without panicking.
+        /// Goal: any text (multi-byte characters included) parses and checks or is refused
+        /// with a position inside it; none panics, and a compiled route evaluates against any
+        /// property value and body without panicking.
         #[test]
-        fn arbitrary_routes_never_panic(text in "[ -~]{0,80}") {
+        fn arbitrary_routes_never_panic(
+            text in "[ -~éß€😀]{0,80}",
+            value in "[ -~é]{0,12}",
+            body in r#"\{"a": (1e30|-1|"x"|\[1,2\]|null)\}"#,
+        ) {
             let routed = format!("FROM /messages/* WHERE {text} INTO $upstream");
             match CompiledRoute::compile("r", &routed, None, None) {
                 Ok(route) => {
-                    let _ = route.matches("/messages", &message(&[("a", "1")], &[], "{}"));
+                    let app: Vec<(&str, &str)> = vec![("a", value.as_str()), ("s", "é1")];
+                    let _ = route.matches("/messages", &message(&app, &[], &body));
                 }
                 Err(RouteError::Invalid { at, .. }) => prop_assert!(at <= routed.len()),
                 Err(other) => prop_assert!(false, "{other}"),

@@ -112,6 +112,13 @@ pub enum BinaryOp {
     Modulo,
 }
 
+/// Whether a system property's name is a `$body` query (`$body`, `$BODY.x`, `$body[0]`).
+fn is_body(name: &str) -> bool {
+    name.get(..4)
+        .is_some_and(|head| head.eq_ignore_ascii_case("body"))
+        && matches!(name.as_bytes().get(4), None | Some(b'.' | b'['))
+}
+
 /// A route that does not parse: what was wrong, and where (a byte offset in the route).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("at {at}: {message}")]
@@ -141,7 +148,8 @@ enum Token {
     /// `$name`.
     SysProp(String),
     String(String),
-    Number(f64),
+    /// Its value, and its text (a source path item may be a number).
+    Number(f64, String),
     Symbol(&'static str),
 }
 
@@ -151,14 +159,12 @@ impl fmt::Display for Token {
             Token::Id(id) => write!(f, "{id:?}"),
             Token::SysProp(name) => write!(f, "\"${name}\""),
             Token::String(s) => write!(f, "the string {s:?}"),
-            Token::Number(n) => write!(f, "the number {n}"),
+            Token::Number(_, text) => write!(f, "the number {text}"),
             Token::Symbol(s) => write!(f, "{s:?}"),
         }
     }
 }
 
-/// Characters that end an identifier (edgeHub's lexer), besides white space.
-const SEPARATORS: &str = "()<>@,;:\"'/[]?={}!+-%|&";
 const SYMBOLS: [&str; 21] = [
     "??", "<=", ">=", "<>", "!=", "||", "(", ")", "[", "]", "{", "}", ",", "/", "=", "<", ">", "+",
     "-", "%", "*",
@@ -176,51 +182,78 @@ fn lex(text: &str) -> Result<Vec<(usize, Token)>, SyntaxError> {
         let Some(c) = rest.chars().next() else { break };
         if c.is_whitespace() {
             at += c.len_utf8();
-        } else if let Some(end) = rest.strip_prefix("/*").and_then(|c| c.find("*/")) {
+            continue;
+        }
+        if let Some(end) = rest.strip_prefix("/*").and_then(|c| c.find("*/")) {
             // As in edgeHub's ANTLR lexer, `/*` starts a comment only if a `*/` closes it:
             // otherwise it is the `/*` of a source such as `/messages/*`.
             at += 2 + end + 2;
-        } else if c == '"' || c == '\'' {
+            continue;
+        }
+        let (token, used) = if c == '"' || c == '\'' {
             let (string, used) = lex_string(rest).map_err(|message| error(at, &message))?;
-            tokens.push((at, Token::String(string)));
-            at += used;
-        } else if c.is_ascii_digit()
-            || (c == '.' && rest[1..].starts_with(|d: char| d.is_ascii_digit()))
-        {
-            let (number, used) = lex_number(rest).map_err(|message| error(at, &message))?;
-            tokens.push((at, Token::Number(number)));
-            at += used;
+            (Token::String(string), used)
         } else if c == '$' {
-            let name = identifier(&rest[1..]);
+            let name = name_chars(&rest[1..], SYS_PROP_EXCLUDED);
             if name.is_empty() {
                 return Err(error(at, "a '$' with no name after it"));
             }
-            tokens.push((at, Token::SysProp(name.to_owned())));
-            at += 1 + name.len();
-        } else if let Some(symbol) = SYMBOLS.iter().find(|s| rest.starts_with(**s)) {
-            // A leading `*` is a symbol: the parser reads it as a source's wildcard, SELECT's
-            // `*`, or a product.
-            tokens.push((at, Token::Symbol(symbol)));
-            at += symbol.len();
+            (Token::SysProp(name.to_owned()), 1 + name.len())
         } else {
-            let name = identifier(rest);
-            if name.is_empty() {
+            // The longest of a number, a symbol and an identifier, as ANTLR takes it; a tie
+            // goes to the number, then the symbol (`30`, `*` and `-` are those, `1cam`,
+            // `out*` and `device-type` identifiers). A sign before a digit is an operator.
+            let number = starts_number(rest)
+                .then(|| lex_number(rest))
+                .transpose()
+                .map_err(|message| error(at, &message))?;
+            let symbol = SYMBOLS.iter().find(|s| rest.starts_with(**s));
+            let signed = (c == '-' || c == '+') && starts_number(&rest[1..]);
+            let id = if signed {
+                ""
+            } else {
+                name_chars(rest, ID_EXCLUDED)
+            };
+            let number_len = number.as_ref().map_or(0, |(_, used)| *used);
+            let symbol_len = symbol.map_or(0, |s| s.len());
+            if number_len > 0 && number_len >= symbol_len.max(id.len()) {
+                let (value, used) = number.unwrap_or_default();
+                (Token::Number(value, rest[..used].to_owned()), used)
+            } else if let Some(symbol) = symbol.filter(|s| s.len() >= id.len()) {
+                (Token::Symbol(symbol), symbol.len())
+            } else if !id.is_empty() {
+                (Token::Id(id.to_owned()), id.len())
+            } else {
                 return Err(error(at, &format!("unexpected {c:?}")));
             }
-            tokens.push((at, Token::Id(name.to_owned())));
-            at += name.len();
-        }
+        };
+        tokens.push((at, token));
+        at += used;
     }
     Ok(tokens)
 }
 
-/// The identifier at the start of `text` (possibly empty). `*` continues an identifier, as in
-/// edgeHub (`out*` is one name, `a * b` a product), but does not start one.
-fn identifier(text: &str) -> &str {
+/// What ends an identifier in edgeHub's lexer (and white space); `'` too, so strings win.
+const ID_EXCLUDED: &str = "()<>@,;:\"'/[]?={}";
+/// What ends a system property's name: as an identifier, but `[` and `]` belong to it
+/// (`$body.a[0]`).
+const SYS_PROP_EXCLUDED: &str = "()<>@,;:\"'/?={}";
+
+/// The longest run at the start of `text` of characters outside `excluded` and white space.
+fn name_chars<'a>(text: &'a str, excluded: &str) -> &'a str {
     let end = text
-        .find(|c: char| c.is_whitespace() || SEPARATORS.contains(c) || c == '$')
+        .find(|c: char| c.is_whitespace() || excluded.contains(c))
         .unwrap_or(text.len());
     &text[..end]
+}
+
+fn starts_number(text: &str) -> bool {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(d) if d.is_ascii_digit() => true,
+        Some('.') => chars.next().is_some_and(|d| d.is_ascii_digit()),
+        _ => false,
+    }
 }
 
 fn lex_string(text: &str) -> Result<(String, usize), String> {
@@ -373,7 +406,7 @@ impl Parser {
         while self.symbol("/") {
             match self.peek().cloned() {
                 Some(Token::Symbol("*")) => items.push("*".to_owned()),
-                Some(Token::Id(id)) => items.push(id),
+                Some(Token::Id(id) | Token::Number(_, id)) => items.push(id),
                 _ => return self.unexpected("a source path item"),
             }
             self.next += 1;
@@ -512,7 +545,7 @@ impl Parser {
         };
         self.next += 1;
         match token {
-            Token::Number(n) => expr(ExprKind::Number(n)),
+            Token::Number(n, _) => expr(ExprKind::Number(n)),
             Token::String(s) => expr(ExprKind::String(s)),
             Token::Symbol("(") => {
                 let inner = self.condition()?;
@@ -530,8 +563,11 @@ impl Parser {
                     scope: PropertyScope::System,
                 })
             }
-            Token::SysProp(name) if name == "body" || name.starts_with("body.") => {
-                expr(ExprKind::Body(self.body_path(&name)?))
+            Token::SysProp(name) if is_body(&name) => {
+                self.next -= 1; // errors point at the query
+                let path = self.body_path(&name)?;
+                self.next += 1;
+                expr(ExprKind::Body(path))
             }
             Token::SysProp(name) => expr(ExprKind::Property {
                 name,
@@ -570,44 +606,33 @@ impl Parser {
         }
     }
 
-    /// The path of a `$body` query. `.` is an identifier character, so `$body.a.b` arrives as
-    /// one name (`body.a.b`), and after an index (`[0]`) the rest (`.c`) as an identifier.
-    fn body_path(&mut self, name: &str) -> Result<Vec<PathItem>, SyntaxError> {
+    /// The path of a `$body` query, from the system property's name (`body.a.b[0].c`: `.`,
+    /// `[` and `]` belong to the name).
+    fn body_path(&self, name: &str) -> Result<Vec<PathItem>, SyntaxError> {
         let mut path = Vec::new();
-        let at = self.at();
-        let fields = |text: &str, path: &mut Vec<PathItem>| -> Result<(), SyntaxError> {
-            for field in text.split('.').skip(1) {
-                if field.is_empty() {
-                    return Err(SyntaxError {
-                        at,
-                        message: "an empty field in a $body path".into(),
-                    });
+        let mut rest = &name["body".len()..];
+        let bad = || self.error("a $body path is .field and [index] steps, such as $body.a[0].b");
+        while !rest.is_empty() {
+            if let Some(after) = rest.strip_prefix('.') {
+                let end = after.find(['.', '[']).unwrap_or(after.len());
+                if end == 0 {
+                    return bad();
                 }
-                path.push(PathItem::Field(field.to_owned()));
-            }
-            Ok(())
-        };
-        fields(name, &mut path)?;
-        loop {
-            if self.symbol("[") {
-                let Some(Token::Number(index)) = self.peek().cloned() else {
-                    return self.unexpected("an array index");
+                path.push(PathItem::Field(after[..end].to_owned()));
+                rest = &after[end..];
+            } else if let Some(after) = rest.strip_prefix('[') {
+                let Some((index, after)) = after.split_once(']') else {
+                    return bad();
                 };
-                self.next += 1;
-                self.expect_symbol("]")?;
-                if index.fract() != 0.0 || !(0.0..=f64::from(u32::MAX)).contains(&index) {
-                    return self.error("an array index is a whole number");
-                }
-                #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)] // checked
-                path.push(PathItem::Index(index as usize));
-            } else if let Some(Token::Id(rest)) = self.peek().cloned()
-                && rest.starts_with('.')
-            {
-                self.next += 1;
-                fields(&rest, &mut path)?;
+                let Ok(index) = index.parse::<usize>() else {
+                    return bad();
+                };
+                path.push(PathItem::Index(index));
+                rest = after;
             } else {
-                return Ok(path);
+                return bad();
             }
         }
+        Ok(path)
     }
 }

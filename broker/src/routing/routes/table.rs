@@ -81,7 +81,11 @@ impl RouteTable {
             None => None,
         };
         let mut routes = Vec::new();
-        let listed = desired.get("routes").and_then(Value::as_object);
+        let listed = match desired.get("routes") {
+            None => None,
+            Some(Value::Object(listed)) => Some(listed),
+            Some(_) => return Err(shape("routes is not an object of named routes".into())),
+        };
         for (name, spec) in listed.into_iter().flatten() {
             routes.push(route(name, spec, minor)?);
         }
