@@ -149,14 +149,21 @@ class Interop(unittest.TestCase):
         token = sas_token(fields["SharedAccessKey"], fields["HostName"], "edge", "mosquitto",
                           int(time.time()) + 3600)
         username = f"{fields['HostName']}/edge/mosquitto/?api-version=2019-10-01"
+        # The module publishes its own telemetry (the only topics it may publish on), retained;
+        # a plain client on the loopback listener reads it back.
+        telemetry = "devices/edge/modules/mosquitto/messages/events"
         for version in ["tlsv1.2", "tlsv1.3"]:
             tls = ["-p", str(self.spool.tls_port), "--cafile", self.spool.ca,
                    "-h", "localhost", "--tls-version", version,
                    "-i", "edge/mosquitto", "-u", username, "-P", token]
-            mosquitto("mosquitto_pub", *tls, "-q", "1", "-r", "-t", f"tls/{version}", "-m", version)
-            got = mosquitto("mosquitto_sub", *tls, "-q", "1", "-t", f"tls/{version}",
+            topic = f"{telemetry}/tls={version}"
+            mosquitto("mosquitto_pub", *tls, "-q", "1", "-r", "-t", topic, "-m", version)
+            got = mosquitto("mosquitto_sub", "-p", str(self.spool.port), "-q", "1", "-t", topic,
                             "-C", "1", "-F", "%r %t %p", "-W", "10")
-            self.assertEqual(got.stdout.strip(), f"1 tls/{version} {version}")
+            self.assertEqual(got.stdout.strip(), f"1 {topic} {version}")
+        elsewhere = subprocess.run(["mosquitto_pub", *tls, "-q", "1", "-t", "tls/plain", "-m", "x"],
+                                   capture_output=True, text=True, timeout=20)
+        self.assertNotEqual(elsewhere.returncode, 0, "an identity keeps to its own topics")
         anonymous = ["-p", str(self.spool.tls_port), "--cafile", self.spool.ca, "-h", "localhost",
                      "-t", "x", "-m", "x"]
         refused = subprocess.run(["mosquitto_pub", *anonymous], capture_output=True, text=True,
