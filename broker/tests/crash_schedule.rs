@@ -17,9 +17,7 @@
 
 mod common;
 
-use common::{PUBACK, Seen, connect, connect_v311, publish_v311, raw_connect};
-use proptest::prelude::Rng as _;
-use proptest::test_runner::{RngAlgorithm, TestRng};
+use common::{PUBACK, SeededRng, Seen, connect, connect_v311, publish_v311, raw_connect};
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::server::Server;
 use spool_storage::{CrashMode, FaultyFs};
@@ -37,21 +35,6 @@ const PUBLISHERS: [&str; 2] = ["p0", "p1"];
 const TOPICS: [&str; 3] = ["t/a", "t/b", "r/x"];
 const PAYLOAD_BYTES: usize = 6_000;
 const STEPS: u32 = 60;
-
-/// The schedule's choices, all from the seed.
-struct Rng(TestRng);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut bytes = [0u8; 32];
-        bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        Rng(TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0.next_u64() % bound
-    }
-}
 
 /// What the clients were told and saw.
 #[derive(Default)]
@@ -88,7 +71,7 @@ async fn seeded_crash_schedules_keep_every_acknowledged_message_in_order() {
 }
 
 async fn run_schedule(seed: u64) {
-    let mut rng = Rng::new(seed);
+    let mut rng = SeededRng::new(seed);
     let dir = tempfile::tempdir().unwrap();
     let fs = Arc::new(FaultyFs::new());
     fs.set_sync_latency(Duration::from_micros(100));
@@ -170,7 +153,7 @@ impl PowerCut {
     /// starts again on what survived, and the subscribers that were online come back.
     async fn run(
         self,
-        rng: &mut Rng,
+        rng: &mut SeededRng,
         fs: &Arc<FaultyFs>,
         dir: &Path,
         server: Server,

@@ -24,9 +24,10 @@
 //! `SPOOL_SIM_TRACE=1`, it prints every step it takes.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use bytes::Bytes;
-use proptest::prelude::Rng as _;
-use proptest::test_runner::{RngAlgorithm, TestRng};
+use common::SeededRng;
 use spool_broker::clock::ManualClock;
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::hub::events::{
@@ -104,25 +105,6 @@ fn a_seed_replays_exactly() {
     );
     assert_eq!(first.received, second.received);
     assert_eq!(first.acknowledged, second.acknowledged);
-}
-
-/// The schedule's choices, all from the seed.
-struct Rng(TestRng);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        let mut bytes = [0u8; 32];
-        bytes[..8].copy_from_slice(&seed.to_le_bytes());
-        Rng(TestRng::from_seed(RngAlgorithm::ChaCha, &bytes))
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.0.next_u64() % bound
-    }
-
-    fn index(&mut self, len: usize) -> usize {
-        usize::try_from(self.below(len as u64)).unwrap()
-    }
 }
 
 /// What the clients were told and saw, and what happened.
@@ -301,7 +283,7 @@ type InFlight = (u8, u32, &'static str, PendingAppend);
 
 struct Simulation {
     seed: u64,
-    rng: Rng,
+    rng: SeededRng,
     fs: Arc<FaultyFs>,
     config: Config,
     node: Node,
@@ -329,7 +311,7 @@ impl Simulation {
         let node = Node::start(&fs, &config, seed);
         Simulation {
             seed,
-            rng: Rng::new(seed),
+            rng: SeededRng::new(seed),
             fs,
             config,
             node,
@@ -565,7 +547,7 @@ impl Simulation {
     /// now and then, out of it (MQTT allows either).
     fn acknowledge(&mut self, index: usize, count: usize) {
         let shuffle = self.rng.below(4) == 0;
-        let pick = self.rng.0.next_u64();
+        let pick = self.rng.next_u64();
         let Some(connection) = self.subscribers[index].as_mut() else {
             return;
         };
@@ -718,7 +700,7 @@ impl Simulation {
     /// loses its connection, and the node starts again on what survived.
     fn power_cut(&mut self) {
         let torn = CrashMode::TornWrites {
-            seed: self.rng.0.next_u64(),
+            seed: self.rng.next_u64(),
         };
         self.fs.crash(torn);
         self.outcome.power_cuts += 1;

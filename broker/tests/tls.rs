@@ -215,8 +215,9 @@ async fn assert_closed_unacknowledged(stream: &mut TlsStream<TcpStream>, what: &
     assert!(rest.is_empty(), "{what}: no PUBACK");
 }
 
-/// What spool answers a CONNECT on the TLS port: the CONNACK's return code.
-async fn connack_code(spool: &Spool, connect: &[u8]) -> u8 {
+/// Sends `connect` on a new TLS connection to `spool`; returns the connection and the
+/// CONNACK's return code.
+async fn connect_tls(spool: &Spool, connect: &[u8]) -> (TlsStream<TcpStream>, u8) {
     let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
         .await
@@ -224,7 +225,12 @@ async fn connack_code(spool: &Spool, connect: &[u8]) -> u8 {
     stream.write_all(connect).await.unwrap();
     let (kind, body) = read_packet(&mut stream).await;
     assert_eq!(kind, 0x20, "CONNACK");
-    body[1]
+    (stream, body[1])
+}
+
+/// What spool answers a CONNECT on the TLS port: the CONNACK's return code.
+async fn connack_code(spool: &Spool, connect: &[u8]) -> u8 {
+    connect_tls(spool, connect).await.1
 }
 
 #[tokio::test]
@@ -337,23 +343,8 @@ async fn an_identity_keeps_to_its_own_iot_hub_topics() {
     // (a protocol error: never acknowledged, then forgotten).
     let dir = tempfile::tempdir().unwrap();
     let spool = start_with_module(dir.path(), &[]);
-    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
-    let connect = || async {
-        let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
-            .await
-            .unwrap();
-        stream
-            .write_all(&module_connect(in_an_hour()))
-            .await
-            .unwrap();
-        assert_eq!(
-            read_packet(&mut stream).await,
-            (0x20, vec![0, 0]),
-            "CONNACK"
-        );
-        stream
-    };
-    let mut stream = connect().await;
+    let (mut stream, accepted) = connect_tls(&spool, &module_connect(in_an_hour())).await;
+    assert_eq!(accepted, 0);
     for (packet_id, filter, granted) in [
         (1, "devices/edge/modules/tls/inputs/#", 1),
         (2, "devices/edge/modules/other/inputs/#", 0x80),
@@ -390,7 +381,7 @@ async fn an_identity_keeps_to_its_own_iot_hub_topics() {
         ),
         ("devices/edge/modules/tls/messages/events/k=v", &large[..]),
     ] {
-        let mut stream = connect().await;
+        let (mut stream, _) = connect_tls(&spool, &module_connect(in_an_hour())).await;
         stream
             .write_all(&publish_qos1_v311(6, topic, payload))
             .await
@@ -431,20 +422,9 @@ async fn a_will_keeps_to_the_same_topics_and_plain_clients_keep_off_iot_hub_ones
         5
     );
 
-    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
     for topic in [own, "$iothub/methods/POST/reboot/?$rid=1"] {
-        let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
-            .await
-            .unwrap();
-        stream
-            .write_all(&connect_v311("plain", true))
-            .await
-            .unwrap();
-        assert_eq!(
-            read_packet(&mut stream).await,
-            (0x20, vec![0, 0]),
-            "CONNACK"
-        );
+        let (mut stream, accepted) = connect_tls(&spool, &connect_v311("plain", true)).await;
+        assert_eq!(accepted, 0);
         stream
             .write_all(&publish_qos1_v311(1, topic, b"forged"))
             .await

@@ -413,3 +413,29 @@ impl StreamingPublisher {
         }
     }
 }
+
+/// A test schedule's choices, all from one seed, so that a failing seed replays.
+pub struct SeededRng(proptest::test_runner::TestRng);
+
+impl SeededRng {
+    pub fn new(seed: u64) -> SeededRng {
+        let mut bytes = [0u8; 32];
+        bytes[..8].copy_from_slice(&seed.to_le_bytes());
+        let algorithm = proptest::test_runner::RngAlgorithm::ChaCha;
+        SeededRng(proptest::test_runner::TestRng::from_seed(algorithm, &bytes))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        proptest::prelude::Rng::next_u64(&mut self.0)
+    }
+
+    /// A number below `bound`.
+    pub fn below(&mut self, bound: u64) -> u64 {
+        self.next_u64() % bound
+    }
+
+    /// An index into something of `len` items.
+    pub fn index(&mut self, len: usize) -> usize {
+        usize::try_from(self.below(len as u64)).unwrap()
+    }
+}
