@@ -441,3 +441,71 @@ async fn a_will_keeps_to_the_same_topics_and_plain_clients_keep_off_iot_hub_ones
         );
     }
 }
+
+#[test]
+fn a_connect_in_the_same_segment_as_the_handshakes_last_flight_is_answered() {
+    // Goal: a client that sends its last handshake flight and its CONNECT in one write (one
+    // TCP segment) gets its CONNACK: edgeHub 1.6.0 and 1.6.1 lost such connections. The
+    // client is rustls driven by hand: the CONNECT is queued before the handshake ends, so
+    // rustls writes it right behind the client's Finished, in the same buffer (TLS 1.3, where
+    // the client's flight is the last; in TLS 1.2 the server's is, and the CONNECT follows).
+    use std::io::{Read, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start_with_module(dir.path(), &[]);
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(spool.tls_ca.as_ref().unwrap()).unwrap();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    for version in [&rustls::version::TLS12, &rustls::version::TLS13] {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[version])
+            .unwrap()
+            .with_root_certificates(roots.clone())
+            .with_no_client_auth();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut tls = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        tls.writer()
+            .write_all(&module_connect(in_an_hour()))
+            .unwrap();
+        let mut socket = std::net::TcpStream::connect(spool.tls_addr.unwrap()).unwrap();
+        socket
+            .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .unwrap();
+        let mut writes = Vec::new();
+        let mut plain = Vec::new();
+        while plain.len() < 4 {
+            // Everything rustls has to send goes out in one write: after the server's last
+            // flight, that is the client's Finished with the CONNECT behind it.
+            let mut out = Vec::new();
+            while tls.wants_write() {
+                tls.write_tls(&mut out).unwrap();
+            }
+            if !out.is_empty() {
+                socket.write_all(&out).unwrap();
+                writes.push((tls.is_handshaking(), out.len()));
+            }
+            if tls.read_tls(&mut socket).unwrap() == 0 {
+                panic!("{version:?}: spool closed the connection; writes {writes:?}");
+            }
+            tls.process_new_packets().unwrap();
+            let mut buf = [0u8; 64];
+            while let Ok(n) = tls.reader().read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                plain.extend_from_slice(&buf[..n]);
+            }
+        }
+        assert_eq!(
+            &plain[..4],
+            &[0x20, 2, 0, 0],
+            "{version:?}: CONNACK, accepted"
+        );
+        if version == &rustls::version::TLS13 {
+            // The ClientHello, then one write: the client's Finished and the CONNECT.
+            assert_eq!(writes.len(), 2, "{writes:?}");
+        }
+    }
+}
