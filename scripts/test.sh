@@ -62,6 +62,20 @@ need_azure_python_sdk() {
     fi
 }
 
+# The Azure IoT Node SDK the module interop tests use, as pinned in its package-lock.json.
+AZURE_NODE=tests/interop/azure_node
+need_azure_node_sdk() {
+    need_debian_package node nodejs
+    need_debian_package npm npm
+    if ! (cd "$AZURE_NODE" && npm ls --silent azure-iot-device azure-iot-device-mqtt >/dev/null 2>&1); then
+        step "installing the Azure IoT Node SDK from npm in $AZURE_NODE/node_modules"
+        (cd "$AZURE_NODE" && npm ci --no-audit --no-fund --silent) || {
+            echo "cannot install the Azure IoT Node SDK (npm ci in $AZURE_NODE)" >&2
+            exit 1
+        }
+    fi
+}
+
 command -v cargo >/dev/null || { echo "cargo not found: install Rust 1.95 with rustup" >&2; exit 1; }
 command -v python3 >/dev/null || { echo "python3 not found: install Python 3.11 or later" >&2; exit 1; }
 need_rust_component fmt rustfmt
@@ -69,6 +83,7 @@ need_rust_component clippy clippy
 need_debian_package mosquitto_sub mosquitto-clients
 need_python_package
 need_azure_python_sdk
+need_azure_node_sdk
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
@@ -90,5 +105,8 @@ SPOOL_BIN=target/debug/spool python3 -m unittest discover -s tests/interop -v
 step "interop: IoT Edge modules on the Azure IoT Python SDK against spool serve (port 8883)"
 SPOOL_BIN=target/debug/spool "$AZURE_PYTHON/bin/python" -m unittest discover \
     -s tests/interop/azure_python -v
+
+step "interop: IoT Edge modules on the Azure IoT Node SDK against spool serve (port 8883)"
+SPOOL_BIN=target/debug/spool node --test "$AZURE_NODE/module_sdk.test.js"
 
 step "all checks passed"

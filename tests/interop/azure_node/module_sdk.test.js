@@ -1,0 +1,122 @@
+// The Azure IoT Node SDK (azure-iot-device with azure-iot-device-mqtt) against a real
+// `spool serve`, unchanged. scripts/test.sh installs it (npm ci) and runs:
+//
+//     SPOOL_BIN=target/debug/spool node --test tests/interop/azure_node/module_sdk.test.js
+//
+// The SDK connects to port 8883 of its gateway host, so spool listens there and these
+// scenarios run one at a time (and after the Python SDK's).
+'use strict';
+
+const { test } = require('node:test');
+const assert = require('node:assert');
+const { spawn, execFileSync } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const readline = require('node:readline');
+const mqtt = require('mqtt');
+const { ModuleClient, Message } = require('azure-iot-device');
+const { Mqtt } = require('azure-iot-device-mqtt');
+
+const SPOOL_BIN = path.resolve(process.env.SPOOL_BIN || 'target/debug/spool');
+
+function identity(dataDir, ...args) {
+  return execFileSync(SPOOL_BIN, ['identity', ...args, '--data-dir', dataDir], { encoding: 'utf8' });
+}
+
+// Starts `spool serve` with MQTTS on 8883 and plain MQTT on a free port; resolves to the
+// child and the plain port once spool has printed its data directory.
+function startSpool(dataDir) {
+  const child = spawn(SPOOL_BIN, ['serve', '--data-dir', dataDir,
+    '--mqtt-bind', '127.0.0.1:0', '--mqtts-bind', '127.0.0.1:8883'],
+  { env: { ...process.env, SPOOL_LOG: 'warn' }, stdio: ['ignore', 'pipe', 'inherit'] });
+  return new Promise((resolve, reject) => {
+    let port = null;
+    const lines = readline.createInterface({ input: child.stdout });
+    lines.on('line', (line) => {
+      const listening = line.match(/^spool: MQTT listening on .*:(\d+)$/);
+      if (listening) port = Number(listening[1]);
+      if (line.startsWith('spool: data in')) resolve({ child, port });
+    });
+    child.on('exit', (code) => reject(new Error(`spool exited with ${code}`)));
+  });
+}
+
+// A plain client on spool's anonymous port that sees what the module publishes.
+function watch(port, topic) {
+  const client = mqtt.connect(`mqtt://127.0.0.1:${port}`, { clientId: 'node-watcher' });
+  const seen = [];
+  const waiting = [];
+  client.on('message', (topicName, payload) => {
+    const message = { topic: topicName, payload: payload.toString() };
+    const next = waiting.shift();
+    if (next) next(message);
+    else seen.push(message);
+  });
+  const subscribed = new Promise((resolve, reject) => {
+    client.on('connect', () => client.subscribe(topic, { qos: 1 }, (e) => (e ? reject(e) : resolve())));
+  });
+  const next = () => (seen.length ? Promise.resolve(seen.shift()) : new Promise((r) => waiting.push(r)));
+  return { subscribed, next, stop: () => client.end(true) };
+}
+
+async function withSpool(scenario) {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'spool-node-sdk-'));
+  const added = identity(dir, 'add', 'edge/nodesender');
+  const connectionString = added.match(/connection string: (\S+)/)[1];
+  const env = Object.fromEntries(identity(dir, 'env', 'edge/nodesender').trim().split('\n')
+    .map((line) => [line.slice(0, line.indexOf('=')), line.slice(line.indexOf('=') + 1)]));
+  const { child, port } = await startSpool(dir);
+  const watcher = watch(port, 'devices/edge/modules/nodesender/#');
+  try {
+    await watcher.subscribed;
+    await scenario({ connectionString, env, watcher });
+  } finally {
+    watcher.stop();
+    child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+}
+
+async function sendAndSee(client, watcher) {
+  await client.open();
+  const message = new Message('hello from the Node SDK');
+  message.properties.add('kind', 'a&b=c/d');
+  await client.sendOutputEvent('out1', message);
+  await client.close();
+  const { topic, payload } = await watcher.next();
+  assert.strictEqual(payload, 'hello from the Node SDK');
+  assert.ok(topic.startsWith('devices/edge/modules/nodesender/messages/events/'), topic);
+  assert.ok(topic.includes('%24.on=out1'), topic);
+  assert.ok(topic.includes('kind=a%26b%3Dc%2Fd'), topic);
+}
+
+test('a module connects with a connection string and the CA, and sends', () => withSpool(
+  async ({ connectionString, env, watcher }) => {
+    const client = ModuleClient.fromConnectionString(connectionString, Mqtt);
+    await client.setOptions({ ca: fs.readFileSync(env.EdgeModuleCACertificateFile, 'utf8') });
+    await sendAndSee(client, watcher);
+  },
+));
+
+test('a module started with the edge environment sends', () => withSpool(
+  async ({ env, watcher }) => {
+    Object.assign(process.env, env);
+    try {
+      const client = await ModuleClient.fromEnvironment(Mqtt);
+      await sendAndSee(client, watcher);
+    } finally {
+      for (const name of Object.keys(env)) delete process.env[name];
+    }
+  },
+));
+
+test('a wrong key is refused', () => withSpool(
+  async ({ connectionString, env }) => {
+    const wrong = connectionString.replace(/SharedAccessKey=[^;]+/, `SharedAccessKey=${'A'.repeat(43)}=`);
+    const client = ModuleClient.fromConnectionString(wrong, Mqtt);
+    await client.setOptions({ ca: fs.readFileSync(env.EdgeModuleCACertificateFile, 'utf8') });
+    await assert.rejects(client.open(), (e) => e.constructor.name === 'UnauthorizedError');
+    await client.close().catch(() => {});
+  },
+));
