@@ -412,6 +412,16 @@ impl StreamingPublisher {
             task.abort();
         }
     }
+
+    /// Stops publishing and reads until the server closes the connection (within `within`):
+    /// then every PUBACK it sent has been read. Returns the packet ids acknowledged.
+    pub async fn acknowledged_until_closed(self, within: Duration) -> Vec<u16> {
+        let [publishing, reading] = self.tasks;
+        publishing.abort();
+        let closed = tokio::time::timeout(within, reading).await;
+        assert!(closed.is_ok(), "the server closed the connection");
+        self.acked.lock().unwrap().clone()
+    }
 }
 
 /// A test schedule's choices, all from one seed, so that a failing seed replays.
