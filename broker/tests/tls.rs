@@ -280,10 +280,10 @@ async fn a_connection_ends_when_its_token_expires() {
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
         .await
         .unwrap();
-    // Expired 298 s ago: still accepted (5 minutes of clock skew), valid for 2 s more.
+    // Expired 297 s ago: still accepted (5 minutes of clock skew), valid for 3 s more.
     let now = in_an_hour() - 3600;
     stream
-        .write_all(&module_connect(now + 2 - CLOCK_SKEW_SECS))
+        .write_all(&module_connect(now + 3 - CLOCK_SKEW_SECS))
         .await
         .unwrap();
     assert_eq!(
@@ -299,7 +299,8 @@ async fn a_connection_ends_when_its_token_expires() {
     )
     .await;
     assert!(closed.is_ok(), "the connection ends with the token");
-    // The token had more than a second left (two seconds past the whole second).
+    // The token had more than two seconds left (three past the whole second): a second of
+    // margin for a loaded machine.
     assert!(
         connected.elapsed() >= std::time::Duration::from_millis(900),
         "not before the token expires"
