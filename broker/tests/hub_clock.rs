@@ -113,6 +113,7 @@ impl TestHub {
             receive_max: 16,
             outbound,
             released: CancellationToken::new(),
+            subscription_policy: None,
             reply,
         };
         self.send(Event::Connect(request)).await;

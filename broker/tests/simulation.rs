@@ -421,6 +421,7 @@ impl Simulation {
             receive_max: RECEIVE_MAX,
             outbound,
             released: released.clone(),
+            subscription_policy: None,
             reply,
         }));
         self.trace(format!("connect {client_id} as {id}"));

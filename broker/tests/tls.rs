@@ -8,7 +8,8 @@ mod common;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::{
-    Spool, connect_v311, connect_v311_as, publish_qos1_v311, read_packet, subscribe_v311,
+    Spool, connect_v311, connect_v311_as, publish_qos1_v311, raw_connect, read_packet,
+    subscribe_v311,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
@@ -509,4 +510,73 @@ fn a_connect_in_the_same_segment_as_the_handshakes_last_flight_is_answered() {
             assert_eq!(writes.len(), 2, "{writes:?}");
         }
     }
+}
+
+#[tokio::test]
+async fn a_session_made_before_its_client_was_an_identity_loses_what_it_may_not_hold() {
+    // Goal: a client id that held a persistent session (subscribed to `plain/#`) before it was
+    // registered as an identity resumes it as the identity without that subscription: the
+    // identity keeps to its own topics, whatever its stored session says.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let (mut before, connack) = raw_connect(spool.addr, &connect_v311("edge/late", false)).await;
+    assert_eq!(connack, vec![0, 0]);
+    before
+        .write_all(&subscribe_v311(1, "plain/#", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_packet(&mut before).await,
+        (0x90, vec![0, 1, 1]),
+        "SUBACK"
+    );
+    drop(before);
+    spool.kill();
+
+    let added = std::process::Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["identity", "add", "edge/late", "--data-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let added = String::from_utf8(added.stdout).unwrap();
+    let key = added
+        .split(';')
+        .find_map(|field| field.strip_prefix("SharedAccessKey="))
+        .expect("a key");
+    let key = BASE64.decode(key).unwrap();
+    let spool = Spool::start(dir.path(), &[]);
+    let token = sign(
+        &key,
+        &resource_uri("localhost", "edge", Some("late")),
+        in_an_hour(),
+    );
+    let mut body = Vec::new();
+    common::field(b"MQTT", &mut body);
+    body.extend_from_slice(&[4, 0xC0, 0, 60]); // username, password, persistent session
+    let username = "localhost/edge/late/?api-version=2020-09-30";
+    for field in ["edge/late", username, &token] {
+        common::field(field.as_bytes(), &mut body);
+    }
+    let (mut stream, accepted) = connect_tls(&spool, &common::packet(0x10, &body)).await;
+    assert_eq!(accepted, 0);
+
+    let (mut publisher, _) = raw_connect(spool.addr, &connect_v311("plain-publisher", true)).await;
+    publisher
+        .write_all(&publish_qos1_v311(1, "plain/x", b"not for identities"))
+        .await
+        .unwrap();
+    assert_eq!(
+        read_packet(&mut publisher).await,
+        (0x40, vec![0, 1]),
+        "PUBACK"
+    );
+    let delivered = tokio::time::timeout(
+        std::time::Duration::from_millis(1500),
+        read_packet(&mut stream),
+    )
+    .await;
+    assert!(
+        delivered.is_err(),
+        "the old subscription is gone: {delivered:?}"
+    );
 }

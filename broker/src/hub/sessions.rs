@@ -4,7 +4,9 @@
 use super::Hub;
 use super::metadata::{Completion, MetaWriter};
 use crate::delivery::endpoint::{Queue, checkpoint_key};
-use crate::hub::events::{ConnectOutcome, ConnectRefusal, ConnectRequest, Outbound, Protocol};
+use crate::hub::events::{
+    ConnectOutcome, ConnectRefusal, ConnectRequest, Outbound, Protocol, SubscriptionPolicy,
+};
 use crate::message::Will;
 use crate::session::receipts;
 use crate::session::{Attachment, Session};
@@ -45,6 +47,9 @@ impl Hub {
                 id
             }
         };
+        if let Some(policy) = &request.subscription_policy {
+            self.drop_subscriptions_not_allowed(id, policy);
+        }
         let session = self.sessions.get_mut(&id).expect("just ensured");
         session.expiry = expiry;
         session.attach(Attachment {
@@ -74,6 +79,30 @@ impl Hub {
             })),
         );
         self.pump(id);
+    }
+
+    /// Removes the subscriptions of session `id` that `policy` does not allow (the connect
+    /// that follows stores the session without them).
+    fn drop_subscriptions_not_allowed(&mut self, id: u64, policy: &SubscriptionPolicy) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let refused: Vec<String> = session
+            .subscriptions
+            .keys()
+            .filter(|filter| !(policy.0)(filter))
+            .cloned()
+            .collect();
+        if refused.is_empty() {
+            return;
+        }
+        for filter in &refused {
+            session.subscriptions.remove(filter);
+            self.subscriptions.unsubscribe(id, filter);
+        }
+        self.router.install(self.subscriptions.clone());
+        let client_id = &session.client_id;
+        tracing::warn!(%client_id, ?refused, "dropped subscriptions the client may not hold");
     }
 
     /// Detaches the client's existing session, if any, from its old connection (which is told

@@ -15,7 +15,7 @@ use crate::auth::sas::CLOCK_SKEW_SECS;
 use crate::delivery::drop_worth_logging;
 use crate::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, OutboundReceiver,
-    Protocol, SubscribeRefusal, outbound_channel,
+    Protocol, SubscribeRefusal, SubscriptionPolicy, outbound_channel,
 };
 use crate::ingest::{Durable, Ingest, IngestError, Ingested, Publisher, WhenFull};
 use crate::iothub;
@@ -168,26 +168,25 @@ where
         .is_empty()
         .then(|| format!("spool-{connection_id}-{}", context.ingest.now_ms()));
     let client_id = assigned.as_ref().unwrap_or(&connect.client_id).clone();
-    let (outbound, released, outcome) =
-        match register(context, connection_id, &connect, protocol, &client_id).await {
-            Some((outbound, released, Ok(outcome))) => (outbound, released, outcome),
-            Some((_, _, Err(ConnectRefusal::SessionsFull))) => {
-                return refuse(&mut framed, protocol, Reason::QuotaExceeded).await;
-            }
-            None => return refuse(&mut framed, protocol, Reason::ServerUnavailable).await,
-        };
-    let ConnectOutcome {
-        session,
-        session_present,
-        receipts,
-    } = outcome;
+    let registered = register(
+        context,
+        connection_id,
+        &connect,
+        protocol,
+        &client_id,
+        identity.as_ref(),
+    );
+    let (outbound, released, outcome) = match registered.await {
+        Ok(registered) => registered,
+        Err(reason) => return refuse(&mut framed, protocol, reason).await,
+    };
     if let Some(size) = connect.packet_size_max {
         codec::limit_outbound(framed.codec_mut(), size);
     }
     let server_keep_alive_secs = server_keep_alive(protocol, connect.keep_alive_secs, limits);
     let keep_alive_secs = server_keep_alive_secs.unwrap_or(connect.keep_alive_secs);
     let connack = ServerPacket::ConnAck(ConnAck {
-        session_present,
+        session_present: outcome.session_present,
         reason: Reason::Success,
         assigned_client_id: assigned.filter(|_| protocol == Protocol::V5),
         receive_max: limits.receive_max,
@@ -200,13 +199,13 @@ where
         protocol,
         context: Arc::clone(context),
         connection_id,
-        session,
+        session: outcome.session,
         client_id,
         outbound,
         released,
         awaiting_durability: VecDeque::new(),
         publishes_awaiting_ack: 0,
-        receipts,
+        receipts: outcome.receipts,
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(keep_alive_secs),
         identity,
@@ -332,21 +331,20 @@ fn iot_refusal(
     })
 }
 
-/// The hub's answer to a CONNECT, with the connection's ends of what it shares with the hub.
-type Registration = (
-    OutboundReceiver,
-    CancellationToken,
-    Result<ConnectOutcome, ConnectRefusal>,
-);
+/// The hub's acceptance of a CONNECT, with the connection's ends of what it shares with the
+/// hub.
+type Registration = (OutboundReceiver, CancellationToken, ConnectOutcome);
 
-/// Asks the hub to attach this connection to the client's session.
+/// Asks the hub to attach this connection to the client's session; an identity's session
+/// keeps only the subscriptions it may hold.
 async fn register(
     context: &ServerContext,
     connection_id: u64,
     connect: &codec::Connect,
     protocol: Protocol,
     client_id: &str,
-) -> Option<Registration> {
+    identity: Option<&IdentityId>,
+) -> Result<Registration, Reason> {
     let limits = &context.limits;
     let window = connect
         .receive_max
@@ -364,11 +362,23 @@ async fn register(
         session_expiry_secs: connect.session_expiry_secs,
         receive_max: window,
         outbound: outbound_tx,
+        subscription_policy: identity.cloned().map(|identity| {
+            SubscriptionPolicy(Arc::new(move |filter: &str| {
+                iothub::topics::may_subscribe(&identity, filter)
+            }))
+        }),
         reply,
     };
-    context.hub.send(Event::Connect(request)).await.ok()?;
-    let outcome = outcome.await.ok()?;
-    Some((outbound, released, outcome))
+    let unavailable = |_| Reason::ServerUnavailable;
+    context
+        .hub
+        .send(Event::Connect(request))
+        .await
+        .map_err(|_| Reason::ServerUnavailable)?;
+    match outcome.await.map_err(unavailable)? {
+        Ok(outcome) => Ok((outbound, released, outcome)),
+        Err(ConnectRefusal::SessionsFull) => Err(Reason::QuotaExceeded),
+    }
 }
 
 /// Answers a refused CONNECT (best effort) before closing; there is no connection.
