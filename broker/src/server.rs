@@ -7,13 +7,10 @@ use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
 use crate::hub::events::Event;
-use crate::hub::{
-    Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, load_when_asked, reclaim_when_asked,
-};
+use crate::hub::{Hub, HubHelpers, HubLimits, MetaWriter};
 use crate::ingest::Ingest;
 use crate::limits::{
-    HUB_EVENTS_MAX, LISTEN_BACKLOG, LOAD_REQUESTS_MAX, MESSAGE_CACHE_BYTES_MAX, OWN_APPENDS_MAX,
-    record_payload_bytes_max,
+    HUB_EVENTS_MAX, LISTEN_BACKLOG, MESSAGE_CACHE_BYTES_MAX, record_payload_bytes_max,
 };
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
@@ -176,17 +173,8 @@ fn spawn_hub(
     shutdown: &CancellationToken,
     clock: Arc<dyn Clock>,
 ) -> anyhow::Result<(mpsc::Sender<Event>, Vec<JoinHandle<()>>)> {
-    // One reclaim asked for at a time: the hub asks again at its next tick.
-    let (reclaims, reclaim_requests) = mpsc::channel(1);
-    let (appender, append_requests) = mpsc::channel(OWN_APPENDS_MAX);
-    let (loads, load_requests) = mpsc::channel(LOAD_REQUESTS_MAX);
     let metadata = MetaWriter::start(Arc::clone(&meta)).context("start the metadata writer")?;
-    let helpers = HubHelpers {
-        reclaims,
-        appender,
-        metadata,
-        loads,
-    };
+    let (helpers, requests) = HubHelpers::new(metadata);
     let hub = Hub::new(
         wal.clone(),
         &meta,
@@ -197,12 +185,8 @@ fn spawn_hub(
     )
     .context("start the hub")?;
     let (events, events_rx) = mpsc::channel(HUB_EVENTS_MAX);
-    let tasks = vec![
-        tokio::spawn(hub.run(events_rx, shutdown.clone())),
-        tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests)),
-        tokio::spawn(append_when_asked(wal.clone(), append_requests)),
-        tokio::spawn(load_when_asked(wal.clone(), load_requests)),
-    ];
+    let mut tasks = vec![tokio::spawn(hub.run(events_rx, shutdown.clone()))];
+    tasks.extend(requests.spawn(wal));
     Ok((events, tasks))
 }
 

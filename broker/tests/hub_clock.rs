@@ -11,11 +11,8 @@ use spool_broker::delivery::record::{KIND_PUBLISH, PublishRecord};
 use spool_broker::hub::events::{
     ConnectOutcome, ConnectRequest, Event, Outbound, OutboundReceiver, Protocol, outbound_channel,
 };
-use spool_broker::hub::{
-    Hub, HubHelpers, HubLimits, MetaWriter, append_when_asked, load_when_asked, reclaim_when_asked,
-};
+use spool_broker::hub::{Hub, HubHelpers, HubLimits, MetaWriter};
 use spool_broker::ingest::{Ingest, Ingested, Publisher, WhenFull};
-use spool_broker::limits::LOAD_REQUESTS_MAX;
 use spool_broker::message::{Message, MessageProperties, QoS, Will};
 use spool_broker::routing::{RetainHandling, Router, SubscriptionOptions};
 use spool_storage::{Meta, Wal, WalOptions, WalReader};
@@ -52,18 +49,10 @@ impl TestHub {
             session_expiry_v311: HOUR,
             message_cache_bytes: 1 << 20,
         };
-        let (reclaims, reclaim_requests) = mpsc::channel(1);
-        let (appender, append_requests) = mpsc::channel(64);
         let clock = Arc::new(ManualClock::new());
         let router = Arc::new(Router::default());
         let metadata = MetaWriter::start(Arc::clone(&meta)).expect("metadata writer");
-        let (loads, load_requests) = mpsc::channel(LOAD_REQUESTS_MAX);
-        let helpers = HubHelpers {
-            reclaims,
-            appender,
-            metadata,
-            loads,
-        };
+        let (helpers, requests) = HubHelpers::new(metadata);
         let hub = Hub::new(
             wal.clone(),
             &meta,
@@ -76,9 +65,7 @@ impl TestHub {
         let (events, events_rx) = mpsc::channel(64);
         let shutdown = CancellationToken::new();
         tokio::spawn(hub.run(events_rx, shutdown.clone()));
-        tokio::spawn(reclaim_when_asked(wal.clone(), reclaim_requests));
-        tokio::spawn(append_when_asked(wal.clone(), append_requests));
-        tokio::spawn(load_when_asked(wal.clone(), load_requests));
+        requests.spawn(&wal);
         TestHub {
             events,
             ingest: Ingest::new(

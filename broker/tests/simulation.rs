@@ -35,21 +35,20 @@ use spool_broker::hub::events::{
     SubscribeRefusal, outbound_channel,
 };
 use spool_broker::hub::{
-    Hub, HubHelpers, HubLimits, LoadRequest, MetaWriter, OwnAppend, append_handed_over, load_asked,
+    HelperRequests, Hub, HubHelpers, HubLimits, MetaWriter, append_handed_over, load_asked,
 };
 use spool_broker::ingest::{Durable, Ingest, Ingested, Publisher, WhenFull};
-use spool_broker::limits::LOAD_REQUESTS_MAX;
 use spool_broker::message::{Message, MessageProperties, QoS};
 use spool_broker::routing::{RetainHandling, Router, SubscriptionOptions};
 use spool_broker::server::{hub_limits, open_storage};
-use spool_storage::{CrashMode, FaultyFs, Liveness, PendingAppend, Wal, WriterMode};
+use spool_storage::{CrashMode, FaultyFs, PendingAppend, Wal, WriterMode};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 /// Seeds `scripts/test.sh` runs.
@@ -211,9 +210,8 @@ struct Node {
     wal: Wal,
     ingest: Ingest,
     clock: Arc<ManualClock>,
-    reclaims: mpsc::Receiver<Liveness>,
-    appends: mpsc::Receiver<OwnAppend>,
-    loads: mpsc::Receiver<LoadRequest>,
+    /// What the hub asks of its helpers, which the simulation runs.
+    requests: HelperRequests,
 }
 
 impl Node {
@@ -222,15 +220,8 @@ impl Node {
     fn start(fs: &Arc<FaultyFs>, config: &Config, seed: u64) -> Node {
         let (meta, wal) = open_storage(config, fs.clone(), WriterMode::Caller)
             .unwrap_or_else(|e| panic!("SPOOL_SIM_SEED={seed}: the node cannot start: {e:#}"));
-        let (reclaim_requests, reclaims) = mpsc::channel(1);
-        let (appender, appends) = mpsc::channel(64);
-        let (load_requests, loads) = mpsc::channel(LOAD_REQUESTS_MAX);
-        let helpers = HubHelpers {
-            reclaims: reclaim_requests,
-            appender,
-            metadata: MetaWriter::run_by_caller(Arc::clone(&meta)),
-            loads: load_requests,
-        };
+        let metadata = MetaWriter::run_by_caller(Arc::clone(&meta));
+        let (helpers, requests) = HubHelpers::new(metadata);
         let clock = Arc::new(ManualClock::new());
         let router = Arc::new(Router::default());
         let limits = HubLimits {
@@ -258,9 +249,7 @@ impl Node {
             wal,
             ingest,
             clock,
-            reclaims,
-            appends,
-            loads,
+            requests,
         }
     }
 }
@@ -671,7 +660,7 @@ impl Simulation {
 
     /// The loader reads the messages the hub asked for; the hub takes them in.
     fn load(&mut self) {
-        let answered = load_asked(&self.node.wal, &mut self.node.loads);
+        let answered = load_asked(&self.node.wal, &mut self.node.requests.loads);
         self.outcome.loads += answered;
         self.node.hub.take_loaded();
         self.trace(format!("loaded {answered}"));
@@ -686,8 +675,8 @@ impl Simulation {
     /// The hub asks for a reclaim and hands over its own records; the simulation runs both.
     fn reclaim(&mut self) {
         self.node.hub.reclaim_tick();
-        append_handed_over(&self.node.wal, &mut self.node.appends);
-        while let Ok(liveness) = self.node.reclaims.try_recv() {
+        append_handed_over(&self.node.wal, &mut self.node.requests.appends);
+        while let Ok(liveness) = self.node.requests.reclaims.try_recv() {
             let report = self.node.wal.reclaim(&liveness).unwrap();
             self.outcome.records_moved += report.records_moved;
             self.trace(format!(

@@ -74,10 +74,16 @@ impl IdentityId {
 
 impl fmt::Display for IdentityId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.module {
-            Some(module) => write!(f, "{}/{module}", self.device),
-            None => f.write_str(&self.device),
-        }
+        f.write_str(&id_string(&self.device, self.module.as_deref()))
+    }
+}
+
+/// `device`, or `device/module`: how an identity is written (its client id, its key).
+#[must_use]
+pub fn id_string(device: &str, module: Option<&str>) -> String {
+    match module {
+        Some(module) => format!("{device}/{module}"),
+        None => device.to_owned(),
     }
 }
 

@@ -12,6 +12,7 @@
 //! time, with the primary key and then the secondary. Expiry allows five minutes of clock skew,
 //! as edgeHub does.
 
+use super::identity::id_string;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
@@ -85,10 +86,7 @@ pub struct Audience {
 
 impl std::fmt::Display for Audience {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match &self.module {
-            Some(module) => write!(f, "{}/{module}", self.device),
-            None => f.write_str(&self.device),
-        }
+        f.write_str(&id_string(&self.device, self.module.as_deref()))
     }
 }
 
@@ -206,10 +204,9 @@ impl SasToken {
                 _ => false,
             };
         if !same_identity {
-            let identity = module.map_or_else(|| device.to_owned(), |m| format!("{device}/{m}"));
             return Err(SasError::WrongIdentity {
                 audience: audience.to_string(),
-                identity,
+                identity: id_string(device, module),
             });
         }
         if !hosts.iter().any(|h| h.eq_ignore_ascii_case(&audience.host)) {

@@ -10,6 +10,7 @@
 //! `auth-chain` are kept; other parameters are ignored. The host is not checked here (the SAS
 //! token's audience is).
 
+use super::identity::id_string;
 use percent_encoding::percent_decode_str;
 
 /// What an IoT Hub client's username says.
@@ -72,10 +73,7 @@ impl IotUsername {
     /// The client id the username requires: `device` or `device/module`.
     #[must_use]
     pub fn client_id(&self) -> String {
-        match &self.module {
-            Some(module) => format!("{}/{module}", self.device),
-            None => self.device.clone(),
-        }
+        id_string(&self.device, self.module.as_deref())
     }
 }
 

@@ -25,18 +25,60 @@ mod checkpoints;
 pub use appends::{OwnAppend, append_handed_over, append_when_asked};
 pub use checkpoints::reclaim_when_asked;
 
-/// Where the hub asks for the work it does not do on its own task: the server runs
-/// `reclaim_when_asked`, `append_when_asked` and `load_when_asked` on the other ends, and the
-/// metadata writer commits on its thread (a simulation does all four itself, when its seed
-/// says).
+/// Where the hub asks for the work it does not do on its own task, made by
+/// [`HubHelpers::new`]: the server runs the helpers on the other ends as tasks
+/// ([`HelperRequests::spawn`]), and the metadata writer commits on its thread; a simulation
+/// does all four itself, when its seed says.
 #[derive(Debug)]
 pub struct HubHelpers {
-    pub reclaims: mpsc::Sender<Liveness>,
-    pub appender: mpsc::Sender<OwnAppend>,
-    pub metadata: MetaWriter,
-    /// Where messages no longer cached are asked for (`loads::load_when_asked`); it must
-    /// hold `LOAD_REQUESTS_MAX` requests.
-    pub loads: mpsc::Sender<LoadRequest>,
+    reclaims: mpsc::Sender<Liveness>,
+    appender: mpsc::Sender<OwnAppend>,
+    metadata: MetaWriter,
+    loads: mpsc::Sender<LoadRequest>,
+}
+
+/// The helpers' ends of [`HubHelpers`]: what the hub asks for.
+#[derive(Debug)]
+pub struct HelperRequests {
+    pub reclaims: mpsc::Receiver<Liveness>,
+    pub appends: mpsc::Receiver<OwnAppend>,
+    pub loads: mpsc::Receiver<LoadRequest>,
+}
+
+impl HubHelpers {
+    /// The hub's helper channels, each as large as the hub relies on, and `metadata`, the
+    /// writer of its metadata.
+    #[must_use]
+    pub fn new(metadata: MetaWriter) -> (HubHelpers, HelperRequests) {
+        // One reclaim asked for at a time: the hub asks again at its next tick.
+        let (reclaims, reclaim_requests) = mpsc::channel(1);
+        let (appender, appends) = mpsc::channel(OWN_APPENDS_MAX);
+        // Room for every load the hub has under way.
+        let (loads, load_requests) = mpsc::channel(LOAD_REQUESTS_MAX);
+        let helpers = HubHelpers {
+            reclaims,
+            appender,
+            metadata,
+            loads,
+        };
+        let requests = HelperRequests {
+            reclaims: reclaim_requests,
+            appends,
+            loads: load_requests,
+        };
+        (helpers, requests)
+    }
+}
+
+impl HelperRequests {
+    /// Runs the helpers as tasks on the current runtime; they end when the hub does.
+    pub fn spawn(self, wal: &Wal) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(reclaim_when_asked(wal.clone(), self.reclaims)),
+            tokio::spawn(append_when_asked(wal.clone(), self.appends)),
+            tokio::spawn(load_when_asked(wal.clone(), self.loads)),
+        ]
+    }
 }
 mod delivery;
 pub mod events;
@@ -60,7 +102,7 @@ use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
 use crate::hub::loads::Loaded;
 use crate::hub::retained::RetainedMessages;
-use crate::limits::{LOAD_REQUESTS_MAX, RECLAIM_INTERVAL};
+use crate::limits::{LOAD_REQUESTS_MAX, OWN_APPENDS_MAX, RECLAIM_INTERVAL};
 use crate::routing::{Router, SubscriptionTable};
 use crate::session::Session;
 use spool_storage::{Liveness, Meta, Wal, WalReader};
@@ -179,10 +221,6 @@ impl Hub {
         // One report in flight at a time: a send into this never waits.
         let (progress_reports, progress_received) = mpsc::channel(1);
         let (loaded_sender, loaded_received) = mpsc::channel(LOAD_REQUESTS_MAX);
-        assert!(
-            loads.max_capacity() >= LOAD_REQUESTS_MAX,
-            "the loader's channel holds every load the hub asks for at once"
-        );
         let mut hub = Hub {
             wal,
             own_appends: VecDeque::new(),

@@ -15,45 +15,22 @@ import re
 import shutil
 import subprocess
 import tempfile
+import sys
 import threading
 import unittest
 
 import paho.mqtt.client as mqtt
+
+# `spool serve` as the other interop tests run it (tests/interop/test_interop.py).
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from test_interop import SPOOL_BIN, Spool  # noqa: E402
 from azure.iot.device import IoTHubModuleClient as ModuleClient, Message
 from azure.iot.device.exceptions import CredentialError
-
-SPOOL_BIN = os.environ.get("SPOOL_BIN", "target/debug/spool")
 
 
 def spool_identity(data_dir, *args):
     return subprocess.run([SPOOL_BIN, "identity", *args, "--data-dir", data_dir],
                           capture_output=True, text=True, check=True).stdout
-
-
-class Spool:
-    """`spool serve` with MQTTS on 8883 (where the SDK connects) and plain MQTT on a free port."""
-
-    def __init__(self, data_dir):
-        self.process = subprocess.Popen(
-            [SPOOL_BIN, "serve", "--data-dir", data_dir,
-             "--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", "127.0.0.1:8883"],
-            stdout=subprocess.PIPE, env={**os.environ, "SPOOL_LOG": "warn"}, text=True)
-        self.port = None
-        for line in self.process.stdout:
-            if m := re.match(r"spool: MQTT listening on .*:(\d+)$", line.strip()):
-                self.port = int(m.group(1))
-            elif line.startswith("spool: data in"):
-                break
-        assert self.port, "spool did not start"
-        self.drain = threading.Thread(target=lambda: [None for _ in self.process.stdout],
-                                      daemon=True)
-        self.drain.start()
-
-    def kill(self):
-        self.process.kill()
-        self.process.wait()
-        self.drain.join(timeout=5)
-        self.process.stdout.close()
 
 
 class Watcher:
@@ -85,7 +62,7 @@ class ModuleSdk(unittest.TestCase):
         self.connection_string = re.search(r"connection string: (\S+)", added).group(1)
         env = spool_identity(self.dir, "env", "edge/sender")
         self.env = dict(line.split("=", 1) for line in env.strip().splitlines())
-        self.spool = Spool(self.dir)
+        self.spool = Spool(self.dir, tls_bind="127.0.0.1:8883")
         self.watcher = Watcher(self.spool.port, "devices/edge/modules/sender/#")
 
     def tearDown(self):
