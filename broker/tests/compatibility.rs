@@ -1,6 +1,8 @@
-//! Data written by an earlier release still opens and delivers: `fixtures/log-v2` is a data
+//! Data written by an earlier release still opens and delivers. `fixtures/log-v2` is a data
 //! directory written by spool at the start of issue 10 (publish records of version 2, its
-//! metadata store, a clean stop): a persistent session "fixture-sub" subscribed to
+//! metadata store, a clean stop); `fixtures/log-v3` the same, written by the release before
+//! endpoint queues (version 3, whose targets name queues; its segment cut 64 bytes after its
+//! last record, for size). In both, a persistent session "fixture-sub" subscribed to
 //! `fixture/#` at QoS 2 and went offline; then "one" (QoS 1, `fixture/a`), "two" (QoS 2,
 //! `fixture/b`), "three" (QoS 1, retained, `fixture/c`) and "four" (MQTT 5, QoS 1, a user
 //! property and an expiry about 126 years off, `fixture/d`) were published, made with
@@ -27,11 +29,22 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 #[tokio::test]
-async fn a_log_written_by_the_previous_release_opens_and_delivers() {
-    // Goal: today's spool opens that directory, rebuilds the session's queue from the old
-    // records and delivers every message in order at its QoS, and keeps the retained one.
+async fn a_log_of_version_2_opens_and_delivers() {
+    opens_and_delivers("log-v2").await;
+}
+
+#[tokio::test]
+async fn a_log_of_version_3_opens_and_delivers() {
+    opens_and_delivers("log-v3").await;
+}
+
+/// Goal: today's spool opens the fixture's directory, rebuilds the session's queue from the
+/// old records and delivers every message in order at its QoS, and keeps the retained one.
+async fn opens_and_delivers(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/log-v2");
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
     copy_dir(&fixture, dir.path());
     let spool = Spool::start(dir.path(), &["--max-packet-size", "65536"]);
     let mut queued = connect(options(spool.addr, "fixture-sub", false));
