@@ -111,6 +111,13 @@ settings! {
     /// A TOML or JSON file of devices and modules added to (or replaced in) the identity
     /// registry at start; `spool identity` manages the registry too.
     identities: PathBuf = "", env "SPOOL_IDENTITIES";
+    /// A deployment manifest (JSON: a whole deployment, the $edgeHub twin or its desired
+    /// properties, schema 1.0 to 1.3) whose routes send devices' and modules' telemetry to
+    /// module inputs and $upstream; none: telemetry reaches MQTT subscribers only.
+    deployment: PathBuf = "", env "SPOOL_DEPLOYMENT";
+    /// The edge device's id: routes deliver to the inputs of its modules. By default, the
+    /// device of the registry's modules, when they all have one.
+    device_id: String = "", env "SPOOL_DEVICE_ID";
     /// The most concurrent client connections.
     max_connections: u32 = "10000", env "SPOOL_MAX_CONNECTIONS";
     /// The largest MQTT packet accepted, in bytes.
@@ -125,6 +132,12 @@ settings! {
     /// Bytes of messages a session keeps; beyond it the oldest are dropped and counted
     /// (queue_full); 0: no limit but the log's quota.
     session_queue_max_bytes: u64 = "0", env "SPOOL_SESSION_QUEUE_MAX_BYTES";
+    /// Messages a route endpoint (a module input or $upstream, at one priority) keeps; beyond
+    /// it the oldest are dropped and counted (queue_full); 0: no limit but the messages' time
+    /// to live and the log's quota, as in edgeHub.
+    endpoint_queue_max: usize = "0", env "SPOOL_ENDPOINT_QUEUE_MAX";
+    /// Bytes of messages a route endpoint keeps, as --endpoint-queue-max; 0: no limit.
+    endpoint_queue_max_bytes: u64 = "0", env "SPOOL_ENDPOINT_QUEUE_MAX_BYTES";
     /// The most bytes the write-ahead log may use; at the quota publishers are held back,
     /// nothing is dropped.
     wal_quota_bytes: u64 = "10737418240", env "SPOOL_WAL_QUOTA_BYTES";

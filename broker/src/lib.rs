@@ -6,7 +6,9 @@
 //! - [`ingest`]: the protocol-neutral publish path: routing, log append, durability.
 //! - [`hub`]: the single owner of sessions, subscriptions and delivery; synchronous handlers.
 //! - [`session`]: one client's session state, without sockets.
-//! - [`routing`]: topic validation and matching, the subscription table.
+//! - [`routing`]: topic validation and matching, the subscription table, edgeHub's routes and
+//!   the endpoints they deliver to.
+//! - [`deployment`]: a deployment manifest's routes put in force.
 //! - [`delivery`]: the WAL record of a publish (naming queues), queues as endpoints, the
 //!   message cache.
 //! - [`auth`]: identities, SAS tokens, who a CONNECT is; `spool identity`.
@@ -19,6 +21,7 @@ pub mod auth;
 pub mod clock;
 pub mod config;
 pub mod delivery;
+pub mod deployment;
 pub mod encoding;
 pub mod hub;
 pub mod ingest;

@@ -34,6 +34,10 @@ pub struct MessageProperties {
     pub response_topic: Option<String>,
     pub correlation_data: Option<Bytes>,
     pub user: Vec<(String, String)>,
+    /// The IoT Hub identity (`device[/module]`) whose telemetry this is, as it authenticated:
+    /// set by the publish path, never taken from the client. Routes deliver it to module
+    /// inputs as `$.cdid`/`$.cmid`, and the upstream link sends it as that identity.
+    pub sender: Option<String>,
 }
 
 /// An application message.
@@ -56,6 +60,7 @@ impl Message {
             + properties.content_type.as_ref().map_or(0, String::len)
             + properties.response_topic.as_ref().map_or(0, String::len)
             + properties.correlation_data.as_ref().map_or(0, Bytes::len)
+            + properties.sender.as_ref().map_or(0, String::len)
             + properties
                 .user
                 .iter()

@@ -6,6 +6,7 @@ use crate::auth::registry::IdentityRegistry;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
+use crate::deployment;
 use crate::hub::events::Event;
 use crate::hub::{Hub, HubHelpers, HubLimits, MetaWriter};
 use crate::ingest::Ingest;
@@ -88,6 +89,13 @@ pub fn hub_limits(config: &Config) -> HubLimits {
             entries_max: config.settings.session_queue_max,
             bytes_max: config.settings.session_queue_max_bytes,
         },
+        endpoint_queue: QueueLimits {
+            entries_max: match config.settings.endpoint_queue_max {
+                0 => usize::MAX,
+                max => max,
+            },
+            bytes_max: config.settings.endpoint_queue_max_bytes,
+        },
         session_expiry_v311: config.session_expiry_v311,
         message_cache_bytes: MESSAGE_CACHE_BYTES_MAX,
     }
@@ -143,9 +151,8 @@ pub fn open_storage(
     Ok((meta, wal))
 }
 
-/// The identity registry, with the identities file's added (`--identities`), and who may
-/// connect by it.
-fn authenticator(config: &Config, meta: &Meta) -> anyhow::Result<Authenticator> {
+/// The identity registry, with the identities file's added (`--identities`).
+fn registry(config: &Config, meta: &Meta) -> anyhow::Result<IdentityRegistry> {
     let mut registry = IdentityRegistry::load(meta).context("load the identity registry")?;
     let file = &config.settings.identities;
     if !file.as_os_str().is_empty() {
@@ -156,9 +163,28 @@ fn authenticator(config: &Config, meta: &Meta) -> anyhow::Result<Authenticator> 
         tracing::info!(count, file = %file.display(), "stored the identities of the file");
     }
     tracing::info!(identities = registry.len(), "identity registry loaded");
+    Ok(registry)
+}
+
+/// Who may connect, by the identity registry, and where their telemetry goes, by the
+/// deployment's routes (installed in `router`).
+fn admit_and_route(
+    config: &Config,
+    meta: &Meta,
+    wal: &Wal,
+    router: &Router,
+) -> anyhow::Result<Authenticator> {
+    let registry = registry(config, meta)?;
+    let settings = &config.settings;
+    if !settings.deployment.as_os_str().is_empty() {
+        let (epoch, through) = (wal.epoch(), wal.durable_seq());
+        let device = &settings.device_id;
+        let manifest = &settings.deployment;
+        deployment::apply(manifest, device, &registry, meta, epoch, through, router)?;
+    }
     let hosts = vec![
-        config.settings.iothub_hostname.clone(),
-        config.settings.gateway_hostname.clone(),
+        settings.iothub_hostname.clone(),
+        settings.gateway_hostname.clone(),
     ];
     Ok(Authenticator::new(registry, hosts))
 }
@@ -206,8 +232,8 @@ impl Server {
     /// As [`Server::start`].
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
         let (meta, wal) = open_storage(config, fs, WriterMode::Thread)?;
-        let authenticator = authenticator(config, &meta)?;
         let router = Arc::new(Router::default());
+        let authenticator = admit_and_route(config, &meta, &wal, &router)?;
         let shutdown = CancellationToken::new();
         // One clock for the hub and the publish path: message expiry is stamped and read on it.
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);

@@ -46,6 +46,10 @@ impl TestHub {
                 entries_max: 1000,
                 bytes_max: 0,
             },
+            endpoint_queue: QueueLimits {
+                entries_max: 1000,
+                bytes_max: 0,
+            },
             session_expiry_v311: HOUR,
             message_cache_bytes: 1 << 20,
         };
@@ -100,7 +104,7 @@ impl TestHub {
             receive_max: 16,
             outbound,
             released: CancellationToken::new(),
-            subscription_policy: None,
+            identity: None,
             reply,
         };
         self.send(Event::Connect(request)).await;
@@ -145,6 +149,7 @@ impl TestHub {
     async fn publish(&self, publisher: &ConnectOutcome, connection: u64, message: Message) {
         let released = CancellationToken::new();
         let from = Publisher {
+            identity: None,
             session: publisher.session,
             connection,
             receipts: &publisher.receipts,

@@ -410,7 +410,7 @@ impl Simulation {
             receive_max: RECEIVE_MAX,
             outbound,
             released: released.clone(),
-            subscription_policy: None,
+            identity: None,
             reply,
         }));
         self.trace(format!("connect {client_id} as {id}"));
@@ -583,6 +583,7 @@ impl Simulation {
         }
         let session = connection.session.as_ref().unwrap();
         let from = Publisher {
+            identity: None,
             session: session.session,
             connection: connection.id,
             receipts: &session.receipts,

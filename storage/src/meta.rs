@@ -35,6 +35,10 @@ const QOS2_RECEIPTS: TableDefinition<&str, &[u8]> = TableDefinition::new("qos2_r
 /// (opaque to storage).
 const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identities");
 
+/// endpoint (a module input or `$upstream`, at a priority) -> its queue's number (opaque to
+/// storage).
+const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+
 /// The tables of keyed state, opaque to storage, that the broker commits together with the
 /// checkpoint saying how far in the log they are complete.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -45,6 +49,8 @@ pub enum StateTable {
     Qos2Receipts,
     /// device or module -> its credentials and status.
     Identities,
+    /// endpoint -> its queue's number.
+    Endpoints,
 }
 
 impl StateTable {
@@ -53,6 +59,7 @@ impl StateTable {
             StateTable::Retained => RETAINED,
             StateTable::Qos2Receipts => QOS2_RECEIPTS,
             StateTable::Identities => IDENTITIES,
+            StateTable::Endpoints => ENDPOINTS,
         }
     }
 
@@ -61,6 +68,7 @@ impl StateTable {
             StateTable::Retained => "retained messages",
             StateTable::Qos2Receipts => "QoS 2 receipts",
             StateTable::Identities => "identities",
+            StateTable::Endpoints => "endpoints",
         }
     }
 }

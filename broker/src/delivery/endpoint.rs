@@ -1,9 +1,11 @@
 //! [`Queue`]: a delivery queue as an endpoint. It exists, fills, is checkpointed and is rebuilt
 //! after a restart on its own, whether or not a consumer is attached; publish records name it
-//! (`QueueId`), not a connection. Today every queue is an MQTT session's, consumed by the
-//! session's connection while it has one; module inputs and `$upstream` come next, and several
-//! consumers sharing one queue by key attach here (see `reference/ordered-replicas.md`): the
-//! queue keeps order and the log positions, consumers only windows.
+//! (`QueueId`), not a connection. An MQTT session's queue is consumed by the session's
+//! connection while it has one; a route endpoint's (a module input, `$upstream`) by the
+//! session that subscribed to it (`Queue::consumer`). Several consumers sharing one queue by
+//! key attach here (see `reference/ordered-replicas.md` §10): `consumer` becomes the set of
+//! consumers with the keys each holds, while the queue keeps order and the log positions, and
+//! consumers only windows.
 
 use crate::delivery::drop_worth_logging;
 use crate::delivery::queue::{DeliveryQueue, Pushed, QueueEntry, QueueLimits};
@@ -22,6 +24,9 @@ pub struct Queue {
     pub replay_floor: u64,
     /// The checkpoint last committed durably: everything up to it was acknowledged.
     pub checkpoint: u64,
+    /// The session whose connection takes a route endpoint's messages, while one does (an MQTT
+    /// session's own queue has its session, and no consumer here).
+    pub consumer: Option<u64>,
 }
 
 impl Queue {
@@ -34,6 +39,7 @@ impl Queue {
             entries: DeliveryQueue::new(limits),
             replay_floor,
             checkpoint: replay_floor,
+            consumer: None,
         }
     }
 
@@ -93,6 +99,7 @@ impl Queue {
 pub fn checkpoint_key(id: QueueId) -> String {
     match id {
         QueueId::Session(session) => format!("session/{session}"),
+        QueueId::Endpoint(number) => format!("endpoint/{number}"),
     }
 }
 

@@ -9,16 +9,17 @@
 //! message: replaying it after a restart resends the PUBREL instead of the message.
 //!
 //! ```text
-//! publish: version u8 (3) | flags u8 (qos:2 | retain:1 | utf8:1 | retained_copy:1) | publisher u64
+//! publish: version u8 (4) | flags u8 (qos:2 | retain:1 | utf8:1 | retained_copy:1) | publisher u64
 //! qos2_packet_id u16 (0 = none; absent in version 1)
 //! topic str16 | payload bytes32 | expires_at_ms u64 (0 = never)
 //! content_type opt-str16 | response_topic opt-str16 | correlation opt-bytes16
 //! user_properties u16 count of (str16, str16)
-//! targets u32 count of (queue kind u8 (0 = MQTT session) | queue u64
+//! targets u32 count of (queue kind u8 (0 = MQTT session, 1 = endpoint) | queue u64
 //!                       | options u8 (qos:2 | retain_as_published:1)
 //!                       | deadline_ms u64 (0 = the message's expiry)
 //!                       | subscription_ids u16 count of u32)
 //!          (versions 1 and 2: session u64 | options u8 | subscription_ids, no deadline)
+//! sender opt-str16 (the IoT Hub identity; absent before version 4)
 //! release: version u8 (1) | session u64 | packet_id u16
 //! received: version u8 (1) | session u64 | seq u64
 //! ```
@@ -36,20 +37,22 @@ pub const KIND_PUBLISH: u8 = 1;
 pub const KIND_QOS2_RELEASE: u8 = 2;
 pub const KIND_QOS2_RECEIVED: u8 = 3;
 
-const VERSION: u8 = 3;
+const VERSION: u8 = 4;
 const RELEASE_VERSION: u8 = 1;
 const RECEIVED_VERSION: u8 = 1;
 
 /// A delivery queue, as records name it: a queue exists, fills and is replayed on its own, with
 /// zero, one or more consumers. Queue numbers are never reused (an MQTT session's is its id).
 ///
-/// Later kinds go here: module inputs (`{device}/{module}/{input}` at a priority, numbered in
-/// the metadata store) and `$upstream`. Several consumers sharing one queue by key attach to
-/// the queue, not to a session (see `reference/ordered-replicas.md`).
+/// Several consumers sharing one queue by key attach to the queue, not to a session (see
+/// `reference/ordered-replicas.md`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum QueueId {
     /// The queue of an MQTT session, fed by its subscriptions.
     Session(u64),
+    /// An endpoint routes deliver to (a module input or `$upstream`, at a priority), fed by
+    /// the deployment's routes; numbered in the metadata store (`routing::endpoints`).
+    Endpoint(u64),
 }
 
 impl QueueId {
@@ -59,12 +62,17 @@ impl QueueId {
                 out.put_u8(0);
                 out.put_u64_le(id);
             }
+            QueueId::Endpoint(id) => {
+                out.put_u8(1);
+                out.put_u64_le(id);
+            }
         }
     }
 
     fn decode(bytes: &mut Bytes) -> Result<QueueId, RecordError> {
         match take_u8(bytes)? {
             0 => Ok(QueueId::Session(take_u64(bytes)?)),
+            1 => Ok(QueueId::Endpoint(take_u64(bytes)?)),
             kind => Err(RecordError::QueueKind(kind)),
         }
     }
@@ -150,6 +158,7 @@ impl PublishRecord {
                 out.put_u32_le(*id);
             }
         }
+        put_optional_str16(&mut out, properties.sender.as_deref());
         out.freeze()
     }
 
@@ -183,6 +192,10 @@ impl PublishRecord {
             user.push((take_str16(&mut bytes)?, take_str16(&mut bytes)?));
         }
         let targets = take_targets(&mut bytes, version)?;
+        let sender = match version {
+            1..=3 => None,
+            _ => take_optional_str16(&mut bytes)?,
+        };
         if !bytes.is_empty() {
             return Err(RecordError::Trailing(bytes.len()));
         }
@@ -198,6 +211,7 @@ impl PublishRecord {
                 response_topic,
                 correlation_data,
                 user,
+                sender,
             },
         };
         Ok(PublishRecord {
@@ -304,39 +318,51 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn arb_record() -> impl Strategy<Value = PublishRecord> {
-        let properties = (
+    fn arb_properties() -> impl Strategy<Value = MessageProperties> {
+        (
             any::<bool>(),
             proptest::option::of(1u64..),
             proptest::option::of("[a-z/]{0,10}"),
             proptest::option::of("[a-z/]{0,10}"),
             proptest::option::of(proptest::collection::vec(any::<u8>(), 0..10)),
             proptest::collection::vec(("\\PC{0,5}", "\\PC{0,5}"), 0..3),
+            proptest::option::of("[a-z/]{1,10}"),
         )
             .prop_map(
-                |(utf8, expires, content, response, correlation, user)| MessageProperties {
+                |(utf8, expires, content, response, correlation, user, sender)| MessageProperties {
                     payload_is_utf8: utf8,
                     expires_at_ms: expires,
                     content_type: content,
                     response_topic: response,
                     correlation_data: correlation.map(Bytes::from),
                     user,
+                    sender,
                 },
-            );
-        let target = (
-            any::<u64>(),
+            )
+    }
+
+    fn arb_target() -> impl Strategy<Value = Target> {
+        (
+            prop_oneof![
+                any::<u64>().prop_map(QueueId::Session),
+                any::<u64>().prop_map(QueueId::Endpoint)
+            ],
             0u8..3,
             any::<bool>(),
             proptest::collection::vec(any::<u32>(), 0..3),
             proptest::option::of(1u64..),
         )
-            .prop_map(|(session, qos, rap, ids, deadline)| Target {
-                queue: QueueId::Session(session),
+            .prop_map(|(queue, qos, rap, ids, deadline)| Target {
+                queue,
                 qos: QoS::from_u8(qos).unwrap(),
                 retain_as_published: rap,
                 subscription_ids: ids,
                 deadline_ms: deadline,
-            });
+            })
+    }
+
+    fn arb_record() -> impl Strategy<Value = PublishRecord> {
+        let (properties, target) = (arb_properties(), arb_target());
         (
             "[a-z/]{1,20}",
             proptest::collection::vec(any::<u8>(), 0..100),
@@ -377,21 +403,24 @@ mod tests {
             )
     }
 
-    /// A record as versions 1 and 2 wrote it.
+    /// A record as versions 1 and 2 wrote it (without a sender, and targets naming sessions).
     fn encode_old(record: &PublishRecord, version: u8) -> Bytes {
-        let without_targets = PublishRecord {
+        let mut without_targets = PublishRecord {
             targets: Vec::new(),
             ..record.clone()
         };
+        without_targets.message.properties.sender = None;
         let mut old = without_targets.encode().to_vec();
-        old.truncate(old.len() - 4); // the target count
+        old.truncate(old.len() - 4 - 1); // the target count and the absent sender
         old[0] = version;
         if version == 1 {
             old.drain(10..12); // the packet id after version, flags and publisher
         }
         old.extend_from_slice(&u32::try_from(record.targets.len()).unwrap().to_le_bytes());
         for target in &record.targets {
-            let QueueId::Session(session) = target.queue;
+            let QueueId::Session(session) = target.queue else {
+                panic!("versions 1 and 2 name sessions only");
+            };
             old.extend_from_slice(&session.to_le_bytes());
             old.push(target.qos as u8 | u8::from(target.retain_as_published) << 2);
             let ids = u16::try_from(target.subscription_ids.len()).unwrap();
@@ -432,14 +461,28 @@ mod tests {
         /// deadlines) still decode, their targets as session queues without deadlines.
         #[test]
         fn version_1_and_2_records_decode(mut record in arb_record(), version in 1u8..3) {
+            record.message.properties.sender = None;
             for target in &mut record.targets {
                 target.deadline_ms = None;
+                if let QueueId::Endpoint(id) = target.queue {
+                    target.queue = QueueId::Session(id);
+                }
             }
             if version == 1 {
                 record.qos2_packet_id = None;
             }
             let old = encode_old(&record, version);
             prop_assert_eq!(PublishRecord::decode(old).unwrap(), record);
+        }
+
+        /// Goal: records of version 3 (before the sender) still decode, without a sender.
+        #[test]
+        fn version_3_records_decode(mut record in arb_record()) {
+            record.message.properties.sender = None;
+            let mut old = record.encode().to_vec();
+            old.truncate(old.len() - 1); // the absent sender
+            old[0] = 3;
+            prop_assert_eq!(PublishRecord::decode(Bytes::from(old)).unwrap(), record);
         }
 
         #[test]

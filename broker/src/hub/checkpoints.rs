@@ -31,18 +31,19 @@ impl Hub {
             ..ProgressReport::default()
         };
         let mut changes = Vec::new();
-        // Only persistent sessions' queues are checkpointed: the others do not outlive spool.
+        // Route endpoints' queues and persistent sessions' are checkpointed: the others do not
+        // outlive spool.
         let persistent = self.sessions.values().filter(|s| s.is_persistent());
-        for session in persistent {
-            let Some(queue) = self.queues.get(&session.queue()) else {
+        let sessions = persistent.map(|s| (s.queue(), s.forgotten));
+        let endpoints = self.endpoints.keys().map(|&n| (QueueId::Endpoint(n), 0));
+        for (id, forgotten) in sessions.chain(endpoints) {
+            let Some(queue) = self.queues.get(&id) else {
                 continue;
             };
             let checkpoint = queue.checkpoint_due(read_through);
             if checkpoint > queue.checkpoint {
                 changes.push(checkpoint_change(queue.checkpoint_key(), checkpoint));
-                report
-                    .queues
-                    .push((session.id, session.forgotten, checkpoint));
+                report.queues.push((id, forgotten, checkpoint));
             }
         }
         if read_through > self.retained.checkpoint() || self.retained.has_uncommitted() {
@@ -108,9 +109,11 @@ impl Hub {
             sessions.get(&id).is_some_and(|s| s.forgotten == forgotten)
         };
         for (id, forgotten, checkpoint) in report.queues {
-            if current(&self.sessions, id, forgotten)
-                && let Some(queue) = self.queues.get_mut(&QueueId::Session(id))
-            {
+            let current = match id {
+                QueueId::Session(session) => current(&self.sessions, session, forgotten),
+                QueueId::Endpoint(_) => true, // never removed
+            };
+            if current && let Some(queue) = self.queues.get_mut(&id) {
                 queue.checkpoint = queue.checkpoint.max(checkpoint);
             }
         }
@@ -248,8 +251,8 @@ pub(super) struct ProgressReport {
     committed: bool,
     read_through: u64,
     receipts_through: u64,
-    /// Sessions (with how often they were forgotten then) and their queues' checkpoints.
-    queues: Vec<(u64, u64, u64)>,
+    /// Queues (a session's with how often it was forgotten then) and their checkpoints.
+    queues: Vec<(QueueId, u64, u64)>,
     /// The retained-message changes committed (given back if the commit failed).
     retained: BTreeMap<String, Option<Arc<Message>>>,
     /// Sessions (with how often they were forgotten then) and the receipts stored for them.

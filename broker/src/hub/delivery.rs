@@ -1,27 +1,39 @@
-//! Delivery: durable records from the log into session queues, and from queues to connections
-//! within their windows; acknowledgements from clients (PUBACK, PUBREC, PUBCOMP).
+//! Delivery: durable records from the log into queues (sessions' and route endpoints'), and
+//! from queues to connections within their windows; acknowledgements from clients (PUBACK,
+//! PUBREC, PUBCOMP).
 
 use super::appends::{Metering, OwnAppend};
 use super::{Hub, loads};
+use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
 };
 use crate::hub::events::{Delivery, Outbound};
+use crate::iothub;
 use crate::message::{Message, QoS};
-use crate::session::SessionState;
+use crate::routing::endpoints::EndpointTarget;
 use bytes::Bytes;
 use spool_storage::Record;
+use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc::error::TrySendError;
 
 impl Hub {
+    /// PUBACK or PUBCOMP: whichever of the session's queues sent that packet id (they share
+    /// the ids) takes its message off.
     pub(super) fn acknowledge(&mut self, id: u64, packet_id: u16) {
-        let Some(queue) = self.queues.get_mut(&QueueId::Session(id)) else {
+        let Some(session) = self.sessions.get(&id) else {
             return;
         };
-        if !queue.entries.acknowledge(packet_id) {
-            tracing::debug!(queue = %queue.name, packet_id, "acknowledgement for no message in flight");
+        let found = session.sources().any(|(queue, _)| {
+            self.queues
+                .get_mut(&queue)
+                .is_some_and(|q| q.entries.acknowledge(packet_id))
+        });
+        if !found {
+            let client_id = &session.client_id;
+            tracing::debug!(%client_id, packet_id, "acknowledgement for no message in flight");
         }
         self.pump(id);
     }
@@ -162,65 +174,35 @@ impl Hub {
                 )
             };
             queue.enqueue(entry);
-            let QueueId::Session(consumer) = target.queue;
-            self.pump(consumer);
+            let consumer = match target.queue {
+                QueueId::Session(session) => Some(session),
+                QueueId::Endpoint(_) => queue.consumer,
+            };
+            if let Some(consumer) = consumer {
+                self.pump(consumer);
+            }
         }
     }
 
-    /// Sends the PUBRELs due, then what the session's window allows. The connection's channel
-    /// always keeps a slot per in-flight message, so a PUBREL never waits behind QoS 0
-    /// messages for an acknowledgement that cannot come before it.
+    /// Sends the PUBRELs due, then what the session's window allows, from its own queue and
+    /// the endpoints it consumes (`Session::sources`), which share the window and the packet
+    /// ids. The connection's channel always keeps a slot per in-flight message, so a PUBREL
+    /// never waits behind QoS 0 messages for an acknowledgement that cannot come before it.
     pub(super) fn pump(&mut self, id: u64) {
-        let queue_id = QueueId::Session(id);
         loop {
-            let (Some(session), Some(queue)) =
-                (self.sessions.get_mut(&id), self.queues.get_mut(&queue_id))
-            else {
-                return;
+            match self.send_release_due(id) {
+                Step::Again => continue,
+                Step::Stop => return,
+                Step::Go => {}
+            }
+            let (queue_id, entry) = match self.next_to_send(id) {
+                Ok(next) => next,
+                Err(Step::Again) => continue,
+                Err(_) => return,
             };
-            let entries = &mut queue.entries;
-            let SessionState::Connected(attachment) = &session.state else {
-                return;
-            };
-            let window = attachment.window;
-            if let Some(packet_id) = entries.take_release() {
-                match attachment.outbound.try_send(Outbound::Release(packet_id)) {
-                    Ok(()) => continue,
-                    Err(TrySendError::Full(_)) if attachment.outbound.ask_for_room(1) => {
-                        entries.release_unsent(packet_id);
-                        continue;
-                    }
-                    Err(_) => {
-                        entries.release_unsent(packet_id);
-                        return; // sent when the connection makes room (Event::Drained)
-                    }
-                }
-            }
-            let reserved = entries.in_flight_len();
-            if attachment.outbound.capacity() <= reserved {
-                if attachment.outbound.ask_for_room(reserved + 1) {
-                    continue;
-                }
-                return;
-            }
-            let Some(mut entry) = entries.next_to_send(window) else {
-                return;
-            };
-            if loads::to_read(&self.cache, &self.unreadable, &entry) {
-                entries.unsend(entry); // the queue goes on once it is read
-                self.ask_for_loads(id, window);
-                return;
-            }
-            if entry.qos != QoS::AtMostOnce && entry.packet_id.is_none() {
-                let Some(packet_id) = session.packet_id_for(&entry, entries) else {
-                    entries.unsend(entry); // its id is in flight: wait for that ack
-                    return;
-                };
-                entry.packet_id = Some(packet_id);
-            }
             let outbound = match (entry.released, entry.packet_id) {
                 (true, Some(packet_id)) => Outbound::Release(packet_id),
-                _ => match self.delivery(id, &entry) {
+                _ => match self.delivery(queue_id, &entry) {
                     Some(delivery) => Outbound::Publish(delivery),
                     None => continue, // expired or unreadable: counted and logged, and skipped
                 },
@@ -244,21 +226,115 @@ impl Hub {
         }
     }
 
-    /// The PUBLISH for a queue entry, or `None` if its message expired or cannot be read.
-    pub(super) fn delivery(&mut self, id: u64, entry: &QueueEntry) -> Option<Delivery> {
+    /// Sends the next PUBREL due on session `id`'s own queue (QoS 2 goes there only:
+    /// endpoints deliver at QoS 1), if one is due and the session is connected.
+    fn send_release_due(&mut self, id: u64) -> Step {
+        let Some(session) = self.sessions.get(&id) else {
+            return Step::Stop;
+        };
+        let Some(attachment) = session.attachment() else {
+            return Step::Stop;
+        };
+        let Some(queue) = self.queues.get_mut(&session.queue()) else {
+            return Step::Go;
+        };
+        let Some(packet_id) = queue.entries.take_release() else {
+            return Step::Go;
+        };
+        match attachment.outbound.try_send(Outbound::Release(packet_id)) {
+            Ok(()) => Step::Again,
+            Err(TrySendError::Full(_)) if attachment.outbound.ask_for_room(1) => {
+                queue.entries.release_unsent(packet_id);
+                Step::Again
+            }
+            Err(_) => {
+                queue.entries.release_unsent(packet_id);
+                Step::Stop // sent when the connection makes room (Event::Drained)
+            }
+        }
+    }
+
+    /// The next entry session `id` sends, with the queue it comes from, its QoS capped by the
+    /// subscription and its packet id given, if the window and the connection's channel have
+    /// room, its message is cached (else a load is asked for) and its packet id is free.
+    fn next_to_send(&mut self, id: u64) -> Result<(QueueId, QueueEntry), Step> {
+        let session = self.sessions.get_mut(&id).ok_or(Step::Stop)?;
+        let attachment = session.attachment().ok_or(Step::Stop)?;
+        let window = attachment.window;
+        let reserved: usize = session
+            .sources()
+            .filter_map(|(queue, _)| self.queues.get(&queue))
+            .map(|queue| queue.entries.in_flight_len())
+            .sum();
+        if attachment.outbound.capacity() <= reserved {
+            return Err(match attachment.outbound.ask_for_room(reserved + 1) {
+                true => Step::Again,
+                false => Step::Stop,
+            });
+        }
+        if reserved >= window {
+            return Err(Step::Stop);
+        }
+        let (queue_id, qos_max, mut entry) = session
+            .sources()
+            .find_map(|(queue, qos)| {
+                let entry = self
+                    .queues
+                    .get_mut(&queue)?
+                    .entries
+                    .next_to_send(usize::MAX)?;
+                Some((queue, qos, entry))
+            })
+            .ok_or(Step::Stop)?;
+        let queues = &mut self.queues;
+        let unsend = |queues: &mut HashMap<QueueId, Queue>, entry| {
+            if let Some(queue) = queues.get_mut(&queue_id) {
+                queue.entries.unsend(entry);
+            }
+        };
+        if loads::to_read(&self.cache, &self.unreadable, &entry) {
+            unsend(queues, entry); // the queue goes on once it is read
+            self.ask_for_loads(id, queue_id, window);
+            return Err(Step::Stop);
+        }
+        if entry.packet_id.is_none() {
+            entry.qos = entry.qos.min(qos_max);
+        }
+        if entry.qos != QoS::AtMostOnce && entry.packet_id.is_none() {
+            let Some(packet_id) = session.packet_id_for(&entry, queues) else {
+                unsend(queues, entry); // its id is in flight: wait for that ack
+                return Err(Step::Stop);
+            };
+            entry.packet_id = Some(packet_id);
+        }
+        session.took_turn(queue_id);
+        Ok((queue_id, entry))
+    }
+
+    /// The PUBLISH for an entry of `queue`, or `None` if its message expired or cannot be
+    /// read. A module input's message goes on the input's topic (`iothub::input_topic`).
+    pub(super) fn delivery(&mut self, queue: QueueId, entry: &QueueEntry) -> Option<Delivery> {
         let now_ms = self.clock.unix_ms();
         // The deadline is the entry's: no message is read back to find it expired.
-        if self
-            .queues
-            .get_mut(&QueueId::Session(id))?
-            .expired(entry, now_ms)
-        {
+        if self.queues.get_mut(&queue)?.expired(entry, now_ms) {
             return None;
         }
-        let message = match &entry.retained {
+        let mut message = match &entry.retained {
             Some(message) => Arc::clone(message),
             None => self.message(entry.seq)?,
         };
+        if let QueueId::Endpoint(number) = queue
+            && let Some(EndpointTarget::ModuleInput {
+                device,
+                module,
+                input,
+            }) = self.endpoints.get(&number).map(|e| &e.target)
+        {
+            message = Arc::new(Message {
+                topic: iothub::input_topic(device, module, input, &message),
+                ..Message::clone(&message)
+            });
+        }
         Some(Delivery {
             packet_id: entry.packet_id,
             qos: entry.qos,
@@ -276,6 +352,16 @@ impl Hub {
         debug_assert!(message.is_some() || self.unreadable.contains(&seq));
         message
     }
+}
+
+/// What `pump` does after a step.
+enum Step {
+    /// Try again: something was sent, or room was made meanwhile.
+    Again,
+    /// Wait for an acknowledgement, room in the channel or a load.
+    Stop,
+    /// Go on to the next kind of thing to send.
+    Go,
 }
 
 /// The earlier of two optional deadlines.

@@ -1,6 +1,7 @@
 //! The messages between connections and the hub: [`Event`] (connection to hub, over one bounded
 //! channel) and [`Outbound`] (hub to one connection, over its bounded channel, by `try_send`).
 
+use crate::auth::identity::IdentityId;
 use crate::message::{Message, QoS, Will};
 use crate::routing::SubscriptionOptions;
 use crate::session::receipts::SharedReceipts;
@@ -80,21 +81,11 @@ pub struct ConnectRequest {
     /// Cancelled when the hub lets go of this connection (its session was taken over or
     /// removed), so a connection waiting for something else (room in the log) stops waiting.
     pub released: CancellationToken,
-    /// The filters the client may hold, if it is restricted (an IoT Hub identity keeps to its
-    /// own topics): a resumed session loses the others, which it may have been given before
-    /// the client was an identity.
-    pub subscription_policy: Option<SubscriptionPolicy>,
+    /// The IoT Hub identity the client proved, if any. An identity keeps to its own topics:
+    /// a resumed session loses the subscriptions it may not hold (given before the client was
+    /// an identity). A module's session takes the messages routes send to its inputs.
+    pub identity: Option<IdentityId>,
     pub reply: oneshot::Sender<Result<ConnectOutcome, ConnectRefusal>>,
-}
-
-/// Which subscription filters a client may hold.
-#[derive(Clone)]
-pub struct SubscriptionPolicy(pub Arc<dyn Fn(&str) -> bool + Send + Sync>);
-
-impl std::fmt::Debug for SubscriptionPolicy {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("SubscriptionPolicy")
-    }
 }
 
 /// The hub's answer to a CONNECT.

@@ -55,14 +55,14 @@ pub(super) fn to_read(
 }
 
 impl Hub {
-    /// Asks the loader for the next messages of `session`'s queue that must be read back, as
-    /// many as its window holds; the session goes on once a load comes back. A session that
+    /// Asks the loader for the next messages of `queue` that must be read back, as many as
+    /// `session`'s window holds; the session goes on once a load comes back. A session that
     /// waits already does not ask again.
-    pub(super) fn ask_for_loads(&mut self, session: u64, window: usize) {
+    pub(super) fn ask_for_loads(&mut self, session: u64, queue: QueueId, window: usize) {
         if !self.waiting_for_loads.insert(session) {
             return;
         }
-        let Some(queue) = self.queues.get(&QueueId::Session(session)) else {
+        let Some(queue) = self.queues.get(&queue) else {
             return;
         };
         let seqs: Vec<u64> = queue

@@ -14,6 +14,8 @@
 //! - `subscriptions`: SUBSCRIBE/UNSUBSCRIBE, the routing snapshot, retained messages sent to new
 //!   subscriptions (the retained messages themselves are in `retained`);
 //! - `delivery`: durable records into queues, queues to connections, client acknowledgements;
+//! - `endpoints`: route endpoints' queues (module inputs, `$upstream`) and the sessions that
+//!   consume them;
 //! - `checkpoints`: committed progress, and the log's space reclaimed by liveness;
 //! - `loads`: messages no longer cached, read back for delivery off the hub's task;
 //! - `metadata`, `appends`: the metadata writer, and records the hub logs itself;
@@ -81,6 +83,7 @@ impl HelperRequests {
     }
 }
 mod delivery;
+mod endpoints;
 pub mod events;
 mod loads;
 mod metadata;
@@ -103,6 +106,7 @@ use crate::hub::events::Event;
 use crate::hub::loads::Loaded;
 use crate::hub::retained::RetainedMessages;
 use crate::limits::{LOAD_REQUESTS_MAX, OWN_APPENDS_MAX, RECLAIM_INTERVAL};
+use crate::routing::endpoints::{CatalogError, EndpointName};
 use crate::routing::{Router, SubscriptionTable};
 use crate::session::Session;
 use spool_storage::{Liveness, Meta, Wal, WalReader};
@@ -121,6 +125,8 @@ pub struct HubLimits {
     pub sessions_max: usize,
     /// What one session's queue keeps at most.
     pub session_queue: QueueLimits,
+    /// What one route endpoint's queue (a module input, `$upstream`) keeps at most.
+    pub endpoint_queue: QueueLimits,
     /// How long a persistent MQTT 3.1.1 session outlives its connection.
     pub session_expiry_v311: Duration,
     /// Bytes of recent messages kept in memory for delivery; older ones are read back.
@@ -137,6 +143,8 @@ pub enum StartError {
         client_id: String,
         source: FormatError,
     },
+    #[error(transparent)]
+    Endpoints(#[from] CatalogError),
     #[error("the stored retained message of topic {topic:?} is corrupt: {source}")]
     CorruptRetained { topic: String, source: FormatError },
     #[error("the stored QoS 2 receipts of client {client_id:?} are corrupt: {source}")]
@@ -170,6 +178,8 @@ pub struct Hub {
     sessions: HashMap<u64, Session>,
     /// Every delivery queue; a session's is `QueueId::Session(its id)`.
     queues: HashMap<QueueId, Queue>,
+    /// The route endpoints, by number (`QueueId::Endpoint`), as the metadata store names them.
+    endpoints: HashMap<u64, EndpointName>,
     session_by_client: HashMap<String, u64>,
     /// Session ids are the log's epoch in the high 32 bits and a counter in the low ones, so an
     /// id is never reused across restarts and old records can never reach a new session.
@@ -234,6 +244,7 @@ impl Hub {
             router,
             sessions: HashMap::new(),
             queues: HashMap::new(),
+            endpoints: HashMap::new(),
             session_by_client: HashMap::new(),
             next_session_id,
             cache: MessageCache::new(limits.message_cache_bytes),
@@ -250,7 +261,10 @@ impl Hub {
             limits,
             clock,
         };
-        let replay_from = hub.load_sessions(meta)?.min(hub.retained.replay_from());
+        let replay_from = hub
+            .load_sessions(meta)?
+            .min(hub.load_endpoints(meta)?)
+            .min(hub.retained.replay_from());
         hub.router.install(hub.subscriptions.clone());
         hub.restore_receipts(meta)?;
         // Records below the log's first segment that a queue still held were moved, not

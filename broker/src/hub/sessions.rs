@@ -2,11 +2,12 @@
 //! store keeps of a persistent session.
 
 use super::Hub;
+use super::endpoints::let_go;
 use super::metadata::{Completion, MetaWriter};
+use crate::auth::identity::IdentityId;
 use crate::delivery::endpoint::{Queue, checkpoint_key};
-use crate::hub::events::{
-    ConnectOutcome, ConnectRefusal, ConnectRequest, Outbound, Protocol, SubscriptionPolicy,
-};
+use crate::hub::events::{ConnectOutcome, ConnectRefusal, ConnectRequest, Outbound, Protocol};
+use crate::iothub;
 use crate::message::Will;
 use crate::session::receipts;
 use crate::session::{Attachment, Session};
@@ -47,11 +48,12 @@ impl Hub {
                 id
             }
         };
-        if let Some(policy) = &request.subscription_policy {
-            self.drop_subscriptions_not_allowed(id, policy);
+        if let Some(identity) = &request.identity {
+            self.drop_subscriptions_not_allowed(id, identity);
         }
         let session = self.sessions.get_mut(&id).expect("just ensured");
         session.expiry = expiry;
+        session.identity = request.identity;
         session.attach(Attachment {
             connection: request.connection,
             protocol: request.protocol,
@@ -78,19 +80,20 @@ impl Hub {
                 let _ = reply.send(Ok(outcome));
             })),
         );
+        self.attach_endpoints(id);
         self.pump(id);
     }
 
-    /// Removes the subscriptions of session `id` that `policy` does not allow (the connect
+    /// Removes the subscriptions of session `id` that `identity` may not hold (the connect
     /// that follows stores the session without them).
-    fn drop_subscriptions_not_allowed(&mut self, id: u64, policy: &SubscriptionPolicy) {
+    fn drop_subscriptions_not_allowed(&mut self, id: u64, identity: &IdentityId) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
         };
         let refused: Vec<String> = session
             .subscriptions
             .keys()
-            .filter(|filter| !(policy.0)(filter))
+            .filter(|filter| !iothub::topics::may_subscribe(identity, filter))
             .cloned()
             .collect();
         if refused.is_empty() {
@@ -109,23 +112,33 @@ impl Hub {
     /// it was taken over), and removes it for a clean start; returns it.
     fn take_over(&mut self, request: &ConnectRequest) -> Option<u64> {
         let id = self.session_by_client.get(&request.client_id).copied()?;
+        if let Some(old) = self.detach(id) {
+            tracing::info!(client_id = %request.client_id, "session taken over by a new connection");
+            let _ = old.outbound.try_send(Outbound::SessionTakenOver);
+        }
         let session = self
             .sessions
             .get_mut(&id)
             .expect("index and sessions agree");
-        if let Some(old) = session.detach(self.clock.now()) {
-            tracing::info!(client_id = %request.client_id, "session taken over by a new connection");
-            let _ = old.outbound.try_send(Outbound::SessionTakenOver);
-            if let Some(queue) = self.queues.get_mut(&session.queue()) {
-                queue.entries.requeue_in_flight();
-            }
-        }
         if request.clean_start {
             self.remove_session(id);
         } else if session.cancel_will().is_some() {
             tracing::debug!(client_id = %request.client_id, "session resumed within its will delay: will not published");
         }
         Some(id)
+    }
+
+    /// Detaches session `id` from its connection, if it has one, and returns it: what was in
+    /// flight goes back to the front of the session's queue and of the endpoints it consumed,
+    /// which it lets go.
+    fn detach(&mut self, id: u64) -> Option<Attachment> {
+        let session = self.sessions.get_mut(&id)?;
+        let attachment = session.detach(self.clock.now())?;
+        if let Some(queue) = self.queues.get_mut(&session.queue()) {
+            queue.entries.requeue_in_flight();
+        }
+        self.attach_endpoints(id);
+        Some(attachment)
     }
 
     /// Whether session `id` is attached to `connection` (and not to one that took it over).
@@ -143,19 +156,15 @@ impl Hub {
         will: Option<Box<Will>>,
         session_expiry_secs: Option<u32>,
     ) {
-        let attached = self.is_attached(id, connection);
-        let session = self.sessions.get_mut(&id).filter(|_| attached);
-        let Some(session) = session else {
+        if !self.is_attached(id, connection) {
             // A connection that was already taken over: only its will may still go.
             if let Some(will) = will {
                 self.will_due(id, false, will);
             }
             return;
-        };
-        session.detach(self.clock.now());
-        if let Some(queue) = self.queues.get_mut(&session.queue()) {
-            queue.entries.requeue_in_flight();
         }
+        self.detach(id);
+        let session = self.sessions.get_mut(&id).expect("attached above");
         if let Some(secs) = session_expiry_secs {
             session.expiry = Duration::from_secs(u64::from(secs));
         }
@@ -180,6 +189,9 @@ impl Hub {
         };
         self.session_by_client.remove(&session.client_id);
         self.queues.remove(&session.queue());
+        for consumed in &session.consumes {
+            let_go(&mut self.queues, consumed.queue);
+        }
         for filter in session.subscriptions.keys() {
             self.subscriptions.unsubscribe(id, filter);
         }

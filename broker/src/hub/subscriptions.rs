@@ -58,6 +58,7 @@ impl Hub {
         if routing_changed {
             self.router.install(self.subscriptions.clone());
         }
+        self.attach_endpoints(id);
         self.pump(id);
         let stored = move |result: spool_storage::Result<()>| {
             let outcomes = match result {
@@ -133,6 +134,7 @@ impl Hub {
             })
             .collect();
         self.router.install(self.subscriptions.clone());
+        self.attach_endpoints(id);
         let stored = move |result: spool_storage::Result<()>| {
             if let Err(e) = result {
                 tracing::error!(session = id, "failed to store subscriptions: {e}");

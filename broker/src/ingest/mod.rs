@@ -9,14 +9,19 @@
 //! names the packet id, and a release record frees it (see `session::receipts`), so neither a
 //! resend nor a restart can log it twice.
 
+use crate::auth::identity::IdentityId;
 use crate::clock::Clock;
-use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord};
+use crate::delivery::drop_worth_logging;
+use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord};
+use crate::iothub;
+use crate::iothub::message::IotMessage;
 use crate::message::{Message, QoS};
 use crate::routing::Router;
 use crate::session::receipts::{self, SharedReceipts};
 use bytes::Bytes;
 use spool_storage::{PendingAppend, Reservation, Wal};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
 
 /// The publish path, shared by every connection.
@@ -27,11 +32,16 @@ pub struct Ingest {
     shutdown: CancellationToken,
     /// The hub's clock: message expiry is stamped and read on it.
     clock: Arc<dyn Clock>,
+    /// Telemetry that no route and no subscription took (`no_route`), since start.
+    no_route: AtomicU64,
 }
 
 /// Who publishes, as the publish path needs to know them.
 #[derive(Debug, Clone, Copy)]
 pub struct Publisher<'a> {
+    /// The IoT Hub identity it proved, if any: its telemetry goes where the deployment's
+    /// routes say, stamped with it as the sender.
+    pub identity: Option<&'a IdentityId>,
     /// The publishing session: records name it, and routing honours its no-local
     /// subscriptions.
     pub session: u64,
@@ -132,6 +142,7 @@ impl Ingest {
             router,
             shutdown,
             clock,
+            no_route: AtomicU64::new(0),
         }
     }
 
@@ -157,11 +168,46 @@ impl Ingest {
     ) -> Result<Ingested, IngestError> {
         let qos = message.qos;
         let mut record = self.router.snapshot().record(message, publisher.session);
+        if let Some(identity) = publisher.identity {
+            self.route_telemetry(identity, &mut record);
+        }
         if qos == QoS::ExactlyOnce {
             record.qos2_packet_id = Some(packet_id);
         }
         self.append(publisher, KIND_PUBLISH, record.encode(), qos, packet_id)
             .await
+    }
+
+    /// An identity's telemetry: stamped with its sender, and sent where the deployment's
+    /// routes say (module inputs, `$upstream`), each with its route's time to live from now.
+    /// Telemetry that reaches no queue at all is dropped and counted (`no_route`), and still
+    /// acknowledged, as edgeHub does.
+    fn route_telemetry(&self, identity: &IdentityId, record: &mut PublishRecord) {
+        let message = &mut record.message;
+        let Some(telemetry) = iothub::topics::telemetry(&message.topic) else {
+            return; // not telemetry: a twin or method topic
+        };
+        let Ok(properties) = iothub::property_bag::decode(telemetry.bag) else {
+            return; // refused before it came here
+        };
+        let routed = IotMessage::new(identity.clone(), &properties, &message.payload);
+        message.properties.sender = Some(identity.to_string());
+        let routes = self.router.routes();
+        record
+            .targets
+            .extend(routes.targets(&routed, self.now_ms()));
+        if record.targets.is_empty() {
+            let dropped = self.no_route.fetch_add(1, Ordering::Relaxed) + 1;
+            if drop_worth_logging(dropped) {
+                let source = routed.source();
+                tracing::info!(
+                    %identity,
+                    source,
+                    dropped,
+                    "telemetry no route or subscription takes: dropped (no_route; `dropped` counts every such message since start)"
+                );
+            }
+        }
     }
 
     /// Logs the release (PUBREL) of a QoS 2 packet id; the completion (PUBCOMP) goes out once
@@ -315,7 +361,7 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::delivery::record::{PublishRecord, QueueId};
+    use crate::delivery::record::QueueId;
     use crate::message::MessageProperties;
     use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};
     use spool_storage::{FaultyFs, WalOptions};
@@ -365,6 +411,7 @@ mod tests {
         let (receipts, released) = (SharedReceipts::default(), CancellationToken::new());
         receipts::lock(&receipts).set_owner(1);
         let publisher = Publisher {
+            identity: None,
             session: 3,
             connection: 1,
             receipts: &receipts,
@@ -400,6 +447,7 @@ mod tests {
         let (ingest, _wal) = open(Some(128 << 10));
         let (receipts, released) = (SharedReceipts::default(), CancellationToken::new());
         let mut publisher = Publisher {
+            identity: None,
             session: 3,
             connection: 1,
             receipts: &receipts,

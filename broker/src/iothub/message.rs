@@ -2,8 +2,10 @@
 //! §3.1): its properties split into system properties (by edgeHub's names) and application
 //! properties, the sender stamped from the authenticated identity, and its route source.
 
-use super::property_bag::Properties;
+use super::property_bag::{self, Properties};
+use super::topics;
 use crate::auth::identity::IdentityId;
+use crate::message::Message;
 use crate::routing::routes::condition::MessageView;
 use std::collections::HashMap;
 
@@ -103,6 +105,45 @@ impl MessageView for IotMessage {
     }
 }
 
+/// System properties edgeHub does not pass on to a module input: the output it was sent to,
+/// the interface id, and the sender the bag claimed (the authenticated one is added).
+const NOT_FORWARDED: [&str; 4] = ["$.on", "$.ifid", "$.cdid", "$.cmid"];
+
+/// The topic a module input gets `telemetry` on (edgehub-contract.md §1.3, §1.4):
+/// `devices/{device}/modules/{module}/inputs/{input}/{bag}`, the bag with the application
+/// properties first, then the system properties that are passed on, then `$.cdid` and `$.cmid`
+/// of the sender as it authenticated. The bag is never empty (the C# SDK misreads a topic
+/// without one) and has no bare keys (the Python SDK fails on them).
+#[must_use]
+pub fn input_topic(device: &str, module: &str, input: &str, telemetry: &Message) -> String {
+    // The bag was checked when the message was published; one that no longer reads is empty.
+    let properties = topics::telemetry(&telemetry.topic)
+        .and_then(|t| property_bag::decode(t.bag).ok())
+        .unwrap_or_default();
+    let is_system =
+        |key: &str| SYSTEM_PROPERTIES.iter().any(|(wire, _)| *wire == key) || key.starts_with("$.");
+    let kept = properties
+        .iter()
+        .filter(|(key, _)| !NOT_FORWARDED.contains(&key.as_str()))
+        .map(|(key, value)| (key.as_str(), value.as_deref().unwrap_or_default()));
+    let (system, application): (Vec<_>, Vec<_>) = kept.partition(|(key, _)| is_system(key));
+    let sender = telemetry
+        .properties
+        .sender
+        .as_deref()
+        .and_then(|id| IdentityId::parse(id).ok());
+    let mut bag = application;
+    bag.extend(system);
+    if let Some(sender) = &sender {
+        bag.push(("$.cdid", &sender.device));
+        if let Some(module) = &sender.module {
+            bag.push(("$.cmid", module));
+        }
+    }
+    let bag = property_bag::encode(bag);
+    format!("devices/{device}/modules/{module}/inputs/{input}/{bag}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,6 +151,38 @@ mod tests {
 
     fn id(id: &str) -> IdentityId {
         IdentityId::parse(id).expect("id")
+    }
+
+    /// Goal: a module input gets the contract's worked example (§1.4): application properties
+    /// first, no `$.on`, and the authenticated sender, whatever the bag claimed.
+    #[test]
+    fn input_topics_carry_the_bag_as_edgehub_sends_it() {
+        let telemetry = Message {
+            topic: "devices/myEdge/modules/filter/messages/events/%24.on=alerts&%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&temp=31.5&%24.cdid=forged/".into(),
+            payload: bytes::Bytes::new(),
+            qos: crate::message::QoS::AtLeastOnce,
+            retain: false,
+            properties: crate::message::MessageProperties {
+                sender: Some("myEdge/filter".into()),
+                ..Default::default()
+            },
+        };
+        assert_eq!(
+            input_topic("myEdge", "sink", "in1", &telemetry),
+            "devices/myEdge/modules/sink/inputs/in1/temp=31.5&%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&%24.cdid=myEdge&%24.cmid=filter"
+        );
+        let bare = Message {
+            topic: "devices/leaf/messages/events/flag".into(),
+            properties: crate::message::MessageProperties {
+                sender: Some("leaf".into()),
+                ..Default::default()
+            },
+            ..telemetry
+        };
+        assert_eq!(
+            input_topic("myEdge", "sink", "in1", &bare),
+            "devices/myEdge/modules/sink/inputs/in1/flag=&%24.cdid=leaf"
+        );
     }
 
     /// Goal: the bag's properties are split as edgeHub splits them, the sender is stamped from

@@ -3,11 +3,14 @@
 //!
 //! - `topics`: the telemetry topic's parts, and which topics an identity may use.
 //! - `property_bag`: decoding and encoding property bags.
-//! - `message`: telemetry as routes see it (system and application properties, its source).
+//! - `message`: telemetry as routes see it (system and application properties, its source),
+//!   and as a module input gets it.
 
 pub mod message;
 pub mod property_bag;
 pub mod topics;
+
+pub use message::input_topic;
 
 use property_bag::Properties;
 

@@ -447,6 +447,7 @@ fn message_properties(
             .into_iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect(),
+        sender: None,
     }
 }
 

@@ -15,7 +15,7 @@ use crate::auth::sas::CLOCK_SKEW_SECS;
 use crate::delivery::drop_worth_logging;
 use crate::hub::events::{
     ConnectOutcome, ConnectRefusal, ConnectRequest, Delivery, Event, Outbound, OutboundReceiver,
-    Protocol, SubscribeRefusal, SubscriptionPolicy, outbound_channel,
+    Protocol, SubscribeRefusal, outbound_channel,
 };
 use crate::ingest::{Durable, Ingest, IngestError, Ingested, Publisher, WhenFull};
 use crate::iothub;
@@ -362,11 +362,7 @@ async fn register(
         session_expiry_secs: connect.session_expiry_secs,
         receive_max: window,
         outbound: outbound_tx,
-        subscription_policy: identity.cloned().map(|identity| {
-            SubscriptionPolicy(Arc::new(move |filter: &str| {
-                iothub::topics::may_subscribe(&identity, filter)
-            }))
-        }),
+        identity: identity.cloned(),
         reply,
     };
     let unavailable = |_| Reason::ServerUnavailable;
@@ -813,6 +809,7 @@ where
     /// This connection's client, as the publish path knows it.
     fn publisher(&self) -> Publisher<'_> {
         Publisher {
+            identity: self.identity.as_ref(),
             session: self.session,
             connection: self.connection_id,
             receipts: &self.receipts,

@@ -1,6 +1,8 @@
-//! Routing: which sessions a published topic goes to. For now MQTT subscriptions only; the
-//! edgeHub route language joins it with the IoT Edge layer.
+//! Routing: which queues a publish goes to. MQTT subscriptions send it to sessions
+//! (`subscriptions`, over a topic `trie`); a deployment's routes send a device's or module's
+//! telemetry to endpoints (`routes`, `endpoints`).
 
+pub mod endpoints;
 pub mod routes;
 pub mod subscriptions;
 pub mod topic;

@@ -7,6 +7,7 @@
 use crate::delivery::record::{PublishRecord, QueueId};
 use crate::limits::{TARGETS_BYTES_MAX, TARGETS_PER_MESSAGE_MAX};
 use crate::message::{Message, QoS};
+use crate::routing::endpoints::EndpointRoutes;
 use crate::routing::trie::FilterTrie;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -163,16 +164,18 @@ fn within_fanout_limits(targets: impl Iterator<Item = Target>) -> Vec<Target> {
     kept
 }
 
-/// The routing table publishers read: an immutable snapshot, replaced whole by the hub after
-/// each change, so routing a publish never waits for a lock the hub holds while it changes
-/// subscriptions (only for the instant a pointer is swapped).
+/// The routing tables publishers read: immutable snapshots, each replaced whole after a
+/// change (subscriptions by the hub, routes when a deployment is applied), so routing a
+/// publish never waits for a lock held while a table changes (only for the instant a pointer
+/// is swapped).
 #[derive(Debug, Default)]
 pub struct Router {
     current: RwLock<Arc<SubscriptionTable>>,
+    routes: RwLock<Arc<EndpointRoutes>>,
 }
 
 impl Router {
-    /// The table as last installed.
+    /// The subscription table as last installed.
     #[must_use]
     pub fn snapshot(&self) -> Arc<SubscriptionTable> {
         Arc::clone(&self.current.read().unwrap_or_else(PoisonError::into_inner))
@@ -182,6 +185,18 @@ impl Router {
     pub fn install(&self, table: SubscriptionTable) {
         let table = Arc::new(table);
         *self.current.write().unwrap_or_else(PoisonError::into_inner) = table;
+    }
+
+    /// The deployment's routes as last installed.
+    #[must_use]
+    pub fn routes(&self) -> Arc<EndpointRoutes> {
+        Arc::clone(&self.routes.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Makes `routes` the ones telemetry is routed by from now on.
+    pub fn install_routes(&self, routes: EndpointRoutes) {
+        let routes = Arc::new(routes);
+        *self.routes.write().unwrap_or_else(PoisonError::into_inner) = routes;
     }
 }
 

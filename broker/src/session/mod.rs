@@ -1,18 +1,21 @@
 //! [`Session`]: one client's MQTT session as the hub keeps it: its subscriptions, its packet
-//! identifiers, and the connection it is attached to, if any (its delivery queue is an endpoint
-//! of its own, `delivery::endpoint`). It owns no
-//! socket: the hub hands it packets to send through the connection's bounded channel.
+//! identifiers, the connection it is attached to, if any, and the route endpoints that
+//! connection takes messages from (its own delivery queue is an endpoint too,
+//! `delivery::endpoint`). It owns no socket: the hub hands it packets to send through the
+//! connection's bounded channel.
 
 pub mod persist;
 pub mod receipts;
 
-use crate::delivery::queue::{DeliveryQueue, QueueEntry};
+use crate::auth::identity::IdentityId;
+use crate::delivery::endpoint::Queue;
+use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::QueueId;
 use crate::hub::events::{OutboundSender, Protocol};
-use crate::message::Will;
+use crate::message::{QoS, Will};
 use crate::routing::SubscriptionOptions;
 use receipts::SharedReceipts;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 use tokio_util::sync::DropGuard;
 
@@ -67,7 +70,23 @@ pub struct Session {
     /// How many times its stored copy was forgotten: a progress commit taken before the last
     /// forget must not mark anything of it stored.
     pub forgotten: u64,
+    /// The IoT Hub identity its client proved when it last connected; `None` for a plain MQTT
+    /// client.
+    pub identity: Option<IdentityId>,
+    /// The route endpoints its connection takes messages from while connected (a module's
+    /// subscribed inputs), in the order they are served: by priority, and those of one
+    /// priority in turns. They share the session's window and packet ids.
+    pub consumes: Vec<Consumed>,
     next_packet_id: u16,
+}
+
+/// A route endpoint a session takes messages from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Consumed {
+    pub queue: QueueId,
+    pub priority: u32,
+    /// The QoS its subscription granted: messages go at most at this QoS.
+    pub qos: QoS,
 }
 
 impl Session {
@@ -85,27 +104,64 @@ impl Session {
             receipts: SharedReceipts::default(),
             receipts_stored: None,
             forgotten: 0,
+            identity: None,
+            consumes: Vec::new(),
         }
     }
 
     /// The packet id to first send an entry with, or `None` while it is taken by another
-    /// in-flight message (the queue then waits for that one's acknowledgement). A logged
-    /// message's id comes from its sequence number, so it is the same when the message is
-    /// sent again after a restart, and a QoS 2 receiver that already has it recognises it
-    /// (MQTT §4.3.3). A retained message, not logged for this queue, takes any free id; the
-    /// window is far below 65535, so one is always free.
-    pub fn packet_id_for(&mut self, entry: &QueueEntry, queue: &DeliveryQueue) -> Option<u16> {
+    /// in-flight message of any of the session's queues (its `sources`, found in `queues`;
+    /// the queue then waits for that one's acknowledgement). A logged message's id comes from
+    /// its sequence number, so it is the same when the message is sent again after a restart,
+    /// and a QoS 2 receiver that already has it recognises it (MQTT §4.3.3). A retained
+    /// message, not logged for this queue, takes any free id; the window is far below 65535,
+    /// so one is always free.
+    pub fn packet_id_for(
+        &mut self,
+        entry: &QueueEntry,
+        queues: &HashMap<QueueId, Queue>,
+    ) -> Option<u16> {
+        let sources = std::iter::once(self.queue()).chain(self.consumes.iter().map(|c| c.queue));
+        let in_use = |packet_id| {
+            sources.clone().any(|queue| {
+                queues
+                    .get(&queue)
+                    .is_some_and(|q| q.entries.packet_id_in_use(packet_id))
+            })
+        };
         if entry.retained.is_none() {
             let id = u16::try_from(entry.seq % u64::from(u16::MAX)).expect("below u16::MAX") + 1;
-            return (!queue.packet_id_in_use(id)).then_some(id);
+            return (!in_use(id)).then_some(id);
         }
-        assert!(queue.in_flight_len() < usize::from(u16::MAX));
-        loop {
+        for _ in 0..u16::MAX {
             self.next_packet_id = self.next_packet_id.checked_add(1).unwrap_or(1);
-            if !queue.packet_id_in_use(self.next_packet_id) {
+            if !in_use(self.next_packet_id) {
                 return Some(self.next_packet_id);
             }
         }
+        None
+    }
+
+    /// The queues its connection sends from, in order: its own, then the endpoints it
+    /// consumes, with the QoS each may go at.
+    pub fn sources(&self) -> impl Iterator<Item = (QueueId, QoS)> + '_ {
+        std::iter::once((self.queue(), QoS::ExactlyOnce))
+            .chain(self.consumes.iter().map(|c| (c.queue, c.qos)))
+    }
+
+    /// Moves `queue` behind the other endpoints of its priority that it consumes, once it sent
+    /// a message: inputs of one priority take turns, and a long backlog on one does not hold
+    /// the others back.
+    pub fn took_turn(&mut self, queue: QueueId) {
+        let Some(at) = self.consumes.iter().position(|c| c.queue == queue) else {
+            return;
+        };
+        let priority = self.consumes[at].priority;
+        let end = self.consumes[at..]
+            .iter()
+            .position(|c| c.priority != priority)
+            .map_or(self.consumes.len(), |n| at + n);
+        self.consumes[at..end].rotate_left(1);
     }
 
     /// The id of the session's queue.

@@ -31,7 +31,7 @@ pub struct Route {
 }
 
 /// Where a route sends messages.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Sink {
     Upstream,
     ModuleInput { module: String, input: String },

@@ -105,6 +105,13 @@ impl RouteTable {
         self.routes.is_empty()
     }
 
+    /// Every endpoint a route reaches, at the route's priority: where messages may go.
+    pub fn endpoints(&self) -> impl Iterator<Item = (&Sink, u32)> {
+        self.routes
+            .iter()
+            .map(|route| (&route.sink, route.priority))
+    }
+
     /// Where a message from `source` goes: once per endpoint, at the highest priority of the
     /// routes that take it there (the lowest number), with that route's time to live or the
     /// global one. Empty: no route takes it (a `no_route` drop).

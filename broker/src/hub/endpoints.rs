@@ -1,0 +1,127 @@
+//! Route endpoints in the hub: their queues, rebuilt at start from the metadata store's
+//! catalog, and the sessions that consume them. A module's session takes the messages of each
+//! of its inputs it subscribed to (`devices/{d}/modules/{m}/inputs/#`, as the SDKs do) while
+//! it is connected; the queues fill whether or not it is.
+
+use super::{Hub, StartError};
+use crate::auth::identity::IdentityId;
+use crate::delivery::endpoint::{Queue, checkpoint_key};
+use crate::delivery::record::QueueId;
+use crate::message::QoS;
+use crate::routing::SubscriptionOptions;
+use crate::routing::endpoints::{EndpointCatalog, EndpointTarget};
+use crate::routing::topic;
+use crate::session::Consumed;
+use spool_storage::Meta;
+use std::collections::{BTreeMap, HashMap};
+
+impl Hub {
+    /// Creates the queue of every endpoint in the metadata store's catalog, including those
+    /// no route reaches any more (they may still hold messages); returns where the log replay
+    /// must start for them.
+    pub(super) fn load_endpoints(&mut self, meta: &Meta) -> Result<u64, StartError> {
+        let catalog = EndpointCatalog::load(meta, self.wal.epoch())?;
+        let checkpoints = meta.checkpoints()?;
+        let mut replay_from = self.wal.durable_seq() + 1;
+        for (name, number) in catalog.iter() {
+            let id = QueueId::Endpoint(number);
+            // Numbered with its checkpoint in one commit, so it has one.
+            let checkpoint = checkpoints.get(&checkpoint_key(id)).copied().unwrap_or(0);
+            let queue = Queue::new(id, name.to_string(), self.limits.endpoint_queue, checkpoint);
+            self.queues.insert(id, queue);
+            self.endpoints.insert(number, name.clone());
+            replay_from = replay_from.min(checkpoint + 1);
+        }
+        if !self.endpoints.is_empty() {
+            tracing::info!(
+                endpoints = self.endpoints.len(),
+                replay_from,
+                "restored route endpoints"
+            );
+        }
+        Ok(replay_from)
+    }
+
+    /// Makes session `id` consume the inputs it subscribed to, if it is a connected module,
+    /// and lets go of those it no longer does (unsubscribed, disconnected), whose messages in
+    /// flight go back to the front of their queues.
+    pub(super) fn attach_endpoints(&mut self, id: u64) {
+        let Some(session) = self.sessions.get_mut(&id) else {
+            return;
+        };
+        let mut wanted = Vec::new();
+        if session.attachment().is_some()
+            && let Some(IdentityId {
+                device,
+                module: Some(module),
+            }) = &session.identity
+        {
+            for (number, name) in &self.endpoints {
+                let EndpointTarget::ModuleInput {
+                    device: d,
+                    module: m,
+                    input,
+                } = &name.target
+                else {
+                    continue;
+                };
+                if d == device
+                    && m == module
+                    && let Some(qos) = input_subscribed(&session.subscriptions, input)
+                {
+                    wanted.push(Consumed {
+                        queue: QueueId::Endpoint(*number),
+                        priority: name.priority,
+                        qos,
+                    });
+                }
+            }
+        }
+        wanted.sort_by_key(|c| (c.priority, c.queue));
+        for old in &session.consumes {
+            if !wanted.iter().any(|c| c.queue == old.queue) {
+                let_go(&mut self.queues, old.queue);
+            }
+        }
+        for consumed in &wanted {
+            if let Some(queue) = self.queues.get_mut(&consumed.queue) {
+                debug_assert!(
+                    queue.consumer.is_none_or(|c| c == id),
+                    "one identity, one session"
+                );
+                queue.consumer = Some(id);
+            }
+        }
+        // Entries stay in flight across a change of subscription QoS: they keep their ids.
+        session.consumes = wanted;
+    }
+}
+
+/// Lets go of an endpoint a session consumed: its messages in flight go back to the front of
+/// the queue, to be sent again (with DUP) to whoever consumes it next.
+pub(super) fn let_go(queues: &mut HashMap<QueueId, Queue>, queue: QueueId) {
+    if let Some(queue) = queues.get_mut(&queue) {
+        queue.entries.requeue_in_flight();
+        queue.consumer = None;
+    }
+}
+
+/// The QoS at which a module's subscriptions take its input `input`: the highest of its input
+/// filters (`devices/{d}/modules/{m}/inputs/…`, which name the module: it may hold no others)
+/// that match the input's topics.
+fn input_subscribed(
+    subscriptions: &BTreeMap<String, SubscriptionOptions>,
+    input: &str,
+) -> Option<QoS> {
+    let topic = format!("{input}/properties");
+    subscriptions
+        .iter()
+        .filter_map(|(filter, options)| {
+            let mut levels = filter.splitn(6, '/');
+            let prefix: Vec<&str> = levels.by_ref().take(5).collect();
+            let is_input = matches!(prefix.as_slice(), ["devices", _, "modules", _, "inputs"]);
+            let rest = levels.next()?;
+            (is_input && topic::matches(rest, &topic)).then_some(options.qos)
+        })
+        .max()
+}

@@ -1,0 +1,208 @@
+//! Routes and module inputs, black-box: a deployment manifest's routes send a module's
+//! telemetry to another module's inputs, through durable endpoint queues that fill whether or
+//! not that module is connected, keep order per input and priority, expire by their route's
+//! time to live, and survive a SIGKILL. The modules are rumqttc clients with SAS tokens, on the
+//! plain listener (credentials are checked there too).
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{Client, Seen, Spool, connect, options};
+use rumqttc::QoS;
+use spool_broker::auth::sas::{resource_uri, sign};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+const KEY: [u8; 32] = [9; 32];
+
+const DEPLOYMENT: &str = r#"{
+  "modulesContent": {
+    "$edgeHub": {
+      "properties.desired": {
+        "schemaVersion": "1.1",
+        "routes": {
+          "toSink": "FROM /messages/modules/filter/outputs/out1 INTO BrokeredEndpoint(\"/modules/sink/inputs/in1\")",
+          "hot": {
+            "route": "FROM /messages/modules/filter/outputs/alerts WHERE as_number(temp) > 30 INTO BrokeredEndpoint(\"/modules/sink/inputs/alerts\")",
+            "priority": 0
+          },
+          "brief": {
+            "route": "FROM /messages/modules/filter/outputs/brief INTO BrokeredEndpoint(\"/modules/sink/inputs/brief\")",
+            "timeToLiveSecs": 1
+          }
+        },
+        "storeAndForwardConfiguration": { "timeToLiveSecs": 7200 }
+      }
+    }
+  }
+}"#;
+
+/// The arguments that start spool with modules `edge/filter` and `edge/sink` registered and
+/// `DEPLOYMENT` applied (files written in `dir`).
+fn edge_args(dir: &Path) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    let key = BASE64.encode(KEY);
+    let identities: String = ["edge/filter", "edge/sink"]
+        .iter()
+        .map(|id| {
+            format!(
+                "[[identities]]\nid = \"{id}\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
+            )
+        })
+        .collect();
+    let identities_file = dir.join("identities.toml");
+    std::fs::write(&identities_file, identities).unwrap();
+    let deployment = dir.join("deployment.json");
+    std::fs::write(&deployment, DEPLOYMENT).unwrap();
+    let path = |p: PathBuf| p.to_str().unwrap().to_owned();
+    vec![
+        "--identities".into(),
+        path(identities_file),
+        "--deployment".into(),
+        path(deployment),
+    ]
+}
+
+fn start(dir: &Path, args: &[String]) -> Spool {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Spool::start(&dir.join("data"), &args)
+}
+
+/// A module's connection, with a SAS token valid for an hour; with `manual_acks`, it
+/// acknowledges only what `receive` takes.
+fn module(addr: SocketAddr, id: &str, clean: bool, manual_acks: bool) -> Client {
+    let (device, module) = id.split_once('/').unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let expiry = now.unwrap().as_secs() + 3600;
+    let token = sign(
+        &KEY,
+        &resource_uri("localhost", device, Some(module)),
+        expiry,
+    );
+    let mut options = options(addr, id, clean);
+    options.set_credentials(format!("localhost/{id}/?api-version=2020-09-30"), token);
+    options.set_manual_acks(manual_acks);
+    connect(options)
+}
+
+/// Sends `filter`'s telemetry to output `output`, with the application properties `bag`
+/// (encoded), and waits for every PUBACK.
+async fn send(filter: &mut Client, output: &str, bags: &[String]) {
+    for bag in bags {
+        let topic = format!("devices/edge/modules/filter/messages/events/%24.on={output}&{bag}");
+        filter.publish(&topic, QoS::AtLeastOnce, bag.clone()).await;
+    }
+    filter.acks(bags.len() as u64).await;
+}
+
+/// Subscribes `sink` to its inputs, as the SDKs do, and collects `count` messages (with any
+/// that come before the SUBACK), acknowledging each.
+async fn receive(sink: &mut Client, count: usize) -> Vec<(String, String)> {
+    sink.client
+        .subscribe("devices/edge/modules/sink/inputs/#", QoS::AtLeastOnce)
+        .await
+        .unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < count {
+        match sink.next(20).await {
+            Seen::Publish(p) => {
+                sink.client.ack(&p).await.unwrap();
+                let payload = String::from_utf8(p.payload.to_vec()).unwrap();
+                seen.push((p.topic, payload));
+            }
+            Seen::SubAck(_) => {}
+            other => panic!("expected input messages, got {other:?}"),
+        }
+    }
+    seen
+}
+
+/// Nothing more arrives within `wait`.
+async fn nothing_more(sink: &mut Client, wait: Duration) {
+    if let Ok(Some(Seen::Publish(p))) = tokio::time::timeout(wait, sink.events.recv()).await {
+        panic!("unexpected message on {}", p.topic);
+    }
+}
+
+#[tokio::test]
+async fn routed_telemetry_waits_for_a_module_that_never_connected_and_survives_a_kill() {
+    // Goal: messages routed to a module input are kept for it before it ever connects, across
+    // a SIGKILL, and delivered in order on the input's topic, with the sender's ids in the
+    // bag; what it acknowledged before a second kill is not delivered again; telemetry no
+    // route takes goes nowhere.
+    let dir = tempfile::tempdir().unwrap();
+    let args = edge_args(dir.path());
+    let spool = start(dir.path(), &args);
+    let mut filter = module(spool.addr, "edge/filter", true, false);
+    filter.connected().await;
+    let bags: Vec<String> = (1..=200).map(|i| format!("seq={i}")).collect();
+    send(&mut filter, "out1", &bags).await;
+    send(&mut filter, "nowhere", &["seq=0".to_owned()]).await;
+    spool.kill();
+
+    let spool = start(dir.path(), &args);
+    let mut sink = module(spool.addr, "edge/sink", false, true);
+    sink.connected().await;
+    let first = receive(&mut sink, 100).await;
+    let expected = |i: usize| {
+        let topic =
+            format!("devices/edge/modules/sink/inputs/in1/seq={i}&%24.cdid=edge&%24.cmid=filter");
+        (topic, format!("seq={i}"))
+    };
+    assert_eq!(first, (1..=100).map(expected).collect::<Vec<_>>());
+    // The first 100 acknowledged, and checkpointed within a second; the window's worth after
+    // them delivered and not acknowledged.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    spool.kill();
+
+    let spool = start(dir.path(), &args);
+    let mut sink = module(spool.addr, "edge/sink", false, true);
+    sink.connected().await;
+    let rest = receive(&mut sink, 100).await;
+    assert_eq!(rest, (101..=200).map(expected).collect::<Vec<_>>());
+    nothing_more(&mut sink, Duration::from_millis(500)).await;
+}
+
+#[tokio::test]
+async fn a_higher_priority_goes_first_a_condition_filters_and_a_time_to_live_expires() {
+    // Goal: while the sink is away, its higher-priority input fills with what the route's
+    // condition lets through, and its short-lived messages expire by their route's time to
+    // live; when it connects, priority 0 comes first, then the default priority, in order.
+    let dir = tempfile::tempdir().unwrap();
+    let args = edge_args(dir.path());
+    let spool = start(dir.path(), &args);
+    let mut filter = module(spool.addr, "edge/filter", true, false);
+    filter.connected().await;
+    send(&mut filter, "brief", &["n=1".to_owned()]).await;
+    let normal: Vec<String> = (1..=3).map(|i| format!("n={i}")).collect();
+    send(&mut filter, "out1", &normal).await;
+    let temps: Vec<String> = [31, 12, 35, 40].map(|t| format!("temp={t}")).to_vec();
+    send(&mut filter, "alerts", &temps).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await; // past the brief route's 1 s
+
+    let mut sink = module(spool.addr, "edge/sink", true, true);
+    sink.connected().await;
+    let inputs: Vec<(String, String)> = receive(&mut sink, 6)
+        .await
+        .into_iter()
+        .map(|(topic, payload)| {
+            let input = topic.split('/').nth(5).unwrap().to_owned();
+            (input, payload)
+        })
+        .collect();
+    let expected: Vec<(String, String)> = [
+        ("alerts", "temp=31"),
+        ("alerts", "temp=35"),
+        ("alerts", "temp=40"),
+        ("in1", "n=1"),
+        ("in1", "n=2"),
+        ("in1", "n=3"),
+    ]
+    .map(|(input, payload)| (input.to_owned(), payload.to_owned()))
+    .to_vec();
+    assert_eq!(inputs, expected);
+    nothing_more(&mut sink, Duration::from_millis(500)).await;
+}
