@@ -30,13 +30,13 @@ SPOOL_BIN = os.environ.get("SPOOL_BIN", "target/debug/spool")
 
 class Spool:
     """A `spool serve` child on ephemeral ports (MQTTS on `tls_bind` if given), with its data in
-    a temporary directory."""
+    a temporary directory, and `extra_args` for `spool serve`."""
 
-    def __init__(self, data_dir, tls_bind="127.0.0.1:0"):
+    def __init__(self, data_dir, tls_bind="127.0.0.1:0", extra_args=()):
         self.data_dir = data_dir
         self.process = subprocess.Popen(
             [SPOOL_BIN, "serve", "--data-dir", data_dir,
-             "--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", tls_bind],
+             "--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", tls_bind, *extra_args],
             stdout=subprocess.PIPE, env={**os.environ, "SPOOL_LOG": "warn"}, text=True)
         self.port = self.tls_port = self.ca = None
         for line in self.process.stdout:

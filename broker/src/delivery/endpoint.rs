@@ -77,6 +77,27 @@ impl Queue {
         true
     }
 
+    /// Drops the waiting entries at the front whose deadline passed by `now_ms`, counted and
+    /// logged as [`Queue::expired`] does: a queue no one consumes frees its messages' log
+    /// space as they expire, not when a consumer comes back. An entry behind one that has not
+    /// expired goes when it reaches the front, or when it would be sent; one sent before, or
+    /// whose QoS 2 PUBREC is logged, is delivered to the end.
+    pub fn expire_waiting_front(&mut self, now_ms: u64) {
+        let due = |e: &QueueEntry| {
+            !e.redelivery
+                && !e.released
+                && e.packet_id.is_none()
+                && e.deadline_ms.is_some_and(|at| at <= now_ms)
+        };
+        while self.entries.waiting().next().is_some_and(due) {
+            let Some(entry) = self.entries.next_to_send(usize::MAX) else {
+                break;
+            };
+            let expired = self.expired(&entry, now_ms);
+            debug_assert!(expired, "checked above");
+        }
+    }
+
     /// The key of the queue's checkpoint in the metadata store.
     #[must_use]
     pub fn checkpoint_key(&self) -> String {
@@ -132,5 +153,30 @@ mod tests {
             7,
             "5 went (QoS 0 would), 8 is next"
         );
+    }
+
+    /// Goal: expired entries at the front of a queue no one consumes go (counted), up to the
+    /// first that has not expired, and the checkpoint moves past them.
+    #[test]
+    fn expired_entries_leave_the_front_of_an_unconsumed_queue() {
+        let limits = QueueLimits {
+            entries_max: 10,
+            bytes_max: 0,
+        };
+        let mut queue = Queue::new(QueueId::Endpoint(1), "e".into(), limits, 0);
+        for (seq, deadline_ms) in [(1, Some(100)), (2, Some(150)), (3, None), (4, Some(50))] {
+            queue.enqueue(QueueEntry {
+                deadline_ms,
+                ..QueueEntry::new(seq, QoS::AtLeastOnce, false, Vec::new())
+            });
+        }
+        queue.expire_waiting_front(120);
+        assert_eq!(queue.entries.dropped_expired, 1);
+        queue.expire_waiting_front(200);
+        assert_eq!(
+            queue.entries.dropped_expired, 2,
+            "up to 3, which never expires"
+        );
+        assert_eq!(queue.checkpoint_due(9), 2);
     }
 }

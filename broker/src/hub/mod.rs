@@ -315,12 +315,16 @@ impl Hub {
         }
     }
 
-    /// Once a second: sessions and wills that are due, expired retained messages, and the
-    /// progress commit.
+    /// Once a second: sessions and wills that are due, expired messages (retained, and at the
+    /// front of queues), and the progress commit.
     pub fn tick(&mut self) {
         self.expire_sessions(self.clock.now());
         self.publish_due_wills(self.clock.now());
-        self.retained.expire(self.clock.unix_ms());
+        let now_ms = self.clock.unix_ms();
+        self.retained.expire(now_ms);
+        for queue in self.queues.values_mut() {
+            queue.expire_waiting_front(now_ms);
+        }
         self.commit_checkpoints();
     }
 

@@ -9,6 +9,7 @@ The SDK always connects to port 8883 of its gateway host, so spool listens there
 scenarios run one at a time.
 """
 
+import json
 import os
 import queue
 import re
@@ -106,6 +107,76 @@ class ModuleSdk(unittest.TestCase):
         with self.assertRaises(CredentialError):
             client.connect()
         client.shutdown()
+
+
+# A route from one module's output to another's input (contract §3).
+DEPLOYMENT = {"modulesContent": {"$edgeHub": {"properties.desired": {
+    "schemaVersion": "1.1",
+    "routes": {"toSink": 'FROM /messages/modules/filter/outputs/out1 '
+                         'INTO BrokeredEndpoint("/modules/sink/inputs/in1")'},
+    "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}}}}}
+
+
+class ModuleInputs(unittest.TestCase):
+    """Two SDK modules: `filter` sends to its output `out1`, a route takes that to `sink`'s
+    input `in1`, and `sink` gets it through `on_message_received`."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="spool-sdk-")
+        self.connection_strings = {}
+        for module in ("filter", "sink"):
+            added = spool_identity(self.dir, "add", f"edge/{module}")
+            self.connection_strings[module] = re.search(
+                r"connection string: (\S+)", added).group(1)
+        env = spool_identity(self.dir, "env", "edge/sink")
+        self.ca = dict(line.split("=", 1) for line in env.strip().splitlines())[
+            "EdgeModuleCACertificateFile"]
+        self.deployment = os.path.join(self.dir, "deployment.json")
+        with open(self.deployment, "w") as manifest:
+            json.dump(DEPLOYMENT, manifest)
+        self.spool = self.start()
+
+    def start(self):
+        return Spool(self.dir, tls_bind="127.0.0.1:8883",
+                     extra_args=["--deployment", self.deployment])
+
+    def tearDown(self):
+        self.spool.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def client(self, module):
+        with open(self.ca) as ca:
+            return ModuleClient.create_from_connection_string(
+                self.connection_strings[module], server_verification_cert=ca.read())
+
+    def test_routed_messages_wait_for_the_sink_across_a_kill_and_arrive_in_order(self):
+        # Goal: what the filter sends is kept for the sink, which has never connected, across
+        # a SIGKILL of spool; the sink then gets every message in order on its input, with the
+        # custom properties and the sender's ids, through the SDK's own handler.
+        sender = self.client("filter")
+        sender.connect()
+        for i in range(20):
+            message = Message(f"reading {i}")
+            message.custom_properties["seq"] = str(i)
+            sender.send_message_to_output(message, "out1")
+        sender.shutdown()
+        self.spool.kill()
+        self.spool = self.start()
+
+        received = queue.Queue()
+        sink = self.client("sink")
+        sink.on_message_received = received.put
+        sink.connect()
+        try:
+            messages = [received.get(timeout=20) for _ in range(20)]
+        finally:
+            sink.shutdown()
+        self.assertEqual([m.input_name for m in messages], ["in1"] * 20)
+        self.assertEqual([m.data for m in messages], [f"reading {i}".encode() for i in range(20)])
+        self.assertEqual([m.custom_properties["seq"] for m in messages],
+                         [str(i) for i in range(20)])
+        self.assertEqual(messages[0].custom_properties["$.cdid"], "edge")
+        self.assertEqual(messages[0].custom_properties["$.cmid"], "filter")
 
 
 if __name__ == "__main__":
