@@ -1,17 +1,23 @@
-//! Deployments: a deployment manifest's routes put in force (`--deployment`). The endpoints they
-//! reach are numbered in the metadata store first, durably (`routing::endpoints`), then the
-//! routes are installed for the publish path: no record can name an endpoint a restart would
-//! not know.
+//! Deployments: a deployment manifest's routes put in force (`--deployment`), at start and on
+//! every reload. The endpoints they reach are numbered in the metadata store first, durably
+//! (`routing::endpoints`), and given their queues in the hub, before the routes are installed
+//! for the publish path: no record can name an endpoint a restart, or the hub, would not know.
 
 use crate::auth::registry::IdentityRegistry;
+use crate::hub::events::Event;
+use crate::limits::MANIFEST_POLL_INTERVAL;
 use crate::routing::Router;
-use crate::routing::endpoints::{EndpointCatalog, EndpointRoutes};
+use crate::routing::endpoints::{EndpointCatalog, EndpointName, EndpointRoutes};
 use crate::routing::routes::syntax::Sink;
 use crate::routing::routes::table::RouteTable;
 use anyhow::Context;
-use spool_storage::Meta;
+use spool_storage::{Meta, Wal};
 use std::collections::BTreeSet;
-use std::path::Path;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// The edge device whose modules' inputs routes deliver to: `configured` (`--device-id`), or
 /// else the one device the registry's modules belong to.
@@ -40,48 +46,174 @@ pub fn edge_device(configured: &str, registry: &IdentityRegistry) -> anyhow::Res
     }
 }
 
-/// Reads the manifest at `path`, numbers the endpoints its routes reach (with checkpoints at
-/// `through`: no record up to it is for them) and installs its routes in `router`.
-///
-/// # Errors
-/// The manifest cannot be read or is refused (saying why, with the route and the position),
-/// or the endpoints cannot be stored; the routes in force stay as they were.
-pub fn apply(
-    path: &Path,
-    configured_device: &str,
-    registry: &IdentityRegistry,
-    meta: &Meta,
+/// A deployment manifest put in force: read at start, and read again on SIGHUP and whenever
+/// its content changes ([`Deployment::watch`]). New routes apply to new messages; messages
+/// already queued for an endpoint no route reaches any more are still delivered, or expire by
+/// their time to live. A manifest that is refused leaves the routes in force as they were.
+#[derive(Debug)]
+pub struct Deployment {
+    path: PathBuf,
+    /// The edge device whose modules' inputs routes reach; `None` when it could not be told
+    /// (no `--device-id`, and not one device among the registry's modules): a manifest that
+    /// routes to module inputs is refused then.
+    device: Option<String>,
+    meta: Arc<Meta>,
     epoch: u64,
-    through: u64,
-    router: &Router,
-) -> anyhow::Result<()> {
-    let manifest = std::fs::read_to_string(path)
-        .with_context(|| format!("read the deployment manifest {}", path.display()))?;
-    let table = RouteTable::from_manifest(&manifest)
-        .with_context(|| format!("the deployment manifest {}", path.display()))?;
-    let needs_device = table.endpoints().any(|(sink, _)| *sink != Sink::Upstream);
-    let upstream = table.endpoints().any(|(sink, _)| *sink == Sink::Upstream);
-    let device = match needs_device {
-        true => edge_device(configured_device, registry)?,
-        false => configured_device.to_owned(),
-    };
-    let mut catalog = EndpointCatalog::load(meta, epoch)?;
-    let added = catalog
-        .number(meta, EndpointRoutes::endpoints(&table, &device), through)
-        .context("store the deployment's endpoints")?;
-    for (name, number) in &added {
-        tracing::info!(endpoint = %name, number, "new route endpoint");
+    /// The content last read, applied or refused: the watch reloads when it changes.
+    last_read: Option<String>,
+}
+
+/// A manifest's routes, ready to install once the hub has the queues of `added`.
+#[derive(Debug)]
+pub struct Prepared {
+    pub routes: EndpointRoutes,
+    /// The endpoints numbered for it, with the checkpoint they were numbered at.
+    pub added: Vec<(EndpointName, u64)>,
+    pub checkpoint: u64,
+}
+
+impl Deployment {
+    /// The manifest at `path`, for edge device `configured_device` (`--device-id`) or else
+    /// the registry's.
+    #[must_use]
+    pub fn new(
+        path: PathBuf,
+        configured_device: &str,
+        registry: &IdentityRegistry,
+        meta: Arc<Meta>,
+        epoch: u64,
+    ) -> Deployment {
+        let device = edge_device(configured_device, registry).ok();
+        Deployment {
+            path,
+            device,
+            meta,
+            epoch,
+            last_read: None,
+        }
     }
-    if upstream {
-        tracing::warn!(
-            "spool has no upstream link yet: messages routed to $upstream wait in their queue \
-             until their time to live, and count against the log's quota"
-        );
+
+    /// Reads the manifest and numbers the endpoints its routes reach, durably, with their
+    /// checkpoints at `checkpoint` (no record up to it can be for them). Blocking: it reads a
+    /// file and commits to the metadata store.
+    ///
+    /// # Errors
+    /// The manifest cannot be read or is refused (saying why, with the route and the
+    /// position), or the endpoints cannot be stored.
+    pub fn prepare(&mut self, checkpoint: u64) -> anyhow::Result<Prepared> {
+        let path = &self.path;
+        let manifest = std::fs::read_to_string(path)
+            .with_context(|| format!("read the deployment manifest {}", path.display()))?;
+        self.last_read = Some(manifest.clone());
+        let table = RouteTable::from_manifest(&manifest)
+            .with_context(|| format!("the deployment manifest {}", path.display()))?;
+        let needs_device = table.endpoints().any(|(sink, _)| *sink != Sink::Upstream);
+        let device = match (&self.device, needs_device) {
+            (Some(device), _) => device.clone(),
+            (None, false) => String::new(),
+            (None, true) => anyhow::bail!(
+                "the deployment manifest {} routes to module inputs, but the edge device's id is \
+                 not known: set --device-id (or register the modules of one device)",
+                path.display()
+            ),
+        };
+        let mut catalog = EndpointCatalog::load(&self.meta, self.epoch)?;
+        let names = EndpointRoutes::endpoints(&table, &device);
+        let added = catalog
+            .number(&self.meta, names, checkpoint)
+            .context("store the deployment's endpoints")?;
+        for (name, number) in &added {
+            tracing::info!(endpoint = %name, number, "new route endpoint");
+        }
+        if table.endpoints().any(|(sink, _)| *sink == Sink::Upstream) {
+            tracing::warn!(
+                "spool has no upstream link yet: messages routed to $upstream wait in their \
+                 queue until their time to live, and count against the log's quota"
+            );
+        }
+        let routes = table.len();
+        let routes_table = EndpointRoutes::new(table, &device, &catalog)
+            .map_err(|name| anyhow::anyhow!("endpoint {name} was not numbered"))?;
+        tracing::info!(routes, device, manifest = %path.display(), "deployment read");
+        Ok(Prepared {
+            routes: routes_table,
+            added,
+            checkpoint,
+        })
     }
-    let routes = table.len();
-    let installed = EndpointRoutes::new(table, &device, &catalog)
-        .map_err(|name| anyhow::anyhow!("endpoint {name} was not numbered"))?;
-    router.install_routes(installed);
-    tracing::info!(routes, device, manifest = %path.display(), "deployment applied");
-    Ok(())
+
+    /// Reloads the manifest on SIGHUP and when its content changes (looked at once a second,
+    /// which also follows a Kubernetes ConfigMap's symbolic-link swap), until `shutdown`: the
+    /// hub gets the new endpoints' queues (`Event::AddEndpoints`) before the routes that reach
+    /// them are installed in `router`.
+    pub async fn watch(
+        mut self,
+        wal: Wal,
+        router: Arc<Router>,
+        hub: mpsc::Sender<Event>,
+        shutdown: CancellationToken,
+    ) {
+        let mut hangup = match signal(SignalKind::hangup()) {
+            Ok(hangup) => Some(hangup),
+            Err(e) => {
+                tracing::error!("cannot reload the deployment on SIGHUP: {e}");
+                None
+            }
+        };
+        let mut poll = tokio::time::interval(MANIFEST_POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let forced = tokio::select! {
+                () = shutdown.cancelled() => return,
+                Some(()) = async { hangup.as_mut()?.recv().await } => true,
+                _ = poll.tick() => false,
+            };
+            let mut deployment = self;
+            let checkpoint = wal.durable_seq();
+            // Reading the file and committing the endpoints block: off the runtime's threads.
+            let prepared = tokio::task::spawn_blocking(move || {
+                let changed = forced || deployment.changed();
+                let prepared = changed.then(|| deployment.prepare(checkpoint));
+                (deployment, prepared)
+            })
+            .await;
+            let Ok((deployment, prepared)) = prepared else {
+                tracing::error!("the deployment reload failed; the routes in force are kept");
+                return;
+            };
+            self = deployment;
+            match prepared {
+                None => {}
+                Some(Ok(prepared)) => install(prepared, &router, &hub).await,
+                Some(Err(e)) => tracing::error!("{e:#}; the routes in force are kept"),
+            }
+        }
+    }
+
+    /// Whether the manifest's content differs from what was last read (an unreadable file
+    /// counts as unchanged: the routes in force stay, and the next readable content reloads).
+    fn changed(&self) -> bool {
+        match std::fs::read_to_string(&self.path) {
+            Ok(content) => self.last_read.as_ref() != Some(&content),
+            Err(_) => false,
+        }
+    }
+}
+
+/// Puts a prepared manifest in force: the hub's queues for its new endpoints first, then its
+/// routes.
+async fn install(prepared: Prepared, router: &Router, hub: &mpsc::Sender<Event>) {
+    if !prepared.added.is_empty() {
+        let (done, added) = oneshot::channel();
+        let event = Event::AddEndpoints {
+            added: prepared.added,
+            checkpoint: prepared.checkpoint,
+            done,
+        };
+        if hub.send(event).await.is_err() || added.await.is_err() {
+            return; // the hub stopped
+        }
+    }
+    router.install_routes(prepared.routes);
+    tracing::info!("deployment reloaded");
 }

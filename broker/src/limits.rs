@@ -48,6 +48,9 @@ pub const LOAD_REQUESTS_MAX: usize = 16;
 /// about this long for the segments their consumers are done with.
 pub const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_millis(200);
 
+/// How often the deployment manifest is read to see whether it changed (and reloaded if so).
+pub const MANIFEST_POLL_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Sealed log segments one reclaim looks at, at most: with `RECLAIM_LIVE_ENTRIES_MAX`, it
 /// bounds the queue entries the hub gathers for it (on its own task) every `RECLAIM_INTERVAL`.
 pub const RECLAIM_SEGMENTS_PER_RUN: usize = 4;

@@ -6,7 +6,7 @@ use crate::auth::registry::IdentityRegistry;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
-use crate::deployment;
+use crate::deployment::Deployment;
 use crate::hub::events::Event;
 use crate::hub::{Hub, HubHelpers, HubLimits, MetaWriter};
 use crate::ingest::Ingest;
@@ -166,27 +166,31 @@ fn registry(config: &Config, meta: &Meta) -> anyhow::Result<IdentityRegistry> {
     Ok(registry)
 }
 
-/// Who may connect, by the identity registry, and where their telemetry goes, by the
-/// deployment's routes (installed in `router`).
+/// Who may connect, by the identity registry, and the deployment whose routes say where their
+/// telemetry goes (installed in `router`), if one is configured.
 fn admit_and_route(
     config: &Config,
-    meta: &Meta,
+    meta: &Arc<Meta>,
     wal: &Wal,
     router: &Router,
-) -> anyhow::Result<Authenticator> {
+) -> anyhow::Result<(Authenticator, Option<Deployment>)> {
     let registry = registry(config, meta)?;
     let settings = &config.settings;
+    let mut deployment = None;
     if !settings.deployment.as_os_str().is_empty() {
-        let (epoch, through) = (wal.epoch(), wal.durable_seq());
+        let path = settings.deployment.clone();
         let device = &settings.device_id;
-        let manifest = &settings.deployment;
-        deployment::apply(manifest, device, &registry, meta, epoch, through, router)?;
+        let epoch = wal.epoch();
+        let mut manifest = Deployment::new(path, device, &registry, Arc::clone(meta), epoch);
+        let prepared = manifest.prepare(wal.durable_seq())?;
+        router.install_routes(prepared.routes);
+        deployment = Some(manifest);
     }
     let hosts = vec![
         settings.iothub_hostname.clone(),
         settings.gateway_hostname.clone(),
     ];
-    Ok(Authenticator::new(registry, hosts))
+    Ok((Authenticator::new(registry, hosts), deployment))
 }
 
 /// Starts the hub with the server's clock, and the tasks it asks for work (reclaims, records
@@ -233,12 +237,17 @@ impl Server {
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
         let (meta, wal) = open_storage(config, fs, WriterMode::Thread)?;
         let router = Arc::new(Router::default());
-        let authenticator = admit_and_route(config, &meta, &wal, &router)?;
+        let (authenticator, deployment) = admit_and_route(config, &meta, &wal, &router)?;
         let shutdown = CancellationToken::new();
         // One clock for the hub and the publish path: message expiry is stamped and read on it.
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let (events, mut tasks) =
             spawn_hub(config, &wal, meta, &router, &shutdown, Arc::clone(&clock))?;
+        if let Some(deployment) = deployment {
+            let (router, events) = (Arc::clone(&router), events.clone());
+            let watch = deployment.watch(wal.clone(), router, events, shutdown.clone());
+            tasks.push(tokio::spawn(watch));
+        }
         let connection_limits = ConnectionLimits {
             packet_size_max: config.settings.max_packet_size,
             receive_max: config.settings.max_inflight,

@@ -206,3 +206,38 @@ async fn a_higher_priority_goes_first_a_condition_filters_and_a_time_to_live_exp
     assert_eq!(inputs, expected);
     nothing_more(&mut sink, Duration::from_millis(500)).await;
 }
+
+#[tokio::test]
+async fn a_changed_manifest_reroutes_new_messages_and_a_refused_one_changes_nothing() {
+    // Goal: rewriting the manifest reroutes new messages without a restart, to an endpoint
+    // that did not exist; a manifest that does not parse leaves the routes in force.
+    let dir = tempfile::tempdir().unwrap();
+    let args = edge_args(dir.path());
+    let spool = start(dir.path(), &args);
+    let mut filter = module(spool.addr, "edge/filter", true, false);
+    filter.connected().await;
+    let mut sink = module(spool.addr, "edge/sink", true, true);
+    sink.connected().await;
+    send(&mut filter, "out1", &["n=0".to_owned()]).await;
+    let input_of = |(topic, _): &(String, String)| topic.split('/').nth(5).unwrap().to_owned();
+    assert_eq!(input_of(&receive(&mut sink, 1).await[0]), "in1");
+
+    let deployment = dir.path().join("deployment.json");
+    let rerouted = DEPLOYMENT.replace("/modules/sink/inputs/in1", "/modules/sink/inputs/in2");
+    std::fs::write(&deployment, rerouted).unwrap();
+    let mut probes = 0;
+    loop {
+        probes += 1;
+        assert!(probes < 100, "the new route never took effect");
+        send(&mut filter, "out1", &[format!("n={probes}")]).await;
+        if input_of(&receive(&mut sink, 1).await[0]) == "in2" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    std::fs::write(&deployment, "{\"schemaVersion\": \"1.1\", \"routes\": {").unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await; // read (and refused) meanwhile
+    send(&mut filter, "out1", &["n=last".to_owned()]).await;
+    let last = receive(&mut sink, 1).await;
+    assert_eq!(input_of(&last[0]), "in2", "the routes in force are kept");
+}

@@ -9,7 +9,7 @@ use crate::delivery::endpoint::{Queue, checkpoint_key};
 use crate::delivery::record::QueueId;
 use crate::message::QoS;
 use crate::routing::SubscriptionOptions;
-use crate::routing::endpoints::{EndpointCatalog, EndpointTarget};
+use crate::routing::endpoints::{EndpointCatalog, EndpointName, EndpointTarget};
 use crate::routing::topic;
 use crate::session::Consumed;
 use spool_storage::Meta;
@@ -40,6 +40,28 @@ impl Hub {
             );
         }
         Ok(replay_from)
+    }
+
+    /// Makes the queues of endpoints a reloaded deployment reaches, from `checkpoint` on (no
+    /// record up to it names them), and lets connected modules take those they subscribed to.
+    pub(super) fn add_endpoints(&mut self, added: Vec<(EndpointName, u64)>, checkpoint: u64) {
+        for (name, number) in added {
+            let id = QueueId::Endpoint(number);
+            let limits = self.limits.endpoint_queue;
+            let queue = Queue::new(id, name.to_string(), limits, checkpoint);
+            self.queues.entry(id).or_insert(queue);
+            self.endpoints.insert(number, name);
+        }
+        let modules: Vec<u64> = self
+            .sessions
+            .values()
+            .filter(|s| s.attachment().is_some() && s.identity.is_some())
+            .map(|s| s.id)
+            .collect();
+        for id in modules {
+            self.attach_endpoints(id);
+            self.pump(id);
+        }
     }
 
     /// Makes session `id` consume the inputs it subscribed to, if it is a connected module,

@@ -1,9 +1,10 @@
-//! The messages between connections and the hub: [`Event`] (connection to hub, over one bounded
+//! The messages between connections (and the deployment's reloads) and the hub: [`Event`] (connection to hub, over one bounded
 //! channel) and [`Outbound`] (hub to one connection, over its bounded channel, by `try_send`).
 
 use crate::auth::identity::IdentityId;
 use crate::message::{Message, QoS, Will};
 use crate::routing::SubscriptionOptions;
+use crate::routing::endpoints::EndpointName;
 use crate::session::receipts::SharedReceipts;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -53,6 +54,14 @@ pub enum Event {
     /// ([`OutboundSender::ask_for_room`]): send what waits.
     Drained {
         session: u64,
+    },
+    /// A reloaded deployment reaches new endpoints (numbered in the metadata store with their
+    /// checkpoint): their queues are made, and `done` answered, before their routes are
+    /// installed.
+    AddEndpoints {
+        added: Vec<(EndpointName, u64)>,
+        checkpoint: u64,
+        done: oneshot::Sender<()>,
     },
     /// The connection ended; with its will if it did not end with a normal DISCONNECT, and
     /// the session expiry its MQTT 5 DISCONNECT set, if any.

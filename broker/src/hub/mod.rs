@@ -382,6 +382,14 @@ impl Hub {
                 will,
                 session_expiry_secs,
             } => self.disconnected(session, connection, will, session_expiry_secs),
+            Event::AddEndpoints {
+                added,
+                checkpoint,
+                done,
+            } => {
+                self.add_endpoints(added, checkpoint);
+                let _ = done.send(());
+            }
         }
     }
 }
