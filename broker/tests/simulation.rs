@@ -14,8 +14,11 @@
 //! when clients publish, receive,
 //! acknowledge, leave and come back, and when the power goes (its torn writes too).
 //!
-//! The checker requires, for every subscriber, every message acknowledged to a publisher on a
-//! topic it follows, in each publisher's order: redeliveries allowed, no gap, no reordering.
+//! The publishers are a module to the publish path, so their telemetry also goes where a
+//! deployment's route says: to a module input's endpoint queue, which a module subscriber
+//! consumes. The checker requires, for every subscriber, every message acknowledged to a
+//! publisher on a topic it follows (or routed to it), in each publisher's order: redeliveries
+//! allowed, no gap, no reordering.
 //! A message lost or reordered by any recovery shows at the end, since the subscribers'
 //! sessions never end.
 //!
@@ -28,6 +31,7 @@ mod common;
 
 use bytes::Bytes;
 use common::SeededRng;
+use spool_broker::auth::identity::IdentityId;
 use spool_broker::clock::ManualClock;
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::hub::events::{
@@ -39,9 +43,11 @@ use spool_broker::hub::{
 };
 use spool_broker::ingest::{Durable, Ingest, Ingested, Publisher, WhenFull};
 use spool_broker::message::{Message, MessageProperties, QoS};
+use spool_broker::routing::endpoints::{EndpointCatalog, EndpointRoutes};
+use spool_broker::routing::routes::table::RouteTable;
 use spool_broker::routing::{RetainHandling, Router, SubscriptionOptions};
 use spool_broker::server::{hub_limits, open_storage};
-use spool_storage::{CrashMode, FaultyFs, PendingAppend, Wal, WriterMode};
+use spool_storage::{CrashMode, FaultyFs, Meta, PendingAppend, Wal, WriterMode};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::pin;
@@ -55,10 +61,23 @@ use tokio_util::sync::CancellationToken;
 const SEEDS_DEFAULT: u64 = 16;
 /// Steps of one schedule before everyone comes back for what they are owed.
 const STEPS: u32 = 1200;
-/// Subscribers and the filters they follow: the rare one is offline most of the time, so
-/// its messages pin old segments and are moved by reclaims.
-const SUBSCRIBERS: [(&str, &str); 3] = [("all", "t/#"), ("only-a", "t/a"), ("rare", "r/+")];
-const TOPICS: [&str; 3] = ["t/a", "t/b", "r/x"];
+/// Subscribers, the filter each subscribes to, and the topics it is owed (as a filter): the
+/// rare one is offline most of the time, so its messages pin old segments and are moved by
+/// reclaims; the module `edge/sink` subscribes to its inputs, and is owed the telemetry the
+/// deployment's route sends to its input `in1` (through an endpoint queue).
+const SUBSCRIBERS: [(&str, &str, &str); 4] = [
+    ("all", "t/#", "t/#"),
+    ("only-a", "t/a", "t/a"),
+    ("rare", "r/+", "r/+"),
+    (SINK, "devices/edge/modules/sink/inputs/#", TELEMETRY),
+];
+const SINK: &str = "edge/sink";
+/// Telemetry of the module `edge/filter` to its output `out1`, which the route takes to the
+/// sink's input `in1`.
+const TELEMETRY: &str = "devices/edge/modules/filter/messages/events/%24.on=out1";
+const TOPICS: [&str; 4] = ["t/a", "t/b", "r/x", TELEMETRY];
+const DEPLOYMENT: &str = r#"{"schemaVersion": "1.0", "routes": {"toSink":
+    "FROM /messages/modules/filter/outputs/out1 INTO BrokeredEndpoint(\"/modules/sink/inputs/in1\")"}}"#;
 const PUBLISHERS: usize = 2;
 /// Large enough that a few hundred fill a segment, so schedules roll, reclaim and move.
 const PAYLOAD_BYTES: usize = 4_000;
@@ -147,12 +166,12 @@ impl Outcome {
     /// in order: a number at or below the highest seen so far is a redelivery of one received
     /// before, and none acknowledged is skipped.
     fn check(&self, seed: u64) {
-        for (name, filter) in SUBSCRIBERS {
+        for (name, _, follows) in SUBSCRIBERS {
             let received = self.received.get(name).cloned().unwrap_or_default();
             let owed = |publisher: u8, number: u32| {
                 self.acknowledged
                     .get(&(publisher, number))
-                    .is_some_and(|topic| spool_broker::routing::topic::matches(filter, topic))
+                    .is_some_and(|topic| spool_broker::routing::topic::matches(follows, topic))
             };
             for publisher in 0..PUBLISHERS {
                 let publisher = u8::try_from(publisher).unwrap();
@@ -224,6 +243,7 @@ impl Node {
         let (helpers, requests) = HubHelpers::new(metadata);
         let clock = Arc::new(ManualClock::new());
         let router = Arc::new(Router::default());
+        install_routes(&meta, &wal, &router, seed);
         let limits = HubLimits {
             // Queues that fall behind have their messages read back.
             message_cache_bytes: CACHE_BYTES,
@@ -254,6 +274,18 @@ impl Node {
     }
 }
 
+/// Numbers the endpoints of `DEPLOYMENT` (once: a restart finds them numbered) and installs
+/// its routes, as the server does before the hub starts.
+fn install_routes(meta: &Meta, wal: &Wal, router: &Router, seed: u64) {
+    let table = RouteTable::from_manifest(DEPLOYMENT).unwrap();
+    let mut catalog = EndpointCatalog::load(meta, wal.epoch()).unwrap();
+    let endpoints = EndpointRoutes::endpoints(&table, "edge");
+    catalog
+        .number(meta, endpoints, wal.durable_seq())
+        .unwrap_or_else(|e| panic!("SPOOL_SIM_SEED={seed}: endpoints not stored: {e}"));
+    router.install_routes(EndpointRoutes::new(table, "edge", &catalog).unwrap());
+}
+
 /// One connection of a client, as a protocol adapter holds it.
 struct Connection {
     id: u64,
@@ -277,7 +309,7 @@ struct Simulation {
     config: Config,
     node: Node,
     next_connection: u64,
-    subscribers: [Option<Connection>; 3],
+    subscribers: [Option<Connection>; SUBSCRIBERS.len()],
     publishers: [Option<Connection>; PUBLISHERS],
     next_number: [u32; PUBLISHERS],
     in_flight: Vec<InFlight>,
@@ -305,7 +337,7 @@ impl Simulation {
             config,
             node,
             next_connection: 1,
-            subscribers: [None, None, None],
+            subscribers: [None, None, None, None],
             publishers: [None, None],
             next_number: [0; PUBLISHERS],
             in_flight: Vec::new(),
@@ -395,7 +427,7 @@ impl Simulation {
         }
     }
 
-    fn connect(&mut self, client_id: &str, persistent: bool) -> Connection {
+    fn connect(&mut self, client_id: &str, persistent: bool, identity: Option<&str>) -> Connection {
         let (outbound, outbound_rx) = outbound_channel(OUTBOUND_CAPACITY);
         let (reply, connack) = oneshot::channel();
         let released = CancellationToken::new();
@@ -410,7 +442,7 @@ impl Simulation {
             receive_max: RECEIVE_MAX,
             outbound,
             released: released.clone(),
-            identity: None,
+            identity: identity.map(|id| IdentityId::parse(id).unwrap()),
             reply,
         }));
         self.trace(format!("connect {client_id} as {id}"));
@@ -428,7 +460,9 @@ impl Simulation {
     /// A subscriber connects to its persistent session; it subscribes again once connected,
     /// as the IoT SDKs do.
     fn join(&mut self, index: usize) {
-        let connection = self.connect(SUBSCRIBERS[index].0, true);
+        let name = SUBSCRIBERS[index].0;
+        let identity = (name == SINK).then_some(SINK);
+        let connection = self.connect(name, true, identity);
         self.subscribers[index] = Some(connection);
     }
 
@@ -450,7 +484,7 @@ impl Simulation {
 
     /// Takes a pending CONNACK (then subscribes) or SUBACK of a subscriber.
     fn answers(&mut self, index: usize) {
-        let (name, filter) = SUBSCRIBERS[index];
+        let (name, filter, _) = SUBSCRIBERS[index];
         let Some(connection) = self.subscribers[index].as_mut() else {
             return;
         };
@@ -507,6 +541,10 @@ impl Simulation {
         for _ in 0..count {
             match connection.outbound.try_recv() {
                 Some(Outbound::Publish(delivery)) => {
+                    if name == SINK {
+                        let input = "devices/edge/modules/sink/inputs/in1/";
+                        assert!(delivery.message.topic.starts_with(input), "on its input");
+                    }
                     let payload = &delivery.message.payload;
                     let number = u32::from_be_bytes(payload[1..5].try_into().unwrap());
                     seen.push((payload[0], number));
@@ -570,7 +608,7 @@ impl Simulation {
     /// MQTT 5 publishers are told (quota exceeded).
     fn publish(&mut self, publisher: usize, topic: &'static str, count: u64) {
         if self.publishers[publisher].is_none() {
-            let connection = self.connect(&format!("p{publisher}"), false);
+            let connection = self.connect(&format!("p{publisher}"), false, None);
             self.publishers[publisher] = Some(connection);
         }
         let connection = self.publishers[publisher].as_mut().unwrap();
@@ -582,8 +620,10 @@ impl Simulation {
             connection.connack = None;
         }
         let session = connection.session.as_ref().unwrap();
+        // Publishers are the module `edge/filter` to the publish path: its telemetry is routed.
+        let filter = IdentityId::parse("edge/filter").unwrap();
         let from = Publisher {
-            identity: None,
+            identity: Some(&filter),
             session: session.session,
             connection: connection.id,
             receipts: &session.receipts,
@@ -695,7 +735,7 @@ impl Simulation {
         };
         self.fs.crash(torn);
         self.outcome.power_cuts += 1;
-        self.subscribers = [None, None, None];
+        self.subscribers = [None, None, None, None];
         self.publishers = [None, None];
         // The old node is dropped once the new one started: its file handles died with the
         // power, so nothing it still tries to write on the way out reaches the disk.
