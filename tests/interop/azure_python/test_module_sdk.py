@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import sys
 import threading
+import time
 import unittest
 
 import paho.mqtt.client as mqtt
@@ -112,8 +113,16 @@ class ModuleSdk(unittest.TestCase):
 # A route from one module's output to another's input (contract §3).
 DEPLOYMENT = {"modulesContent": {"$edgeHub": {"properties.desired": {
     "schemaVersion": "1.1",
-    "routes": {"toSink": 'FROM /messages/modules/filter/outputs/out1 '
-                         'INTO BrokeredEndpoint("/modules/sink/inputs/in1")'},
+    "routes": {
+        "toSink": 'FROM /messages/modules/filter/outputs/out1 '
+                  'INTO BrokeredEndpoint("/modules/sink/inputs/in1")',
+        "severe": {"route": "FROM /messages/modules/filter/outputs/alerts "
+                            "WHERE $body.severity = 'high' "
+                            'INTO BrokeredEndpoint("/modules/sink/inputs/alerts")',
+                   "priority": 0},
+        "hot": 'FROM /messages/modules/filter/outputs/readings WHERE as_number(temp) > 30 '
+               'INTO BrokeredEndpoint("/modules/sink/inputs/hot")',
+    },
     "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}}}}}
 
 
@@ -147,7 +156,47 @@ class ModuleInputs(unittest.TestCase):
     def client(self, module):
         with open(self.ca) as ca:
             return ModuleClient.create_from_connection_string(
-                self.connection_strings[module], server_verification_cert=ca.read())
+                self.connection_strings[module], server_verification_cert=ca.read(),
+                connection_retry_interval=1)
+
+    def test_a_sigkill_while_modules_send_and_receive_loses_and_reorders_nothing(self):
+        # Goal: the sink gets every message the SDK saw acknowledged to the filter, in order
+        # (a message may come twice: at least once), although spool is SIGKILLed and restarted
+        # while both modules are at work and the SDKs reconnect by themselves.
+        count, kill_after = 4000, 1500
+        received = []
+        sink = self.client("sink")
+        sink.on_message_received = lambda m: received.append(int(m.custom_properties["seq"]))
+        sink.connect()
+        acknowledged = []
+        sender = self.client("filter")
+        sender.connect()
+
+        def send_all():
+            for i in range(count):
+                message = Message(f"reading {i}")
+                message.custom_properties["seq"] = str(i)
+                sender.send_message_to_output(message, "out1")
+                acknowledged.append(i)
+
+        sending = threading.Thread(target=send_all)
+        sending.start()
+        while len(acknowledged) < kill_after and sending.is_alive():
+            time.sleep(0.01)
+        self.spool.kill()
+        self.spool = self.start()
+        sending.join(timeout=120)
+        self.assertFalse(sending.is_alive(), "the sender finished after the restart")
+        deadline = time.monotonic() + 60
+        while set(acknowledged) - set(received) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sender.shutdown()
+        sink.shutdown()
+        self.assertEqual(set(acknowledged) - set(received), set(), "acknowledged, never received")
+        firsts = list(dict.fromkeys(received))
+        self.assertEqual(firsts, sorted(firsts), "in order")
+        self.assertGreater(len(acknowledged), kill_after)
+        print(f"sent {len(acknowledged)}, received {len(received)} ({len(received) - len(firsts)} again)", file=sys.stderr)
 
     def test_routed_messages_wait_for_the_sink_across_a_kill_and_arrive_in_order(self):
         # Goal: what the filter sends is kept for the sink, which has never connected, across
@@ -177,6 +226,41 @@ class ModuleInputs(unittest.TestCase):
                          [str(i) for i in range(20)])
         self.assertEqual(messages[0].custom_properties["$.cdid"], "edge")
         self.assertEqual(messages[0].custom_properties["$.cmid"], "filter")
+
+    def test_conditions_on_properties_and_json_bodies_filter_and_priorities_order(self):
+        # Goal: a WHERE on a custom property and one on a JSON body let through only what
+        # they should, and the priority 0 route's messages, sent last while the sink was away,
+        # arrive first.
+        sender = self.client("filter")
+        sender.connect()
+        for temp in (12, 31, 29, 45):
+            message = Message(f"temp {temp}")
+            message.custom_properties["temp"] = str(temp)
+            sender.send_message_to_output(message, "readings")
+        for severity in ("low", "high", "high"):
+            message = Message(json.dumps({"severity": severity}))
+            message.content_type = "application/json"
+            message.content_encoding = "utf-8"
+            sender.send_message_to_output(message, "alerts")
+        sender.shutdown()
+
+        received = queue.Queue()
+        sink = self.client("sink")
+        sink.on_message_received = received.put
+        sink.connect()
+        try:
+            messages = [received.get(timeout=20) for _ in range(4)]
+            with self.assertRaises(queue.Empty):
+                received.get(timeout=1)
+        finally:
+            sink.shutdown()
+        self.assertEqual([(m.input_name, m.data) for m in messages], [
+            ("alerts", b'{"severity": "high"}'),
+            ("alerts", b'{"severity": "high"}'),
+            ("hot", b"temp 31"),
+            ("hot", b"temp 45"),
+        ])
+        self.assertEqual(messages[0].content_type, "application/json")
 
 
 if __name__ == "__main__":
