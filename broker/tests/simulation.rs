@@ -541,6 +541,7 @@ impl Simulation {
         for _ in 0..count {
             match connection.outbound.try_recv() {
                 Some(Outbound::Publish(delivery)) => {
+                    let delivery = delivery.addressed(); // as the connection sends it
                     if name == SINK {
                         let input = "devices/edge/modules/sink/inputs/in1/";
                         assert!(delivery.message.topic.starts_with(input), "on its input");

@@ -1,9 +1,16 @@
-//! `spool-load`: an MQTT load generator with two workloads.
+//! `spool-load`: an MQTT load generator with three workloads.
 //!
 //! `throughput` (the default): `--publishers` publishers send `--count` QoS 1 messages in all,
 //! of `--size` bytes, each keeping `--inflight` unacknowledged, to one subscriber. It reports
 //! messages per second end to end (first publish to last delivery) and checks that every
 //! message arrived and that each publisher's messages arrived in the order sent.
+//!
+//! `iotedge`: the same through the IoT Edge path: the publishers are modules
+//! `{device}/pub{n}` sending telemetry to their output `out1` with a property `k=v`, and the
+//! subscriber is the module `{device}/sink` taking its inputs, all over TLS (`--ca`, the CA
+//! file to trust; host `localhost`) with SAS tokens signed with `--key` (base64, the same key
+//! for every module). The broker must route that telemetry to `sink`'s input (spool:
+//! `scripts/iotedge-bench.sh` writes the identities and the deployment, with a `WHERE`).
 //!
 //! `storm`: what a hub meets after a failover, when every module reconnects at once.
 //! - `--phase prepare` makes `--clients` persistent sessions (clean session off), each
@@ -20,7 +27,14 @@
 
 #![allow(clippy::unwrap_used)] // a load generator: any failure should stop the run loudly
 
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Packet, QoS, TlsConfiguration,
+    Transport,
+};
+use rustls::pki_types::CertificateDer;
+use rustls::pki_types::pem::PemObject;
+use spool_broker::auth::sas::{resource_uri, sign};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// How long a run may take before it is called stuck.
@@ -29,6 +43,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(600);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Workload {
     Throughput,
+    IotEdge,
     StormPrepare,
     StormReconnect,
 }
@@ -36,6 +51,10 @@ enum Workload {
 #[derive(Debug, Clone)]
 struct Args {
     workload: Workload,
+    /// The IoT Edge workload's CA file, key and edge device.
+    ca: Option<String>,
+    key: Option<String>,
+    device: String,
     host: String,
     port: u16,
     count: u64,
@@ -46,12 +65,17 @@ struct Args {
 }
 
 const USAGE: &str = "usage: spool-load [throughput] [--host H] [--port P] [--count N] [--size B] \
-                     [--inflight N] [--publishers N]\n       spool-load storm --phase \
+                     [--inflight N] [--publishers N]\n       spool-load iotedge --ca FILE \
+                     --key BASE64 [--device D] [--port P] [--count N] [--size B] [--inflight N] \
+                     [--publishers N]\n       spool-load storm --phase \
                      prepare|reconnect [--host H] [--port P] [--clients N]";
 
 fn parse_args() -> Args {
     let mut args = Args {
         workload: Workload::Throughput,
+        ca: None,
+        key: None,
+        device: "edge".into(),
         host: "127.0.0.1".into(),
         port: 1883,
         count: 100_000,
@@ -62,8 +86,13 @@ fn parse_args() -> Args {
     };
     let mut words = std::env::args().skip(1).peekable();
     let mut storm = false;
+    let mut iotedge = false;
     match words.peek().map(String::as_str) {
         Some("throughput") => drop(words.next()),
+        Some("iotedge") => {
+            iotedge = true;
+            words.next();
+        }
         Some("storm") => {
             storm = true;
             words.next();
@@ -84,13 +113,17 @@ fn parse_args() -> Args {
             "--publishers" => args.publishers = value.parse().unwrap(),
             "--clients" => args.clients = value.parse().unwrap(),
             "--phase" => phase = Some(value),
+            "--ca" => args.ca = Some(value),
+            "--key" => args.key = Some(value),
+            "--device" => args.device = value,
             other => panic!("unknown flag {other}\n{USAGE}"),
         }
     }
-    args.workload = match (storm, phase.as_deref()) {
-        (false, None) => Workload::Throughput,
-        (true, Some("prepare")) => Workload::StormPrepare,
-        (true, Some("reconnect")) => Workload::StormReconnect,
+    args.workload = match (storm, iotedge, phase.as_deref()) {
+        (false, false, None) => Workload::Throughput,
+        (false, true, None) if args.ca.is_some() && args.key.is_some() => Workload::IotEdge,
+        (true, false, Some("prepare")) => Workload::StormPrepare,
+        (true, false, Some("reconnect")) => Workload::StormReconnect,
         _ => panic!("{USAGE}"),
     };
     assert!(args.publishers > 0 && args.clients > 0, "{USAGE}");
@@ -110,7 +143,8 @@ async fn main() {
     let args = parse_args();
     let run = async {
         match args.workload {
-            Workload::Throughput => throughput(&args).await,
+            Workload::Throughput => throughput(&args, &Path::plain(&args)).await,
+            Workload::IotEdge => throughput(&args, &Path::iot_edge(&args)).await,
             Workload::StormPrepare => storm_prepare(&args).await,
             Workload::StormReconnect => storm_reconnect(&args).await,
         }
@@ -129,10 +163,92 @@ async fn wait_for_suback(events: &mut EventLoop) {
     }
 }
 
-async fn throughput(args: &Args) {
-    let (subscriber, mut subscriber_loop) = AsyncClient::new(options(args, "spool-load-sub"), 1024);
+/// Where the throughput workload's messages go, and who sends and takes them.
+struct Path {
+    /// The topic publisher `n` publishes on.
+    topic: Box<dyn Fn(u32) -> String>,
+    filter: String,
+    /// The options of publisher `n`, and of the subscriber (`None`).
+    client: Box<dyn Fn(Option<u32>) -> MqttOptions>,
+    what: &'static str,
+}
+
+impl Path {
+    /// Plain MQTT: one topic, anonymous clients.
+    fn plain(args: &Args) -> Path {
+        let args = args.clone();
+        Path {
+            topic: Box::new(|_| "spool-load/t".into()),
+            filter: "spool-load/t".into(),
+            client: Box::new(move |publisher| match publisher {
+                Some(n) => options(&args, &format!("spool-load-pub-{n}")),
+                None => options(&args, "spool-load-sub"),
+            }),
+            what: "plain MQTT",
+        }
+    }
+
+    /// IoT Edge modules over TLS with SAS tokens, through a route (see the module docs).
+    fn iot_edge(args: &Args) -> Path {
+        let args = args.clone();
+        let device = args.device.clone();
+        let filter = format!("devices/{device}/modules/sink/inputs/#");
+        Path {
+            topic: Box::new(move |n| {
+                format!("devices/{device}/modules/pub{n}/messages/events/%24.on=out1&k=v")
+            }),
+            filter,
+            client: Box::new(move |publisher| match publisher {
+                Some(n) => module_options(&args, &format!("pub{n}")),
+                None => module_options(&args, "sink"),
+            }),
+            what: "IoT Edge modules over TLS with SAS, through a route",
+        }
+    }
+}
+
+/// The options of module `{device}/{module}`: TLS trusting `--ca`, and a SAS token signed with
+/// `--key`, valid for a day.
+fn module_options(args: &Args, module: &str) -> MqttOptions {
+    use base64::Engine as _;
+    let device = &args.device;
+    let id = format!("{device}/{module}");
+    let mut options = MqttOptions::new(&id, "localhost", args.port);
+    options.set_keep_alive(Duration::from_secs(60));
+    options.set_inflight(args.inflight);
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let key = base64::engine::general_purpose::STANDARD
+        .decode(args.key.as_deref().unwrap())
+        .unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let expiry = now.unwrap().as_secs() + 86_400;
+    let token = sign(
+        &key,
+        &resource_uri("localhost", device, Some(module)),
+        expiry,
+    );
+    options.set_credentials(format!("localhost/{id}/?api-version=2020-09-30"), token);
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(args.ca.as_deref().unwrap()).unwrap();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+        Arc::new(config),
+    )));
+    options
+}
+
+async fn throughput(args: &Args, path: &Path) {
+    let (subscriber, mut subscriber_loop) = AsyncClient::new((path.client)(None), 1024);
     subscriber
-        .subscribe("spool-load/t", QoS::AtLeastOnce)
+        .subscribe(path.filter.clone(), QoS::AtLeastOnce)
         .await
         .unwrap();
     wait_for_suback(&mut subscriber_loop).await;
@@ -161,17 +277,17 @@ async fn throughput(args: &Args) {
     let started = Instant::now();
     let mut sending = Vec::new();
     for publisher in 0..publishers {
-        let (client, mut events) =
-            AsyncClient::new(options(args, &format!("spool-load-pub-{publisher}")), 1024);
+        let (client, mut events) = AsyncClient::new((path.client)(Some(publisher)), 1024);
         tokio::spawn(async move { while events.poll().await.is_ok() {} });
         let size = args.size.max(12);
+        let topic = (path.topic)(publisher);
         sending.push(tokio::spawn(async move {
             for number in 0..per_publisher {
                 let mut payload = vec![0x5a; size];
                 payload[..4].copy_from_slice(&publisher.to_le_bytes());
                 payload[4..12].copy_from_slice(&number.to_le_bytes());
                 client
-                    .publish("spool-load/t", QoS::AtLeastOnce, false, payload)
+                    .publish(topic.clone(), QoS::AtLeastOnce, false, payload)
                     .await
                     .unwrap();
             }
@@ -183,9 +299,10 @@ async fn throughput(args: &Args) {
     let finished = receiving.await.unwrap();
     let seconds = (finished - started).as_secs_f64();
     println!(
-        "{total} messages of {} B at QoS 1 from {publishers} publisher(s), {} in flight each: \
-         {:.0} msg/s end to end ({seconds:.2} s)",
+        "{total} messages of {} B at QoS 1 from {publishers} publisher(s), {}, {} in flight \
+         each: {:.0} msg/s end to end ({seconds:.2} s)",
         args.size,
+        path.what,
         args.inflight,
         total as f64 / seconds
     );

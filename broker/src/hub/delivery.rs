@@ -10,7 +10,6 @@ use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
 };
 use crate::hub::events::{Delivery, Outbound};
-use crate::iothub;
 use crate::message::{Message, QoS};
 use crate::routing::endpoints::EndpointTarget;
 use bytes::Bytes;
@@ -312,29 +311,25 @@ impl Hub {
     }
 
     /// The PUBLISH for an entry of `queue`, or `None` if its message expired or cannot be
-    /// read. A module input's message goes on the input's topic (`iothub::input_topic`).
+    /// read. A module input's message is addressed to the input: its connection gives it the
+    /// input's topic (`ModuleInput::topic`), off the hub's task.
     pub(super) fn delivery(&mut self, queue: QueueId, entry: &QueueEntry) -> Option<Delivery> {
         let now_ms = self.clock.unix_ms();
         // The deadline is the entry's: no message is read back to find it expired.
         if self.queues.get_mut(&queue)?.expired(entry, now_ms) {
             return None;
         }
-        let mut message = match &entry.retained {
+        let message = match &entry.retained {
             Some(message) => Arc::clone(message),
             None => self.message(entry.seq)?,
         };
-        if let QueueId::Endpoint(number) = queue
-            && let Some(EndpointTarget::ModuleInput {
-                device,
-                module,
-                input,
-            }) = self.endpoints.get(&number).map(|e| &e.target)
-        {
-            message = Arc::new(Message {
-                topic: iothub::input_topic(device, module, input, &message),
-                ..Message::clone(&message)
-            });
-        }
+        let input = match queue {
+            QueueId::Endpoint(number) => match self.endpoints.get(&number).map(|e| &e.target) {
+                Some(EndpointTarget::ModuleInput(to)) => Some(Arc::clone(to)),
+                _ => None,
+            },
+            QueueId::Session(_) => None,
+        };
         Some(Delivery {
             packet_id: entry.packet_id,
             qos: entry.qos,
@@ -342,6 +337,7 @@ impl Hub {
             retain: entry.retained.is_some() || (entry.retain_as_published && message.retain),
             subscription_ids: entry.subscription_ids.clone(),
             message,
+            input,
         })
     }
 

@@ -79,17 +79,12 @@ impl Hub {
             }) = &session.identity
         {
             for (number, name) in &self.endpoints {
-                let EndpointTarget::ModuleInput {
-                    device: d,
-                    module: m,
-                    input,
-                } = &name.target
-                else {
+                let EndpointTarget::ModuleInput(to) = &name.target else {
                     continue;
                 };
-                if d == device
-                    && m == module
-                    && let Some(qos) = input_subscribed(&session.subscriptions, input)
+                if to.device == *device
+                    && to.module == *module
+                    && let Some(qos) = input_subscribed(&session.subscriptions, &to.input)
                 {
                     wanted.push(Consumed {
                         queue: QueueId::Endpoint(*number),

@@ -2,6 +2,7 @@
 //! channel) and [`Outbound`] (hub to one connection, over its bounded channel, by `try_send`).
 
 use crate::auth::identity::IdentityId;
+use crate::iothub::ModuleInput;
 use crate::message::{Message, QoS, Will};
 use crate::routing::SubscriptionOptions;
 use crate::routing::endpoints::EndpointName;
@@ -221,5 +222,22 @@ pub struct Delivery {
     pub dup: bool,
     pub retain: bool,
     pub subscription_ids: Vec<u32>,
+    /// The message as logged: for a module input, the telemetry as its sender published it.
     pub message: Arc<Message>,
+    /// The module input it goes to, whose topic it is sent on (`ModuleInput::topic`).
+    pub input: Option<Arc<ModuleInput>>,
+}
+
+impl Delivery {
+    /// The message as the client gets it: on its input's topic, for a module input.
+    #[must_use]
+    pub fn addressed(mut self) -> Delivery {
+        if let Some(input) = self.input.take() {
+            self.message = Arc::new(Message {
+                topic: input.topic(&self.message),
+                ..Message::clone(&self.message)
+            });
+        }
+        self
+    }
 }

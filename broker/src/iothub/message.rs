@@ -109,39 +109,57 @@ impl MessageView for IotMessage {
 /// the interface id, and the sender the bag claimed (the authenticated one is added).
 const NOT_FORWARDED: [&str; 4] = ["$.on", "$.ifid", "$.cdid", "$.cmid"];
 
-/// The topic a module input gets `telemetry` on (edgehub-contract.md §1.3, §1.4):
-/// `devices/{device}/modules/{module}/inputs/{input}/{bag}`, the bag with the application
-/// properties first, then the system properties that are passed on, then `$.cdid` and `$.cmid`
-/// of the sender as it authenticated. The bag is never empty (the C# SDK misreads a topic
-/// without one) and has no bare keys (the Python SDK fails on them).
-#[must_use]
-pub fn input_topic(device: &str, module: &str, input: &str, telemetry: &Message) -> String {
-    // The bag was checked when the message was published; one that no longer reads is empty.
-    let properties = topics::telemetry(&telemetry.topic)
-        .and_then(|t| property_bag::decode(t.bag).ok())
-        .unwrap_or_default();
-    let is_system =
-        |key: &str| SYSTEM_PROPERTIES.iter().any(|(wire, _)| *wire == key) || key.starts_with("$.");
-    let kept = properties
-        .iter()
-        .filter(|(key, _)| !NOT_FORWARDED.contains(&key.as_str()))
-        .map(|(key, value)| (key.as_str(), value.as_deref().unwrap_or_default()));
-    let (system, application): (Vec<_>, Vec<_>) = kept.partition(|(key, _)| is_system(key));
-    let sender = telemetry
-        .properties
-        .sender
-        .as_deref()
-        .and_then(|id| IdentityId::parse(id).ok());
-    let mut bag = application;
-    bag.extend(system);
-    if let Some(sender) = &sender {
-        bag.push(("$.cdid", &sender.device));
-        if let Some(module) = &sender.module {
-            bag.push(("$.cmid", module));
+/// A module input: where routes deliver (`BrokeredEndpoint("/modules/{module}/inputs/{input}")`
+/// on edge device `device`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ModuleInput {
+    pub device: String,
+    pub module: String,
+    pub input: String,
+}
+
+impl ModuleInput {
+    /// The topic the module gets `telemetry` on (edgehub-contract.md §1.3, §1.4):
+    /// `devices/{device}/modules/{module}/inputs/{input}/{bag}`, the bag with the application
+    /// properties first, then the system properties that are passed on, then `$.cdid` and
+    /// `$.cmid` of the sender as it authenticated. The bag is never empty (the C# SDK misreads
+    /// a topic without one) and has no bare keys (the Python SDK fails on them).
+    #[must_use]
+    pub fn topic(&self, telemetry: &Message) -> String {
+        // The bag was checked when the message was published; one that no longer reads is
+        // empty.
+        let properties = topics::telemetry(&telemetry.topic)
+            .and_then(|t| property_bag::decode(t.bag).ok())
+            .unwrap_or_default();
+        let is_system = |key: &str| {
+            SYSTEM_PROPERTIES.iter().any(|(wire, _)| *wire == key) || key.starts_with("$.")
+        };
+        let kept = properties
+            .iter()
+            .filter(|(key, _)| !NOT_FORWARDED.contains(&key.as_str()))
+            .map(|(key, value)| (key.as_str(), value.as_deref().unwrap_or_default()));
+        let (system, application): (Vec<_>, Vec<_>) = kept.partition(|(key, _)| is_system(key));
+        let sender = telemetry
+            .properties
+            .sender
+            .as_deref()
+            .and_then(|id| IdentityId::parse(id).ok());
+        let mut bag = application;
+        bag.extend(system);
+        if let Some(sender) = &sender {
+            bag.push(("$.cdid", &sender.device));
+            if let Some(module) = &sender.module {
+                bag.push(("$.cmid", module));
+            }
         }
+        let bag = property_bag::encode(bag);
+        let ModuleInput {
+            device,
+            module,
+            input,
+        } = self;
+        format!("devices/{device}/modules/{module}/inputs/{input}/{bag}")
     }
-    let bag = property_bag::encode(bag);
-    format!("devices/{device}/modules/{module}/inputs/{input}/{bag}")
 }
 
 #[cfg(test)]
@@ -167,8 +185,13 @@ mod tests {
                 ..Default::default()
             },
         };
+        let input = ModuleInput {
+            device: "myEdge".into(),
+            module: "sink".into(),
+            input: "in1".into(),
+        };
         assert_eq!(
-            input_topic("myEdge", "sink", "in1", &telemetry),
+            input.topic(&telemetry),
             "devices/myEdge/modules/sink/inputs/in1/temp=31.5&%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&%24.cdid=myEdge&%24.cmid=filter"
         );
         let bare = Message {
@@ -180,7 +203,7 @@ mod tests {
             ..telemetry
         };
         assert_eq!(
-            input_topic("myEdge", "sink", "in1", &bare),
+            input.topic(&bare),
             "devices/myEdge/modules/sink/inputs/in1/flag=&%24.cdid=leaf"
         );
     }

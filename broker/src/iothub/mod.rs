@@ -10,7 +10,7 @@ pub mod message;
 pub mod property_bag;
 pub mod topics;
 
-pub use message::input_topic;
+pub use message::ModuleInput;
 
 use property_bag::Properties;
 

@@ -12,6 +12,7 @@
 
 use crate::delivery::endpoint::checkpoint_key;
 use crate::delivery::record::{QueueId, Target};
+use crate::iothub::ModuleInput;
 use crate::iothub::message::IotMessage;
 use crate::message::QoS;
 use crate::routing::routes::syntax::Sink;
@@ -19,17 +20,14 @@ use crate::routing::routes::table::RouteTable;
 use spool_storage::{Commit, Meta, MetaChange, StateTable};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
+use std::sync::Arc;
 
 /// Where an endpoint delivers.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EndpointTarget {
     /// `BrokeredEndpoint("/modules/{module}/inputs/{input}")`: an input of a module of the
-    /// edge device `device`.
-    ModuleInput {
-        device: String,
-        module: String,
-        input: String,
-    },
+    /// edge device (shared with each delivery, which is addressed to it).
+    ModuleInput(Arc<ModuleInput>),
     /// `$upstream`: IoT Hub, or the parent hub.
     Upstream,
 }
@@ -47,11 +45,13 @@ impl EndpointName {
     pub fn of_sink(sink: &Sink, priority: u32, device: &str) -> EndpointName {
         let target = match sink {
             Sink::Upstream => EndpointTarget::Upstream,
-            Sink::ModuleInput { module, input } => EndpointTarget::ModuleInput {
-                device: device.to_owned(),
-                module: module.clone(),
-                input: input.clone(),
-            },
+            Sink::ModuleInput { module, input } => {
+                EndpointTarget::ModuleInput(Arc::new(ModuleInput {
+                    device: device.to_owned(),
+                    module: module.clone(),
+                    input: input.clone(),
+                }))
+            }
         };
         EndpointName { target, priority }
     }
@@ -61,11 +61,10 @@ impl EndpointName {
     #[must_use]
     pub fn key(&self) -> String {
         match &self.target {
-            EndpointTarget::ModuleInput {
-                device,
-                module,
-                input,
-            } => format!("input/{}/{device}/{module}/{input}", self.priority),
+            EndpointTarget::ModuleInput(to) => format!(
+                "input/{}/{}/{}/{}",
+                self.priority, to.device, to.module, to.input
+            ),
             EndpointTarget::Upstream => format!("upstream/{}", self.priority),
         }
     }
@@ -80,11 +79,11 @@ impl EndpointName {
             "upstream" if parts.next().is_none() => EndpointTarget::Upstream,
             "input" => {
                 let mut part = || parts.next().filter(|p| !p.is_empty()).map(str::to_owned);
-                EndpointTarget::ModuleInput {
+                EndpointTarget::ModuleInput(Arc::new(ModuleInput {
                     device: part()?,
                     module: part()?,
                     input: part()?,
-                }
+                }))
             }
             _ => return None,
         };
@@ -95,11 +94,9 @@ impl EndpointName {
 impl fmt::Display for EndpointName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.target {
-            EndpointTarget::ModuleInput {
-                device,
-                module,
-                input,
-            } => write!(f, "{device}/{module}/inputs/{input}")?,
+            EndpointTarget::ModuleInput(to) => {
+                write!(f, "{}/{}/inputs/{}", to.device, to.module, to.input)?;
+            }
             EndpointTarget::Upstream => f.write_str("$upstream")?,
         }
         write!(f, " (priority {})", self.priority)
@@ -284,7 +281,7 @@ mod tests {
             priority in 0u32..,
         ) {
             let input = EndpointName {
-                target: EndpointTarget::ModuleInput { device, module, input },
+                target: EndpointTarget::ModuleInput(Arc::new(ModuleInput { device, module, input })),
                 priority,
             };
             prop_assert_eq!(EndpointName::from_key(&input.key()), Some(input));
