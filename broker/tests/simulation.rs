@@ -14,7 +14,7 @@
 //! when clients publish, receive,
 //! acknowledge, leave and come back, and when the power goes (its torn writes too).
 //!
-//! The publishers are a module to the publish path, so their telemetry also goes where a
+//! The publishers' telemetry comes from a module to the publish path, so it goes where a
 //! deployment's route says: to a module input's endpoint queue, which a module subscriber
 //! consumes. The checker requires, for every subscriber, every message acknowledged to a
 //! publisher on a topic it follows (or routed to it), in each publisher's order: redeliveries
@@ -621,10 +621,10 @@ impl Simulation {
             connection.connack = None;
         }
         let session = connection.session.as_ref().unwrap();
-        // Publishers are the module `edge/filter` to the publish path: its telemetry is routed.
+        // Telemetry comes from the module `edge/filter` to the publish path, and is routed.
         let filter = IdentityId::parse("edge/filter").unwrap();
         let from = Publisher {
-            identity: Some(&filter),
+            identity: (topic == TELEMETRY).then_some(&filter),
             session: session.session,
             connection: connection.id,
             receipts: &session.receipts,

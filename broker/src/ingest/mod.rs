@@ -13,8 +13,9 @@ use crate::auth::identity::IdentityId;
 use crate::clock::Clock;
 use crate::delivery::drop_worth_logging;
 use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord};
-use crate::iothub;
 use crate::iothub::message::IotMessage;
+use crate::iothub::property_bag::Properties;
+use crate::iothub::{self, PublishRefusal};
 use crate::message::{Message, QoS};
 use crate::routing::Router;
 use crate::session::receipts::{self, SharedReceipts};
@@ -77,6 +78,8 @@ pub enum Ingested {
     Refused,
     /// Not logged: a QoS 0 message when the log has no room, which promises nothing.
     Dropped,
+    /// Not logged: IoT Hub's rules refuse it (`iothub::check_publish`).
+    Forbidden(PublishRefusal),
 }
 
 /// Why a publish could not go through; the connection ends.
@@ -154,7 +157,9 @@ impl Ingest {
         self.clock.unix_ms()
     }
 
-    /// Routes a message by the current routing snapshot and logs it with its routing decision.
+    /// Checks a message against IoT Hub's rules, routes it by the current routing snapshot (an
+    /// identity's telemetry by the deployment's routes too) and logs it with its routing
+    /// decision.
     /// A QoS 2 message whose packet id the publisher still holds is a resend: it is not logged
     /// again, and its acknowledgement waits for the first record.
     ///
@@ -166,10 +171,16 @@ impl Ingest {
         message: Message,
         packet_id: u16,
     ) -> Result<Ingested, IngestError> {
+        let body_bytes = message.payload.len();
+        let telemetry = match iothub::check_publish(publisher.identity, &message.topic, body_bytes)
+        {
+            Ok(telemetry) => telemetry,
+            Err(refusal) => return Ok(Ingested::Forbidden(refusal)),
+        };
         let qos = message.qos;
         let mut record = self.router.snapshot().record(message, publisher.session);
-        if let Some(identity) = publisher.identity {
-            self.route_telemetry(identity, &mut record);
+        if let (Some(identity), Some(properties)) = (publisher.identity, &telemetry) {
+            self.route_telemetry(identity, properties, &mut record);
         }
         if qos == QoS::ExactlyOnce {
             record.qos2_packet_id = Some(packet_id);
@@ -182,15 +193,14 @@ impl Ingest {
     /// routes say (module inputs, `$upstream`), each with its route's time to live from now.
     /// Telemetry that reaches no queue at all is dropped and counted (`no_route`), and still
     /// acknowledged, as edgeHub does.
-    fn route_telemetry(&self, identity: &IdentityId, record: &mut PublishRecord) {
+    fn route_telemetry(
+        &self,
+        identity: &IdentityId,
+        properties: &Properties,
+        record: &mut PublishRecord,
+    ) {
         let message = &mut record.message;
-        let Some(telemetry) = iothub::topics::telemetry(&message.topic) else {
-            return; // not telemetry: a twin or method topic
-        };
-        let Ok(properties) = iothub::property_bag::decode(telemetry.bag) else {
-            return; // refused before it came here
-        };
-        let routed = IotMessage::new(identity.clone(), &properties, &message.payload);
+        let routed = IotMessage::new(identity, properties, &message.payload);
         message.properties.sender = Some(identity.to_string());
         let routes = self.router.routes();
         record

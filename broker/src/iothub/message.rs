@@ -7,7 +7,6 @@ use super::topics;
 use crate::auth::identity::IdentityId;
 use crate::message::Message;
 use crate::routing::routes::condition::MessageView;
-use std::collections::HashMap;
 
 /// The bag's system-property keys and edgeHub's names for them. Any other key is an
 /// application property.
@@ -28,76 +27,80 @@ const SYSTEM_PROPERTIES: [(&str, &str); 14] = [
     ("ack", "ack"),
 ];
 
-/// Telemetry, as routes evaluate it.
+/// Telemetry, as routes evaluate it: a view of its decoded property bag, without copies, since
+/// every identity's publish is evaluated.
 #[derive(Debug, Clone)]
-pub struct IotMessage {
-    pub sender: IdentityId,
-    system: HashMap<String, String>,
-    application: HashMap<String, String>,
+pub struct IotMessage<'a> {
+    pub sender: &'a IdentityId,
+    properties: &'a Properties,
     /// The body parsed as JSON, when its content type and encoding say it is JSON.
     json: Option<serde_json::Value>,
 }
 
-impl IotMessage {
+impl<'a> IotMessage<'a> {
     /// The message `sender` (as authenticated) sent with `properties` (its topic's bag) and
     /// `body`. `connectionDeviceId` and `connectionModuleId` come from the sender; a bag's
-    /// `$.cdid` and `$.cmid` are dropped.
+    /// `$.cdid` and `$.cmid` are ignored.
     #[must_use]
-    pub fn new(sender: IdentityId, properties: &Properties, body: &[u8]) -> IotMessage {
-        let mut system = HashMap::new();
-        let mut application = HashMap::new();
-        for (key, value) in properties {
-            if key == "$.cdid" || key == "$.cmid" {
-                continue; // the sender is who authenticated, whatever the bag says
-            }
-            let value = value.clone().unwrap_or_default();
-            match SYSTEM_PROPERTIES.iter().find(|(wire, _)| wire == key) {
-                Some((_, name)) => system.insert((*name).to_owned(), value),
-                None => application.insert(key.clone(), value),
-            };
-        }
-        system.insert("connectionDeviceId".into(), sender.device.clone());
-        if let Some(module) = &sender.module {
-            system.insert("connectionModuleId".into(), module.clone());
-        }
-        let json_type = system
-            .get("contentType")
+    pub fn new(sender: &'a IdentityId, properties: &'a Properties, body: &[u8]) -> IotMessage<'a> {
+        let mut message = IotMessage {
+            sender,
+            properties,
+            json: None,
+        };
+        let json_type = message
+            .system_property("contentType")
             .is_some_and(|t| t.eq_ignore_ascii_case("application/json"));
-        let json_encoding = system.get("contentEncoding").is_some_and(|e| {
+        let json_encoding = message.system_property("contentEncoding").is_some_and(|e| {
             ["utf-8", "utf-16", "utf-32"]
                 .iter()
                 .any(|known| e.eq_ignore_ascii_case(known))
         });
-        let json = (json_type && json_encoding)
-            .then(|| serde_json::from_slice(body).ok())
-            .flatten();
-        IotMessage {
-            sender,
-            system,
-            application,
-            json,
+        if json_type && json_encoding {
+            message.json = serde_json::from_slice(body).ok();
         }
+        message
     }
 
     /// Its route source: `/messages/modules/{module}/outputs/{output}` for a module's message to
     /// an output, `/messages/modules/{module}` without one, `/messages` from a device.
     #[must_use]
     pub fn source(&self) -> String {
-        match (&self.sender.module, self.system.get("outputName")) {
+        match (&self.sender.module, self.system_property("outputName")) {
             (Some(module), Some(output)) => format!("/messages/modules/{module}/outputs/{output}"),
             (Some(module), None) => format!("/messages/modules/{module}"),
             (None, _) => "/messages".to_owned(),
         }
     }
+
+    /// The value of the bag's last `key` (a bare key's is empty), as a later one wins.
+    fn bag_value(&self, key: &str) -> Option<&'a str> {
+        let properties: &'a Properties = self.properties;
+        properties
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, value)| value.as_deref().unwrap_or_default())
+    }
 }
 
-impl MessageView for IotMessage {
+impl MessageView for IotMessage<'_> {
     fn app_property(&self, name: &str) -> Option<&str> {
-        self.application.get(name).map(String::as_str)
+        let system = SYSTEM_PROPERTIES.iter().any(|(wire, _)| *wire == name);
+        let sender = name == "$.cdid" || name == "$.cmid";
+        (!system && !sender).then(|| self.bag_value(name)).flatten()
     }
 
     fn system_property(&self, name: &str) -> Option<&str> {
-        self.system.get(name).map(String::as_str)
+        match name {
+            // The sender is who authenticated, whatever the bag says.
+            "connectionDeviceId" => Some(&self.sender.device),
+            "connectionModuleId" => self.sender.module.as_deref(),
+            _ => {
+                let (wire, _) = SYSTEM_PROPERTIES.iter().find(|(_, n)| *n == name)?;
+                self.bag_value(wire)
+            }
+        }
     }
 
     fn json_body(&self) -> Option<&serde_json::Value> {
@@ -139,17 +142,13 @@ impl ModuleInput {
             .filter(|(key, _)| !NOT_FORWARDED.contains(&key.as_str()))
             .map(|(key, value)| (key.as_str(), value.as_deref().unwrap_or_default()));
         let (system, application): (Vec<_>, Vec<_>) = kept.partition(|(key, _)| is_system(key));
-        let sender = telemetry
-            .properties
-            .sender
-            .as_deref()
-            .and_then(|id| IdentityId::parse(id).ok());
         let mut bag = application;
         bag.extend(system);
-        if let Some(sender) = &sender {
-            bag.push(("$.cdid", &sender.device));
-            if let Some(module) = &sender.module {
-                bag.push(("$.cmid", module));
+        // The sender as the publish path wrote it: `device` or `device/module`.
+        if let Some(sender) = telemetry.properties.sender.as_deref() {
+            match sender.split_once('/') {
+                Some((device, module)) => bag.extend([("$.cdid", device), ("$.cmid", module)]),
+                None => bag.push(("$.cdid", sender)),
             }
         }
         let bag = property_bag::encode(bag);
@@ -216,7 +215,8 @@ mod tests {
             "%24.on=alerts&%24.mid=m-1&%24.ct=application%2Fjson&%24.ce=utf-8&temp=31.5&%24.cdid=forged",
         )
         .expect("bag");
-        let message = IotMessage::new(id("edge/filter"), &bag, br#"{"severity":"high"}"#);
+        let filter = id("edge/filter");
+        let message = IotMessage::new(&filter, &bag, br#"{"severity":"high"}"#);
         assert_eq!(message.source(), "/messages/modules/filter/outputs/alerts");
         assert_eq!(message.system_property("messageId"), Some("m-1"));
         assert_eq!(message.system_property("connectionDeviceId"), Some("edge"));
@@ -234,10 +234,12 @@ mod tests {
             message.json_body().and_then(|j| j.get("severity")),
             Some(&serde_json::json!("high"))
         );
-        let plain = IotMessage::new(id("edge/filter"), &decode("k=v").expect("bag"), b"{}");
+        let bag = decode("k=v").expect("bag");
+        let plain = IotMessage::new(&filter, &bag, b"{}");
         assert_eq!(plain.source(), "/messages/modules/filter");
         assert_eq!(plain.json_body(), None, "no content type: not JSON");
-        let leaf = IotMessage::new(id("leaf"), &Vec::new(), b"");
+        let (leaf, empty) = (id("leaf"), Vec::new());
+        let leaf = IotMessage::new(&leaf, &empty, b"");
         assert_eq!(leaf.source(), "/messages");
         assert_eq!(leaf.system_property("connectionModuleId"), None);
     }

@@ -1,7 +1,8 @@
 //! IoT Hub conventions on MQTT (edgehub-contract.md §1.3–§1.4): the topics devices and modules
 //! use, the property bags their topics carry, and the size IoT Hub counts for a message.
 //!
-//! - `topics`: the telemetry topic's parts, and which topics an identity may use.
+//! - `topics`: the telemetry topic's parts, and which topics an identity may use
+//!   ([`check_publish`] applies them, with the bag's and the size's rules).
 //! - `property_bag`: decoding and encoding property bags.
 //! - `message`: telemetry as routes see it (system and application properties, its source),
 //!   and as a module input gets it.
@@ -12,6 +13,7 @@ pub mod topics;
 
 pub use message::ModuleInput;
 
+use crate::auth::identity::IdentityId;
 use property_bag::Properties;
 
 /// The largest message IoT Hub and edgeHub accept, as [`message_size`] counts it.
@@ -26,4 +28,59 @@ pub fn message_size(properties: &Properties, body_bytes: usize) -> usize {
         .map(|(key, value)| key.len() + value.as_ref().map_or(0, String::len))
         .sum::<usize>()
         + body_bytes
+}
+
+/// Why IoT Hub's rules refuse a publish (or a will).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PublishRefusal {
+    /// A topic the client may not publish on.
+    #[error("{0}")]
+    NotAuthorized(String),
+    /// Telemetry whose property bag does not decode: a protocol error.
+    #[error("dropped a message: its property bag: {0}")]
+    MalformedBag(String),
+    /// Telemetry above IoT Hub's size.
+    #[error("dropped a message of {size} bytes, above IoT Hub's {MESSAGE_BYTES_MAX}")]
+    TooLarge { size: usize },
+}
+
+/// IoT Hub's rules for a publish on `topic` by `identity` (`None`: a plain MQTT client):
+/// - an identity publishes only on its own IoT Hub topics (`topics::may_publish`);
+/// - anyone else publishes on no IoT Hub topic (`devices/…`, `$iothub/…`): a plain client
+///   could otherwise forge a module's telemetry or call its direct methods;
+/// - an identity's telemetry has a well-formed property bag and stays within IoT Hub's size.
+///
+/// Returns the decoded bag of an identity's telemetry (what routes evaluate), `None` for any
+/// other publish allowed.
+///
+/// # Errors
+/// Why the publish is refused.
+pub fn check_publish(
+    identity: Option<&IdentityId>,
+    topic: &str,
+    body_bytes: usize,
+) -> Result<Option<Properties>, PublishRefusal> {
+    let Some(identity) = identity else {
+        let reserved = topic.starts_with("devices/") || topic.starts_with("$iothub/");
+        return match reserved {
+            true => Err(PublishRefusal::NotAuthorized(format!(
+                "{topic:?} is an IoT Hub topic, for identities only"
+            ))),
+            false => Ok(None),
+        };
+    };
+    if !topics::may_publish(identity, topic) {
+        let why = format!("{identity} may not publish on {topic:?}");
+        return Err(PublishRefusal::NotAuthorized(why));
+    }
+    let Some(telemetry) = topics::telemetry(topic) else {
+        return Ok(None);
+    };
+    let properties = property_bag::decode(telemetry.bag)
+        .map_err(|e| PublishRefusal::MalformedBag(e.to_string()))?;
+    let size = message_size(&properties, body_bytes);
+    if size > MESSAGE_BYTES_MAX {
+        return Err(PublishRefusal::TooLarge { size });
+    }
+    Ok(Some(properties))
 }

@@ -19,6 +19,7 @@ use crate::hub::events::{
 };
 use crate::ingest::{Durable, Ingest, IngestError, Ingested, Publisher, WhenFull};
 use crate::iothub;
+use crate::iothub::PublishRefusal;
 use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
     USER_PROPERTIES_MAX,
@@ -277,9 +278,9 @@ fn authenticate(
 /// Why a CONNECT's will cannot be accepted, if it cannot.
 fn refuse_will(will: &Will, identity: Option<&IdentityId>) -> Option<Reason> {
     let message = &will.message;
-    if let Some((reason, why)) = iot_refusal(identity, &message.topic, message.payload.len()) {
-        tracing::info!("refused a CONNECT's will: {why}");
-        return Some(reason);
+    if let Err(refusal) = iothub::check_publish(identity, &message.topic, message.payload.len()) {
+        tracing::info!("refused a CONNECT's will: {refusal}");
+        return Some(refusal_reason(&refusal));
     }
     if let Err(e) = topic::validate_name(&will.message.topic) {
         let topic = &will.message.topic;
@@ -295,40 +296,13 @@ fn refuse_will(will: &Will, identity: Option<&IdentityId>) -> Option<Reason> {
     None
 }
 
-/// Why IoT Hub's rules refuse a publish (or a will) on `topic`, if they do, with the reason
-/// code and a line for the log:
-/// - an identity publishes only on its own IoT Hub topics (`iothub::topics::may_publish`);
-/// - anyone else publishes on no IoT Hub topic (`devices/…`, `$iothub/…`): a plain client
-///   could otherwise forge a module's telemetry or call its direct methods;
-/// - an identity's telemetry has a well-formed property bag and stays within IoT Hub's size.
-fn iot_refusal(
-    identity: Option<&IdentityId>,
-    topic: &str,
-    body_bytes: usize,
-) -> Option<(Reason, String)> {
-    let Some(identity) = identity else {
-        let reserved = topic.starts_with("devices/") || topic.starts_with("$iothub/");
-        let why = || format!("{topic:?} is an IoT Hub topic, for identities only");
-        return reserved.then(|| (Reason::NotAuthorized, why()));
-    };
-    if !iothub::topics::may_publish(identity, topic) {
-        let why = format!("{identity} may not publish on {topic:?}");
-        return Some((Reason::NotAuthorized, why));
+/// The MQTT reason for a refusal by IoT Hub's rules.
+fn refusal_reason(refusal: &PublishRefusal) -> Reason {
+    match refusal {
+        PublishRefusal::NotAuthorized(_) => Reason::NotAuthorized,
+        PublishRefusal::MalformedBag(_) => Reason::ProtocolError,
+        PublishRefusal::TooLarge { .. } => Reason::PacketTooLarge,
     }
-    let telemetry = iothub::topics::telemetry(topic)?;
-    let properties = match iothub::property_bag::decode(telemetry.bag) {
-        Ok(properties) => properties,
-        Err(e) => {
-            let why = format!("dropped a message: its property bag: {e}");
-            return Some((Reason::ProtocolError, why));
-        }
-    };
-    let size = iothub::message_size(&properties, body_bytes);
-    let max = iothub::MESSAGE_BYTES_MAX;
-    (size > max).then(|| {
-        let why = format!("dropped a message of {size} bytes, above IoT Hub's {max}");
-        (Reason::PacketTooLarge, why)
-    })
 }
 
 /// The hub's acceptance of a CONNECT, with the connection's ends of what it shares with the
@@ -692,9 +666,6 @@ where
             .map_err(|e| Close::with(Reason::TopicNameInvalid, format!("topic {topic:?}: {e}")))?;
         let packet_id = publish.packet_id.unwrap_or(0);
         self.check_receive_maximum(publish.qos, packet_id)?;
-        if let Some(refusal) = self.check_iot_publish(&topic, publish.payload.len())? {
-            return self.refuse_publish(publish.qos, packet_id, refusal);
-        }
         let mut properties = publish.properties;
         let now_ms = self.context.ingest.now_ms();
         properties.expires_at_ms = expires_at_ms(now_ms, publish.expiry_interval_secs);
@@ -715,6 +686,10 @@ where
             Ingested::Logged(durable) => self.acknowledge_when(publish.qos, packet_id, durable),
             Ingested::Refused => self.refuse_publish(publish.qos, packet_id, Reason::QuotaExceeded),
             Ingested::Dropped => Ok(()),
+            Ingested::Forbidden(refusal) => {
+                let reason = self.iot_refusal(refusal)?;
+                self.refuse_publish(publish.qos, packet_id, reason)
+            }
         }
     }
 
@@ -751,19 +726,17 @@ where
             .push_back(AwaitingDurability { ack, durable });
     }
 
-    /// The IoT Hub rules for a publish (`iot_refusal`): `Ok(Some)` refuses it with that
-    /// reason (MQTT 5, a topic the client may not use); an error ends the connection (MQTT
-    /// 3.1.1 has no refusal, and a malformed or oversized message is a protocol error, logged
-    /// and never acknowledged).
-    fn check_iot_publish(&self, topic: &str, body_bytes: usize) -> Result<Option<Reason>, Close> {
-        match iot_refusal(self.identity.as_ref(), topic, body_bytes) {
-            None => Ok(None),
-            Some((Reason::NotAuthorized, why)) if self.protocol == Protocol::V5 => {
-                tracing::info!("refused a publish: {why}");
-                Ok(Some(Reason::NotAuthorized))
-            }
-            Some((reason, why)) => Err(Close::with(reason, why)),
+    /// A publish IoT Hub's rules refused: MQTT 5 is told it may not use that topic (the
+    /// reason to answer with); anything else ends the connection (MQTT 3.1.1 has no refusal,
+    /// and a malformed or oversized message is a protocol error, logged and never
+    /// acknowledged).
+    fn iot_refusal(&self, refusal: PublishRefusal) -> Result<Reason, Close> {
+        let reason = refusal_reason(&refusal);
+        if reason == Reason::NotAuthorized && self.protocol == Protocol::V5 {
+            tracing::info!("refused a publish: {refusal}");
+            return Ok(reason);
         }
+        Err(Close::with(reason, refusal.to_string()))
     }
 
     /// MQTT 5 clients may have at most the receive maximum the CONNACK announced of QoS 1 and

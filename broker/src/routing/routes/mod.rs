@@ -97,13 +97,28 @@ impl CompiledRoute {
     /// and its condition, if any, is true.
     #[must_use]
     pub fn matches(&self, source: &str, message: &dyn MessageView) -> bool {
-        let source = format!("{}/", source.to_lowercase());
+        self.matches_lowered(&lowered_source(source), message)
+    }
+
+    /// [`CompiledRoute::matches`] with the source already as `lowered_source` makes it, so a
+    /// table of routes lowers it once per message.
+    #[must_use]
+    pub fn matches_lowered(&self, source: &str, message: &dyn MessageView) -> bool {
         source.starts_with(&self.source_prefix)
             && self
                 .condition
                 .as_ref()
                 .is_none_or(|condition| condition::holds(condition, message))
     }
+}
+
+/// A message's source as route sources are matched against it: lower case, with a trailing
+/// `/` (so `/messages/modules/a` does not take `/messages/modules/ab`'s routes).
+#[must_use]
+pub fn lowered_source(source: &str) -> String {
+    let mut lowered = source.to_lowercase();
+    lowered.push('/');
+    lowered
 }
 
 #[cfg(test)]

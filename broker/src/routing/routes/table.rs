@@ -8,7 +8,7 @@
 
 use super::condition::MessageView;
 use super::syntax::Sink;
-use super::{CompiledRoute, RouteError};
+use super::{CompiledRoute, RouteError, lowered_source};
 use serde_json::Value;
 
 /// A message's place in one endpoint: which, at what priority, and for how long.
@@ -118,7 +118,12 @@ impl RouteTable {
     #[must_use]
     pub fn evaluate(&self, source: &str, message: &dyn MessageView) -> Vec<Dispatch> {
         let mut dispatches: Vec<Dispatch> = Vec::new();
-        for route in self.routes.iter().filter(|r| r.matches(source, message)) {
+        let source = lowered_source(source);
+        for route in self
+            .routes
+            .iter()
+            .filter(|r| r.matches_lowered(&source, message))
+        {
             let dispatch = Dispatch {
                 sink: route.sink.clone(),
                 priority: route.priority,
