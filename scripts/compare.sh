@@ -43,11 +43,11 @@ max_queued_messages 0
 CONF
 mosquitto -c "$work/mosquitto.conf" > "$work/mosquitto.log" 2>&1 &
 pids+=($!)
-target/release/spool serve --data-dir "$work/spool-data" --mqtt-bind "127.0.0.1:$spool_port" \
+SPOOL_ADMIN_BIND= target/release/spool serve --data-dir "$work/spool-data" --mqtt-bind "127.0.0.1:$spool_port" \
     --mqtts-bind '' > "$work/spool.log" 2>&1 &
 pids+=($!)
 if [ -n "$baseline" ]; then
-    "$baseline" serve --data-dir "$work/baseline-data" --mqtt-bind "127.0.0.1:$baseline_port" \
+    SPOOL_ADMIN_BIND= "$baseline" serve --data-dir "$work/baseline-data" --mqtt-bind "127.0.0.1:$baseline_port" \
         --mqtts-bind '' > "$work/baseline.log" 2>&1 &
     pids+=($!)
 fi

@@ -40,7 +40,7 @@ cat > "$work/deployment.json" <<'JSON'
   "routes": { "load": "FROM /messages/modules/* WHERE k = 'v' INTO BrokeredEndpoint(\"/modules/sink/inputs/in1\")" },
   "storeAndForwardConfiguration": { "timeToLiveSecs": 7200 } }
 JSON
-target/release/spool serve --data-dir "$work/spool-data" --mqtt-bind "127.0.0.1:$plain_port" \
+SPOOL_ADMIN_BIND= target/release/spool serve --data-dir "$work/spool-data" --mqtt-bind "127.0.0.1:$plain_port" \
     --mqtts-bind "127.0.0.1:$tls_port" --identities "$work/identities.toml" \
     --deployment "$work/deployment.json" > "$work/spool.log" 2>&1 &
 pid=$!

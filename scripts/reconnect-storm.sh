@@ -25,7 +25,7 @@ cleanup() {
 trap cleanup EXIT
 
 start_spool() {
-    "$spool" serve --data-dir "$work/spool-data" --mqtt-bind "127.0.0.1:$port" \
+    SPOOL_ADMIN_BIND= "$spool" serve --data-dir "$work/spool-data" --mqtt-bind "127.0.0.1:$port" \
         --mqtts-bind '' --max-connections $((clients + 100)) >> "$work/spool.log" 2>&1 &
     spool_pid=$!
 }

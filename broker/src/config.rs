@@ -111,6 +111,9 @@ settings! {
     /// A TOML or JSON file of devices and modules added to (or replaced in) the identity
     /// registry at start; `spool identity` manages the registry too.
     identities: PathBuf = "", env "SPOOL_IDENTITIES";
+    /// Address of the admin API (gRPC, spool.admin.v1), which `spool identity` uses while a
+    /// server runs; empty disables it. Bind it to loopback or a trusted network only.
+    admin_bind: String = "127.0.0.1:50051", env "SPOOL_ADMIN_BIND";
     /// A deployment manifest (JSON: a whole deployment, the $edgeHub twin or its desired
     /// properties, schema 1.0 to 1.3) whose routes send devices' and modules' telemetry to
     /// module inputs and $upstream; none: telemetry reaches MQTT subscribers only.
@@ -163,6 +166,8 @@ pub struct Config {
     pub mqtt_bind: Option<String>,
     /// `None` when disabled.
     pub mqtts_bind: Option<String>,
+    /// `None` when disabled.
+    pub admin_bind: Option<String>,
     pub tls_certificate: CertificateSource,
     pub session_expiry_v311: Duration,
 }
@@ -193,6 +198,7 @@ impl Config {
         let config = Config {
             mqtt_bind: enabled(&settings.mqtt_bind),
             mqtts_bind: enabled(&settings.mqtts_bind),
+            admin_bind: enabled(&settings.admin_bind),
             tls_certificate,
             session_expiry_v311: Duration::from_secs(settings.session_expiry_secs),
             settings,

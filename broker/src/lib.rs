@@ -12,11 +12,13 @@
 //! - [`delivery`]: the WAL record of a publish (naming queues), queues as endpoints, the
 //!   message cache.
 //! - [`auth`]: identities, SAS tokens, who a CONNECT is; `spool identity`.
+//! - [`admin`]: the admin API (gRPC, `spool.admin.v1`).
 //! - [`iothub`]: IoT Hub topics and property bags; which topics an identity may use.
 //! - [`tls`]: the MQTTS listener's certificate, given or generated.
 //! - [`clock`]: the hub's time, which tests move by hand.
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`].
 
+pub mod admin;
 pub mod auth;
 pub mod clock;
 pub mod config;

@@ -64,6 +64,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 );
             }
         }
+        if let Some(addr) = server.admin_addr {
+            println!("spool: admin API on {addr}");
+        }
         println!("spool: data in {}", config.settings.data_dir.display());
         wait_for_stop_signal().await?;
         tracing::info!("stopping");

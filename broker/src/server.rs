@@ -1,5 +1,6 @@
 //! Wiring: opens the storage, starts the hub and the listeners, and stops them in order.
 
+use crate::admin::{self, AdminContext};
 use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::IdentitiesFile;
 use crate::auth::registry::IdentityRegistry;
@@ -38,6 +39,8 @@ pub struct Server {
     pub mqtts_addr: Option<SocketAddr>,
     /// The certificate files MQTTS uses, if enabled.
     pub tls_files: Option<TlsFiles>,
+    /// The address the admin API is bound to, if enabled.
+    pub admin_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Each connection holds one permit until it has finished.
@@ -220,6 +223,56 @@ fn spawn_hub(
     Ok((events, tasks))
 }
 
+/// Where the MQTT listeners listen.
+struct Listeners {
+    mqtt_addr: Option<SocketAddr>,
+    mqtts_addr: Option<SocketAddr>,
+    tls_files: Option<TlsFiles>,
+}
+
+/// Binds the MQTT and MQTTS listeners that are enabled and starts accepting on them.
+async fn start_listeners(
+    config: &Config,
+    context: &Arc<ServerContext>,
+    connections: &Arc<Semaphore>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Listeners> {
+    let mut listeners = Listeners {
+        mqtt_addr: None,
+        mqtts_addr: None,
+        tls_files: None,
+    };
+    if let Some(bind) = &config.mqtt_bind {
+        let listener = bind_listener(bind)
+            .await
+            .with_context(|| format!("bind MQTT listener to {bind}"))?;
+        listeners.mqtt_addr = Some(listener.local_addr()?);
+        tasks.push(tokio::spawn(listener::accept_loop(
+            listener,
+            None,
+            config.settings.mqtt_auth,
+            Arc::clone(context),
+            Arc::clone(connections),
+        )));
+    }
+    if let Some(bind) = &config.mqtts_bind {
+        let (acceptor, files) = tls::acceptor(&config.tls_certificate)?;
+        let listener = bind_listener(bind)
+            .await
+            .with_context(|| format!("bind MQTTS listener to {bind}"))?;
+        listeners.mqtts_addr = Some(listener.local_addr()?);
+        listeners.tls_files = Some(files);
+        tasks.push(tokio::spawn(listener::accept_loop(
+            listener,
+            Some(acceptor),
+            config.settings.mqtts_auth,
+            Arc::clone(context),
+            Arc::clone(connections),
+        )));
+    }
+    Ok(listeners)
+}
+
 impl Server {
     /// Opens the data directory (recovering the log) and starts serving.
     ///
@@ -241,6 +294,7 @@ impl Server {
         let shutdown = CancellationToken::new();
         // One clock for the hub and the publish path: message expiry is stamped and read on it.
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
+        let admin_meta = Arc::clone(&meta);
         let (events, mut tasks) =
             spawn_hub(config, &wal, meta, &router, &shutdown, Arc::clone(&clock))?;
         if let Some(deployment) = deployment {
@@ -258,46 +312,38 @@ impl Server {
         let context = Arc::new(ServerContext::new(
             events,
             ingest,
-            authenticator,
+            Arc::new(authenticator),
             connection_limits,
             shutdown.clone(),
         ));
         let connections_max = config.settings.max_connections;
         let connections = Arc::new(Semaphore::new(connections_max as usize));
-        let mut mqtt_addr = None;
-        if let Some(bind) = &config.mqtt_bind {
-            let listener = bind_listener(bind)
-                .await
-                .with_context(|| format!("bind MQTT listener to {bind}"))?;
-            mqtt_addr = Some(listener.local_addr()?);
-            tasks.push(tokio::spawn(listener::accept_loop(
-                listener,
-                None,
-                config.settings.mqtt_auth,
-                Arc::clone(&context),
-                Arc::clone(&connections),
-            )));
-        }
-        let (mut mqtts_addr, mut tls_files) = (None, None);
-        if let Some(bind) = &config.mqtts_bind {
-            let (acceptor, files) = tls::acceptor(&config.tls_certificate)?;
-            let listener = bind_listener(bind)
-                .await
-                .with_context(|| format!("bind MQTTS listener to {bind}"))?;
-            mqtts_addr = Some(listener.local_addr()?);
-            tls_files = Some(files);
-            tasks.push(tokio::spawn(listener::accept_loop(
-                listener,
-                Some(acceptor),
-                config.settings.mqtts_auth,
-                Arc::clone(&context),
-                Arc::clone(&connections),
-            )));
-        }
+        let listeners = start_listeners(config, &context, &connections, &mut tasks).await?;
+        let admin_addr = match config.admin_bind.as_deref() {
+            Some(bind) => {
+                let listener = TcpListener::bind(bind)
+                    .await
+                    .with_context(|| format!("bind the admin API to {bind}"))?;
+                let addr = listener.local_addr()?;
+                let admin = AdminContext {
+                    authenticator: Arc::clone(&context.authenticator),
+                    meta: admin_meta,
+                };
+                let serving = admin::serve(listener, admin, shutdown.clone());
+                tasks.push(tokio::spawn(async move {
+                    if let Err(e) = serving.await {
+                        tracing::error!("the admin API stopped: {e}");
+                    }
+                }));
+                Some(addr)
+            }
+            None => None,
+        };
         Ok(Server {
-            mqtt_addr,
-            mqtts_addr,
-            tls_files,
+            mqtt_addr: listeners.mqtt_addr,
+            mqtts_addr: listeners.mqtts_addr,
+            tls_files: listeners.tls_files,
+            admin_addr,
             shutdown,
             tasks,
             connections,

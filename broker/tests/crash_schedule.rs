@@ -387,6 +387,7 @@ async fn start_on(fs: &Arc<FaultyFs>, dir: &Path) -> Server {
         data_dir: Some(dir.to_path_buf()),
         mqtt_bind: Some("127.0.0.1:0".into()),
         mqtts_bind: Some(String::new()),
+        admin_bind: Some(String::new()),
         max_packet_size: Some(65_536),
         wal_segment_bytes: Some(1_300_000),
         wal_quota_bytes: Some(64 << 20),

@@ -161,6 +161,7 @@ async fn start_on(fs: &Arc<FaultyFs>, dir: &Path) -> Server {
         data_dir: Some(dir.to_path_buf()),
         mqtt_bind: Some("127.0.0.1:0".into()),
         mqtts_bind: Some(String::new()),
+        admin_bind: Some(String::new()),
         ..ServeArgs::default()
     })
     .unwrap();

@@ -1,5 +1,6 @@
-//! `spool identity …` as an operator runs it: the registry of a data directory, managed offline,
-//! with the connection strings and environment the Azure IoT SDKs read.
+//! `spool identity …` as an operator runs it: the registry of a data directory, managed offline
+//! or through a running server's admin API, with the connection strings and environment the
+//! Azure IoT SDKs read.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -141,15 +142,99 @@ fn identities_are_added_listed_rotated_disabled_and_removed() {
     assert!(!refused && text.contains("no identity leaf"), "{text}");
 }
 
-#[test]
-fn a_directory_a_running_server_holds_is_refused() {
-    // Goal: one writer (law 3): the command does not open a data directory a server holds, and
-    // says why; once the server stops it works.
+/// A module's MQTT connection to `spool` with a token signed with `key`.
+fn module_client(spool: &Spool, id: &str, key: &[u8]) -> common::Client {
+    let (device, module) = id.split_once('/').unwrap();
+    let token = sign(
+        key,
+        &resource_uri("hub.example", device, Some(module)),
+        4_000_000_000,
+    );
+    let mut options = common::options(spool.addr, id, true);
+    options.set_credentials(format!("hub.example/{id}/?api-version=2020-09-30"), token);
+    common::connect(options)
+}
+
+/// Whether the next thing a client sees is an accepted CONNACK (else a refusal or a
+/// disconnect).
+async fn accepted(client: &mut common::Client) -> bool {
+    matches!(client.next(10).await, common::Seen::ConnAck(ack) if ack.code == rumqttc::ConnectReturnCode::Success)
+}
+
+/// Waits until the client's connection ends.
+async fn disconnected(client: &mut common::Client) {
+    loop {
+        if let common::Seen::Disconnected(_) = client.next(10).await {
+            return;
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_running_servers_identities_change_through_its_admin_api() {
+    // Goal: while a server holds the data directory, the command goes through its admin API:
+    // what it adds may connect at once; disabling, rotating or removing an identity
+    // disconnects its clients whose credentials no longer hold, and refuses them after. With
+    // the admin API off, the command says the directory is held, and by whom.
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::start(dir.path(), &[]);
-    let (success, text) = identity(dir.path(), &["list"]);
-    assert!(!success, "refused while the server runs");
-    assert!(text.contains("held by a running spool server"), "{text}");
+    let spool = Spool::start(
+        dir.path(),
+        &[
+            "--iothub-hostname",
+            "hub.example",
+            "--gateway-hostname",
+            "spool",
+        ],
+    );
+    let admin = spool.admin.unwrap().to_string();
+    let remote = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--admin-bind", admin.as_str()]);
+        ok(dir.path(), &args)
+    };
+    let added = remote(&["add", "edge/live"]);
+    let line = added
+        .lines()
+        .find_map(|l| l.strip_prefix("connection string: "))
+        .expect("a connection string");
+    let key = BASE64.decode(field(line, "SharedAccessKey")).unwrap();
+    let mut client = module_client(&spool, "edge/live", &key);
+    assert!(
+        accepted(&mut client).await,
+        "added while running: connects at once"
+    );
+    assert!(remote(&["list"]).contains("edge/live"));
+
+    assert!(remote(&["disable", "edge/live"]).contains("edge/live is disabled"));
+    disconnected(&mut client).await;
+    assert!(
+        !accepted(&mut module_client(&spool, "edge/live", &key)).await,
+        "refused"
+    );
+    remote(&["enable", "edge/live"]);
+    let mut client = module_client(&spool, "edge/live", &key);
+    assert!(accepted(&mut client).await, "enabled again");
+
+    let rotated = remote(&["rotate", "edge/live", "--key", "primary"]);
+    disconnected(&mut client).await;
+    let new_line = rotated
+        .lines()
+        .find_map(|l| l.strip_prefix("connection string: "))
+        .unwrap();
+    let new_key = BASE64.decode(field(new_line, "SharedAccessKey")).unwrap();
+    let mut client = module_client(&spool, "edge/live", &new_key);
+    assert!(accepted(&mut client).await, "the new primary key");
+
+    remote(&["remove", "edge/live"]);
+    disconnected(&mut client).await;
+    let (refused, text) = identity(dir.path(), &["show", "edge/live", "--admin-bind", &admin]);
+    assert!(!refused && text.contains("no identity edge/live"), "{text}");
+
+    let (refused, text) = identity(dir.path(), &["list", "--admin-bind", ""]);
+    assert!(
+        !refused && text.contains("held by a running spool server"),
+        "{text}"
+    );
     spool.kill();
     ok(dir.path(), &["list"]);
 }

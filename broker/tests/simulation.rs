@@ -323,6 +323,7 @@ impl Simulation {
             data_dir: Some("/sim".into()),
             mqtt_bind: Some("127.0.0.1:0".into()),
             mqtts_bind: Some(String::new()),
+            admin_bind: Some(String::new()),
             max_packet_size: Some(16_384),
             wal_segment_bytes: Some(1_200_000),
             wal_quota_bytes: Some(6_000_000),

@@ -36,7 +36,8 @@ class Spool:
         self.data_dir = data_dir
         self.process = subprocess.Popen(
             [SPOOL_BIN, "serve", "--data-dir", data_dir,
-             "--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", tls_bind, *extra_args],
+             "--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", tls_bind,
+             "--admin-bind", "127.0.0.1:0", *extra_args],
             stdout=subprocess.PIPE, env={**os.environ, "SPOOL_LOG": "warn"}, text=True)
         self.port = self.tls_port = self.ca = None
         for line in self.process.stdout:

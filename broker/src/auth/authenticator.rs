@@ -10,6 +10,8 @@ use super::registry::IdentityRegistry;
 use super::sas::{SasError, SasToken};
 use super::username::IotUsername;
 use std::str::FromStr;
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+use tokio::sync::watch;
 
 /// What a listener asks of its clients.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize)]
@@ -68,18 +70,57 @@ pub enum AuthError {
     Token(#[from] SasError),
 }
 
-/// Decides who a CONNECT is; see the module documentation.
+/// Decides who a CONNECT is; see the module documentation. The registry changes while the
+/// server runs (the admin API): each change is announced, and connected identities check
+/// their credentials again (`registry_changes`).
 #[derive(Debug)]
 pub struct Authenticator {
-    registry: IdentityRegistry,
+    registry: RwLock<IdentityRegistry>,
     /// The host names a token's audience may name: the IoT Hub's and the gateway's.
     hosts: Vec<String>,
+    /// Counts the registry's changes.
+    changes: watch::Sender<u64>,
 }
 
 impl Authenticator {
     #[must_use]
     pub fn new(registry: IdentityRegistry, hosts: Vec<String>) -> Authenticator {
-        Authenticator { registry, hosts }
+        Authenticator {
+            registry: RwLock::new(registry),
+            hosts,
+            changes: watch::Sender::new(0),
+        }
+    }
+
+    /// The registry as it is now.
+    pub fn registry(&self) -> RwLockReadGuard<'_, IdentityRegistry> {
+        self.registry.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Changes the registry with `change`, which stores what it changes (blocking: it commits
+    /// to the metadata store), and announces the change if it succeeded.
+    ///
+    /// # Errors
+    /// `change`'s.
+    pub fn change_registry<T, E>(
+        &self,
+        change: impl FnOnce(&mut IdentityRegistry) -> Result<T, E>,
+    ) -> Result<T, E> {
+        let mut registry = self
+            .registry
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let changed = change(&mut registry)?;
+        drop(registry);
+        self.changes.send_modify(|count| *count += 1);
+        Ok(changed)
+    }
+
+    /// Announces each change of the registry, for connections to check their credentials
+    /// again.
+    #[must_use]
+    pub fn registry_changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
 
     /// Who the client of a CONNECT is, at `now` (seconds since 1970), on a listener that asks
@@ -100,7 +141,7 @@ impl Authenticator {
             // the identity's session over, and its queue with it.
             let taken = IdentityId::parse(client_id)
                 .ok()
-                .filter(|id| self.registry.get(id).is_some());
+                .filter(|id| self.registry().get(id).is_some());
             return match (policy, taken) {
                 (_, Some(id)) => Err(AuthError::IdentityClientId(id)),
                 (ListenerAuth::Anonymous, None) => Ok(Authenticated::Anonymous),
@@ -115,8 +156,8 @@ impl Authenticator {
             });
         }
         let id = IdentityId::parse(&named).map_err(|e| AuthError::BadIdentity(e.to_string()))?;
-        let identity = self
-            .registry
+        let registry = self.registry();
+        let identity = registry
             .get(&id)
             .ok_or_else(|| AuthError::Unknown(id.clone()))?;
         if identity.status == Status::Disabled {

@@ -1,17 +1,21 @@
-//! `spool identity …`: manages the identity registry of a data directory. It opens the
-//! directory's metadata store itself, under the store's lock, so it refuses a directory a
-//! running server holds (one writer, law 3) and says so.
+//! `spool identity …`: manages the identity registry of a data directory. With no server
+//! running, it opens the directory's metadata store itself, under the store's lock (one
+//! writer, law 3); while a server holds the directory, it goes through the server's admin API
+//! (`--admin-bind`), so the change counts at once and revoked credentials disconnect.
 
-use super::identity::{Credentials, Identity, IdentityId, Status, new_key};
-use super::registry::IdentityRegistry;
+use super::identity::{Credentials, Identity, IdentityId, Status};
+use super::registry::{IdentityRegistry, RegistryError};
+use crate::admin::convert::{identity_from_proto, identity_to_proto, status_to_proto};
 use crate::config::{Config, ServeArgs};
 use crate::server::meta_path;
 use crate::tls::{CertificateSource, generated_ca};
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use spool_proto::admin as pb;
+use spool_proto::admin::admin_client::AdminClient;
 use spool_storage::Meta;
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// Where the registry is, and the host names connection strings carry: the same settings as
 /// `spool serve`'s, from flags, `SPOOL_*` variables or its `spool.toml`.
@@ -33,6 +37,9 @@ pub struct IdentityArgs {
     /// The host name modules connect to [default: localhost].
     #[arg(long, env = "SPOOL_GATEWAY_HOSTNAME", global = true)]
     pub gateway_hostname: Option<String>,
+    /// The admin API of the server running on the data directory [default: 127.0.0.1:50051].
+    #[arg(long, env = "SPOOL_ADMIN_BIND", global = true)]
+    pub admin_bind: Option<String>,
 }
 
 impl IdentityArgs {
@@ -43,6 +50,7 @@ impl IdentityArgs {
             data_dir: self.data_dir.clone(),
             iothub_hostname: self.iothub_hostname.clone(),
             gateway_hostname: self.gateway_hostname.clone(),
+            admin_bind: self.admin_bind.clone(),
             ..ServeArgs::default()
         })
     }
@@ -102,14 +110,25 @@ pub enum WhichKey {
     Both,
 }
 
+impl WhichKey {
+    /// Whether it selects the primary key, and the secondary.
+    fn selects(self) -> (bool, bool) {
+        match self {
+            WhichKey::Primary => (true, false),
+            WhichKey::Secondary => (false, true),
+            WhichKey::Both => (true, true),
+        }
+    }
+}
+
 /// Runs a `spool identity` command; returns what to print.
 ///
 /// # Errors
-/// A directory a server holds, an unknown or invalid identity, or a store that fails.
+/// An unknown or invalid identity, a store that fails, or a running server that cannot be
+/// reached.
 pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
     let config = args.config()?;
-    let meta = open_store(&config.settings.data_dir, args.command.changes_registry())?;
-    let mut registry = IdentityRegistry::load(&meta)?;
+    let mut registry = open_registry(&config, args.command.changes_registry())?;
     let mut out = String::new();
     match &args.command {
         IdentityCommand::Add {
@@ -127,21 +146,23 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
             } else if *x509_ca {
                 identity.credentials = Credentials::X509Ca;
             }
-            registry.add(&meta, identity.clone())?;
+            let identity = registry.add(identity)?;
             writeln!(out, "added {}", identity.id)?;
             describe_access(&mut out, &identity, &config)?;
         }
         IdentityCommand::List => {
             writeln!(out, "{:<40} {:<9} AUTH", "ID", "STATUS")?;
-            for identity in registry.iter() {
+            for identity in registry.list()? {
                 let status = status_name(identity.status);
                 let auth = auth_name(&identity.credentials);
                 writeln!(out, "{:<40} {status:<9} {auth}", identity.id)?;
             }
         }
-        IdentityCommand::Show { id } => show(&mut out, find(&registry, id)?, &config)?,
+        IdentityCommand::Show { id } => {
+            show(&mut out, &registry.get(&IdentityId::parse(id)?)?, &config)?
+        }
         IdentityCommand::Remove { id } => {
-            let removed = registry.remove(&meta, &IdentityId::parse(id)?)?;
+            let removed = registry.remove(&IdentityId::parse(id)?)?;
             writeln!(out, "removed {}", removed.id)?;
         }
         IdentityCommand::Enable { id } | IdentityCommand::Disable { id } => {
@@ -149,17 +170,16 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
                 IdentityCommand::Enable { .. } => Status::Enabled,
                 _ => Status::Disabled,
             };
-            let id = IdentityId::parse(id)?;
-            let identity = registry.update(&meta, &id, |i| i.status = status)?;
+            let identity = registry.set_status(&IdentityId::parse(id)?, status)?;
             writeln!(out, "{} is {}", identity.id, status_name(status))?;
         }
         IdentityCommand::Rotate { id, key } => {
-            let identity = rotate(&meta, &mut registry, &IdentityId::parse(id)?, *key)?;
+            let identity = registry.rotate(&IdentityId::parse(id)?, *key)?;
             writeln!(out, "rotated the keys of {}", identity.id)?;
-            describe_access(&mut out, identity, &config)?;
+            describe_access(&mut out, &identity, &config)?;
         }
         IdentityCommand::Env { id } => {
-            let identity = find(&registry, id)?;
+            let identity = registry.get(&IdentityId::parse(id)?)?;
             let settings = &config.settings;
             let connection_string = identity
                 .connection_string(&settings.iothub_hostname, &settings.gateway_hostname)
@@ -173,13 +193,6 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
         }
     }
     Ok(out)
-}
-
-fn find<'a>(registry: &'a IdentityRegistry, id: &str) -> anyhow::Result<&'a Identity> {
-    let id = IdentityId::parse(id)?;
-    registry
-        .get(&id)
-        .ok_or_else(|| anyhow::anyhow!("no identity {id}"))
 }
 
 fn show(out: &mut String, identity: &Identity, config: &Config) -> anyhow::Result<()> {
@@ -202,32 +215,154 @@ fn show(out: &mut String, identity: &Identity, config: &Config) -> anyhow::Resul
     describe_access(out, identity, config)
 }
 
-/// Replaces `key` (or both) of an identity's SAS keys with new random ones.
-fn rotate<'a>(
-    meta: &Meta,
-    registry: &'a mut IdentityRegistry,
-    id: &IdentityId,
-    key: WhichKey,
-) -> anyhow::Result<&'a Identity> {
-    let Some(Credentials::Sas { .. }) = registry.get(id).map(|i| &i.credentials) else {
-        anyhow::bail!("{id} has no SAS keys to rotate");
-    };
-    let (new_primary, new_secondary) = (new_key()?, new_key()?);
-    Ok(registry.update(meta, id, |identity| {
-        if let Credentials::Sas { primary, secondary } = &mut identity.credentials {
-            if matches!(key, WhichKey::Primary | WhichKey::Both) {
-                *primary = new_primary;
-            }
-            if matches!(key, WhichKey::Secondary | WhichKey::Both) {
-                *secondary = new_secondary;
-            }
-        }
-    })?)
+/// The registry a command works on: a data directory's, opened here, or a running server's,
+/// through its admin API. The same command prints the same either way.
+trait Registry {
+    fn list(&mut self) -> anyhow::Result<Vec<Identity>>;
+    fn get(&mut self, id: &IdentityId) -> anyhow::Result<Identity>;
+    fn add(&mut self, identity: Identity) -> anyhow::Result<Identity>;
+    fn remove(&mut self, id: &IdentityId) -> anyhow::Result<Identity>;
+    fn set_status(&mut self, id: &IdentityId, status: Status) -> anyhow::Result<Identity>;
+    fn rotate(&mut self, id: &IdentityId, key: WhichKey) -> anyhow::Result<Identity>;
 }
 
-/// Opens the data directory's metadata store; only a command that changes the registry
-/// creates the directory.
-fn open_store(data_dir: &Path, create: bool) -> anyhow::Result<Meta> {
+/// The registry of a data directory no server holds, opened under the store's lock (one
+/// writer, law 3).
+struct Offline {
+    meta: Meta,
+    registry: IdentityRegistry,
+}
+
+impl Registry for Offline {
+    fn list(&mut self) -> anyhow::Result<Vec<Identity>> {
+        Ok(self.registry.iter().cloned().collect())
+    }
+
+    fn get(&mut self, id: &IdentityId) -> anyhow::Result<Identity> {
+        let identity = self.registry.get(id);
+        Ok(identity
+            .ok_or_else(|| RegistryError::NotFound(id.clone()))?
+            .clone())
+    }
+
+    fn add(&mut self, identity: Identity) -> anyhow::Result<Identity> {
+        self.registry.add(&self.meta, identity.clone())?;
+        Ok(identity)
+    }
+
+    fn remove(&mut self, id: &IdentityId) -> anyhow::Result<Identity> {
+        Ok(self.registry.remove(&self.meta, id)?)
+    }
+
+    fn set_status(&mut self, id: &IdentityId, status: Status) -> anyhow::Result<Identity> {
+        let changed = self
+            .registry
+            .update(&self.meta, id, |i| i.status = status)?;
+        Ok(changed.clone())
+    }
+
+    fn rotate(&mut self, id: &IdentityId, key: WhichKey) -> anyhow::Result<Identity> {
+        let (primary, secondary) = key.selects();
+        Ok(self
+            .registry
+            .rotate(&self.meta, id, primary, secondary)?
+            .clone())
+    }
+}
+
+/// The registry of a running server, through its admin API (`--admin-bind`).
+struct Online {
+    runtime: tokio::runtime::Runtime,
+    client: AdminClient<tonic::transport::Channel>,
+}
+
+impl Online {
+    fn connect(addr: &str) -> anyhow::Result<Online> {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let endpoint = format!("http://{addr}");
+        let client = runtime
+            .block_on(AdminClient::connect(endpoint))
+            .with_context(|| format!("reach the running server's admin API at {addr}"))?;
+        Ok(Online { runtime, client })
+    }
+
+    /// Runs one call and reads the identity it answers with.
+    fn call<F>(
+        &mut self,
+        call: impl FnOnce(AdminClient<tonic::transport::Channel>) -> F,
+    ) -> anyhow::Result<Identity>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<pb::Identity>, tonic::Status>>,
+    {
+        let answer = self.runtime.block_on(call(self.client.clone()));
+        let identity = answer.map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+        identity_from_proto(identity.into_inner(), || {
+            anyhow::bail!("an identity without credentials")
+        })
+    }
+}
+
+impl Registry for Online {
+    fn list(&mut self) -> anyhow::Result<Vec<Identity>> {
+        let mut client = self.client.clone();
+        let answer = self
+            .runtime
+            .block_on(client.list_identities(pb::ListIdentitiesRequest {}))
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+        answer
+            .into_inner()
+            .identities
+            .into_iter()
+            .map(|i| identity_from_proto(i, || anyhow::bail!("an identity without credentials")))
+            .collect()
+    }
+
+    fn get(&mut self, id: &IdentityId) -> anyhow::Result<Identity> {
+        let request = pb::IdentityRequest { id: id.to_string() };
+        self.call(|mut client| async move { client.get_identity(request).await })
+    }
+
+    fn add(&mut self, identity: Identity) -> anyhow::Result<Identity> {
+        let request = pb::AddIdentityRequest {
+            identity: Some(identity_to_proto(&identity)),
+        };
+        self.call(|mut client| async move { client.add_identity(request).await })
+    }
+
+    fn remove(&mut self, id: &IdentityId) -> anyhow::Result<Identity> {
+        let request = pb::IdentityRequest { id: id.to_string() };
+        self.call(|mut client| async move { client.remove_identity(request).await })
+    }
+
+    fn set_status(&mut self, id: &IdentityId, status: Status) -> anyhow::Result<Identity> {
+        let request = pb::SetIdentityStatusRequest {
+            id: id.to_string(),
+            status: status_to_proto(status).into(),
+        };
+        self.call(|mut client| async move { client.set_identity_status(request).await })
+    }
+
+    fn rotate(&mut self, id: &IdentityId, key: WhichKey) -> anyhow::Result<Identity> {
+        let keys = match key {
+            WhichKey::Primary => pb::KeySelection::Primary,
+            WhichKey::Secondary => pb::KeySelection::Secondary,
+            WhichKey::Both => pb::KeySelection::Both,
+        };
+        let request = pb::RotateIdentityKeysRequest {
+            id: id.to_string(),
+            keys: keys.into(),
+        };
+        self.call(|mut client| async move { client.rotate_identity_keys(request).await })
+    }
+}
+
+/// The data directory's registry: opened here when no server holds the directory (only a
+/// command that changes it creates the directory), else the running server's, through its
+/// admin API.
+fn open_registry(config: &Config, create: bool) -> anyhow::Result<Box<dyn Registry>> {
+    let data_dir = &config.settings.data_dir;
     if create {
         std::fs::create_dir_all(data_dir)
             .with_context(|| format!("create data directory {}", data_dir.display()))?;
@@ -236,12 +371,18 @@ fn open_store(data_dir: &Path, create: bool) -> anyhow::Result<Meta> {
     }
     let path = meta_path(data_dir);
     match Meta::open(&path) {
-        Ok(meta) => Ok(meta),
-        Err(spool_storage::Error::Locked { .. }) => anyhow::bail!(
-            "{} is held by a running spool server; stop it to change identities offline \
-             (managing a running server's identities comes with the admin API)",
-            data_dir.display()
-        ),
+        Ok(meta) => {
+            let registry = IdentityRegistry::load(&meta)?;
+            Ok(Box::new(Offline { meta, registry }))
+        }
+        Err(spool_storage::Error::Locked { .. }) => match &config.admin_bind {
+            Some(addr) => Ok(Box::new(Online::connect(addr)?)),
+            None => anyhow::bail!(
+                "{} is held by a running spool server whose admin API is off (--admin-bind \
+                 is empty): stop it to change identities offline, or enable its admin API",
+                data_dir.display()
+            ),
+        },
         Err(e) => Err(e).with_context(|| format!("open {}", path.display())),
     }
 }

@@ -127,6 +127,19 @@ pub enum Credentials {
     X509Ca,
 }
 
+impl Credentials {
+    /// Two fresh random SAS keys.
+    ///
+    /// # Errors
+    /// If the system's random source fails.
+    pub fn new_sas() -> Result<Credentials, getrandom::Error> {
+        Ok(Credentials::Sas {
+            primary: new_key()?,
+            secondary: new_key()?,
+        })
+    }
+}
+
 /// A device or module spool knows.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Identity {
@@ -150,10 +163,7 @@ impl Identity {
         Ok(Identity {
             id,
             status: Status::Enabled,
-            credentials: Credentials::Sas {
-                primary: new_key()?,
-                secondary: new_key()?,
-            },
+            credentials: Credentials::new_sas()?,
             generation_id: None,
         })
     }

@@ -2,7 +2,7 @@
 //! entry per identity, JSON) and in memory. Each change is committed durably before it counts:
 //! an identity added, disabled or rotated stays so after a crash.
 
-use super::identity::{IdentitiesFile, Identity, IdentityError, IdentityId};
+use super::identity::{Credentials, IdentitiesFile, Identity, IdentityError, IdentityId, new_key};
 use spool_storage::{Commit, Meta, MetaChange, StateTable};
 use std::collections::BTreeMap;
 
@@ -19,6 +19,10 @@ pub enum RegistryError {
     NotFound(IdentityId),
     #[error("identity {0} exists already")]
     Exists(IdentityId),
+    #[error("{0} has no SAS keys to rotate")]
+    NotSas(IdentityId),
+    #[error("the system's random source failed: {0}")]
+    Random(#[from] getrandom::Error),
 }
 
 /// The identities, as stored.
@@ -117,6 +121,36 @@ impl IdentityRegistry {
         Ok(self.identities.remove(id).expect("looked up above"))
     }
 
+    /// Replaces an identity's primary or secondary SAS key, or both, with new random ones.
+    ///
+    /// # Errors
+    /// `NotFound`, `NotSas` for an identity with certificates, or the store's failure (then
+    /// nothing changed).
+    pub fn rotate(
+        &mut self,
+        meta: &Meta,
+        id: &IdentityId,
+        rotate_primary: bool,
+        rotate_secondary: bool,
+    ) -> Result<&Identity, RegistryError> {
+        match self.identities.get(id).map(|i| &i.credentials) {
+            None => return Err(RegistryError::NotFound(id.clone())),
+            Some(Credentials::Sas { .. }) => {}
+            Some(_) => return Err(RegistryError::NotSas(id.clone())),
+        }
+        let (new_primary, new_secondary) = (new_key()?, new_key()?);
+        self.update(meta, id, |identity| {
+            if let Credentials::Sas { primary, secondary } = &mut identity.credentials {
+                if rotate_primary {
+                    *primary = new_primary;
+                }
+                if rotate_secondary {
+                    *secondary = new_secondary;
+                }
+            }
+        })
+    }
+
     /// Stores every identity of an identities file, in one commit: those it names are added or
     /// replaced, the others stay. Returns how many it stored.
     ///
@@ -154,7 +188,7 @@ impl IdentityRegistry {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::auth::identity::{Credentials, Status};
+    use crate::auth::identity::Status;
 
     /// Goal: what the registry was told survives a reopen: added, changed, removed, seeded.
     #[test]

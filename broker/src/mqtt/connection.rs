@@ -25,12 +25,13 @@ use crate::limits::{
     USER_PROPERTIES_MAX,
 };
 use crate::message::{Message, QoS, Will, expires_at_ms};
-use crate::mqtt::ServerContext;
 use crate::mqtt::codec::{
     self, ClientPacket, ConnAck, DecodeError, EncodeError, InboundPublish, Reason, ServerPacket,
 };
+use crate::mqtt::{ConnectionLimits, ServerContext};
 use crate::routing::topic;
 use crate::session::receipts::{self, SharedReceipts};
+use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use rmqtt_codec::{MqttCodec, MqttPacket};
 use std::collections::{HashMap, VecDeque};
@@ -38,7 +39,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{Instant, timeout};
 use tokio_util::codec::Framed;
 use tokio_util::sync::CancellationToken;
@@ -143,6 +144,36 @@ where
     }
 }
 
+/// What an identity's connection presented at CONNECT, to present again (see
+/// `Connection::recheck`).
+struct Recheck {
+    auth: ListenerAuth,
+    username: Option<String>,
+    password: Option<Bytes>,
+    changes: watch::Receiver<u64>,
+}
+
+impl Recheck {
+    /// An identity's credentials, checked again whenever the registry changes.
+    fn new(auth: ListenerAuth, connect: &codec::Connect, context: &ServerContext) -> Recheck {
+        Recheck {
+            auth,
+            username: connect.username.clone(),
+            password: connect.password.clone(),
+            changes: context.authenticator.registry_changes(),
+        }
+    }
+}
+
+/// Resolves when the registry changes, for a connection that checks its credentials again;
+/// never for another (or once the registry is gone).
+async fn registry_changed(recheck: &mut Option<Recheck>) -> Option<()> {
+    match recheck {
+        Some(recheck) => recheck.changes.changed().await.ok(),
+        None => std::future::pending().await,
+    }
+}
+
 fn send_failed(error: EncodeError) -> Close {
     Close::quietly(format!("failed to send: {error}"))
 }
@@ -186,15 +217,8 @@ where
     }
     let server_keep_alive_secs = server_keep_alive(protocol, connect.keep_alive_secs, limits);
     let keep_alive_secs = server_keep_alive_secs.unwrap_or(connect.keep_alive_secs);
-    let connack = ServerPacket::ConnAck(ConnAck {
-        session_present: outcome.session_present,
-        reason: Reason::Success,
-        assigned_client_id: assigned.filter(|_| protocol == Protocol::V5),
-        receive_max: limits.receive_max,
-        packet_size_max: limits.packet_size_max,
-        topic_alias_max: limits.topic_alias_max,
-        server_keep_alive_secs,
-    });
+    let assigned_client_id = assigned.filter(|_| protocol == Protocol::V5);
+    let connack = accepted(limits, &outcome, assigned_client_id, server_keep_alive_secs);
     let mut connection = Connection {
         framed,
         protocol,
@@ -209,6 +233,9 @@ where
         receipts: outcome.receipts,
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(keep_alive_secs),
+        recheck: identity
+            .as_ref()
+            .map(|_| Recheck::new(auth, &connect, context)),
         identity,
         token_expires,
         will: connect.will.take().map(Box::new),
@@ -223,6 +250,24 @@ where
         return None;
     }
     Some(connection)
+}
+
+/// The CONNACK of an accepted CONNECT.
+fn accepted(
+    limits: &ConnectionLimits,
+    outcome: &ConnectOutcome,
+    assigned_client_id: Option<String>,
+    server_keep_alive_secs: Option<u16>,
+) -> ServerPacket {
+    ServerPacket::ConnAck(ConnAck {
+        session_present: outcome.session_present,
+        reason: Reason::Success,
+        assigned_client_id,
+        receive_max: limits.receive_max,
+        packet_size_max: limits.packet_size_max,
+        topic_alias_max: limits.topic_alias_max,
+        server_keep_alive_secs,
+    })
 }
 
 /// Whether a CONNECT is let in: its client authenticated (`authenticate`), and its will one
@@ -403,6 +448,9 @@ struct Connection<S> {
     /// clock skew allowed): the connection ends then, and the client connects again with a
     /// new one (as the SDKs do before its expiry).
     token_expires: Option<Instant>,
+    /// An identity's credentials, checked again when the registry changes: a client whose
+    /// identity was removed or disabled, or whose token's key was rotated, is disconnected.
+    recheck: Option<Recheck>,
     /// Published if the connection ends without a normal DISCONNECT.
     will: Option<Box<Will>>,
     /// The session expiry the CONNECT asked for (MQTT 5).
@@ -438,10 +486,33 @@ where
                 }
                 () = sleep_until(deadline) => Err(Close::with(Reason::KeepAliveTimeout, "keep-alive expired")),
                 () = sleep_until(self.token_expires) => Err(Close::with(Reason::NotAuthorized, "its SAS token expired")),
+                Some(()) = registry_changed(&mut self.recheck) => self.check_credentials_again(),
             };
             if let Err(close) = result {
                 return close;
             }
+        }
+    }
+
+    /// The registry changed: the client's credentials must still let it in, as at CONNECT.
+    fn check_credentials_again(&self) -> Result<(), Close> {
+        let Some(recheck) = &self.recheck else {
+            return Ok(());
+        };
+        let now_secs = self.context.ingest.now_ms() / 1000;
+        let authenticated = self.context.authenticator.authenticate(
+            recheck.auth,
+            &self.client_id,
+            recheck.username.as_deref(),
+            recheck.password.as_deref(),
+            now_secs,
+        );
+        match authenticated {
+            Ok(_) => Ok(()),
+            Err(e) => Err(Close::with(
+                Reason::NotAuthorized,
+                format!("its credentials no longer hold: {e}"),
+            )),
         }
     }
 

@@ -8,6 +8,7 @@ pub mod listener;
 use crate::auth::authenticator::Authenticator;
 use crate::hub::events::Event;
 use crate::ingest::Ingest;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -30,7 +31,7 @@ pub struct ServerContext {
     pub hub: mpsc::Sender<Event>,
     pub ingest: Ingest,
     /// Who a CONNECT is.
-    pub authenticator: Authenticator,
+    pub authenticator: Arc<Authenticator>,
     pub limits: ConnectionLimits,
     pub shutdown: CancellationToken,
     next_connection: AtomicU64,
@@ -41,7 +42,7 @@ impl ServerContext {
     pub fn new(
         hub: mpsc::Sender<Event>,
         ingest: Ingest,
-        authenticator: Authenticator,
+        authenticator: Arc<Authenticator>,
         limits: ConnectionLimits,
         shutdown: CancellationToken,
     ) -> ServerContext {

@@ -20,6 +20,8 @@ pub struct Spool {
     pub tls_addr: Option<SocketAddr>,
     /// The generated CA certificate, when spool generated one.
     pub tls_ca: Option<PathBuf>,
+    /// The admin API, unless disabled by `extra_args`.
+    pub admin: Option<SocketAddr>,
     pub data_dir: PathBuf,
 }
 
@@ -31,6 +33,7 @@ impl Spool {
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", "127.0.0.1:0"])
+            .args(["--admin-bind", "127.0.0.1:0"])
             .args(extra_args)
             // `SPOOL_TEST_LOG=debug cargo test ...` shows what the broker did.
             .env(
@@ -43,7 +46,7 @@ impl Spool {
             .unwrap();
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
-        let (mut addr, mut tls_addr, mut tls_ca) = (None, None, None);
+        let (mut addr, mut tls_addr, mut tls_ca, mut admin) = (None, None, None, None);
         // spool prints its listeners and certificate paths, then its data directory.
         loop {
             let line = lines
@@ -56,6 +59,8 @@ impl Spool {
                 tls_addr = Some(found.parse().unwrap());
             } else if let Some(found) = line.strip_prefix("spool: TLS CA certificate") {
                 tls_ca = found.rsplit(' ').next().map(PathBuf::from);
+            } else if let Some(found) = line.strip_prefix("spool: admin API on ") {
+                admin = Some(found.parse().unwrap());
             } else if line.starts_with("spool: data in ") {
                 break;
             }
@@ -67,6 +72,7 @@ impl Spool {
             addr: addr.expect("the MQTT listener is enabled"),
             tls_addr,
             tls_ca,
+            admin,
             data_dir: data_dir.to_path_buf(),
         }
     }

@@ -28,7 +28,8 @@ function identity(dataDir, ...args) {
 // resolves to the child and the plain port once spool has printed its data directory.
 function startSpool(dataDir, extraArgs = []) {
   const child = spawn(SPOOL_BIN, ['serve', '--data-dir', dataDir,
-    '--mqtt-bind', '127.0.0.1:0', '--mqtts-bind', '127.0.0.1:8883', ...extraArgs],
+    '--mqtt-bind', '127.0.0.1:0', '--mqtts-bind', '127.0.0.1:8883', '--admin-bind', '127.0.0.1:0',
+    ...extraArgs],
   { env: { ...process.env, SPOOL_LOG: 'warn' }, stdio: ['ignore', 'pipe', 'inherit'] });
   return new Promise((resolve, reject) => {
     let port = null;

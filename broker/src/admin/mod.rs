@@ -1,0 +1,183 @@
+//! The admin API (`spool.admin.v1`, gRPC), served on `--admin-bind`: identities today;
+//! routes, queues, twins, methods and the upstream link join it with their issues. It calls the
+//! same registry the listeners authenticate with, so a change counts for the next CONNECT, and
+//! connected clients whose credentials it revokes are disconnected (`Authenticator`'s change
+//! announcements). `spool identity` is its client when a server holds the data directory.
+//!
+//! Bound to loopback by default; anything else must be a trusted network until the admin API
+//! gets TLS and a token (operations issue).
+
+pub mod convert;
+
+use crate::auth::authenticator::Authenticator;
+use crate::auth::identity::{Credentials, Identity, IdentityId, Status};
+use crate::auth::registry::RegistryError;
+use convert::{identity_from_proto, identity_to_proto};
+use spool_proto::admin as pb;
+use spool_proto::admin::admin_server::{Admin, AdminServer};
+use spool_storage::Meta;
+use std::sync::Arc;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response};
+
+/// The admin service: the registry, through its authenticator, and the store it commits to.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    context: Arc<AdminContext>,
+}
+
+/// What the admin service changes.
+#[derive(Debug)]
+pub struct AdminContext {
+    pub authenticator: Arc<Authenticator>,
+    pub meta: Arc<Meta>,
+}
+
+/// Serves the admin API on `listener` until `shutdown`.
+///
+/// # Errors
+/// The server failed.
+pub async fn serve(
+    listener: TcpListener,
+    context: AdminContext,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    let service = AdminService {
+        context: Arc::new(context),
+    };
+    tonic::transport::Server::builder()
+        .add_service(AdminServer::new(service))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown.cancelled_owned(),
+        )
+        .await
+}
+
+/// A registry error as a gRPC status (see `admin.proto`).
+fn status(error: RegistryError) -> tonic::Status {
+    match &error {
+        RegistryError::NotFound(_) => tonic::Status::not_found(error.to_string()),
+        RegistryError::Exists(_) => tonic::Status::already_exists(error.to_string()),
+        RegistryError::Identity(_) => tonic::Status::invalid_argument(error.to_string()),
+        RegistryError::NotSas(_) => tonic::Status::failed_precondition(error.to_string()),
+        RegistryError::Storage(_) | RegistryError::Corrupt { .. } | RegistryError::Random(_) => {
+            tracing::error!("admin API: {error}");
+            tonic::Status::internal(error.to_string())
+        }
+    }
+}
+
+fn parse_id(id: &str) -> Result<IdentityId, tonic::Status> {
+    IdentityId::parse(id).map_err(|e| tonic::Status::invalid_argument(e.to_string()))
+}
+
+impl AdminService {
+    /// Runs a change of the registry on a blocking thread (it commits to the metadata
+    /// store), and answers with the identity it returns.
+    async fn change(
+        &self,
+        change: impl FnOnce(&AdminContext) -> Result<Identity, RegistryError> + Send + 'static,
+    ) -> Result<Response<pb::Identity>, tonic::Status> {
+        let context = Arc::clone(&self.context);
+        let changed = tokio::task::spawn_blocking(move || change(&context))
+            .await
+            .map_err(|e| tonic::Status::internal(format!("the change failed: {e}")))?;
+        let identity = changed.map_err(status)?;
+        Ok(Response::new(identity_to_proto(&identity)))
+    }
+}
+
+#[tonic::async_trait]
+impl Admin for AdminService {
+    async fn list_identities(
+        &self,
+        _: Request<pb::ListIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, tonic::Status> {
+        let registry = self.context.authenticator.registry();
+        let identities = registry.iter().map(identity_to_proto).collect();
+        Ok(Response::new(pb::ListIdentitiesResponse { identities }))
+    }
+
+    async fn get_identity(
+        &self,
+        request: Request<pb::IdentityRequest>,
+    ) -> Result<Response<pb::Identity>, tonic::Status> {
+        let id = parse_id(&request.into_inner().id)?;
+        let registry = self.context.authenticator.registry();
+        let identity = registry.get(&id).ok_or(RegistryError::NotFound(id));
+        Ok(Response::new(identity_to_proto(identity.map_err(status)?)))
+    }
+
+    async fn add_identity(
+        &self,
+        request: Request<pb::AddIdentityRequest>,
+    ) -> Result<Response<pb::Identity>, tonic::Status> {
+        let given = request.into_inner().identity.unwrap_or_default();
+        let new_keys = || Ok(Credentials::new_sas()?);
+        let identity = identity_from_proto(given, new_keys)
+            .map_err(|e| tonic::Status::invalid_argument(format!("{e:#}")))?;
+        self.change(move |context| {
+            context.authenticator.change_registry(|registry| {
+                registry.add(&context.meta, identity.clone())?;
+                Ok(identity)
+            })
+        })
+        .await
+    }
+
+    async fn remove_identity(
+        &self,
+        request: Request<pb::IdentityRequest>,
+    ) -> Result<Response<pb::Identity>, tonic::Status> {
+        let id = parse_id(&request.into_inner().id)?;
+        self.change(move |context| {
+            let registry = &context.authenticator;
+            registry.change_registry(|registry| registry.remove(&context.meta, &id))
+        })
+        .await
+    }
+
+    async fn set_identity_status(
+        &self,
+        request: Request<pb::SetIdentityStatusRequest>,
+    ) -> Result<Response<pb::Identity>, tonic::Status> {
+        let request = request.into_inner();
+        let id = parse_id(&request.id)?;
+        let status = match request.status() {
+            pb::Status::Enabled => Status::Enabled,
+            pb::Status::Disabled => Status::Disabled,
+            pb::Status::Unspecified => {
+                return Err(tonic::Status::invalid_argument("no status given"));
+            }
+        };
+        self.change(move |context| {
+            context.authenticator.change_registry(|registry| {
+                let changed = registry.update(&context.meta, &id, |i| i.status = status)?;
+                Ok(changed.clone())
+            })
+        })
+        .await
+    }
+
+    async fn rotate_identity_keys(
+        &self,
+        request: Request<pb::RotateIdentityKeysRequest>,
+    ) -> Result<Response<pb::Identity>, tonic::Status> {
+        let request = request.into_inner();
+        let id = parse_id(&request.id)?;
+        let (primary, secondary) = match request.keys() {
+            pb::KeySelection::Primary => (true, false),
+            pb::KeySelection::Secondary => (false, true),
+            pb::KeySelection::Both | pb::KeySelection::Unspecified => (true, true),
+        };
+        self.change(move |context| {
+            context.authenticator.change_registry(|registry| {
+                let rotated = registry.rotate(&context.meta, &id, primary, secondary)?;
+                Ok(rotated.clone())
+            })
+        })
+        .await
+    }
+}
