@@ -114,6 +114,10 @@ settings! {
     /// Address of the admin API (gRPC, spool.admin.v1), which `spool identity` uses while a
     /// server runs; empty disables it. Bind it to loopback or a trusted network only.
     admin_bind: String = "127.0.0.1:50051", env "SPOOL_ADMIN_BIND";
+    /// Where spool serves IoT Edge's workload API, for modules started with the IOTEDGE_*
+    /// variables: one unix socket per module of the edge device, <dir>/<module>.sock, to mount
+    /// into that module's container only; empty: off.
+    workload_dir: PathBuf = "", env "SPOOL_WORKLOAD_DIR";
     /// A deployment manifest (JSON: a whole deployment, the $edgeHub twin or its desired
     /// properties, schema 1.0 to 1.3) whose routes send devices' and modules' telemetry to
     /// module inputs and $upstream; none: telemetry reaches MQTT subscribers only.

@@ -13,6 +13,7 @@
 //!   message cache.
 //! - [`auth`]: identities, SAS tokens, who a CONNECT is; `spool identity`.
 //! - [`admin`]: the admin API (gRPC, `spool.admin.v1`).
+//! - [`workload`]: IoT Edge's workload API, for modules started with `IOTEDGE_*` variables.
 //! - [`iothub`]: IoT Hub topics and property bags; which topics an identity may use.
 //! - [`tls`]: the MQTTS listener's certificate, given or generated.
 //! - [`clock`]: the hub's time, which tests move by hand.
@@ -35,3 +36,4 @@ pub mod routing;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod workload;

@@ -7,7 +7,7 @@ use crate::auth::registry::IdentityRegistry;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
-use crate::deployment::Deployment;
+use crate::deployment::{self, Deployment};
 use crate::hub::events::Event;
 use crate::hub::{Hub, HubHelpers, HubLimits, MetaWriter};
 use crate::ingest::Ingest;
@@ -17,6 +17,7 @@ use crate::limits::{
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
+use crate::workload::WorkloadApi;
 use anyhow::Context;
 use spool_storage::{FileSystem, Meta, RealFs, Wal, WalOptions, WriterMode};
 use std::net::SocketAddr;
@@ -196,6 +197,22 @@ fn admit_and_route(
     Ok((Authenticator::new(registry, hosts), deployment))
 }
 
+/// The workload API of the edge device's modules (`--workload-dir`).
+fn workload_api(
+    config: &Config,
+    authenticator: &Arc<Authenticator>,
+) -> anyhow::Result<WorkloadApi> {
+    let settings = &config.settings;
+    let device = deployment::edge_device(&settings.device_id, &authenticator.registry())
+        .context("the workload API serves the edge device's modules")?;
+    Ok(WorkloadApi {
+        dir: settings.workload_dir.clone(),
+        device,
+        authenticator: Arc::clone(authenticator),
+        trust_bundle: config.tls_certificate.trust_file(),
+    })
+}
+
 /// Starts the hub with the server's clock, and the tasks it asks for work (reclaims, records
 /// of its own, messages read back); returns where connections send it events.
 fn spawn_hub(
@@ -339,6 +356,10 @@ impl Server {
             }
             None => None,
         };
+        if !config.settings.workload_dir.as_os_str().is_empty() {
+            let workload = workload_api(config, &context.authenticator)?;
+            tasks.push(tokio::spawn(workload.serve(shutdown.clone())));
+        }
         Ok(Server {
             mqtt_addr: listeners.mqtt_addr,
             mqtts_addr: listeners.mqtts_addr,

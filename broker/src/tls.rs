@@ -87,6 +87,18 @@ pub fn generated_ca(dir: &Path) -> PathBuf {
     dir.join("ca.pem")
 }
 
+impl CertificateSource {
+    /// The file clients trust: the CA spool generates, or the operator's certificate chain
+    /// (which must then hold its root for clients to build a path to it).
+    #[must_use]
+    pub fn trust_file(&self) -> PathBuf {
+        match self {
+            CertificateSource::Generated { dir } => generated_ca(dir),
+            CertificateSource::Files { cert, .. } => cert.clone(),
+        }
+    }
+}
+
 /// The generated CA and server certificate in `dir`, created if the server certificate is not
 /// there yet.
 fn generated_files(dir: &Path) -> anyhow::Result<TlsFiles> {

@@ -64,7 +64,9 @@ class ModuleSdk(unittest.TestCase):
         self.connection_string = re.search(r"connection string: (\S+)", added).group(1)
         env = spool_identity(self.dir, "env", "edge/sender")
         self.env = dict(line.split("=", 1) for line in env.strip().splitlines())
-        self.spool = Spool(self.dir, tls_bind="127.0.0.1:8883")
+        self.workload = os.path.join(self.dir, "workload")
+        self.spool = Spool(self.dir, tls_bind="127.0.0.1:8883",
+                           extra_args=["--workload-dir", self.workload])
         self.watcher = Watcher(self.spool.port, "devices/edge/modules/sender/#")
 
     def tearDown(self):
@@ -96,6 +98,28 @@ class ModuleSdk(unittest.TestCase):
             client = ModuleClient.create_from_edge_environment()
         finally:
             for name in self.env:
+                del os.environ[name]
+        self.send(client)
+
+    def test_a_module_started_with_the_iotedge_variables_signs_through_the_workload_api(self):
+        # Goal: a module started as IoT Edge starts it (IOTEDGE_* variables, no key, no CA
+        # file) gets the trust bundle and its token's signature from spool's workload API, on
+        # its own socket, and connects and sends.
+        environment = {
+            "IOTEDGE_WORKLOADURI": "unix://" + os.path.join(self.workload, "sender.sock"),
+            "IOTEDGE_IOTHUBHOSTNAME": "localhost",
+            "IOTEDGE_GATEWAYHOSTNAME": "localhost",
+            "IOTEDGE_DEVICEID": "edge",
+            "IOTEDGE_MODULEID": "sender",
+            "IOTEDGE_MODULEGENERATIONID": "637661921011556752",
+            "IOTEDGE_APIVERSION": "2019-01-30",
+            "IOTEDGE_AUTHSCHEME": "sasToken",
+        }
+        os.environ.update(environment)
+        try:
+            client = ModuleClient.create_from_edge_environment()
+        finally:
+            for name in environment:
                 del os.environ[name]
         self.send(client)
 

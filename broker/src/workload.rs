@@ -1,0 +1,323 @@
+//! IoT Edge's workload API (edgehub-contract.md §2.2, mode B), for modules started with the
+//! `IOTEDGE_*` variables: they ask it for the trust bundle and to sign their SAS tokens, as they
+//! ask IoT Edge's security daemon.
+//!
+//! ```text
+//! GET  /trust-bundle?api-version=…                       -> {"certificate": "<PEM>"}
+//! POST /modules/{module}/genid/{generation}/sign?api-version=…
+//!      {"keyId": "primary"|"secondary", "algo": "HMACSHA256", "data": "<base64>"}
+//!                                                        -> {"digest": "<base64 HMAC-SHA256>"}
+//! ```
+//!
+//! A sign request carries no credential, so, as IoT Edge 1.2 and later do, spool serves one
+//! unix socket per module of the edge device, `<workload_dir>/<module>.sock`, which only that
+//! module's container mounts, and signs only for that module on it. Sockets follow the
+//! registry: one appears for a module added while spool runs, and goes with its module.
+
+use crate::auth::authenticator::Authenticator;
+use crate::auth::identity::{Credentials, IdentityId};
+use crate::auth::registry::IdentityRegistry;
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use sha2::Sha256;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use tokio::net::UnixListener;
+use tokio_util::sync::CancellationToken;
+
+/// The largest sign request read: its data is a token's string to sign.
+const SIGN_REQUEST_BYTES_MAX: usize = 64 << 10;
+
+/// The workload API of one edge device's modules.
+#[derive(Debug)]
+pub struct WorkloadApi {
+    /// Where the sockets are.
+    pub dir: PathBuf,
+    /// The edge device whose modules get sockets.
+    pub device: String,
+    pub authenticator: Arc<Authenticator>,
+    /// The trust bundle: the file of the CA modules trust.
+    pub trust_bundle: PathBuf,
+}
+
+impl WorkloadApi {
+    /// Serves a socket for every module of the device in the registry, following its changes,
+    /// until `shutdown`.
+    pub async fn serve(self, shutdown: CancellationToken) {
+        let api = Arc::new(self);
+        if let Err(e) = std::fs::create_dir_all(&api.dir) {
+            let dir = api.dir.display();
+            tracing::error!("cannot create the workload API's directory {dir}: {e}");
+            return;
+        }
+        let mut changes = api.authenticator.registry_changes();
+        let mut sockets: BTreeMap<String, CancellationToken> = BTreeMap::new();
+        loop {
+            let modules = api.modules();
+            sockets.retain(|module, stop| {
+                let kept = modules.contains(module);
+                if !kept {
+                    stop.cancel();
+                    let _ = std::fs::remove_file(api.socket(module));
+                }
+                kept
+            });
+            for module in modules {
+                if sockets.contains_key(&module) {
+                    continue;
+                }
+                match api.bind(&module) {
+                    Ok(listener) => {
+                        let stop = shutdown.child_token();
+                        let accepting = accept(listener, module.clone(), Arc::clone(&api));
+                        tokio::spawn(stop.clone().run_until_cancelled_owned(accepting));
+                        sockets.insert(module, stop);
+                    }
+                    Err(e) => {
+                        let path = api.socket(&module);
+                        tracing::error!(path = %path.display(), "cannot serve the workload API: {e}");
+                    }
+                }
+            }
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                changed = changes.changed() => if changed.is_err() { break },
+            }
+        }
+        for module in sockets.keys() {
+            let _ = std::fs::remove_file(api.socket(module));
+        }
+    }
+
+    /// The device's modules that sign with SAS keys.
+    fn modules(&self) -> Vec<String> {
+        let registry = self.authenticator.registry();
+        registry
+            .iter()
+            .filter(|identity| identity.id.device == self.device)
+            .filter(|identity| matches!(identity.credentials, Credentials::Sas { .. }))
+            .filter_map(|identity| identity.id.module.clone())
+            .collect()
+    }
+
+    fn socket(&self, module: &str) -> PathBuf {
+        self.dir.join(format!("{module}.sock"))
+    }
+
+    /// Binds a module's socket; one left by an earlier run goes first.
+    fn bind(&self, module: &str) -> std::io::Result<UnixListener> {
+        let path = self.socket(module);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let listener = UnixListener::bind(&path)?;
+        tracing::info!(module, path = %path.display(), "workload API socket");
+        Ok(listener)
+    }
+}
+
+/// Serves one module's socket.
+async fn accept(listener: UnixListener, module: String, api: Arc<WorkloadApi>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                tracing::warn!(module, "workload API: accept failed: {e}");
+                continue;
+            }
+        };
+        let (module, api) = (module.clone(), Arc::clone(&api));
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request| {
+                let (module, api) = (module.clone(), Arc::clone(&api));
+                async move { Ok::<_, std::convert::Infallible>(answer(request, &module, &api).await) }
+            });
+            let served = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+            if let Err(e) = served {
+                tracing::debug!("workload API connection: {e}");
+            }
+        });
+    }
+}
+
+/// The answer to one request on `module`'s socket.
+async fn answer(
+    request: Request<hyper::body::Incoming>,
+    module: &str,
+    api: &WorkloadApi,
+) -> Response<Full<Bytes>> {
+    let path = request.uri().path().to_owned();
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (request.method(), parts.as_slice()) {
+        (&Method::GET, ["trust-bundle"]) => match std::fs::read_to_string(&api.trust_bundle) {
+            Ok(certificate) => json(
+                StatusCode::OK,
+                &serde_json::json!({ "certificate": certificate }),
+            ),
+            Err(e) => failure(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("the trust bundle: {e}"),
+            ),
+        },
+        (&Method::POST, ["modules", named, "genid", generation, "sign"]) => {
+            let named = percent_encoding::percent_decode_str(named).decode_utf8_lossy();
+            if named != module {
+                let why = format!("this socket is module {module}'s: it does not sign for {named}");
+                return failure(StatusCode::FORBIDDEN, &why);
+            }
+            let body = match Limited::new(request.into_body(), SIGN_REQUEST_BYTES_MAX)
+                .collect()
+                .await
+            {
+                Ok(body) => body.to_bytes(),
+                Err(e) => return failure(StatusCode::BAD_REQUEST, &format!("the request: {e}")),
+            };
+            let id = IdentityId {
+                device: api.device.clone(),
+                module: Some(module.to_owned()),
+            };
+            let generation = percent_encoding::percent_decode_str(generation).decode_utf8_lossy();
+            match sign(&api.authenticator.registry(), &id, &generation, &body) {
+                Ok(digest) => json(StatusCode::OK, &serde_json::json!({ "digest": digest })),
+                Err((status, why)) => failure(status, &why),
+            }
+        }
+        _ => failure(
+            StatusCode::NOT_FOUND,
+            &format!("no {} {path}", request.method()),
+        ),
+    }
+}
+
+/// What a sign request asks.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct SignRequest {
+    key_id: String,
+    algo: String,
+    data: String,
+}
+
+/// Signs a sign request's data with identity `id`'s key it names: the digest, base64, or the
+/// status and why it is refused.
+fn sign(
+    registry: &IdentityRegistry,
+    id: &IdentityId,
+    generation: &str,
+    body: &[u8],
+) -> Result<String, (StatusCode, String)> {
+    let bad = |why: String| (StatusCode::BAD_REQUEST, why);
+    let request: SignRequest =
+        serde_json::from_slice(body).map_err(|e| bad(format!("the sign request: {e}")))?;
+    if request.algo != "HMACSHA256" {
+        return Err(bad(format!(
+            "algorithm {:?} is not HMACSHA256",
+            request.algo
+        )));
+    }
+    let identity = registry
+        .get(id)
+        .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no module {id}")))?;
+    if let Some(expected) = identity
+        .generation_id
+        .as_deref()
+        .filter(|g| *g != generation)
+    {
+        let why = format!("module {id} is generation {expected}, not {generation}");
+        return Err((StatusCode::NOT_FOUND, why));
+    }
+    let keys = identity.sas_keys();
+    let key = match request.key_id.as_str() {
+        "primary" => keys.first(),
+        "secondary" => keys.get(1),
+        other => return Err(bad(format!("no key {other:?}: primary or secondary"))),
+    }
+    .ok_or_else(|| {
+        (
+            StatusCode::NOT_FOUND,
+            format!("module {id} has no SAS keys"),
+        )
+    })?;
+    let data = BASE64
+        .decode(&request.data)
+        .map_err(|e| bad(format!("the data is not base64: {e}")))?;
+    let mut mac = Hmac::<Sha256>::new_from_slice(key).map_err(|e| bad(e.to_string()))?;
+    mac.update(&data);
+    Ok(BASE64.encode(mac.finalize().into_bytes()))
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An error answer, in IoT Edge's form (`{"message": …}`), logged.
+fn failure(status: StatusCode, why: &str) -> Response<Full<Bytes>> {
+    tracing::info!(%status, "workload API refused a request: {why}");
+    json(status, &serde_json::json!({ "message": why }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::identity::Identity;
+    use spool_storage::Meta;
+
+    /// Goal: a sign request is answered with the HMAC-SHA256 of its data under the key it
+    /// names, as IoT Edge's security daemon answers; a wrong generation, key, algorithm or body
+    /// is refused with the status IoT Edge gives.
+    #[test]
+    fn sign_requests_are_signed_with_the_named_key() {
+        let dir = tempfile::tempdir().expect("dir");
+        let meta = Meta::open(&dir.path().join("meta.redb")).expect("meta");
+        let mut registry = IdentityRegistry::default();
+        let id = IdentityId::parse("edge/filter").expect("id");
+        let identity = Identity {
+            generation_id: Some("g1".into()),
+            ..Identity::with_new_keys(id.clone()).expect("keys")
+        };
+        registry.add(&meta, identity.clone()).expect("added");
+        let data = BASE64.encode("hub/devices/edge/modules/filter\n1800000000");
+        let request = |key: &str, algo: &str| {
+            format!(r#"{{"keyId":"{key}","algo":"{algo}","data":"{data}"}}"#).into_bytes()
+        };
+        for (key, index) in [("primary", 0), ("secondary", 1)] {
+            let digest = sign(&registry, &id, "g1", &request(key, "HMACSHA256")).expect("signed");
+            let mut mac = Hmac::<Sha256>::new_from_slice(&identity.sas_keys()[index]).expect("key");
+            mac.update(b"hub/devices/edge/modules/filter\n1800000000");
+            assert_eq!(digest, BASE64.encode(mac.finalize().into_bytes()), "{key}");
+        }
+        let status =
+            |generation: &str, body: &[u8]| sign(&registry, &id, generation, body).map_err(|e| e.0);
+        assert_eq!(
+            status("g2", &request("primary", "HMACSHA256")),
+            Err(StatusCode::NOT_FOUND)
+        );
+        assert_eq!(
+            status("g1", &request("tertiary", "HMACSHA256")),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(
+            status("g1", &request("primary", "SHA1")),
+            Err(StatusCode::BAD_REQUEST)
+        );
+        assert_eq!(status("g1", b"{"), Err(StatusCode::BAD_REQUEST));
+        let other = IdentityId::parse("edge/other").expect("id");
+        let unknown = sign(&registry, &other, "g1", &request("primary", "HMACSHA256"));
+        assert_eq!(unknown.map_err(|e| e.0), Err(StatusCode::NOT_FOUND));
+    }
+}
