@@ -98,6 +98,9 @@ settings! {
     tls_cert: PathBuf = "", env "SPOOL_TLS_CERT";
     /// PEM private key of --tls-cert.
     tls_key: PathBuf = "", env "SPOOL_TLS_KEY";
+    /// PEM CA certificates that leaf devices' certificates must chain to (X.509 CA mode); by
+    /// default, the CA clients trust (spool's generated CA, or the chain of --tls-cert).
+    client_ca: PathBuf = "", env "SPOOL_CLIENT_CA";
     /// Who may connect on the plain MQTT listener: anonymous (anyone; IoT Hub credentials,
     /// when given, are checked all the same) or identity (an IoT Hub username and SAS token).
     mqtt_auth: ListenerAuth = "anonymous", env "SPOOL_MQTT_AUTH";

@@ -4,6 +4,7 @@ use crate::admin::{self, AdminContext};
 use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::IdentitiesFile;
 use crate::auth::registry::IdentityRegistry;
+use crate::auth::x509::CertificateCheck;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
@@ -19,6 +20,8 @@ use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
 use crate::workload::WorkloadApi;
 use anyhow::Context;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
 use spool_storage::{FileSystem, Meta, RealFs, Wal, WalOptions, WriterMode};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +30,7 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 
 /// How long shutdown waits for the hub and connections to finish.
@@ -194,7 +198,54 @@ fn admit_and_route(
         settings.iothub_hostname.clone(),
         settings.gateway_hostname.clone(),
     ];
-    Ok((Authenticator::new(registry, hosts), deployment))
+    let authenticator = Authenticator::new(registry, hosts).with_certificates(leaf_trust(config)?);
+    Ok((authenticator, deployment))
+}
+
+/// Binds the admin API, if enabled (`--admin-bind`), and serves it; returns where.
+async fn start_admin(
+    config: &Config,
+    admin: AdminContext,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let Some(bind) = config.admin_bind.as_deref() else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(bind)
+        .await
+        .with_context(|| format!("bind the admin API to {bind}"))?;
+    let addr = listener.local_addr()?;
+    let serving = admin::serve(listener, admin, shutdown.clone());
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = serving.await {
+            tracing::error!("the admin API stopped: {e}");
+        }
+    }));
+    Ok(Some(addr))
+}
+
+/// How leaf devices' certificates are checked in X.509 CA mode: against `--client-ca`, or else
+/// the certificate clients trust (spool's generated CA, or the operator's chain), if there.
+fn leaf_trust(config: &Config) -> anyhow::Result<CertificateCheck> {
+    let given = &config.settings.client_ca;
+    let path = match given.as_os_str().is_empty() {
+        true => config.tls_certificate.trust_file(),
+        false => given.clone(),
+    };
+    let certificates = match CertificateDer::pem_file_iter(&path) {
+        Ok(certificates) => certificates.collect::<Result<Vec<_>, _>>(),
+        Err(_) if given.as_os_str().is_empty() => return Ok(CertificateCheck::default()),
+        Err(e) => Err(e),
+    }
+    .with_context(|| format!("read the client CA {}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certificates);
+    if added == 0 {
+        tracing::warn!(file = %path.display(), "no CA certificate for leaf devices' certificates");
+        return Ok(CertificateCheck::default());
+    }
+    CertificateCheck::with_trust_bundle(roots).context("the client CA")
 }
 
 /// The workload API of the edge device's modules (`--workload-dir`).
@@ -250,6 +301,7 @@ struct Listeners {
 /// Binds the MQTT and MQTTS listeners that are enabled and starts accepting on them.
 async fn start_listeners(
     config: &Config,
+    tls: Option<(TlsAcceptor, TlsFiles)>,
     context: &Arc<ServerContext>,
     connections: &Arc<Semaphore>,
     tasks: &mut Vec<JoinHandle<()>>,
@@ -272,8 +324,7 @@ async fn start_listeners(
             Arc::clone(connections),
         )));
     }
-    if let Some(bind) = &config.mqtts_bind {
-        let (acceptor, files) = tls::acceptor(&config.tls_certificate)?;
+    if let (Some(bind), Some((acceptor, files))) = (&config.mqtts_bind, tls) {
         let listener = bind_listener(bind)
             .await
             .with_context(|| format!("bind MQTTS listener to {bind}"))?;
@@ -306,6 +357,11 @@ impl Server {
     /// As [`Server::start`].
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
         let (meta, wal) = open_storage(config, fs, WriterMode::Thread)?;
+        // The TLS files first: a generated CA is the default trust bundle for leaf devices.
+        let tls = match config.mqtts_bind {
+            Some(_) => Some(tls::acceptor(&config.tls_certificate)?),
+            None => None,
+        };
         let router = Arc::new(Router::default());
         let (authenticator, deployment) = admit_and_route(config, &meta, &wal, &router)?;
         let shutdown = CancellationToken::new();
@@ -335,27 +391,12 @@ impl Server {
         ));
         let connections_max = config.settings.max_connections;
         let connections = Arc::new(Semaphore::new(connections_max as usize));
-        let listeners = start_listeners(config, &context, &connections, &mut tasks).await?;
-        let admin_addr = match config.admin_bind.as_deref() {
-            Some(bind) => {
-                let listener = TcpListener::bind(bind)
-                    .await
-                    .with_context(|| format!("bind the admin API to {bind}"))?;
-                let addr = listener.local_addr()?;
-                let admin = AdminContext {
-                    authenticator: Arc::clone(&context.authenticator),
-                    meta: admin_meta,
-                };
-                let serving = admin::serve(listener, admin, shutdown.clone());
-                tasks.push(tokio::spawn(async move {
-                    if let Err(e) = serving.await {
-                        tracing::error!("the admin API stopped: {e}");
-                    }
-                }));
-                Some(addr)
-            }
-            None => None,
+        let listeners = start_listeners(config, tls, &context, &connections, &mut tasks).await?;
+        let admin = AdminContext {
+            authenticator: Arc::clone(&context.authenticator),
+            meta: admin_meta,
         };
+        let admin_addr = start_admin(config, admin, &shutdown, &mut tasks).await?;
         if !config.settings.workload_dir.as_os_str().is_empty() {
             let workload = workload_api(config, &context.authenticator)?;
             tasks.push(tokio::spawn(workload.serve(shutdown.clone())));

@@ -2,6 +2,7 @@
 //! given, a private CA and a server certificate that spool generates on first start and keeps in
 //! the data directory, so the same CA stays valid across restarts and clients can trust it once.
 
+use crate::auth::x509::OfferClientCertificates;
 use anyhow::Context;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -66,10 +67,12 @@ pub fn acceptor(source: &CertificateSource) -> anyhow::Result<(TlsAcceptor, TlsF
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("read TLS private key {}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
+    // Leaf devices may present a certificate; CONNECT decides whether it stands for them.
+    let client_certificates = Arc::new(OfferClientCertificates::new(&provider));
     let config = ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
         .context("TLS protocol versions")?
-        .with_no_client_auth()
+        .with_client_cert_verifier(client_certificates)
         .with_single_cert(chain, key)
         .with_context(|| {
             format!(

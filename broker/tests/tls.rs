@@ -580,3 +580,149 @@ async fn a_session_made_before_its_client_was_an_identity_loses_what_it_may_not_
         "the old subscription is gone: {delivered:?}"
     );
 }
+
+/// A certificate with common name `cn` and its key, issued by `issuer` or self-signed (then a
+/// CA, to issue others).
+fn leaf_certificate(
+    cn: &str,
+    issuer: Option<&(rcgen::CertificateParams, rcgen::KeyPair)>,
+) -> (
+    CertificateDer<'static>,
+    rcgen::CertificateParams,
+    rcgen::KeyPair,
+) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, cn);
+    let cert = match issuer {
+        Some((issuer_params, issuer_key)) => {
+            let issuer = rcgen::Issuer::new(issuer_params.clone(), issuer_key);
+            params.signed_by(&key, &issuer).unwrap()
+        }
+        None => {
+            params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+            params.self_signed(&key).unwrap()
+        }
+    };
+    (cert.der().clone(), params, key)
+}
+
+/// A CONNECT as device `device` with no password: a leaf device that proves itself with its
+/// TLS certificate.
+fn device_connect(device: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    common::field(b"MQTT", &mut body);
+    body.extend_from_slice(&[4, 0x82, 0, 60]); // username, clean session
+    common::field(device.as_bytes(), &mut body);
+    common::field(
+        format!("localhost/{device}/?api-version=2020-09-30").as_bytes(),
+        &mut body,
+    );
+    common::packet(0x10, &body)
+}
+
+/// The CONNACK code a TLS client presenting `certificate` (if any) gets for `connect`.
+async fn connack_with_certificate(
+    spool: &Spool,
+    certificate: Option<(&CertificateDer<'static>, &rcgen::KeyPair)>,
+    connect: &[u8],
+) -> u8 {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(spool.tls_ca.as_ref().unwrap()).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots);
+    let config = match certificate {
+        Some((cert, key)) => {
+            let key = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der()).unwrap();
+            builder
+                .with_client_auth_cert(vec![cert.clone()], key)
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let connector = TlsConnector::from(Arc::new(config));
+    let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
+        .await
+        .unwrap();
+    stream.write_all(connect).await.unwrap();
+    let (kind, body) = read_packet(&mut stream).await;
+    assert_eq!(kind, 0x20, "CONNACK");
+    body[1]
+}
+
+#[tokio::test]
+async fn leaf_devices_connect_with_their_certificates() {
+    // Goal: a leaf device proves itself with a TLS client certificate instead of a SAS token
+    // (contract §2.3): by the certificate's thumbprint, or by a chain to the client CA with
+    // the device id as common name; a certificate that does not stand for the device it
+    // names, or none, is refused (CONNACK 5).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let ca = leaf_certificate("Leaf CA", None);
+    let ca_file = dir.path().join("leaf-ca.pem");
+    std::fs::write(&ca_file, ca.1.self_signed(&ca.2).unwrap().pem()).unwrap();
+    let by_thumbprint = leaf_certificate("leaf-tp", None);
+    let thumbprint: String = ring::digest::digest(&ring::digest::SHA256, &by_thumbprint.0)
+        .as_ref()
+        .iter()
+        .map(|b| format!("{b:02X}"))
+        .collect();
+    let by_chain = leaf_certificate("leaf-ca", Some(&(ca.1.clone(), ca.2)));
+    let ca = leaf_certificate("Leaf CA", None); // a stranger's CA, with the same name
+    let stranger = leaf_certificate("leaf-ca", Some(&(ca.1, ca.2)));
+    let identities = dir.path().join("identities.toml");
+    std::fs::write(
+        &identities,
+        format!(
+            "[[identities]]\nid = \"leaf-tp\"\nauth = {{ type = \"x509_thumbprint\", primary = \"{thumbprint}\" }}\n\
+             [[identities]]\nid = \"leaf-ca\"\nauth = {{ type = \"x509_ca\" }}\n"
+        ),
+    )
+    .unwrap();
+    let spool = Spool::start(
+        &dir.path().join("data"),
+        &[
+            "--identities",
+            identities.to_str().unwrap(),
+            "--client-ca",
+            ca_file.to_str().unwrap(),
+        ],
+    );
+    let present = |(cert, _, key): &(
+        CertificateDer<'static>,
+        rcgen::CertificateParams,
+        rcgen::KeyPair,
+    )| { Some((cert.clone(), key.serialize_der())) };
+    for (what, certificate, device, expected) in [
+        ("its thumbprint", present(&by_thumbprint), "leaf-tp", 0),
+        ("a chain to the client CA", present(&by_chain), "leaf-ca", 0),
+        (
+            "another device's certificate",
+            present(&by_chain),
+            "leaf-tp",
+            5,
+        ),
+        ("no certificate", None, "leaf-tp", 5),
+        ("a chain to another CA", present(&stranger), "leaf-ca", 5),
+        (
+            "a thumbprint device's certificate for a CA device",
+            present(&by_thumbprint),
+            "leaf-ca",
+            5,
+        ),
+    ] {
+        let key = certificate
+            .as_ref()
+            .map(|(_, der)| rcgen::KeyPair::try_from(der.as_slice()).unwrap());
+        let presented = certificate.as_ref().map(|(cert, _)| cert).zip(key.as_ref());
+        let code = connack_with_certificate(&spool, presented, &device_connect(device)).await;
+        assert_eq!(code, expected, "{device} with {what}");
+    }
+}

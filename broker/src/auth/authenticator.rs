@@ -5,10 +5,12 @@
 //! with one of its keys, on one of the hub's host names, not expired. Any other client is
 //! anonymous, which a listener allows or not (`ListenerAuth`).
 
-use super::identity::{Credentials, IdentityId, Status};
+use super::identity::{Credentials, Identity, IdentityId, Status};
 use super::registry::IdentityRegistry;
 use super::sas::{SasError, SasToken};
 use super::username::IotUsername;
+use super::x509::{CertificateCheck, CertificateError};
+use rustls_pki_types::CertificateDer;
 use std::str::FromStr;
 use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 use tokio::sync::watch;
@@ -42,8 +44,9 @@ pub enum Authenticated {
     Anonymous,
     Identity {
         id: IdentityId,
-        /// When its token expires (seconds since 1970): the connection ends then.
-        token_expiry: u64,
+        /// When its SAS token expires (seconds since 1970): the connection ends then. `None`
+        /// for a certificate.
+        token_expiry: Option<u64>,
     },
 }
 
@@ -62,8 +65,8 @@ pub enum AuthError {
     Unknown(IdentityId),
     #[error("identity {0} is disabled")]
     Disabled(IdentityId),
-    #[error("identity {0} authenticates with a certificate, not a SAS token")]
-    NotSas(IdentityId),
+    #[error(transparent)]
+    Certificate(#[from] CertificateError),
     #[error("no SAS token in the password")]
     NoToken,
     #[error(transparent)]
@@ -78,6 +81,8 @@ pub struct Authenticator {
     registry: RwLock<IdentityRegistry>,
     /// The host names a token's audience may name: the IoT Hub's and the gateway's.
     hosts: Vec<String>,
+    /// Checks leaf devices' certificates.
+    certificates: CertificateCheck,
     /// Counts the registry's changes.
     changes: watch::Sender<u64>,
 }
@@ -88,8 +93,16 @@ impl Authenticator {
         Authenticator {
             registry: RwLock::new(registry),
             hosts,
+            certificates: CertificateCheck::default(),
             changes: watch::Sender::new(0),
         }
+    }
+
+    /// Checks leaf devices' certificate chains with `certificates` (X.509 CA mode).
+    #[must_use]
+    pub fn with_certificates(mut self, certificates: CertificateCheck) -> Authenticator {
+        self.certificates = certificates;
+        self
     }
 
     /// The registry as it is now.
@@ -123,20 +136,19 @@ impl Authenticator {
         self.changes.subscribe()
     }
 
-    /// Who the client of a CONNECT is, at `now` (seconds since 1970), on a listener that asks
-    /// `policy`.
+    /// Who the client of a CONNECT is, by what it `presented`, at `now` (seconds since 1970),
+    /// on a listener that asks `policy`.
     ///
     /// # Errors
     /// Why it is refused.
     pub fn authenticate(
         &self,
         policy: ListenerAuth,
-        client_id: &str,
-        username: Option<&str>,
-        password: Option<&[u8]>,
+        presented: &Presented<'_>,
         now: u64,
     ) -> Result<Authenticated, AuthError> {
-        let Some(username) = username.and_then(IotUsername::parse) else {
+        let client_id = presented.client_id;
+        let Some(username) = presented.username.and_then(IotUsername::parse) else {
             // An identity's client id is its own: an anonymous client using it would take
             // the identity's session over, and its queue with it.
             let taken = IdentityId::parse(client_id)
@@ -163,21 +175,56 @@ impl Authenticator {
         if identity.status == Status::Disabled {
             return Err(AuthError::Disabled(id));
         }
-        if !matches!(identity.credentials, Credentials::Sas { .. }) {
-            return Err(AuthError::NotSas(id));
-        }
+        let chain = presented.certificates;
+        let token_expiry = match &identity.credentials {
+            Credentials::Sas { .. } => {
+                Some(self.verify_token(identity, presented.password, now)?)
+            }
+            Credentials::X509Thumbprint { primary, secondary } => {
+                let thumbprints: Vec<&str> = std::iter::once(primary)
+                    .chain(secondary)
+                    .map(String::as_str)
+                    .collect();
+                CertificateCheck::thumbprint(chain, &thumbprints)?;
+                None
+            }
+            Credentials::X509Ca => {
+                self.certificates.chain_for_device(chain, &id.device)?;
+                None
+            }
+        };
+        Ok(Authenticated::Identity { id, token_expiry })
+    }
+
+    /// Verifies the SAS token in `password` for `identity`; returns when it expires.
+    fn verify_token(
+        &self,
+        identity: &Identity,
+        password: Option<&[u8]>,
+        now: u64,
+    ) -> Result<u64, AuthError> {
         let password = password.ok_or(AuthError::NoToken)?;
         let token = std::str::from_utf8(password).map_err(|_| AuthError::NoToken)?;
         let token = SasToken::parse(token)?;
         let keys = identity.sas_keys();
         let keys: Vec<&[u8]> = keys.iter().map(Vec::as_slice).collect();
         let hosts: Vec<&str> = self.hosts.iter().map(String::as_str).collect();
+        let id = &identity.id;
         token.verify(&id.device, id.module.as_deref(), &hosts, &keys, now)?;
-        Ok(Authenticated::Identity {
-            id,
-            token_expiry: token.expiry,
-        })
+        Ok(token.expiry)
     }
+}
+
+/// What a client presented to prove who it is.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Presented<'a> {
+    pub client_id: &'a str,
+    pub username: Option<&'a str>,
+    /// A SAS token, for an identity that has keys.
+    pub password: Option<&'a [u8]>,
+    /// The TLS client certificate chain (leaf first), for a leaf device that has a
+    /// certificate.
+    pub certificates: Option<&'a [CertificateDer<'static>]>,
 }
 
 #[cfg(test)]
@@ -232,18 +279,18 @@ mod tests {
         let (auth, key, _dir) = authenticator();
         for host in ["hub.example", "spool"] {
             let password = token(&key, "edge/filter", host, NOW + 60);
-            let who = auth.authenticate(
-                ListenerAuth::Identity,
-                "edge/filter",
-                Some(USERNAME),
-                Some(&password),
-                NOW,
-            );
+            let presented = Presented {
+                client_id: "edge/filter",
+                username: Some(USERNAME),
+                password: Some(&password),
+                certificates: None,
+            };
+            let who = auth.authenticate(ListenerAuth::Identity, &presented, NOW);
             assert_eq!(
                 who,
                 Ok(Authenticated::Identity {
                     id: IdentityId::parse("edge/filter").expect("id"),
-                    token_expiry: NOW + 60,
+                    token_expiry: Some(NOW + 60),
                 })
             );
         }
@@ -255,13 +302,13 @@ mod tests {
         let (auth, key, _dir) = authenticator();
         let good = token(&key, "edge/filter", "hub.example", NOW + 60);
         let check = |client_id: &str, username: &str, password: Option<&[u8]>| {
-            auth.authenticate(
-                ListenerAuth::Anonymous,
+            let presented = Presented {
                 client_id,
-                Some(username),
+                username: Some(username),
                 password,
-                NOW,
-            )
+                certificates: None,
+            };
+            auth.authenticate(ListenerAuth::Anonymous, &presented, NOW)
         };
         assert!(matches!(
             check("edge/other", USERNAME, Some(&good)),
@@ -284,7 +331,7 @@ mod tests {
         let leaf = "hub.example/leaf/?api-version=1";
         assert!(matches!(
             check("leaf", leaf, Some(&good)),
-            Err(AuthError::NotSas(_))
+            Err(AuthError::Certificate(CertificateError::Missing))
         ));
         let ghost = "hub.example/ghost/?api-version=1";
         assert!(matches!(
@@ -317,15 +364,26 @@ mod tests {
     #[test]
     fn plain_clients_are_anonymous_only_where_allowed() {
         let (auth, _, _dir) = authenticator();
+        let presented = |username, password| Presented {
+            client_id: "c",
+            username,
+            password,
+            certificates: None,
+        };
         for (username, password) in [(None, None), (Some("alice"), Some(&b"secret"[..]))] {
             let anonymous =
-                auth.authenticate(ListenerAuth::Anonymous, "c", username, password, NOW);
+                auth.authenticate(ListenerAuth::Anonymous, &presented(username, password), NOW);
             assert_eq!(anonymous, Ok(Authenticated::Anonymous));
-            let required = auth.authenticate(ListenerAuth::Identity, "c", username, password, NOW);
+            let required =
+                auth.authenticate(ListenerAuth::Identity, &presented(username, password), NOW);
             assert_eq!(required, Err(AuthError::Required));
         }
         // Not with an identity's client id: it would take the identity's session over.
-        let impostor = auth.authenticate(ListenerAuth::Anonymous, "edge/filter", None, None, NOW);
+        let impostor = Presented {
+            client_id: "edge/filter",
+            ..Presented::default()
+        };
+        let impostor = auth.authenticate(ListenerAuth::Anonymous, &impostor, NOW);
         assert!(matches!(impostor, Err(AuthError::IdentityClientId(_))));
     }
 }

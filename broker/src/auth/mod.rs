@@ -6,8 +6,9 @@
 //! - `registry`: [`registry::IdentityRegistry`], the identities in the metadata store.
 //! - `sas`: parsing, signing and verifying SAS tokens (edgehub-contract.md §2.1).
 //! - `username`: the IoT Hub MQTT username grammar (§1.2).
+//! - `x509`: leaf devices' certificates, by thumbprint or by chain (§2.3).
 //! - `authenticator`: [`authenticator::Authenticator`], who a CONNECT is.
-//! - `cli`: `spool identity …` on a data directory no server holds.
+//! - `cli`: `spool identity …`, on a data directory or through a running server's admin API.
 
 pub mod authenticator;
 pub mod cli;
@@ -15,3 +16,4 @@ pub mod identity;
 pub mod registry;
 pub mod sas;
 pub mod username;
+pub mod x509;

@@ -9,7 +9,7 @@
 //! publishes waiting for durability, the connection stops reading its socket: back-pressure,
 //! not memory.
 
-use crate::auth::authenticator::{Authenticated, ListenerAuth};
+use crate::auth::authenticator::{Authenticated, ListenerAuth, Presented};
 use crate::auth::identity::IdentityId;
 use crate::auth::sas::CLOCK_SKEW_SECS;
 use crate::delivery::drop_worth_logging;
@@ -34,6 +34,7 @@ use crate::session::receipts::{self, SharedReceipts};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use rmqtt_codec::{MqttCodec, MqttPacket};
+use rustls_pki_types::CertificateDer;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -86,14 +87,20 @@ enum Ack {
 }
 
 /// Serves one client until it disconnects or breaks the protocol.
-pub async fn serve<S>(stream: S, peer: SocketAddr, auth: ListenerAuth, context: Arc<ServerContext>)
-where
+pub async fn serve<S>(
+    stream: S,
+    client: ClientTransport,
+    auth: ListenerAuth,
+    context: Arc<ServerContext>,
+) where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let connection_id = context.next_connection_id();
+    let peer = client.peer;
     let span = tracing::info_span!("conn", conn_id = connection_id, %peer, client_id = tracing::field::Empty);
     async move {
-        let Some(mut connection) = handshake(stream, connection_id, auth, &context).await else {
+        let handshake = handshake(stream, connection_id, auth, client.certificates, &context);
+        let Some(mut connection) = handshake.await else {
             return;
         };
         tracing::Span::current().record("client_id", connection.client_id.as_str());
@@ -103,6 +110,14 @@ where
     }
     .instrument(span)
     .await;
+}
+
+/// Who a connection's client is at the transport: its address, and the certificate chain it
+/// presented over TLS, if any.
+#[derive(Debug, Clone)]
+pub struct ClientTransport {
+    pub peer: SocketAddr,
+    pub certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
 /// Reads the protocol header and CONNECT, within the connect deadline.
@@ -144,32 +159,33 @@ where
     }
 }
 
-/// What an identity's connection presented at CONNECT, to present again (see
-/// `Connection::recheck`).
-struct Recheck {
+/// What a client presented at CONNECT to prove who it is; an identity's connection presents
+/// it again whenever the registry changes (`Connection::recheck`).
+struct ClientCredentials {
     auth: ListenerAuth,
     username: Option<String>,
     password: Option<Bytes>,
-    changes: watch::Receiver<u64>,
+    certificates: Option<Vec<CertificateDer<'static>>>,
 }
 
-impl Recheck {
-    /// An identity's credentials, checked again whenever the registry changes.
-    fn new(auth: ListenerAuth, connect: &codec::Connect, context: &ServerContext) -> Recheck {
-        Recheck {
-            auth,
-            username: connect.username.clone(),
-            password: connect.password.clone(),
-            changes: context.authenticator.registry_changes(),
+impl ClientCredentials {
+    fn presented<'a>(&'a self, client_id: &'a str) -> Presented<'a> {
+        Presented {
+            client_id,
+            username: self.username.as_deref(),
+            password: self.password.as_deref(),
+            certificates: self.certificates.as_deref(),
         }
     }
 }
 
 /// Resolves when the registry changes, for a connection that checks its credentials again;
 /// never for another (or once the registry is gone).
-async fn registry_changed(recheck: &mut Option<Recheck>) -> Option<()> {
+async fn registry_changed(
+    recheck: &mut Option<(ClientCredentials, watch::Receiver<u64>)>,
+) -> Option<()> {
     match recheck {
-        Some(recheck) => recheck.changes.changed().await.ok(),
+        Some((_, changes)) => changes.changed().await.ok(),
         None => std::future::pending().await,
     }
 }
@@ -184,6 +200,7 @@ async fn handshake<S>(
     stream: S,
     connection_id: u64,
     auth: ListenerAuth,
+    certificates: Option<Vec<CertificateDer<'static>>>,
     context: &Arc<ServerContext>,
 ) -> Option<Connection<S>>
 where
@@ -191,7 +208,15 @@ where
 {
     let (mut framed, protocol, mut connect) = read_connect(stream, context).await?;
     let limits = &context.limits;
-    let (identity, token_expires) = match admit(context, auth, &connect) {
+    // Watched before authenticating: a registry change from now on is checked again.
+    let changes = context.authenticator.registry_changes();
+    let credentials = ClientCredentials {
+        auth,
+        username: connect.username.take(),
+        password: connect.password.take(),
+        certificates,
+    };
+    let (identity, token_expires) = match admit(context, &credentials, &connect) {
         Ok(admitted) => admitted,
         Err(reason) => return refuse(&mut framed, protocol, reason).await,
     };
@@ -233,9 +258,7 @@ where
         receipts: outcome.receipts,
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(keep_alive_secs),
-        recheck: identity
-            .as_ref()
-            .map(|_| Recheck::new(auth, &connect, context)),
+        recheck: identity.as_ref().map(|_| (credentials, changes)),
         identity,
         token_expires,
         will: connect.will.take().map(Box::new),
@@ -274,10 +297,11 @@ fn accepted(
 /// it may publish (`refuse_will`). Its identity and token expiry, or the refusal's reason.
 fn admit(
     context: &ServerContext,
-    auth: ListenerAuth,
+    credentials: &ClientCredentials,
     connect: &codec::Connect,
 ) -> Result<(Option<IdentityId>, Option<Instant>), Reason> {
-    let admitted = authenticate(context, auth, connect).ok_or(Reason::NotAuthorized)?;
+    let admitted =
+        authenticate(context, credentials, &connect.client_id).ok_or(Reason::NotAuthorized)?;
     match connect
         .will
         .as_ref()
@@ -293,27 +317,27 @@ fn admit(
 /// has them.
 fn authenticate(
     context: &ServerContext,
-    auth: ListenerAuth,
-    connect: &codec::Connect,
+    credentials: &ClientCredentials,
+    client_id: &str,
 ) -> Option<(Option<IdentityId>, Option<Instant>)> {
     let now_ms = context.ingest.now_ms();
-    let authenticated = context.authenticator.authenticate(
-        auth,
-        &connect.client_id,
-        connect.username.as_deref(),
-        connect.password.as_deref(),
-        now_ms / 1000,
-    );
+    let presented = credentials.presented(client_id);
+    let authenticated =
+        context
+            .authenticator
+            .authenticate(credentials.auth, &presented, now_ms / 1000);
     match authenticated {
         Ok(Authenticated::Anonymous) => Some((None, None)),
         Ok(Authenticated::Identity { id, token_expiry }) => {
             // Valid as long as it was accepted: up to the clock skew past its expiry.
-            let valid_until = token_expiry.saturating_add(CLOCK_SKEW_SECS);
-            let left = valid_until.saturating_mul(1000).saturating_sub(now_ms);
-            Some((Some(id), Some(Instant::now() + Duration::from_millis(left))))
+            let expires = token_expiry.map(|expiry| {
+                let valid_until = expiry.saturating_add(CLOCK_SKEW_SECS);
+                let left = valid_until.saturating_mul(1000).saturating_sub(now_ms);
+                Instant::now() + Duration::from_millis(left)
+            });
+            Some((Some(id), expires))
         }
         Err(e) => {
-            let client_id = &connect.client_id;
             tracing::info!(client_id, "refused a CONNECT: {e}");
             None
         }
@@ -448,9 +472,10 @@ struct Connection<S> {
     /// clock skew allowed): the connection ends then, and the client connects again with a
     /// new one (as the SDKs do before its expiry).
     token_expires: Option<Instant>,
-    /// An identity's credentials, checked again when the registry changes: a client whose
-    /// identity was removed or disabled, or whose token's key was rotated, is disconnected.
-    recheck: Option<Recheck>,
+    /// An identity's credentials, checked again when the registry changes (it announces its
+    /// changes on the receiver): a client whose identity was removed or disabled, or whose
+    /// token's key was rotated, is disconnected.
+    recheck: Option<(ClientCredentials, watch::Receiver<u64>)>,
     /// Published if the connection ends without a normal DISCONNECT.
     will: Option<Box<Will>>,
     /// The session expiry the CONNECT asked for (MQTT 5).
@@ -496,17 +521,15 @@ where
 
     /// The registry changed: the client's credentials must still let it in, as at CONNECT.
     fn check_credentials_again(&self) -> Result<(), Close> {
-        let Some(recheck) = &self.recheck else {
+        let Some((credentials, _)) = &self.recheck else {
             return Ok(());
         };
         let now_secs = self.context.ingest.now_ms() / 1000;
-        let authenticated = self.context.authenticator.authenticate(
-            recheck.auth,
-            &self.client_id,
-            recheck.username.as_deref(),
-            recheck.password.as_deref(),
-            now_secs,
-        );
+        let presented = credentials.presented(&self.client_id);
+        let authenticated =
+            self.context
+                .authenticator
+                .authenticate(credentials.auth, &presented, now_secs);
         match authenticated {
             Ok(_) => Ok(()),
             Err(e) => Err(Close::with(

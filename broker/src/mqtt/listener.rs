@@ -2,6 +2,7 @@
 
 use crate::auth::authenticator::ListenerAuth;
 use crate::limits::TLS_HANDSHAKE_TIMEOUT;
+use crate::mqtt::connection::ClientTransport;
 use crate::mqtt::{ServerContext, connection};
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -41,7 +42,13 @@ pub async fn accept_loop(
                 tokio::spawn(async move {
                     match tls {
                         Some(tls) => serve_tls(socket, peer, &tls, auth, context).await,
-                        None => connection::serve(socket, peer, auth, context).await,
+                        None => {
+                            let client = ClientTransport {
+                                peer,
+                                certificates: None,
+                            };
+                            connection::serve(socket, client, auth, context).await;
+                        }
                     }
                     drop(permit);
                 });
@@ -77,5 +84,12 @@ async fn serve_tls(
             }
         },
     };
-    connection::serve(stream, peer, auth, context).await;
+    // The chain the client presented, if any: checked at CONNECT against the identity it names.
+    let certificates = stream
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(|chain| chain.iter().map(|c| c.clone().into_owned()).collect());
+    let client = ClientTransport { peer, certificates };
+    connection::serve(stream, client, auth, context).await;
 }
