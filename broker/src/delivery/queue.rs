@@ -279,10 +279,17 @@ impl DeliveryQueue {
             .position(|f| f.packet_id == Some(packet_id))
     }
 
-    /// Whether a packet id is in use by an in-flight message.
+    /// Whether a packet id is held: by an in-flight message, or by one sent before and waiting
+    /// to be sent again (those are at the front: `requeue_in_flight`), which keeps its id. The
+    /// client may still acknowledge that id, so no other message may take it meanwhile.
     #[must_use]
     pub fn packet_id_in_use(&self, packet_id: u16) -> bool {
         self.position(packet_id).is_some()
+            || self
+                .waiting
+                .iter()
+                .take_while(|e| e.packet_id.is_some())
+                .any(|e| e.packet_id == Some(packet_id))
     }
 
     /// The connection dropped: everything in flight goes back to the front, in order, to be
@@ -353,6 +360,11 @@ mod tests {
         assert!(!queue.acknowledge(1));
         assert_eq!(queue.first_needed(), Some(2));
         queue.requeue_in_flight();
+        assert!(
+            queue.packet_id_in_use(2),
+            "held while waiting to be resent: the client may still acknowledge it"
+        );
+        assert!(!queue.packet_id_in_use(1));
         let resent = queue.next_to_send(2).unwrap();
         assert_eq!(
             (resent.seq, resent.redelivery, resent.packet_id),

@@ -4,7 +4,6 @@
 
 use super::appends::{Metering, OwnAppend};
 use super::{Hub, loads};
-use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
@@ -14,7 +13,6 @@ use crate::message::{Message, QoS};
 use crate::routing::endpoints::EndpointTarget;
 use bytes::Bytes;
 use spool_storage::Record;
-use std::collections::HashMap;
 use std::sync::Arc;
 use tokio::sync::mpsc::error::TrySendError;
 
@@ -255,7 +253,9 @@ impl Hub {
 
     /// The next entry session `id` sends, with the queue it comes from, its QoS capped by the
     /// subscription and its packet id given, if the window and the connection's channel have
-    /// room, its message is cached (else a load is asked for) and its packet id is free.
+    /// room. Its sources are tried in order: one whose next message must be read back first
+    /// stops the round (a load is asked for), one whose next message's packet id is taken by
+    /// another in flight is passed over until that one is acknowledged.
     fn next_to_send(&mut self, id: u64) -> Result<(QueueId, QueueEntry), Step> {
         let session = self.sessions.get_mut(&id).ok_or(Step::Stop)?;
         let attachment = session.attachment().ok_or(Step::Stop)?;
@@ -274,40 +274,42 @@ impl Hub {
         if reserved >= window {
             return Err(Step::Stop);
         }
-        let (queue_id, qos_max, mut entry) = session
-            .sources()
-            .find_map(|(queue, qos)| {
-                let entry = self
-                    .queues
-                    .get_mut(&queue)?
-                    .entries
-                    .next_to_send(usize::MAX)?;
-                Some((queue, qos, entry))
-            })
-            .ok_or(Step::Stop)?;
-        let queues = &mut self.queues;
-        let unsend = |queues: &mut HashMap<QueueId, Queue>, entry| {
-            if let Some(queue) = queues.get_mut(&queue_id) {
-                queue.entries.unsend(entry);
-            }
-        };
-        if loads::to_read(&self.cache, &self.unreadable, &entry) {
-            unsend(queues, entry); // the queue goes on once it is read
-            self.ask_for_loads(id, queue_id, window);
-            return Err(Step::Stop);
-        }
-        if entry.packet_id.is_none() {
-            entry.qos = entry.qos.min(qos_max);
-        }
-        if entry.qos != QoS::AtMostOnce && entry.packet_id.is_none() {
-            let Some(packet_id) = session.packet_id_for(&entry, queues) else {
-                unsend(queues, entry); // its id is in flight: wait for that ack
-                return Err(Step::Stop);
+        let mut to_load = None;
+        let mut index = 0;
+        while let Some((queue_id, qos_max)) = session.source(index) {
+            index += 1;
+            let Some(queue) = self.queues.get_mut(&queue_id) else {
+                continue;
             };
-            entry.packet_id = Some(packet_id);
+            let Some(mut entry) = queue.entries.next_to_send(usize::MAX) else {
+                continue;
+            };
+            if loads::to_read(&self.cache, &self.unreadable, &entry) {
+                queue.entries.unsend(entry); // the queue goes on once it is read
+                to_load = Some(queue_id);
+                break;
+            }
+            if entry.packet_id.is_none() {
+                // Capped when first sent: a resent message keeps its QoS and packet id.
+                let qos = entry.qos.min(qos_max);
+                if qos != QoS::AtMostOnce {
+                    let Some(packet_id) = session.packet_id_for(&entry, &self.queues) else {
+                        if let Some(queue) = self.queues.get_mut(&queue_id) {
+                            queue.entries.unsend(entry); // its id is in flight: after that ack
+                        }
+                        continue;
+                    };
+                    entry.packet_id = Some(packet_id);
+                }
+                entry.qos = qos;
+            }
+            session.took_turn(queue_id);
+            return Ok((queue_id, entry));
         }
-        session.took_turn(queue_id);
-        Ok((queue_id, entry))
+        if let Some(queue_id) = to_load {
+            self.ask_for_loads(id, queue_id, window);
+        }
+        Err(Step::Stop)
     }
 
     /// The PUBLISH for an entry of `queue`, or `None` if its message expired or cannot be

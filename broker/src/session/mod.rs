@@ -145,8 +145,16 @@ impl Session {
     /// The queues its connection sends from, in order: its own, then the endpoints it
     /// consumes, with the QoS each may go at.
     pub fn sources(&self) -> impl Iterator<Item = (QueueId, QoS)> + '_ {
-        std::iter::once((self.queue(), QoS::ExactlyOnce))
-            .chain(self.consumes.iter().map(|c| (c.queue, c.qos)))
+        (0..=self.consumes.len()).filter_map(|index| self.source(index))
+    }
+
+    /// The `index`th of its `sources`.
+    #[must_use]
+    pub fn source(&self, index: usize) -> Option<(QueueId, QoS)> {
+        match index {
+            0 => Some((self.queue(), QoS::ExactlyOnce)),
+            _ => self.consumes.get(index - 1).map(|c| (c.queue, c.qos)),
+        }
     }
 
     /// Moves `queue` behind the other endpoints of its priority that it consumes, once it sent
