@@ -3,6 +3,7 @@
 //! (`routing::endpoints`), and given their queues in the hub, before the routes are installed
 //! for the publish path: no record can name an endpoint a restart, or the hub, would not know.
 
+use crate::auth::authenticator::Authenticator;
 use crate::auth::registry::IdentityRegistry;
 use crate::hub::events::Event;
 use crate::limits::MANIFEST_POLL_INTERVAL;
@@ -53,10 +54,10 @@ pub fn edge_device(configured: &str, registry: &IdentityRegistry) -> anyhow::Res
 #[derive(Debug)]
 pub struct Deployment {
     path: PathBuf,
-    /// The edge device whose modules' inputs routes reach; `None` when it could not be told
-    /// (no `--device-id`, and not one device among the registry's modules): a manifest that
-    /// routes to module inputs is refused then.
-    device: Option<String>,
+    /// `--device-id`: the edge device whose modules' inputs routes reach; when empty, the one
+    /// device of the registry's modules, as it is at each reading (`edge_device`).
+    configured_device: String,
+    authenticator: Arc<Authenticator>,
     meta: Arc<Meta>,
     epoch: u64,
     /// The content last read, applied or refused: the watch reloads when it changes.
@@ -74,19 +75,19 @@ pub struct Prepared {
 
 impl Deployment {
     /// The manifest at `path`, for edge device `configured_device` (`--device-id`) or else
-    /// the registry's.
+    /// the one of `authenticator`'s registry's modules.
     #[must_use]
     pub fn new(
         path: PathBuf,
         configured_device: &str,
-        registry: &IdentityRegistry,
+        authenticator: Arc<Authenticator>,
         meta: Arc<Meta>,
         epoch: u64,
     ) -> Deployment {
-        let device = edge_device(configured_device, registry).ok();
         Deployment {
             path,
-            device,
+            configured_device: configured_device.to_owned(),
+            authenticator,
             meta,
             epoch,
             last_read: None,
@@ -108,14 +109,10 @@ impl Deployment {
         let table = RouteTable::from_manifest(&manifest)
             .with_context(|| format!("the deployment manifest {}", path.display()))?;
         let needs_device = table.endpoints().any(|(sink, _)| *sink != Sink::Upstream);
-        let device = match (&self.device, needs_device) {
-            (Some(device), _) => device.clone(),
-            (None, false) => String::new(),
-            (None, true) => anyhow::bail!(
-                "the deployment manifest {} routes to module inputs, but the edge device's id is \
-                 not known: set --device-id (or register the modules of one device)",
-                path.display()
-            ),
+        let device = match needs_device {
+            true => edge_device(&self.configured_device, &self.authenticator.registry())
+                .with_context(|| format!("the deployment manifest {}", path.display()))?,
+            false => self.configured_device.clone(),
         };
         let mut catalog = EndpointCatalog::load(&self.meta, self.epoch)?;
         let names = EndpointRoutes::endpoints(&table, &device);

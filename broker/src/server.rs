@@ -181,24 +181,24 @@ fn admit_and_route(
     meta: &Arc<Meta>,
     wal: &Wal,
     router: &Router,
-) -> anyhow::Result<(Authenticator, Option<Deployment>)> {
-    let registry = registry(config, meta)?;
+) -> anyhow::Result<(Arc<Authenticator>, Option<Deployment>)> {
     let settings = &config.settings;
-    let mut deployment = None;
-    if !settings.deployment.as_os_str().is_empty() {
-        let path = settings.deployment.clone();
-        let device = &settings.device_id;
-        let epoch = wal.epoch();
-        let mut manifest = Deployment::new(path, device, &registry, Arc::clone(meta), epoch);
-        let prepared = manifest.prepare(wal.durable_seq())?;
-        router.install_routes(prepared.routes);
-        deployment = Some(manifest);
-    }
     let hosts = vec![
         settings.iothub_hostname.clone(),
         settings.gateway_hostname.clone(),
     ];
-    let authenticator = Authenticator::new(registry, hosts).with_certificates(leaf_trust(config)?);
+    let authenticator = Authenticator::new(registry(config, meta)?, hosts);
+    let authenticator = Arc::new(authenticator.with_certificates(leaf_trust(config)?));
+    let mut deployment = None;
+    if !settings.deployment.as_os_str().is_empty() {
+        let path = settings.deployment.clone();
+        let (device, epoch) = (&settings.device_id, wal.epoch());
+        let admitted = Arc::clone(&authenticator);
+        let mut manifest = Deployment::new(path, device, admitted, Arc::clone(meta), epoch);
+        let prepared = manifest.prepare(wal.durable_seq())?;
+        router.install_routes(prepared.routes);
+        deployment = Some(manifest);
+    }
     Ok((authenticator, deployment))
 }
 
@@ -385,7 +385,7 @@ impl Server {
         let context = Arc::new(ServerContext::new(
             events,
             ingest,
-            Arc::new(authenticator),
+            authenticator,
             connection_limits,
             shutdown.clone(),
         ));

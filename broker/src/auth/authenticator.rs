@@ -12,7 +12,7 @@ use super::username::IotUsername;
 use super::x509::{CertificateCheck, CertificateError};
 use rustls_pki_types::CertificateDer;
 use std::str::FromStr;
-use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use tokio::sync::watch;
 
 /// What a listener asks of its clients.
@@ -78,7 +78,11 @@ pub enum AuthError {
 /// their credentials again (`registry_changes`).
 #[derive(Debug)]
 pub struct Authenticator {
-    registry: RwLock<IdentityRegistry>,
+    /// The registry as it is now; a change replaces it whole, so no reader waits for a change
+    /// to be stored.
+    registry: RwLock<Arc<IdentityRegistry>>,
+    /// Held by the one change under way.
+    changing: Mutex<()>,
     /// The host names a token's audience may name: the IoT Hub's and the gateway's.
     hosts: Vec<String>,
     /// Checks leaf devices' certificates.
@@ -91,7 +95,8 @@ impl Authenticator {
     #[must_use]
     pub fn new(registry: IdentityRegistry, hosts: Vec<String>) -> Authenticator {
         Authenticator {
-            registry: RwLock::new(registry),
+            registry: RwLock::new(Arc::new(registry)),
+            changing: Mutex::new(()),
             hosts,
             certificates: CertificateCheck::default(),
             changes: watch::Sender::new(0),
@@ -106,12 +111,14 @@ impl Authenticator {
     }
 
     /// The registry as it is now.
-    pub fn registry(&self) -> RwLockReadGuard<'_, IdentityRegistry> {
-        self.registry.read().unwrap_or_else(PoisonError::into_inner)
+    #[must_use]
+    pub fn registry(&self) -> Arc<IdentityRegistry> {
+        Arc::clone(&self.registry.read().unwrap_or_else(PoisonError::into_inner))
     }
 
-    /// Changes the registry with `change`, which stores what it changes (blocking: it commits
-    /// to the metadata store), and announces the change if it succeeded.
+    /// Changes a copy of the registry with `change`, which stores what it changes (blocking:
+    /// it commits to the metadata store), then puts the copy in place and announces the
+    /// change if it succeeded. CONNECTs meanwhile read the registry as it was.
     ///
     /// # Errors
     /// `change`'s.
@@ -119,12 +126,13 @@ impl Authenticator {
         &self,
         change: impl FnOnce(&mut IdentityRegistry) -> Result<T, E>,
     ) -> Result<T, E> {
-        let mut registry = self
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut registry = IdentityRegistry::clone(&self.registry());
+        let changed = change(&mut registry)?;
+        *self
             .registry
             .write()
-            .unwrap_or_else(PoisonError::into_inner);
-        let changed = change(&mut registry)?;
-        drop(registry);
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(registry);
         self.changes.send_modify(|count| *count += 1);
         Ok(changed)
     }

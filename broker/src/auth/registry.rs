@@ -26,7 +26,7 @@ pub enum RegistryError {
 }
 
 /// The identities, as stored.
-#[derive(Debug, Default)]
+#[derive(Debug, Default, Clone)]
 pub struct IdentityRegistry {
     identities: BTreeMap<IdentityId, Identity>,
 }

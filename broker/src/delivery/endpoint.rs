@@ -78,10 +78,11 @@ impl Queue {
     }
 
     /// Drops the waiting entries at the front whose deadline passed by `now_ms`, counted and
-    /// logged as [`Queue::expired`] does: a queue no one consumes frees its messages' log
-    /// space as they expire, not when a consumer comes back. An entry behind one that has not
-    /// expired goes when it reaches the front, or when it would be sent; one sent before, or
-    /// whose QoS 2 PUBREC is logged, is delivered to the end.
+    /// logged as [`Queue::expired`] does, whether or not a consumer is attached: even a queue
+    /// no one consumes frees its messages' log space as they expire, not when a consumer
+    /// comes back. An entry behind one that has not expired goes when it reaches the front, or
+    /// when it would be sent; one sent before, or whose QoS 2 PUBREC is logged, is delivered
+    /// to the end.
     pub fn expire_waiting_front(&mut self, now_ms: u64) {
         let due = |e: &QueueEntry| {
             !e.redelivery

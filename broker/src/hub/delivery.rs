@@ -101,7 +101,7 @@ impl Hub {
         }
     }
 
-    /// A record became durable: a publish is queued for every target session that still
+    /// A record became durable: a publish is queued in every target queue that still
     /// exists; a subscriber's PUBREC makes its PUBREL due.
     pub(super) fn on_record(&mut self, record: &Record) {
         match record.kind {
@@ -224,7 +224,7 @@ impl Hub {
     }
 
     /// Sends the next PUBREL due on session `id`'s own queue (QoS 2 goes there only:
-    /// endpoints deliver at QoS 1), if one is due and the session is connected.
+    /// endpoints deliver at QoS 1 at most), if one is due and the session is connected.
     fn send_release_due(&mut self, id: u64) -> Step {
         let Some(session) = self.sessions.get(&id) else {
             return Step::Stop;
