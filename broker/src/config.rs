@@ -98,8 +98,8 @@ settings! {
     tls_cert: PathBuf = "", env "SPOOL_TLS_CERT";
     /// PEM private key of --tls-cert.
     tls_key: PathBuf = "", env "SPOOL_TLS_KEY";
-    /// PEM CA certificates that leaf devices' certificates must chain to (X.509 CA mode); by
-    /// default, the CA clients trust (spool's generated CA, or the chain of --tls-cert).
+    /// PEM CA certificates that leaf devices' certificates must chain to (X.509 CA mode);
+    /// without it, CA mode refuses every certificate (thumbprints still work).
     client_ca: PathBuf = "", env "SPOOL_CLIENT_CA";
     /// Who may connect on the plain MQTT listener: anonymous (anyone; IoT Hub credentials,
     /// when given, are checked all the same) or identity (an IoT Hub username and SAS token).
@@ -118,8 +118,8 @@ settings! {
     /// server runs; empty disables it. Bind it to loopback or a trusted network only.
     admin_bind: String = "127.0.0.1:50051", env "SPOOL_ADMIN_BIND";
     /// Where spool serves IoT Edge's workload API, for modules started with the IOTEDGE_*
-    /// variables: one unix socket per module of the edge device, <dir>/<module>.sock, to mount
-    /// into that module's container only; empty: off.
+    /// variables: one unix socket per module of the edge device, <dir>/<module>/workload.sock,
+    /// whose directory only that module's container mounts; empty: off.
     workload_dir: PathBuf = "", env "SPOOL_WORKLOAD_DIR";
     /// A deployment manifest (JSON: a whole deployment, the $edgeHub twin or its desired
     /// properties, schema 1.0 to 1.3) whose routes send devices' and modules' telemetry to

@@ -8,7 +8,7 @@ use crate::auth::x509::CertificateCheck;
 use crate::clock::{Clock, SystemClock};
 use crate::config::Config;
 use crate::delivery::queue::QueueLimits;
-use crate::deployment::{self, Deployment};
+use crate::deployment::Deployment;
 use crate::hub::events::Event;
 use crate::hub::{Hub, HubHelpers, HubLimits, MetaWriter};
 use crate::ingest::Ingest;
@@ -225,43 +225,25 @@ async fn start_admin(
     Ok(Some(addr))
 }
 
-/// How leaf devices' certificates are checked in X.509 CA mode: against `--client-ca`, or else
-/// the certificate clients trust (spool's generated CA, or the operator's chain), if there.
+/// How leaf devices' certificates are checked in X.509 CA mode: against the CA certificates of
+/// `--client-ca`; without it, CA mode refuses every certificate (never the serving chain: its
+/// issuers may sign certificates for anyone).
 fn leaf_trust(config: &Config) -> anyhow::Result<CertificateCheck> {
-    let given = &config.settings.client_ca;
-    let path = match given.as_os_str().is_empty() {
-        true => config.tls_certificate.trust_file(),
-        false => given.clone(),
-    };
-    let certificates = match CertificateDer::pem_file_iter(&path) {
-        Ok(certificates) => certificates.collect::<Result<Vec<_>, _>>(),
-        Err(_) if given.as_os_str().is_empty() => return Ok(CertificateCheck::default()),
-        Err(e) => Err(e),
-    }
-    .with_context(|| format!("read the client CA {}", path.display()))?;
-    let mut roots = rustls::RootCertStore::empty();
-    let (added, _) = roots.add_parsable_certificates(certificates);
-    if added == 0 {
-        tracing::warn!(file = %path.display(), "no CA certificate for leaf devices' certificates");
+    let path = &config.settings.client_ca;
+    if path.as_os_str().is_empty() {
         return Ok(CertificateCheck::default());
     }
+    let certificates = CertificateDer::pem_file_iter(path)
+        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
+        .with_context(|| format!("read the client CA {}", path.display()))?;
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _) = roots.add_parsable_certificates(certificates);
+    anyhow::ensure!(
+        added > 0,
+        "the client CA {} holds no certificate",
+        path.display()
+    );
     CertificateCheck::with_trust_bundle(roots).context("the client CA")
-}
-
-/// The workload API of the edge device's modules (`--workload-dir`).
-fn workload_api(
-    config: &Config,
-    authenticator: &Arc<Authenticator>,
-) -> anyhow::Result<WorkloadApi> {
-    let settings = &config.settings;
-    let device = deployment::edge_device(&settings.device_id, &authenticator.registry())
-        .context("the workload API serves the edge device's modules")?;
-    Ok(WorkloadApi {
-        dir: settings.workload_dir.clone(),
-        device,
-        authenticator: Arc::clone(authenticator),
-        trust_bundle: config.tls_certificate.trust_file(),
-    })
 }
 
 /// Starts the hub with the server's clock, and the tasks it asks for work (reclaims, records
@@ -398,7 +380,12 @@ impl Server {
         };
         let admin_addr = start_admin(config, admin, &shutdown, &mut tasks).await?;
         if !config.settings.workload_dir.as_os_str().is_empty() {
-            let workload = workload_api(config, &context.authenticator)?;
+            let workload = WorkloadApi {
+                dir: config.settings.workload_dir.clone(),
+                configured_device: config.settings.device_id.clone(),
+                authenticator: Arc::clone(&context.authenticator),
+                trust_bundle: config.tls_certificate.trust_file(),
+            };
             tasks.push(tokio::spawn(workload.serve(shutdown.clone())));
         }
         Ok(Server {

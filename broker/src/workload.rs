@@ -10,37 +10,52 @@
 //! ```
 //!
 //! A sign request carries no credential, so, as IoT Edge 1.2 and later do, spool serves one
-//! unix socket per module of the edge device, `<workload_dir>/<module>.sock`, which only that
-//! module's container mounts, and signs only for that module on it. Sockets follow the
-//! registry: one appears for a module added while spool runs, and goes with its module.
+//! unix socket per module of the edge device, `<workload_dir>/<module>/workload.sock`, whose
+//! directory only that module's container mounts (a directory, not the file, so the mount
+//! survives a restart of spool), and signs only for that module on it. Sockets follow the
+//! registry: one appears for a module added while spool runs, and goes with its module. Each
+//! socket serves a bounded number of connections, each with a time limit to send its request,
+//! so a module cannot exhaust spool's file descriptors through it.
 
 use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::{Credentials, IdentityId};
 use crate::auth::registry::IdentityRegistry;
+use crate::deployment::edge_device;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use hmac::{Hmac, Mac};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::net::UnixListener;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// The largest sign request read: its data is a token's string to sign.
 const SIGN_REQUEST_BYTES_MAX: usize = 64 << 10;
+/// Connections one module's socket serves at once; more wait in the socket's backlog.
+const CONNECTIONS_PER_SOCKET_MAX: usize = 16;
+/// How long a connection may take to send a request's head.
+const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the accept loop waits after a failed accept (out of file descriptors, say).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// The socket's name in each module's directory (IoT Edge's).
+const SOCKET_NAME: &str = "workload.sock";
 
 /// The workload API of one edge device's modules.
 #[derive(Debug)]
 pub struct WorkloadApi {
     /// Where the sockets are.
     pub dir: PathBuf,
-    /// The edge device whose modules get sockets.
-    pub device: String,
+    /// `--device-id`: the edge device whose modules get sockets; when empty, the one device of
+    /// the registry's modules, as it is at each change.
+    pub configured_device: String,
     pub authenticator: Arc<Authenticator>,
     /// The trust bundle: the file of the CA modules trust.
     pub trust_bundle: PathBuf,
@@ -57,14 +72,14 @@ impl WorkloadApi {
             return;
         }
         let mut changes = api.authenticator.registry_changes();
-        let mut sockets: BTreeMap<String, CancellationToken> = BTreeMap::new();
+        let mut sockets: BTreeMap<IdentityId, CancellationToken> = BTreeMap::new();
         loop {
             let modules = api.modules();
             sockets.retain(|module, stop| {
                 let kept = modules.contains(module);
                 if !kept {
                     stop.cancel();
-                    let _ = std::fs::remove_file(api.socket(module));
+                    remove_socket(&api.socket(module));
                 }
                 kept
             });
@@ -75,13 +90,16 @@ impl WorkloadApi {
                 match api.bind(&module) {
                     Ok(listener) => {
                         let stop = shutdown.child_token();
-                        let accepting = accept(listener, module.clone(), Arc::clone(&api));
+                        let accepting =
+                            accept(listener, module.clone(), Arc::clone(&api), stop.clone());
                         tokio::spawn(stop.clone().run_until_cancelled_owned(accepting));
                         sockets.insert(module, stop);
                     }
                     Err(e) => {
                         let path = api.socket(&module);
                         tracing::error!(path = %path.display(), "cannot serve the workload API: {e}");
+                        // Not tried again until the registry changes.
+                        sockets.insert(module, CancellationToken::new());
                     }
                 }
             }
@@ -91,70 +109,111 @@ impl WorkloadApi {
             }
         }
         for module in sockets.keys() {
-            let _ = std::fs::remove_file(api.socket(module));
+            remove_socket(&api.socket(module));
         }
     }
 
-    /// The device's modules that sign with SAS keys.
-    fn modules(&self) -> Vec<String> {
+    /// The edge device's modules that sign with SAS keys (none while the device cannot be
+    /// told).
+    fn modules(&self) -> Vec<IdentityId> {
         let registry = self.authenticator.registry();
+        let device = match edge_device(&self.configured_device, &registry) {
+            Ok(device) => device,
+            Err(e) => {
+                tracing::warn!("the workload API serves no module: {e:#}");
+                return Vec::new();
+            }
+        };
         registry
             .iter()
-            .filter(|identity| identity.id.device == self.device)
+            .filter(|identity| identity.id.device == device && identity.id.module.is_some())
             .filter(|identity| matches!(identity.credentials, Credentials::Sas { .. }))
-            .filter_map(|identity| identity.id.module.clone())
+            .map(|identity| identity.id.clone())
             .collect()
     }
 
-    fn socket(&self, module: &str) -> PathBuf {
-        self.dir.join(format!("{module}.sock"))
+    fn socket(&self, module: &IdentityId) -> PathBuf {
+        let name = module.module.as_deref().unwrap_or_default();
+        self.dir.join(name).join(SOCKET_NAME)
     }
 
-    /// Binds a module's socket; one left by an earlier run goes first.
-    fn bind(&self, module: &str) -> std::io::Result<UnixListener> {
+    /// Binds a module's socket, which any user may connect to (module containers run as any
+    /// user; the mount is what keeps other modules out); one left by an earlier run goes
+    /// first, but only a socket: nothing else of the directory is removed.
+    fn bind(&self, module: &IdentityId) -> std::io::Result<UnixListener> {
+        use std::os::unix::fs::PermissionsExt;
         let path = self.socket(module);
-        match std::fs::remove_file(&path) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
-            _ => {}
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        remove_socket(&path);
+        if path.exists() {
+            let why = format!("{} exists and is not a socket", path.display());
+            return Err(std::io::Error::new(std::io::ErrorKind::AlreadyExists, why));
         }
         let listener = UnixListener::bind(&path)?;
-        tracing::info!(module, path = %path.display(), "workload API socket");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666))?;
+        tracing::info!(%module, path = %path.display(), "workload API socket");
         Ok(listener)
     }
 }
 
-/// Serves one module's socket.
-async fn accept(listener: UnixListener, module: String, api: Arc<WorkloadApi>) {
+/// Removes `path` if it is a socket (one spool bound; never another kind of file).
+fn remove_socket(path: &std::path::Path) {
+    use std::os::unix::fs::FileTypeExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// Serves one module's socket until `stop`: at most `CONNECTIONS_PER_SOCKET_MAX` connections
+/// at once, each with `REQUEST_HEAD_TIMEOUT` to send its request, all ended by `stop`.
+async fn accept(
+    listener: UnixListener,
+    module: IdentityId,
+    api: Arc<WorkloadApi>,
+    stop: CancellationToken,
+) {
+    let connections = Arc::new(Semaphore::new(CONNECTIONS_PER_SOCKET_MAX));
     loop {
+        let Ok(permit) = Arc::clone(&connections).acquire_owned().await else {
+            return;
+        };
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
             Err(e) => {
-                tracing::warn!(module, "workload API: accept failed: {e}");
+                tracing::warn!(%module, "workload API: accept failed: {e}");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
         let (module, api) = (module.clone(), Arc::clone(&api));
-        tokio::spawn(async move {
+        let serving = async move {
             let service = hyper::service::service_fn(move |request| {
                 let (module, api) = (module.clone(), Arc::clone(&api));
                 async move { Ok::<_, std::convert::Infallible>(answer(request, &module, &api).await) }
             });
             let served = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(REQUEST_HEAD_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
             if let Err(e) = served {
                 tracing::debug!("workload API connection: {e}");
             }
-        });
+            drop(permit);
+        };
+        tokio::spawn(stop.clone().run_until_cancelled_owned(serving));
     }
 }
 
 /// The answer to one request on `module`'s socket.
 async fn answer(
     request: Request<hyper::body::Incoming>,
-    module: &str,
+    module: &IdentityId,
     api: &WorkloadApi,
 ) -> Response<Full<Bytes>> {
+    let name = module.module.as_deref().unwrap_or_default();
     let path = request.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (request.method(), parts.as_slice()) {
@@ -170,7 +229,7 @@ async fn answer(
         },
         (&Method::POST, ["modules", named, "genid", generation, "sign"]) => {
             let named = percent_encoding::percent_decode_str(named).decode_utf8_lossy();
-            if named != module {
+            if named != name {
                 let why = format!("this socket is module {module}'s: it does not sign for {named}");
                 return failure(StatusCode::FORBIDDEN, &why);
             }
@@ -181,12 +240,8 @@ async fn answer(
                 Ok(body) => body.to_bytes(),
                 Err(e) => return failure(StatusCode::BAD_REQUEST, &format!("the request: {e}")),
             };
-            let id = IdentityId {
-                device: api.device.clone(),
-                module: Some(module.to_owned()),
-            };
             let generation = percent_encoding::percent_decode_str(generation).decode_utf8_lossy();
-            match sign(&api.authenticator.registry(), &id, &generation, &body) {
+            match sign(&api.authenticator.registry(), module, &generation, &body) {
                 Ok(digest) => json(StatusCode::OK, &serde_json::json!({ "digest": digest })),
                 Err((status, why)) => failure(status, &why),
             }

@@ -106,7 +106,7 @@ class ModuleSdk(unittest.TestCase):
         # file) gets the trust bundle and its token's signature from spool's workload API, on
         # its own socket, and connects and sends.
         environment = {
-            "IOTEDGE_WORKLOADURI": "unix://" + os.path.join(self.workload, "sender.sock"),
+            "IOTEDGE_WORKLOADURI": "unix://" + os.path.join(self.workload, "sender", "workload.sock"),
             "IOTEDGE_IOTHUBHOSTNAME": "localhost",
             "IOTEDGE_GATEWAYHOSTNAME": "localhost",
             "IOTEDGE_DEVICEID": "edge",
