@@ -220,7 +220,17 @@ async fn assert_closed_unacknowledged(stream: &mut TlsStream<TcpStream>, what: &
 /// CONNACK's return code.
 async fn connect_tls(spool: &Spool, connect: &[u8]) -> (TlsStream<TcpStream>, u8) {
     let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
-    let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
+    connect_with(&connector, spool, connect).await
+}
+
+/// Sends `connect` on a new TLS connection made by `connector`; returns the connection and the
+/// CONNACK's return code.
+async fn connect_with(
+    connector: &TlsConnector,
+    spool: &Spool,
+    connect: &[u8],
+) -> (TlsStream<TcpStream>, u8) {
+    let mut stream = tls_connect(spool.tls_addr.unwrap(), connector, "localhost")
         .await
         .unwrap();
     stream.write_all(connect).await.unwrap();
@@ -648,13 +658,7 @@ async fn connack_with_certificate(
         None => builder.with_no_client_auth(),
     };
     let connector = TlsConnector::from(Arc::new(config));
-    let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
-        .await
-        .unwrap();
-    stream.write_all(connect).await.unwrap();
-    let (kind, body) = read_packet(&mut stream).await;
-    assert_eq!(kind, 0x20, "CONNACK");
-    body[1]
+    connect_with(&connector, spool, connect).await.1
 }
 
 #[tokio::test]

@@ -177,6 +177,21 @@ class ModuleInputs(unittest.TestCase):
         self.spool.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def receive(self, count):
+        """The sink connects and gets `count` messages through its input handler, then nothing
+        more within a second."""
+        received = queue.Queue()
+        sink = self.client("sink")
+        sink.on_message_received = received.put
+        sink.connect()
+        try:
+            messages = [received.get(timeout=20) for _ in range(count)]
+            with self.assertRaises(queue.Empty):
+                received.get(timeout=1)
+        finally:
+            sink.shutdown()
+        return messages
+
     def client(self, module):
         with open(self.ca) as ca:
             return ModuleClient.create_from_connection_string(
@@ -236,14 +251,7 @@ class ModuleInputs(unittest.TestCase):
         self.spool.kill()
         self.spool = self.start()
 
-        received = queue.Queue()
-        sink = self.client("sink")
-        sink.on_message_received = received.put
-        sink.connect()
-        try:
-            messages = [received.get(timeout=20) for _ in range(20)]
-        finally:
-            sink.shutdown()
+        messages = self.receive(20)
         self.assertEqual([m.input_name for m in messages], ["in1"] * 20)
         self.assertEqual([m.data for m in messages], [f"reading {i}".encode() for i in range(20)])
         self.assertEqual([m.custom_properties["seq"] for m in messages],
@@ -268,16 +276,7 @@ class ModuleInputs(unittest.TestCase):
             sender.send_message_to_output(message, "alerts")
         sender.shutdown()
 
-        received = queue.Queue()
-        sink = self.client("sink")
-        sink.on_message_received = received.put
-        sink.connect()
-        try:
-            messages = [received.get(timeout=20) for _ in range(4)]
-            with self.assertRaises(queue.Empty):
-                received.get(timeout=1)
-        finally:
-            sink.shutdown()
+        messages = self.receive(4)
         self.assertEqual([(m.input_name, m.data) for m in messages], [
             ("alerts", b'{"severity": "high"}'),
             ("alerts", b'{"severity": "high"}'),
