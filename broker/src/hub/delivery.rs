@@ -18,16 +18,21 @@ use tokio::sync::mpsc::error::TrySendError;
 
 impl Hub {
     /// PUBACK or PUBCOMP: whichever of the session's queues sent that packet id (they share
-    /// the ids) takes its message off.
+    /// the ids), or one it stopped consuming since, takes its message off.
     pub(super) fn acknowledge(&mut self, id: u64, packet_id: u16) {
         let Some(session) = self.sessions.get(&id) else {
             return;
         };
-        let found = session.sources().any(|(queue, _)| {
-            self.queues
-                .get_mut(&queue)
-                .is_some_and(|q| q.entries.acknowledge(packet_id))
-        });
+        let held = session.held.iter().copied();
+        let found = session
+            .sources()
+            .map(|(queue, _)| queue)
+            .chain(held)
+            .any(|queue| {
+                self.queues
+                    .get_mut(&queue)
+                    .is_some_and(|q| q.entries.acknowledge(packet_id))
+            });
         if !found {
             let client_id = &session.client_id;
             tracing::debug!(%client_id, packet_id, "acknowledgement for no message in flight");

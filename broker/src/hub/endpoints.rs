@@ -95,9 +95,31 @@ impl Hub {
             }
         }
         wanted.sort_by_key(|c| (c.priority, c.queue));
+        let connected = session.attachment().is_some();
         for old in &session.consumes {
-            if !wanted.iter().any(|c| c.queue == old.queue) {
+            if wanted.iter().any(|c| c.queue == old.queue) {
+                continue;
+            }
+            if connected {
+                // Unsubscribed: what the client was sent stays in flight, for its
+                // acknowledgements; nothing more goes to it.
+                if let Some(queue) = self.queues.get_mut(&old.queue) {
+                    queue.consumer = None;
+                }
+                if !session.held.contains(&old.queue) {
+                    session.held.push(old.queue);
+                }
+            } else {
                 let_go(&mut self.queues, old.queue);
+            }
+        }
+        session
+            .held
+            .retain(|held| !wanted.iter().any(|c| c.queue == *held));
+        if !connected {
+            // What the connection held but did not acknowledge goes back to the front.
+            for held in std::mem::take(&mut session.held) {
+                let_go(&mut self.queues, held);
             }
         }
         for consumed in &wanted {

@@ -77,6 +77,10 @@ pub struct Session {
     /// subscribed inputs), in the order they are served: by priority, and those of one
     /// priority in turns. They share the session's window and packet ids.
     pub consumes: Vec<Consumed>,
+    /// Endpoints it stopped consuming while connected (unsubscribed): what it was sent from
+    /// them stays in flight, taking its packet ids, until the client acknowledges it or the
+    /// connection ends (then it goes back to the front of its queue).
+    pub held: Vec<QueueId>,
     next_packet_id: u16,
 }
 
@@ -106,6 +110,7 @@ impl Session {
             forgotten: 0,
             identity: None,
             consumes: Vec::new(),
+            held: Vec::new(),
         }
     }
 
@@ -121,7 +126,10 @@ impl Session {
         entry: &QueueEntry,
         queues: &HashMap<QueueId, Queue>,
     ) -> Option<u16> {
-        let sources = std::iter::once(self.queue()).chain(self.consumes.iter().map(|c| c.queue));
+        let consumed = self.consumes.iter().map(|c| c.queue);
+        let sources = std::iter::once(self.queue())
+            .chain(consumed)
+            .chain(self.held.iter().copied());
         let in_use = |packet_id| {
             sources.clone().any(|queue| {
                 queues
