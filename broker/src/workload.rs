@@ -18,7 +18,7 @@
 //! so a module cannot exhaust spool's file descriptors through it.
 
 use crate::auth::authenticator::Authenticator;
-use crate::auth::identity::{Credentials, IdentityId};
+use crate::auth::identity::{Credentials, IdentityId, Status};
 use crate::auth::registry::IdentityRegistry;
 use crate::deployment::edge_device;
 use base64::Engine as _;
@@ -282,6 +282,9 @@ fn sign(
     let identity = registry
         .get(id)
         .ok_or_else(|| (StatusCode::NOT_FOUND, format!("no module {id}")))?;
+    if identity.status == Status::Disabled {
+        return Err((StatusCode::FORBIDDEN, format!("module {id} is disabled")));
+    }
     if let Some(expected) = identity
         .generation_id
         .as_deref()
@@ -334,7 +337,7 @@ mod tests {
 
     /// Goal: a sign request is answered with the HMAC-SHA256 of its data under the key it
     /// names, as IoT Edge's security daemon answers; a wrong generation, key, algorithm or body
-    /// is refused with the status IoT Edge gives.
+    /// is refused with the status IoT Edge gives, and so is a disabled module.
     #[test]
     fn sign_requests_are_signed_with_the_named_key() {
         let dir = tempfile::tempdir().expect("dir");
@@ -371,6 +374,19 @@ mod tests {
             Err(StatusCode::BAD_REQUEST)
         );
         assert_eq!(status("g1", b"{"), Err(StatusCode::BAD_REQUEST));
+        let disabled = IdentityId::parse("edge/off").expect("id");
+        let off = Identity {
+            status: Status::Disabled,
+            ..Identity::with_new_keys(disabled.clone()).expect("keys")
+        };
+        registry.add(&meta, off).expect("added");
+        let refused = sign(
+            &registry,
+            &disabled,
+            "g1",
+            &request("primary", "HMACSHA256"),
+        );
+        assert_eq!(refused.map_err(|e| e.0), Err(StatusCode::FORBIDDEN));
         let other = IdentityId::parse("edge/other").expect("id");
         let unknown = sign(&registry, &other, "g1", &request("primary", "HMACSHA256"));
         assert_eq!(unknown.map_err(|e| e.0), Err(StatusCode::NOT_FOUND));
