@@ -64,9 +64,9 @@ impl Hub {
         }
     }
 
-    /// Makes session `id` consume the inputs it subscribed to, if it is a connected module,
-    /// and lets go of those it no longer does (unsubscribed, disconnected), whose messages in
-    /// flight go back to the front of their queues.
+    /// Makes session `id` consume the inputs it subscribed to, if it is a connected module.
+    /// An input it unsubscribed from is held (`Session::held`) until the connection ends; then
+    /// what it had in flight from its inputs goes back to the front of their queues.
     pub(super) fn attach_endpoints(&mut self, id: u64) {
         let Some(session) = self.sessions.get_mut(&id) else {
             return;
