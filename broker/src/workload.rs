@@ -217,16 +217,20 @@ async fn answer(
     let path = request.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (request.method(), parts.as_slice()) {
-        (&Method::GET, ["trust-bundle"]) => match std::fs::read_to_string(&api.trust_bundle) {
-            Ok(certificate) => json(
-                StatusCode::OK,
-                &serde_json::json!({ "certificate": certificate }),
-            ),
-            Err(e) => failure(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                &format!("the trust bundle: {e}"),
-            ),
-        },
+        (&Method::GET, ["trust-bundle"]) => {
+            let path = api.trust_bundle.clone();
+            let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await;
+            match read.map_err(std::io::Error::other).and_then(|read| read) {
+                Ok(certificate) => json(
+                    StatusCode::OK,
+                    &serde_json::json!({ "certificate": certificate }),
+                ),
+                Err(e) => {
+                    let why = format!("the trust bundle: {e}");
+                    failure(StatusCode::INTERNAL_SERVER_ERROR, &why)
+                }
+            }
+        }
         (&Method::POST, ["modules", named, "genid", generation, "sign"]) => {
             let named = percent_encoding::percent_decode_str(named).decode_utf8_lossy();
             if named != name {

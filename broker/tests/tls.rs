@@ -619,6 +619,26 @@ fn leaf_certificate(
     (cert.der().clone(), params, key)
 }
 
+/// A self-signed certificate that expired in 2020, and its key.
+fn expired_certificate() -> (
+    CertificateDer<'static>,
+    rcgen::CertificateParams,
+    rcgen::KeyPair,
+) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.not_before = rcgen::date_time_ymd(2019, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2020, 1, 1);
+    let cert = params.self_signed(&key).unwrap();
+    (cert.der().clone(), params, key)
+}
+
+/// A certificate's SHA-256 thumbprint, lower-case hex.
+fn sha256_hex(certificate: &CertificateDer<'_>) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, certificate);
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A CONNECT as device `device` with no password: a leaf device that proves itself with its
 /// TLS certificate.
 fn device_connect(device: &str) -> Vec<u8> {
@@ -673,12 +693,10 @@ async fn leaf_devices_connect_with_their_certificates() {
     let ca_file = dir.path().join("leaf-ca.pem");
     std::fs::write(&ca_file, ca.1.self_signed(&ca.2).unwrap().pem()).unwrap();
     let by_thumbprint = leaf_certificate("leaf-tp", None);
-    let thumbprint: String = ring::digest::digest(&ring::digest::SHA256, &by_thumbprint.0)
-        .as_ref()
-        .iter()
-        .map(|b| format!("{b:02X}"))
-        .collect();
+    let thumbprint = sha256_hex(&by_thumbprint.0).to_uppercase();
     let by_chain = leaf_certificate("leaf-ca", Some(&(ca.1.clone(), ca.2)));
+    let expired = expired_certificate();
+    let expired_thumbprint = sha256_hex(&expired.0);
     let ca = leaf_certificate("Leaf CA", None); // a stranger's CA, with the same name
     let stranger = leaf_certificate("leaf-ca", Some(&(ca.1, ca.2)));
     let identities = dir.path().join("identities.toml");
@@ -686,7 +704,8 @@ async fn leaf_devices_connect_with_their_certificates() {
         &identities,
         format!(
             "[[identities]]\nid = \"leaf-tp\"\nauth = {{ type = \"x509_thumbprint\", primary = \"{thumbprint}\" }}\n\
-             [[identities]]\nid = \"leaf-ca\"\nauth = {{ type = \"x509_ca\" }}\n"
+             [[identities]]\nid = \"leaf-ca\"\nauth = {{ type = \"x509_ca\" }}\n\
+             [[identities]]\nid = \"leaf-old\"\nauth = {{ type = \"x509_thumbprint\", primary = \"{expired_thumbprint}\" }}\n"
         ),
     )
     .unwrap();
@@ -721,6 +740,7 @@ async fn leaf_devices_connect_with_their_certificates() {
             "leaf-ca",
             5,
         ),
+        ("its thumbprint, expired", present(&expired), "leaf-old", 5),
     ] {
         let key = certificate
             .as_ref()

@@ -9,7 +9,7 @@ use super::identity::{Credentials, Identity, IdentityId, Status};
 use super::registry::IdentityRegistry;
 use super::sas::{SasError, SasToken};
 use super::username::IotUsername;
-use super::x509::{CertificateCheck, CertificateError};
+use super::x509::{self, CertificateCheck, CertificateError};
 use rustls_pki_types::CertificateDer;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -44,8 +44,8 @@ pub enum Authenticated {
     Anonymous,
     Identity {
         id: IdentityId,
-        /// When its SAS token expires (seconds since 1970): the connection ends then. `None`
-        /// for a certificate.
+        /// When its credentials expire (seconds since 1970): its SAS token, or its
+        /// certificate's validity. The connection ends then.
         token_expiry: Option<u64>,
     },
 }
@@ -194,11 +194,16 @@ impl Authenticator {
                     .map(String::as_str)
                     .collect();
                 CertificateCheck::thumbprint(chain, &thumbprints)?;
-                None
+                // A thumbprint names the certificate, not its validity: checked here.
+                let expiry = x509::not_after(chain);
+                if expiry.is_none_or(|at| at < now) {
+                    return Err(CertificateError::Expired.into());
+                }
+                expiry
             }
             Credentials::X509Ca => {
                 self.certificates.chain_for_device(chain, &id.device)?;
-                None
+                x509::not_after(chain)
             }
         };
         Ok(Authenticated::Identity { id, token_expiry })

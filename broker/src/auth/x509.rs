@@ -22,6 +22,8 @@ pub enum CertificateError {
     Missing,
     #[error("the certificate's thumbprint is neither of the identity's")]
     Thumbprint,
+    #[error("the certificate expired")]
+    Expired,
     #[error("the certificate does not chain to the trust bundle: {0}")]
     Chain(String),
     #[error("no trust bundle for certificate authentication is configured")]
@@ -166,6 +168,14 @@ impl CertificateCheck {
         }
         Ok(())
     }
+}
+
+/// When a chain's leaf certificate stops being valid (seconds since 1970), if it parses.
+#[must_use]
+pub fn not_after(chain: Option<&[CertificateDer<'_>]>) -> Option<u64> {
+    let leaf = chain?.first()?;
+    let (_, parsed) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    u64::try_from(parsed.validity().not_after.timestamp()).ok()
 }
 
 /// The subject's common name of a certificate, if it has one and it parses.
