@@ -298,10 +298,15 @@ impl Online {
     {
         let answer = self.runtime.block_on(call(self.client.clone()));
         let identity = answer.map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-        identity_from_proto(identity.into_inner(), || {
-            anyhow::bail!("an identity without credentials")
-        })
+        answered(identity.into_inner())
     }
+}
+
+/// An identity the admin API answered with (it always gives credentials).
+fn answered(identity: pb::Identity) -> anyhow::Result<Identity> {
+    identity_from_proto(identity, || {
+        anyhow::bail!("an identity without credentials")
+    })
 }
 
 impl Registry for Online {
@@ -315,7 +320,7 @@ impl Registry for Online {
             .into_inner()
             .identities
             .into_iter()
-            .map(|i| identity_from_proto(i, || anyhow::bail!("an identity without credentials")))
+            .map(answered)
             .collect()
     }
 

@@ -27,9 +27,7 @@ impl Hub {
             let id = QueueId::Endpoint(number);
             // Numbered with its checkpoint in one commit, so it has one.
             let checkpoint = checkpoints.get(&checkpoint_key(id)).copied().unwrap_or(0);
-            let queue = Queue::new(id, name.to_string(), self.limits.endpoint_queue, checkpoint);
-            self.queues.insert(id, queue);
-            self.endpoints.insert(number, name.clone());
+            self.add_endpoint_queue(name.clone(), number, checkpoint);
             replay_from = replay_from.min(checkpoint + 1);
         }
         if !self.endpoints.is_empty() {
@@ -42,15 +40,20 @@ impl Hub {
         Ok(replay_from)
     }
 
+    /// Makes endpoint `number`'s queue, taking records after `checkpoint`, unless it has one.
+    fn add_endpoint_queue(&mut self, name: EndpointName, number: u64, checkpoint: u64) {
+        let id = QueueId::Endpoint(number);
+        let limits = self.limits.endpoint_queue;
+        let queue = Queue::new(id, name.to_string(), limits, checkpoint);
+        self.queues.entry(id).or_insert(queue);
+        self.endpoints.insert(number, name);
+    }
+
     /// Makes the queues of endpoints a reloaded deployment reaches, from `checkpoint` on (no
     /// record up to it names them), and lets connected modules take those they subscribed to.
     pub(super) fn add_endpoints(&mut self, added: Vec<(EndpointName, u64)>, checkpoint: u64) {
         for (name, number) in added {
-            let id = QueueId::Endpoint(number);
-            let limits = self.limits.endpoint_queue;
-            let queue = Queue::new(id, name.to_string(), limits, checkpoint);
-            self.queues.entry(id).or_insert(queue);
-            self.endpoints.insert(number, name);
+            self.add_endpoint_queue(name, number, checkpoint);
         }
         let modules: Vec<u64> = self
             .sessions

@@ -69,13 +69,20 @@ pub fn check_publish(
             false => Ok(None),
         };
     };
-    if !topics::may_publish(identity, topic) {
+    let refused = || {
         let why = format!("{identity} may not publish on {topic:?}");
-        return Err(PublishRefusal::NotAuthorized(why));
-    }
-    let Some(telemetry) = topics::telemetry(topic) else {
-        return Ok(None);
+        PublishRefusal::NotAuthorized(why)
     };
+    // Telemetry is read once: whose it is, then its bag.
+    let Some(telemetry) = topics::telemetry(topic) else {
+        return match topics::may_publish(identity, topic) {
+            true => Ok(None),
+            false => Err(refused()),
+        };
+    };
+    if !telemetry.is_from(identity) {
+        return Err(refused());
+    }
     let properties = property_bag::decode(telemetry.bag)
         .map_err(|e| PublishRefusal::MalformedBag(e.to_string()))?;
     let size = message_size(&properties, body_bytes);
