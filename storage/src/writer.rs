@@ -9,8 +9,11 @@
 //! failed fsync the kernel may have dropped the dirty pages, so retrying could acknowledge
 //! records that are not on disk. One exception: a write (or a segment's creation) that finds
 //! the file system full (ENOSPC) made nothing durable and acknowledged nothing, so the writer
-//! waits for room and writes the same bytes at the same place again: a full disk is
-//! back-pressure, not the end of the log.
+//! waits for room and writes the same records again: a full disk is back-pressure, not the end
+//! of the log. When that write went to a segment that already has records, the writer first
+//! seals the segment where its durable records end and writes the records again at the start of
+//! a new one: only sealed segments are reclaimed, so waiting on the old one could keep for good
+//! the space its consumed records hold.
 
 use crate::fence;
 use crate::fs::FileHandle;
@@ -244,8 +247,34 @@ impl Writer {
             fence::check_epoch(self.shared.fs.as_ref(), &self.shared.dir, self.shared.epoch)?;
             self.epoch_checked_at = Instant::now();
         }
+        let mut rest = batch;
+        loop {
+            match self.write_records(rest) {
+                Err(error) if error.is_out_of_space() => {
+                    // Only a write to a segment with records gets here (`flush`). What the
+                    // write left is not durable: it goes, and the records go to a new segment.
+                    let (unwritten, _, _) = *self.buffered.first().expect("a write had records");
+                    self.buffer.clear();
+                    self.buffered.clear();
+                    self.seal_for_room(unwritten, &error)?;
+                    let from = rest
+                        .iter()
+                        .position(|submission| submission.seq == unwritten)
+                        .expect("the unwritten records are the batch's");
+                    rest = &rest[from..];
+                }
+                written => {
+                    written?;
+                    return Ok(batch.last().expect("batch is not empty").seq);
+                }
+            }
+        }
+    }
+
+    /// Encodes `records` into the active segment (rolling at its size) and makes them durable.
+    fn write_records(&mut self, records: &[Submission]) -> Result<()> {
         let segment_size = self.shared.options.segment_size_bytes;
-        for submission in batch {
+        for submission in records {
             let frame_bytes = FRAME_HEADER_BYTES + submission.payload.len() as u64;
             let offset = self.active.len + self.buffer.len() as u64;
             let segment_has_records = offset > SEGMENT_HEADER_BYTES;
@@ -269,8 +298,7 @@ impl Writer {
             );
             self.buffered.push((submission.seq, offset, frame_bytes));
         }
-        self.flush()?;
-        Ok(batch.last().expect("batch is not empty").seq)
+        self.flush()
     }
 
     /// Writes the buffered frames to the active segment and makes them durable.
@@ -279,7 +307,12 @@ impl Writer {
             return Ok(());
         }
         self.preallocate();
-        self.until_space_frees(Writer::write_buffer)?;
+        if self.active.len > SEGMENT_HEADER_BYTES {
+            // Out of space, this segment is sealed instead of waited on (`write_batch`).
+            self.write_buffer()?;
+        } else {
+            self.until_space_frees(Writer::write_buffer)?;
+        }
         let path = &self.active.path;
         if self.shared.options.sync == SyncPolicy::Always {
             let started = Instant::now();
@@ -405,6 +438,21 @@ impl Writer {
             .last_seq;
         tracing::info!(segment = %self.active.path.display(), "file system almost full: sealing the active segment, so that it can be freed once consumed");
         self.roll(last_seq + 1)
+    }
+
+    /// After a write to the active segment found the disk full: cuts off what the write left
+    /// past the segment's durable records (and any zeros allocated ahead), and goes on in a
+    /// new segment from `first_unwritten` (waiting for room to create it). The sealed segment
+    /// can then be reclaimed once its records are consumed, which may be the only way the
+    /// disk gets room again.
+    fn seal_for_room(&mut self, first_unwritten: u64, cause: &Error) -> Result<()> {
+        tracing::warn!(segment = %self.active.path.display(), "file system full during a write: sealing the segment, the write goes to a new one once there is room: {cause}");
+        self.shared.lock_queue().disk_low = true;
+        self.sealed_while_low = true;
+        // The failed write may have grown the file past what the writer allocated.
+        let size = self.active.file.size().unwrap_or(u64::MAX);
+        self.active.allocated = self.active.allocated.max(size);
+        self.roll(first_unwritten)
     }
 
     /// Creates the segment that starts at `first_seq`. One that could not be made for want of

@@ -542,6 +542,54 @@ async fn a_segment_larger_than_the_free_space_is_sealed_so_it_can_be_freed() {
 }
 
 #[tokio::test]
+async fn a_write_that_meets_a_full_disk_seals_its_segment_so_it_can_be_freed() {
+    // Goal: when something else fills the volume and a write fails part-way (ENOSPC) in a
+    // segment that holds consumed records, the writer seals that segment and writes the
+    // records again in a new one, so that consuming the old records frees the space the
+    // append waits for; nothing is lost or renumbered, and nothing half-written survives.
+    let fs = FaultyFs::new();
+    let options = WalOptions {
+        segment_size_bytes: 1 << 20,
+        disk_free_min_bytes: 0,
+        preallocate_bytes: 0,
+        ..small_segments()
+    };
+    let (wal, _) = open_faulty(&fs, options.clone()).unwrap();
+    let record = |seq: u64| Bytes::from(vec![u8::try_from(seq % 251).unwrap(); 1000]);
+    for seq in 1..=40 {
+        assert_eq!(wal.append(1, record(seq)).await.unwrap(), seq);
+    }
+    // Another tenant of the volume leaves room for a segment header, not for a record.
+    fs.set_capacity(Some(fs.used_bytes() + 500));
+    let waiting = tokio::spawn({
+        let wal = wal.clone();
+        async move { wal.append(1, record(41)).await }
+    });
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while wal.segment_count() < 2 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the segment was never sealed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!waiting.is_finished(), "no room for the record yet");
+    let report = wal.remove_segments_below(41).unwrap();
+    assert_eq!(report.segments_removed, 1, "the consumed records' segment");
+    let appended = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the append goes on once the space is freed")
+        .unwrap();
+    assert_eq!(appended.unwrap(), 41, "no sequence number skipped");
+    fs.crash(CrashMode::PowerLoss);
+    drop(wal);
+    let (wal, _) = open_faulty(&fs, options).unwrap();
+    let records = read_all(&wal);
+    assert_eq!(records.len(), 1);
+    assert_eq!((records[0].seq, &records[0].payload), (41, &record(41)));
+}
+
+#[tokio::test]
 async fn a_writer_run_by_the_caller_makes_records_durable_only_when_asked() {
     // Goal: with `WriterMode::Caller` (deterministic simulations), appends stay queued until
     // the caller writes them, a power cut before that loses exactly them, and a close writes

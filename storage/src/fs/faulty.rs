@@ -150,6 +150,12 @@ impl FaultyFs {
         state.write_bytes_budget = None;
     }
 
+    /// Bytes the files it names take now (for a test that fills the volume to a set point).
+    #[must_use]
+    pub fn used_bytes(&self) -> u64 {
+        self.state().used_bytes()
+    }
+
     /// What the file system was asked to do so far.
     #[must_use]
     pub fn stats(&self) -> FsStats {
