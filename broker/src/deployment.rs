@@ -4,13 +4,14 @@
 //! for the publish path: no record can name an endpoint a restart, or the hub, would not know.
 
 use crate::auth::authenticator::Authenticator;
+use crate::auth::policy::Policy;
 use crate::auth::registry::IdentityRegistry;
 use crate::hub::events::Event;
 use crate::limits::MANIFEST_POLL_INTERVAL;
 use crate::routing::Router;
 use crate::routing::endpoints::{EndpointCatalog, EndpointName, EndpointRoutes};
 use crate::routing::routes::syntax::Sink;
-use crate::routing::routes::table::RouteTable;
+use crate::routing::routes::table::{RouteTable, edge_hub_desired};
 use anyhow::Context;
 use spool_storage::{Meta, Wal};
 use std::collections::BTreeSet;
@@ -64,10 +65,12 @@ pub struct Deployment {
     last_read: Option<String>,
 }
 
-/// A manifest's routes, ready to install once the hub has the queues of `added`.
+/// A manifest's routes, ready to install once the hub has the queues of `added`, and its
+/// authorization policy.
 #[derive(Debug)]
 pub struct Prepared {
     pub routes: EndpointRoutes,
+    pub policy: Arc<Policy>,
     /// The endpoints numbered for it, with the checkpoint they were numbered at.
     pub added: Vec<(EndpointName, u64)>,
     pub checkpoint: u64,
@@ -106,14 +109,15 @@ impl Deployment {
         let manifest = std::fs::read_to_string(path)
             .with_context(|| format!("read the deployment manifest {}", path.display()))?;
         self.last_read = Some(manifest.clone());
-        let table = RouteTable::from_manifest(&manifest)
-            .with_context(|| format!("the deployment manifest {}", path.display()))?;
+        let in_manifest = || format!("the deployment manifest {}", path.display());
+        let table = RouteTable::from_manifest(&manifest).with_context(in_manifest)?;
         let needs_device = table.endpoints().any(|(sink, _)| *sink != Sink::Upstream);
         let device = match needs_device {
             true => edge_device(&self.configured_device, &self.authenticator.registry())
-                .with_context(|| format!("the deployment manifest {}", path.display()))?,
+                .with_context(in_manifest)?,
             false => self.configured_device.clone(),
         };
+        let policy = manifest_policy(&manifest, &device).with_context(in_manifest)?;
         let mut catalog = EndpointCatalog::load(&self.meta, self.epoch)?;
         let names = EndpointRoutes::endpoints(&table, &device);
         let added = catalog
@@ -134,6 +138,7 @@ impl Deployment {
         tracing::info!(routes, device, manifest = %path.display(), "deployment read");
         Ok(Prepared {
             routes: routes_table,
+            policy: Arc::new(policy),
             added,
             checkpoint,
         })
@@ -181,7 +186,9 @@ impl Deployment {
             self = deployment;
             match prepared {
                 None => {}
-                Some(Ok(prepared)) => install(prepared, &router, &hub).await,
+                Some(Ok(prepared)) => {
+                    install(prepared, &router, &self.authenticator, &hub).await;
+                }
                 Some(Err(e)) => tracing::error!("{e:#}; the routes in force are kept"),
             }
         }
@@ -197,9 +204,22 @@ impl Deployment {
     }
 }
 
+/// The authorization policy of `manifest` (already read as JSON by the routes), for edge
+/// device `device`.
+fn manifest_policy(manifest: &str, device: &str) -> anyhow::Result<Policy> {
+    let manifest: serde_json::Value = serde_json::from_str(manifest)?;
+    let desired = edge_hub_desired(&manifest).context("no $edgeHub desired properties")?;
+    Ok(Policy::from_desired(desired, device)?)
+}
+
 /// Puts a prepared manifest in force: the hub's queues for its new endpoints first, then its
-/// routes.
-async fn install(prepared: Prepared, router: &Router, hub: &mpsc::Sender<Event>) {
+/// routes and its authorization policy.
+async fn install(
+    prepared: Prepared,
+    router: &Router,
+    authenticator: &Authenticator,
+    hub: &mpsc::Sender<Event>,
+) {
     if !prepared.added.is_empty() {
         let (done, added) = oneshot::channel();
         let event = Event::AddEndpoints {
@@ -212,5 +232,12 @@ async fn install(prepared: Prepared, router: &Router, hub: &mpsc::Sender<Event>)
         }
     }
     router.install_routes(prepared.routes);
+    // The connections' view first, then the hub's: a subscription the hub grants in between
+    // by the old policy is dropped when the hub takes the new one.
+    let policy = prepared.policy;
+    authenticator.install_policy(Arc::clone(&policy));
+    if hub.send(Event::PolicyChanged { policy }).await.is_err() {
+        return; // the hub stopped
+    }
     tracing::info!("deployment reloaded");
 }

@@ -197,6 +197,7 @@ fn admit_and_route(
         let mut manifest = Deployment::new(path, device, admitted, Arc::clone(meta), epoch);
         let prepared = manifest.prepare(wal.durable_seq())?;
         router.install_routes(prepared.routes);
+        authenticator.install_policy(prepared.policy);
         deployment = Some(manifest);
     }
     Ok((authenticator, deployment))
@@ -352,6 +353,11 @@ impl Server {
         let admin_meta = Arc::clone(&meta);
         let (events, mut tasks) =
             spawn_hub(config, &wal, meta, &router, &shutdown, Arc::clone(&clock))?;
+        // Before any client: the hub holds subscriptions to the deployment's policy.
+        let policy = authenticator.policy();
+        if events.send(Event::PolicyChanged { policy }).await.is_err() {
+            anyhow::bail!("the hub stopped at start");
+        }
         if let Some(deployment) = deployment {
             let (router, events) = (Arc::clone(&router), events.clone());
             let watch = deployment.watch(wal.clone(), router, events, shutdown.clone());

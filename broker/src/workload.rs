@@ -71,7 +71,7 @@ impl WorkloadApi {
             tracing::error!("cannot create the workload API's directory {dir}: {e}");
             return;
         }
-        let mut changes = api.authenticator.registry_changes();
+        let mut changes = api.authenticator.changes();
         let mut sockets: BTreeMap<IdentityId, CancellationToken> = BTreeMap::new();
         loop {
             let modules = api.modules();

@@ -5,6 +5,7 @@
 //! connections played by the test through the hub's events.
 
 use bytes::Bytes;
+use spool_broker::auth::policy::{Client, Policy};
 use spool_broker::clock::{Clock, ManualClock};
 use spool_broker::delivery::queue::QueueLimits;
 use spool_broker::delivery::record::{KIND_PUBLISH, PublishRecord};
@@ -148,8 +149,13 @@ impl TestHub {
     /// durable, as before a PUBACK.
     async fn publish(&self, publisher: &ConnectOutcome, connection: u64, message: Message) {
         let released = CancellationToken::new();
+        let policy = Policy::default();
         let from = Publisher {
-            identity: None,
+            client: Client {
+                client_id: "publisher",
+                identity: None,
+            },
+            policy: &policy,
             session: publisher.session,
             connection,
             receipts: &publisher.receipts,

@@ -33,6 +33,7 @@ mod common;
 use bytes::Bytes;
 use common::SeededRng;
 use spool_broker::auth::identity::IdentityId;
+use spool_broker::auth::policy::{Client, Policy};
 use spool_broker::clock::ManualClock;
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::hub::events::{
@@ -695,8 +696,13 @@ impl Simulation {
         let session = connection.session.as_ref().unwrap();
         // Telemetry comes from the module `edge/filter` to the publish path, and is routed.
         let filter = IdentityId::parse("edge/filter").unwrap();
+        let policy = Policy::default();
         let from = Publisher {
-            identity: topic.starts_with("devices/").then_some(&filter),
+            client: Client {
+                client_id: "edge/filter",
+                identity: topic.starts_with("devices/").then_some(&filter),
+            },
+            policy: &policy,
             session: session.session,
             connection: connection.id,
             receipts: &session.receipts,

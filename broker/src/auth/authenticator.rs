@@ -6,6 +6,7 @@
 //! anonymous, which a listener allows or not (`ListenerAuth`).
 
 use super::identity::{Credentials, Identity, IdentityId, Status};
+use super::policy::{Client, Policy};
 use super::registry::IdentityRegistry;
 use super::sas::{SasError, SasToken};
 use super::username::IotUsername;
@@ -71,23 +72,28 @@ pub enum AuthError {
     NoToken,
     #[error(transparent)]
     Token(#[from] SasError),
+    #[error("the authorization policy denies {0} mqtt:connect")]
+    Denied(String),
 }
 
-/// Decides who a CONNECT is; see the module documentation. The registry changes while the
-/// server runs (the admin API): each change is announced, and connected identities check
-/// their credentials again (`registry_changes`).
+/// Decides who a CONNECT is, and whether the deployment's policy lets it in; see the module
+/// documentation. The registry (the admin API) and the policy (a deployment's reload) change
+/// while the server runs: each change is announced, and connected clients check their
+/// admission again (`changes`).
 #[derive(Debug)]
 pub struct Authenticator {
     /// The registry as it is now; a change replaces it whole, so no reader waits for a change
     /// to be stored.
     registry: RwLock<Arc<IdentityRegistry>>,
+    /// The deployment's authorization policy as it is now, replaced whole.
+    policy: RwLock<Arc<Policy>>,
     /// Held by the one change under way.
     changing: Mutex<()>,
     /// The host names a token's audience may name: the IoT Hub's and the gateway's.
     hosts: Vec<String>,
     /// Checks leaf devices' certificates.
     certificates: CertificateCheck,
-    /// Counts the registry's changes.
+    /// Counts the changes of the registry and the policy.
     changes: watch::Sender<u64>,
 }
 
@@ -96,6 +102,7 @@ impl Authenticator {
     pub fn new(registry: IdentityRegistry, hosts: Vec<String>) -> Authenticator {
         Authenticator {
             registry: RwLock::new(Arc::new(registry)),
+            policy: RwLock::default(),
             changing: Mutex::new(()),
             hosts,
             certificates: CertificateCheck::default(),
@@ -137,21 +144,56 @@ impl Authenticator {
         Ok(changed)
     }
 
-    /// Announces each change of the registry, for connections to check their credentials
-    /// again.
+    /// The deployment's authorization policy as it is now.
     #[must_use]
-    pub fn registry_changes(&self) -> watch::Receiver<u64> {
+    pub fn policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.read().unwrap_or_else(PoisonError::into_inner))
+    }
+
+    /// Puts a deployment's authorization `policy` in force, and announces the change.
+    pub fn install_policy(&self, policy: Arc<Policy>) {
+        *self.policy.write().unwrap_or_else(PoisonError::into_inner) = policy;
+        self.changes.send_modify(|count| *count += 1);
+    }
+
+    /// Announces each change of the registry or the policy, for connections to check their
+    /// admission again.
+    #[must_use]
+    pub fn changes(&self) -> watch::Receiver<u64> {
         self.changes.subscribe()
     }
 
     /// Who the client of a CONNECT is, by what it `presented`, at `now` (seconds since 1970),
-    /// on a listener that asks `policy`.
+    /// on a listener that asks `listener`; and whether the policy lets it connect.
     ///
     /// # Errors
     /// Why it is refused.
     pub fn authenticate(
         &self,
-        policy: ListenerAuth,
+        listener: ListenerAuth,
+        presented: &Presented<'_>,
+        now: u64,
+    ) -> Result<Authenticated, AuthError> {
+        let authenticated = self.identify(listener, presented, now)?;
+        let identity = match &authenticated {
+            Authenticated::Anonymous => None,
+            Authenticated::Identity { id, .. } => Some(id),
+        };
+        let client = Client {
+            client_id: presented.client_id,
+            identity,
+        };
+        if !self.policy().may_connect(&client) {
+            let who = identity.map_or(presented.client_id.to_owned(), ToString::to_string);
+            return Err(AuthError::Denied(who));
+        }
+        Ok(authenticated)
+    }
+
+    /// Who the client of a CONNECT is (see [`Authenticator::authenticate`]).
+    fn identify(
+        &self,
+        listener: ListenerAuth,
         presented: &Presented<'_>,
         now: u64,
     ) -> Result<Authenticated, AuthError> {
@@ -162,7 +204,7 @@ impl Authenticator {
             let taken = IdentityId::parse(client_id)
                 .ok()
                 .filter(|id| self.registry().get(id).is_some());
-            return match (policy, taken) {
+            return match (listener, taken) {
                 (_, Some(id)) => Err(AuthError::IdentityClientId(id)),
                 (ListenerAuth::Anonymous, None) => Ok(Authenticated::Anonymous),
                 (ListenerAuth::Identity, None) => Err(AuthError::Required),

@@ -2,6 +2,7 @@
 //! channel) and [`Outbound`] (hub to one connection, over its bounded channel, by `try_send`).
 
 use crate::auth::identity::IdentityId;
+use crate::auth::policy::Policy;
 use crate::iothub::ModuleInput;
 use crate::message::{Message, QoS, Will};
 use crate::routing::SubscriptionOptions;
@@ -64,6 +65,11 @@ pub enum Event {
         checkpoint: u64,
         done: oneshot::Sender<()>,
     },
+    /// A deployment's authorization policy is in force (at start, and on every reload): the
+    /// subscriptions it does not allow are dropped, and new ones are held to it.
+    PolicyChanged {
+        policy: Arc<Policy>,
+    },
     /// The connection ended; with its will if it did not end with a normal DISCONNECT, and
     /// the session expiry its MQTT 5 DISCONNECT set, if any.
     Disconnected {
@@ -121,6 +127,8 @@ pub enum SubscribeRefusal {
     QuotaExceeded,
     /// The subscription could not be stored durably (or the session is gone).
     Unavailable,
+    /// IoT Hub's rules or the authorization policy do not allow it.
+    NotAuthorized,
 }
 
 /// A connection's outbound channel, whose sender the hub holds and never waits on: what does

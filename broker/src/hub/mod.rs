@@ -95,6 +95,7 @@ mod start;
 mod subscriptions;
 mod wills;
 
+use crate::auth::policy::Policy;
 use crate::clock::Clock;
 use crate::delivery::cache::MessageCache;
 use crate::delivery::endpoint::Queue;
@@ -203,6 +204,9 @@ pub struct Hub {
     limits: HubLimits,
     /// Every time the hub reads: expiry of sessions, wills and messages.
     clock: Arc<dyn Clock>,
+    /// The deployment's authorization policy, which subscriptions are held to
+    /// (`Event::PolicyChanged`).
+    policy: Arc<Policy>,
 }
 
 impl Hub {
@@ -260,6 +264,7 @@ impl Hub {
             reclaims,
             limits,
             clock,
+            policy: Arc::default(),
         };
         let replay_from = hub
             .load_sessions(meta)?
@@ -390,6 +395,7 @@ impl Hub {
                 self.add_endpoints(added, checkpoint);
                 let _ = done.send(());
             }
+            Event::PolicyChanged { policy } => self.policy_changed(policy),
         }
     }
 }

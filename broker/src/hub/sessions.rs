@@ -5,6 +5,7 @@ use super::Hub;
 use super::endpoints::let_go;
 use super::metadata::{Completion, MetaWriter};
 use crate::auth::identity::IdentityId;
+use crate::auth::policy::{Client, Policy};
 use crate::delivery::endpoint::{Queue, checkpoint_key};
 use crate::hub::events::{ConnectOutcome, ConnectRefusal, ConnectRequest, Outbound, Protocol};
 use crate::iothub;
@@ -48,8 +49,9 @@ impl Hub {
                 id
             }
         };
-        if let Some(identity) = &request.identity {
-            self.drop_subscriptions_not_allowed(id, identity);
+        if self.drop_subscriptions_not_allowed(id, request.identity.as_ref()) {
+            // Stored by the connect that follows.
+            self.router.install(self.subscriptions.clone());
         }
         let session = self.sessions.get_mut(&id).expect("just ensured");
         session.expiry = expiry;
@@ -84,28 +86,59 @@ impl Hub {
         self.pump(id);
     }
 
-    /// Removes the subscriptions of session `id` that `identity` may not hold (the connect
-    /// that follows stores the session without them).
-    fn drop_subscriptions_not_allowed(&mut self, id: u64, identity: &IdentityId) {
+    /// Removes the subscriptions of session `id` that its client, `identity` if it has one,
+    /// may not hold by IoT Hub's rules and the authorization policy; true if any went (the
+    /// caller stores the session and installs the routing snapshot).
+    pub(super) fn drop_subscriptions_not_allowed(
+        &mut self,
+        id: u64,
+        identity: Option<&IdentityId>,
+    ) -> bool {
         let Some(session) = self.sessions.get_mut(&id) else {
-            return;
+            return false;
+        };
+        let client = Client {
+            client_id: &session.client_id,
+            identity,
         };
         let refused: Vec<String> = session
             .subscriptions
             .keys()
-            .filter(|filter| !iothub::topics::may_subscribe(identity, filter))
+            .filter(|filter| !iothub::check_subscribe(&client, filter, &self.policy))
             .cloned()
             .collect();
         if refused.is_empty() {
-            return;
+            return false;
         }
         for filter in &refused {
             session.subscriptions.remove(filter);
             self.subscriptions.unsubscribe(id, filter);
         }
-        self.router.install(self.subscriptions.clone());
         let client_id = &session.client_id;
         tracing::warn!(%client_id, ?refused, "dropped subscriptions the client may not hold");
+        true
+    }
+
+    /// A deployment put a new authorization `policy` in force: every session loses the
+    /// subscriptions it no longer allows (stored), so no message reaches them from now on.
+    /// Connected clients check their admission themselves (`Authenticator::changes`).
+    pub(super) fn policy_changed(&mut self, policy: Arc<Policy>) {
+        self.policy = policy;
+        let sessions: Vec<(u64, Option<IdentityId>)> = self
+            .sessions
+            .values()
+            .map(|session| (session.id, session.identity.clone()))
+            .collect();
+        let mut changed = false;
+        for (id, identity) in sessions {
+            if self.drop_subscriptions_not_allowed(id, identity.as_ref()) {
+                self.store_session(id, None);
+                changed = true;
+            }
+        }
+        if changed {
+            self.router.install(self.subscriptions.clone());
+        }
     }
 
     /// Detaches the client's existing session, if any, from its old connection (which is told

@@ -2,9 +2,11 @@
 //! with, and the retained messages a new subscription gets.
 
 use super::Hub;
+use crate::auth::policy::Client;
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{KIND_PUBLISH, PublishRecord, QueueId, Target};
 use crate::hub::events::SubscribeRefusal;
+use crate::iothub;
 use crate::limits::SUBSCRIPTIONS_PER_SESSION_MAX;
 use crate::message::{Message, QoS};
 use crate::routing::{RetainHandling, SubscriptionOptions};
@@ -31,7 +33,17 @@ impl Hub {
         let mut outcomes = Vec::with_capacity(filters.len());
         let mut retained_for = Vec::new();
         let mut routing_changed = false;
+        let client = Client {
+            client_id: &session.client_id,
+            identity: session.identity.as_ref(),
+        };
         for (filter, options) in filters {
+            if !iothub::check_subscribe(&client, &filter, &self.policy) {
+                let client_id = &session.client_id;
+                tracing::info!(%client_id, "refused a subscription to {filter:?}: not authorized");
+                outcomes.push(Err(SubscribeRefusal::NotAuthorized));
+                continue;
+            }
             let full = session.subscriptions.len() >= SUBSCRIPTIONS_PER_SESSION_MAX
                 && !session.subscriptions.contains_key(&filter);
             if full {

@@ -10,6 +10,7 @@
 //! resend nor a restart can log it twice.
 
 use crate::auth::identity::IdentityId;
+use crate::auth::policy::{Client, Policy};
 use crate::clock::Clock;
 use crate::delivery::drop_worth_logging;
 use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord};
@@ -40,9 +41,11 @@ pub struct Ingest {
 /// Who publishes, as the publish path needs to know them.
 #[derive(Debug, Clone, Copy)]
 pub struct Publisher<'a> {
-    /// The IoT Hub identity it proved, if any: its telemetry goes where the deployment's
-    /// routes say, stamped with it as the sender.
-    pub identity: Option<&'a IdentityId>,
+    /// Its client id, and the IoT Hub identity it proved, if any: an identity's telemetry goes
+    /// where the deployment's routes say, stamped with it as the sender.
+    pub client: Client<'a>,
+    /// The deployment's authorization policy, as the connection last saw it.
+    pub policy: &'a Policy,
     /// The publishing session: records name it, and routing honours its no-local
     /// subscriptions.
     pub session: u64,
@@ -172,14 +175,19 @@ impl Ingest {
         packet_id: u16,
     ) -> Result<Ingested, IngestError> {
         let body_bytes = message.payload.len();
-        let telemetry = match iothub::check_publish(publisher.identity, &message.topic, body_bytes)
-        {
+        let checked = iothub::check_publish(
+            &publisher.client,
+            &message.topic,
+            body_bytes,
+            publisher.policy,
+        );
+        let telemetry = match checked {
             Ok(telemetry) => telemetry,
             Err(refusal) => return Ok(Ingested::Forbidden(refusal)),
         };
         let qos = message.qos;
         let mut record = self.router.snapshot().record(message, publisher.session);
-        if let (Some(identity), Some(properties)) = (publisher.identity, &telemetry) {
+        if let (Some(identity), Some(properties)) = (publisher.client.identity, &telemetry) {
             self.route_telemetry(identity, properties, &mut record);
         }
         if qos == QoS::ExactlyOnce {
@@ -420,8 +428,13 @@ mod tests {
         let (ingest, wal) = open(None);
         let (receipts, released) = (SharedReceipts::default(), CancellationToken::new());
         receipts::lock(&receipts).set_owner(1);
+        let policy = Policy::default();
         let publisher = Publisher {
-            identity: None,
+            client: Client {
+                client_id: "publisher",
+                identity: None,
+            },
+            policy: &policy,
             session: 3,
             connection: 1,
             receipts: &receipts,
@@ -456,8 +469,13 @@ mod tests {
     async fn a_full_log_refuses_drops_or_holds_back_as_the_publisher_needs() {
         let (ingest, _wal) = open(Some(128 << 10));
         let (receipts, released) = (SharedReceipts::default(), CancellationToken::new());
+        let policy = Policy::default();
         let mut publisher = Publisher {
-            identity: None,
+            client: Client {
+                client_id: "publisher",
+                identity: None,
+            },
+            policy: &policy,
             session: 3,
             connection: 1,
             receipts: &receipts,

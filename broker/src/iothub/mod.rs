@@ -2,7 +2,8 @@
 //! use, the property bags their topics carry, and the size IoT Hub counts for a message.
 //!
 //! - `topics`: the telemetry topic's parts, and which topics an identity may use
-//!   ([`check_publish`] applies them, with the bag's and the size's rules).
+//!   ([`check_publish`] and [`check_subscribe`] apply them, with the deployment's policy on
+//!   other topics, and the bag's and the size's rules).
 //! - `property_bag`: decoding and encoding property bags.
 //! - `message`: telemetry as routes see it (system and application properties, its source),
 //!   and as a module input gets it.
@@ -13,7 +14,7 @@ pub mod topics;
 
 pub use message::ModuleInput;
 
-use crate::auth::identity::IdentityId;
+use crate::auth::policy::{Client, Policy};
 use property_bag::Properties;
 
 /// The largest message IoT Hub and edgeHub accept, as [`message_size`] counts it.
@@ -44,10 +45,17 @@ pub enum PublishRefusal {
     TooLarge { size: usize },
 }
 
-/// IoT Hub's rules for a publish on `topic` by `identity` (`None`: a plain MQTT client):
-/// - an identity publishes only on its own IoT Hub topics (`topics::may_publish`);
-/// - anyone else publishes on no IoT Hub topic (`devices/…`, `$iothub/…`): a plain client
-///   could otherwise forge a module's telemetry or call its direct methods;
+/// Whether `topic` (or a filter) is one of IoT Hub's, which only IoT Hub's rules govern.
+#[must_use]
+pub fn is_iothub_topic(topic: &str) -> bool {
+    topic.starts_with("devices/") || topic.starts_with("$iothub/")
+}
+
+/// The rules for a publish on `topic` by `client`:
+/// - an identity publishes on IoT Hub topics only on its own (`topics::may_publish`);
+/// - a plain MQTT client publishes on no IoT Hub topic (`devices/…`, `$iothub/…`): it could
+///   otherwise forge a module's telemetry or call its direct methods;
+/// - on any other topic, the deployment's `policy` decides (`Policy::may_publish`);
 /// - an identity's telemetry has a well-formed property bag and stays within IoT Hub's size.
 ///
 /// Returns the decoded bag of an identity's telemetry (what routes evaluate), `None` for any
@@ -56,32 +64,35 @@ pub enum PublishRefusal {
 /// # Errors
 /// Why the publish is refused.
 pub fn check_publish(
-    identity: Option<&IdentityId>,
+    client: &Client<'_>,
     topic: &str,
     body_bytes: usize,
+    policy: &Policy,
 ) -> Result<Option<Properties>, PublishRefusal> {
-    let Some(identity) = identity else {
-        let reserved = topic.starts_with("devices/") || topic.starts_with("$iothub/");
-        return match reserved {
-            true => Err(PublishRefusal::NotAuthorized(format!(
-                "{topic:?} is an IoT Hub topic, for identities only"
-            ))),
-            false => Ok(None),
-        };
+    let refused = |whose: &str| {
+        let who = client
+            .identity
+            .map_or(client.client_id.to_owned(), ToString::to_string);
+        PublishRefusal::NotAuthorized(format!("{who} may not publish on {topic:?}{whose}"))
     };
-    let refused = || {
-        let why = format!("{identity} may not publish on {topic:?}");
-        PublishRefusal::NotAuthorized(why)
+    if !is_iothub_topic(topic) {
+        return match policy.may_publish(client, topic) {
+            true => Ok(None),
+            false => Err(refused(": the authorization policy does not allow it")),
+        };
+    }
+    let Some(identity) = client.identity else {
+        return Err(refused(": an IoT Hub topic, for identities only"));
     };
     // Telemetry is read once: whose it is, then its bag.
     let Some(telemetry) = topics::telemetry(topic) else {
         return match topics::may_publish(identity, topic) {
             true => Ok(None),
-            false => Err(refused()),
+            false => Err(refused("")),
         };
     };
     if !telemetry.is_from(identity) {
-        return Err(refused());
+        return Err(refused(""));
     }
     let properties = property_bag::decode(telemetry.bag)
         .map_err(|e| PublishRefusal::MalformedBag(e.to_string()))?;
@@ -90,4 +101,14 @@ pub fn check_publish(
         return Err(PublishRefusal::TooLarge { size });
     }
     Ok(Some(properties))
+}
+
+/// Whether `client` may subscribe to `filter`: an identity to IoT Hub topics only to its own
+/// (`topics::may_subscribe`); anything else as the deployment's `policy` decides.
+#[must_use]
+pub fn check_subscribe(client: &Client<'_>, filter: &str, policy: &Policy) -> bool {
+    match client.identity {
+        Some(identity) if is_iothub_topic(filter) => topics::may_subscribe(identity, filter),
+        _ => policy.may_subscribe(client, filter),
+    }
 }

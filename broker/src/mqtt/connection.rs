@@ -11,6 +11,7 @@
 
 use crate::auth::authenticator::{Authenticated, ListenerAuth, Presented};
 use crate::auth::identity::IdentityId;
+use crate::auth::policy::{Client, Policy};
 use crate::auth::sas::CLOCK_SKEW_SECS;
 use crate::delivery::drop_worth_logging;
 use crate::hub::events::{
@@ -159,8 +160,8 @@ where
     }
 }
 
-/// What a client presented at CONNECT to prove who it is; an identity's connection presents
-/// it again whenever the registry changes (`Connection::recheck`).
+/// What a client presented at CONNECT to prove who it is; its connection presents it again
+/// whenever the registry or the authorization policy changes (`Connection::recheck`).
 struct ClientCredentials {
     auth: ListenerAuth,
     username: Option<String>,
@@ -179,15 +180,10 @@ impl ClientCredentials {
     }
 }
 
-/// Resolves when the registry changes, for a connection that checks its credentials again;
-/// never for another (or once the registry is gone).
-async fn registry_changed(
-    recheck: &mut Option<(ClientCredentials, watch::Receiver<u64>)>,
-) -> Option<()> {
-    match recheck {
-        Some((_, changes)) => changes.changed().await.ok(),
-        None => std::future::pending().await,
-    }
+/// Resolves when the registry or the authorization policy changes (`None` once the
+/// authenticator is gone).
+async fn admission_changed(recheck: &mut (ClientCredentials, watch::Receiver<u64>)) -> Option<()> {
+    recheck.1.changed().await.ok()
 }
 
 fn send_failed(error: EncodeError) -> Close {
@@ -208,15 +204,16 @@ where
 {
     let (mut framed, protocol, mut connect) = read_connect(stream, context).await?;
     let limits = &context.limits;
-    // Watched before authenticating: a registry change from now on is checked again.
-    let changes = context.authenticator.registry_changes();
+    // Watched before authenticating: a change from now on is checked again.
+    let changes = context.authenticator.changes();
+    let policy = context.authenticator.policy();
     let credentials = ClientCredentials {
         auth,
         username: connect.username.take(),
         password: connect.password.take(),
         certificates,
     };
-    let (identity, token_expires) = match admit(context, &credentials, &connect) {
+    let (identity, token_expires) = match admit(context, &credentials, &connect, &policy) {
         Ok(admitted) => admitted,
         Err(reason) => return refuse(&mut framed, protocol, reason).await,
     };
@@ -258,7 +255,8 @@ where
         receipts: outcome.receipts,
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(keep_alive_secs),
-        recheck: identity.as_ref().map(|_| (credentials, changes)),
+        recheck: (credentials, changes),
+        policy,
         identity,
         token_expires,
         will: connect.will.take().map(Box::new),
@@ -299,13 +297,18 @@ fn admit(
     context: &ServerContext,
     credentials: &ClientCredentials,
     connect: &codec::Connect,
+    policy: &Policy,
 ) -> Result<(Option<IdentityId>, Option<Instant>), Reason> {
     let admitted =
         authenticate(context, credentials, &connect.client_id).ok_or(Reason::NotAuthorized)?;
+    let client = Client {
+        client_id: &connect.client_id,
+        identity: admitted.0.as_ref(),
+    };
     match connect
         .will
         .as_ref()
-        .and_then(|w| refuse_will(w, admitted.0.as_ref()))
+        .and_then(|w| refuse_will(w, &client, policy))
     {
         Some(reason) => Err(reason),
         None => Ok(admitted),
@@ -345,9 +348,10 @@ fn authenticate(
 }
 
 /// Why a CONNECT's will cannot be accepted, if it cannot.
-fn refuse_will(will: &Will, identity: Option<&IdentityId>) -> Option<Reason> {
+fn refuse_will(will: &Will, client: &Client<'_>, policy: &Policy) -> Option<Reason> {
     let message = &will.message;
-    if let Err(refusal) = iothub::check_publish(identity, &message.topic, message.payload.len()) {
+    let checked = iothub::check_publish(client, &message.topic, message.payload.len(), policy);
+    if let Err(refusal) = checked {
         tracing::info!("refused a CONNECT's will: {refusal}");
         return Some(refusal_reason(&refusal));
     }
@@ -472,10 +476,13 @@ struct Connection<S> {
     /// clock skew allowed): the connection ends then, and the client connects again with a
     /// new one (as the SDKs do before its expiry).
     token_expires: Option<Instant>,
-    /// An identity's credentials, checked again when the registry changes (it announces its
-    /// changes on the receiver): a client whose identity was removed or disabled, or whose
-    /// token's key was rotated, is disconnected.
-    recheck: Option<(ClientCredentials, watch::Receiver<u64>)>,
+    /// The client's credentials, checked again when the registry or the authorization policy
+    /// changes (announced on the receiver): a client whose identity was removed or disabled,
+    /// whose token's key was rotated, or that the policy no longer lets connect, is
+    /// disconnected.
+    recheck: (ClientCredentials, watch::Receiver<u64>),
+    /// The deployment's authorization policy, as of the last change announced.
+    policy: Arc<Policy>,
     /// Published if the connection ends without a normal DISCONNECT.
     will: Option<Box<Will>>,
     /// The session expiry the CONNECT asked for (MQTT 5).
@@ -511,7 +518,7 @@ where
                 }
                 () = sleep_until(deadline) => Err(Close::with(Reason::KeepAliveTimeout, "keep-alive expired")),
                 () = sleep_until(self.token_expires) => Err(Close::with(Reason::NotAuthorized, "its SAS token expired")),
-                Some(()) = registry_changed(&mut self.recheck) => self.check_credentials_again(),
+                Some(()) = admission_changed(&mut self.recheck) => self.check_admission_again(),
             };
             if let Err(close) = result {
                 return close;
@@ -519,22 +526,22 @@ where
         }
     }
 
-    /// The registry changed: the client's credentials must still let it in, as at CONNECT.
-    fn check_credentials_again(&self) -> Result<(), Close> {
-        let Some((credentials, _)) = &self.recheck else {
-            return Ok(());
-        };
+    /// The registry or the policy changed: the client must still be let in, as at CONNECT;
+    /// later publishes are checked against the new policy.
+    fn check_admission_again(&mut self) -> Result<(), Close> {
+        let (credentials, _) = &self.recheck;
         let now_secs = self.context.ingest.now_ms() / 1000;
         let presented = credentials.presented(&self.client_id);
         let authenticated =
             self.context
                 .authenticator
                 .authenticate(credentials.auth, &presented, now_secs);
+        self.policy = self.context.authenticator.policy();
         match authenticated {
             Ok(_) => Ok(()),
             Err(e) => Err(Close::with(
                 Reason::NotAuthorized,
-                format!("its credentials no longer hold: {e}"),
+                format!("it is no longer let in: {e}"),
             )),
         }
     }
@@ -877,7 +884,11 @@ where
     /// This connection's client, as the publish path knows it.
     fn publisher(&self) -> Publisher<'_> {
         Publisher {
-            identity: self.identity.as_ref(),
+            client: Client {
+                client_id: &self.client_id,
+                identity: self.identity.as_ref(),
+            },
+            policy: &self.policy,
             session: self.session,
             connection: self.connection_id,
             receipts: &self.receipts,
@@ -951,15 +962,6 @@ where
                 granted.push(Err(Reason::SharedSubscriptionsNotSupported));
                 continue;
             }
-            if let Some(identity) = &self.identity
-                && !iothub::topics::may_subscribe(identity, &filter)
-            {
-                tracing::info!(
-                    "refused subscription to {filter:?}: not one of {identity}'s topics"
-                );
-                granted.push(Err(Reason::NotAuthorized));
-                continue;
-            }
             match topic::validate_filter(&filter) {
                 Ok(()) => {
                     granted.push(Ok(options.qos));
@@ -983,6 +985,7 @@ where
             *slot = match granted_by_hub.next() {
                 Some(Ok(qos)) => Ok(qos),
                 Some(Err(SubscribeRefusal::QuotaExceeded)) => Err(Reason::QuotaExceeded),
+                Some(Err(SubscribeRefusal::NotAuthorized)) => Err(Reason::NotAuthorized),
                 Some(Err(SubscribeRefusal::Unavailable)) | None => Err(Reason::UnspecifiedError),
             };
         }

@@ -143,7 +143,8 @@ impl RouteTable {
 }
 
 /// The `$edgeHub` desired properties in any of the shapes a manifest comes in.
-fn edge_hub_desired(manifest: &Value) -> Option<&Value> {
+#[must_use]
+pub fn edge_hub_desired(manifest: &Value) -> Option<&Value> {
     if manifest.get("schemaVersion").is_some() {
         return Some(manifest);
     }
