@@ -22,8 +22,10 @@
 //!   by its choice of client id.
 //! - Resources are topic filters. A publish is named when its topic matches one. A
 //!   subscription is allowed only by a resource that takes in every topic its filter could
-//!   match, and denied by one that shares any topic with it, so a wildcard cannot reach around
-//!   a deny.
+//!   match, and denied by one that matches its filter read as a topic name (as edgeHub and
+//!   mosquitto read it: a deny on `a/b` refuses `a/b`, not `#`). A message is not delivered
+//!   through any subscription to a client denied a subscription to its topic, so a wildcard
+//!   does not reach around a deny (`Policy::may_receive`).
 //! - When no statement decides: a connection is let in (authentication already decided who
 //!   may connect; edgeHub 1.2 asked for an explicit `mqtt:connect` grant, which would lock
 //!   every module out of a deployment without a policy), an identity may not publish or
@@ -68,6 +70,8 @@ pub struct Client<'a> {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Policy {
     statements: Vec<Statement>,
+    /// Whether a statement denies subscriptions, so that delivery has to be checked.
+    denies_subscriptions: bool,
     /// `{{iot:this_device_id}}`.
     edge_device: String,
 }
@@ -180,8 +184,12 @@ impl Policy {
                 }
             }
         }
+        let denies_subscriptions = statements
+            .iter()
+            .any(|s| !s.allow && s.operations.contains(&Operation::Subscribe));
         Ok(Policy {
             statements,
+            denies_subscriptions,
             edge_device: edge_device.to_owned(),
         })
     }
@@ -210,6 +218,21 @@ impl Policy {
     pub fn may_subscribe(&self, client: &Client<'_>, filter: &str) -> bool {
         self.decide(client, Operation::Subscribe, filter)
             .unwrap_or(client.identity.is_none())
+    }
+
+    /// Whether a statement denies subscriptions: if none does, every message a subscription
+    /// matches may be delivered.
+    #[must_use]
+    pub fn denies_subscriptions(&self) -> bool {
+        self.denies_subscriptions
+    }
+
+    /// Whether `client` may receive a message on `topic` (not one of its IoT Hub topics)
+    /// through a subscription it holds: unless the policy denies it a subscription to the
+    /// topic.
+    #[must_use]
+    pub fn may_receive(&self, client: &Client<'_>, topic: &str) -> bool {
+        self.decide(client, Operation::Subscribe, topic) != Some(false)
     }
 
     /// The effect of the first statement that names the request; `None` if none does.
@@ -325,7 +348,6 @@ impl Template {
 fn names_resource(pattern: &str, operation: Operation, allow: bool, resource: &str) -> bool {
     match (operation, allow) {
         (Operation::Subscribe, true) => covers(pattern, resource),
-        (Operation::Subscribe, false) => overlaps(pattern, resource),
         _ => topic::matches(pattern, resource),
     }
 }
@@ -350,26 +372,6 @@ fn covers(outer: &str, inner: &str) -> bool {
         }
     }
     inner_levels.next().is_none()
-}
-
-/// Whether some topic matches both filters (both valid).
-fn overlaps(a: &str, b: &str) -> bool {
-    let dollar = |f: &str, g: &str| f.starts_with('$') && g.starts_with(['+', '#']);
-    if dollar(a, b) || dollar(b, a) {
-        return false;
-    }
-    let (mut a_levels, mut b_levels) = (a.split('/'), b.split('/'));
-    loop {
-        match (a_levels.next(), b_levels.next()) {
-            (Some("#"), _) | (_, Some("#")) | (None, None) => return true,
-            (None, Some(_)) | (Some(_), None) => return false,
-            (Some(x), Some(y)) => {
-                if x != y && x != "+" && y != "+" {
-                    return false;
-                }
-            }
-        }
-    }
 }
 
 /// A list of strings at `at`, each with where it is.
@@ -565,10 +567,11 @@ mod tests {
         assert!(policy.may_publish(&plain("a/b"), "clients/a/b/locked"));
     }
 
-    /// Goal: a subscription is allowed only inside a grant, and denied when it could see any
-    /// topic a deny names: `#` does not slip past a deny on one topic.
+    /// Goal: a subscription is allowed only inside a grant, and denied when a deny names its
+    /// filter; a wildcard subscription a deny does not name is allowed, but does not receive
+    /// what the deny names.
     #[test]
-    fn subscriptions_are_allowed_inside_a_grant_and_denied_when_they_touch_a_deny() {
+    fn subscriptions_are_allowed_inside_a_grant_and_a_deny_also_holds_at_delivery() {
         let policy = policy(
             r#"[
               {"identities": ["{{mqtt:client_id}}"],
@@ -579,10 +582,12 @@ mod tests {
         );
         let tool = plain("myclientid");
         assert!(!policy.may_subscribe(&tool, "test/nosubscribe"));
-        assert!(!policy.may_subscribe(&tool, "test/#"));
-        assert!(!policy.may_subscribe(&tool, "#"));
-        assert!(!policy.may_subscribe(&tool, "+/nosubscribe"));
+        assert!(policy.may_subscribe(&tool, "test/#"));
+        assert!(policy.may_subscribe(&tool, "#"));
         assert!(policy.may_subscribe(&tool, "test/other"));
+        assert!(policy.denies_subscriptions());
+        assert!(!policy.may_receive(&tool, "test/nosubscribe"));
+        assert!(policy.may_receive(&tool, "test/other"));
         let module = id("edge/filter");
         assert!(policy.may_subscribe(&identity(&module), "alerts/a/high"));
         assert!(policy.may_subscribe(&identity(&module), "alerts/+/high"));
@@ -642,19 +647,14 @@ mod tests {
     }
 
     proptest! {
-        /// Goal: `covers` and `overlaps` agree with topic matching on every topic tried: what
-        /// an inner filter matches an outer one that covers it matches too, and a topic both
-        /// match means they overlap.
+        /// Goal: `covers` agrees with topic matching on every topic tried: what an inner
+        /// filter matches, an outer one that covers it matches too; and a filter covers itself.
         #[test]
-        fn covers_and_overlaps_agree_with_matching(a in filter(), b in filter(), topic in name()) {
-            let (in_a, in_b) = (topic::matches(&a, &topic), topic::matches(&b, &topic));
-            if covers(&a, &b) && in_b {
-                prop_assert!(in_a, "{a} covers {b} but not {topic}");
+        fn covers_agrees_with_matching(a in filter(), b in filter(), topic in name()) {
+            if covers(&a, &b) && topic::matches(&b, &topic) {
+                prop_assert!(topic::matches(&a, &topic), "{a} covers {b} but not {topic}");
             }
-            if in_a && in_b {
-                prop_assert!(overlaps(&a, &b), "{a} and {b} both match {topic}");
-            }
-            prop_assert_eq!(overlaps(&a, &b), overlaps(&b, &a));
+            prop_assert!(covers(&a, &a), "{a} covers itself");
         }
     }
 }

@@ -4,11 +4,13 @@
 
 use super::appends::{Metering, OwnAppend};
 use super::{Hub, loads};
+use crate::auth::policy::Client;
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
 };
 use crate::hub::events::{Delivery, Outbound};
+use crate::iothub;
 use crate::message::{Message, QoS};
 use crate::routing::endpoints::EndpointTarget;
 use bytes::Bytes;
@@ -330,6 +332,12 @@ impl Hub {
             Some(message) => Arc::clone(message),
             None => self.message(entry.seq)?,
         };
+        if let QueueId::Session(id) = queue
+            && !entry.redelivery
+            && !self.may_receive(id, &message.topic)
+        {
+            return None;
+        }
         let input = match queue {
             QueueId::Endpoint(number) => match self.endpoints.get(&number).map(|e| &e.target) {
                 Some(EndpointTarget::ModuleInput(to)) => Some(Arc::clone(to)),
@@ -346,6 +354,28 @@ impl Hub {
             message,
             input,
         })
+    }
+
+    /// Whether the authorization policy lets session `id`'s client receive a message on
+    /// `topic`, checked as it is sent: a wildcard subscription does not reach a topic the
+    /// policy keeps the client from, whatever the policy was when the message was queued.
+    fn may_receive(&self, id: u64, topic: &str) -> bool {
+        if !self.policy.denies_subscriptions() {
+            return true;
+        }
+        let Some(session) = self.sessions.get(&id) else {
+            return true;
+        };
+        let client = Client {
+            client_id: &session.client_id,
+            identity: session.identity.as_ref(),
+        };
+        let allowed = iothub::check_receive(&client, topic, &self.policy);
+        if !allowed {
+            let client_id = &session.client_id;
+            tracing::debug!(%client_id, topic, "not delivered: the authorization policy denies it");
+        }
+        allowed
     }
 
     /// A logged message from the cache (`pump` has it read first), or `None` if it cannot be

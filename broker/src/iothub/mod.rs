@@ -112,3 +112,11 @@ pub fn check_subscribe(client: &Client<'_>, filter: &str, policy: &Policy) -> bo
         _ => policy.may_subscribe(client, filter),
     }
 }
+
+/// Whether `client` may receive a message on `topic` through a subscription it holds: an
+/// identity its IoT Hub topics always (IoT Hub's rules granted them), anything else unless the
+/// deployment's `policy` denies it a subscription to the topic.
+#[must_use]
+pub fn check_receive(client: &Client<'_>, topic: &str, policy: &Policy) -> bool {
+    (client.identity.is_some() && is_iothub_topic(topic)) || policy.may_receive(client, topic)
+}
