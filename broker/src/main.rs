@@ -20,7 +20,7 @@ enum Command {
     /// Run the hub.
     Serve(Box<ServeArgs>),
     /// Manage the devices and modules that may connect.
-    Identity(IdentityArgs),
+    Identity(Box<IdentityArgs>),
 }
 
 fn main() -> anyhow::Result<()> {

@@ -127,7 +127,12 @@ impl WorkloadApi {
         registry
             .iter()
             .filter(|identity| identity.id.device == device && identity.id.module.is_some())
-            .filter(|identity| matches!(identity.credentials, Credentials::Sas { .. }))
+            .filter(|identity| {
+                matches!(
+                    identity.credentials,
+                    Credentials::Sas { .. } | Credentials::Derived { .. }
+                )
+            })
             .map(|identity| identity.id.clone())
             .collect()
     }

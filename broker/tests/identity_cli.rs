@@ -239,6 +239,69 @@ async fn a_running_servers_identities_change_through_its_admin_api() {
     ok(dir.path(), &["list"]);
 }
 
+/// The key IoT Edge 1.1 derives for `module` from its device's primary key (contract §2.2).
+fn derived_key(device_key: &[u8], module: &str, generation: &str) -> Vec<u8> {
+    use hmac::Mac as _;
+    let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(device_key).unwrap();
+    mac.update(format!("{module}primary{generation}").as_bytes());
+    mac.finalize().into_bytes().to_vec()
+}
+
+#[tokio::test]
+async fn a_module_without_keys_of_its_own_uses_keys_derived_from_its_devices() {
+    // Goal: a module added with --derived authenticates with the key IoT Edge 1.1 derives
+    // from its device's primary key and its generation id, prints it in its connection
+    // string, and follows the device's key: rotating that disconnects the module, and the
+    // key derived from the new one lets it in.
+    let dir = tempfile::tempdir().unwrap();
+    let hosts = [
+        "--iothub-hostname",
+        "hub.example",
+        "--gateway-hostname",
+        "spool",
+    ];
+    let spool = Spool::start(dir.path(), &hosts);
+    let admin = spool.admin.unwrap().to_string();
+    let remote = |args: &[&str]| {
+        let mut args = args.to_vec();
+        args.extend(["--admin-bind", admin.as_str()]);
+        ok(dir.path(), &args)
+    };
+    remote(&["add", "edge"]);
+    let added = remote(&["add", "edge/filter", "--derived", "--generation-id", "6376"]);
+    let device_key = |shown: &str| {
+        let key = shown
+            .lines()
+            .find_map(|l| l.strip_prefix("primary:"))
+            .unwrap();
+        BASE64.decode(key.trim()).unwrap()
+    };
+    let expected = derived_key(&device_key(&remote(&["show", "edge"])), "filter", "6376");
+    let line = added
+        .lines()
+        .find_map(|l| l.strip_prefix("connection string: "))
+        .expect("a connection string");
+    assert_eq!(
+        BASE64.decode(field(line, "SharedAccessKey")).unwrap(),
+        expected
+    );
+    assert!(remote(&["list"]).contains("sas-derived"));
+    let mut client = module_client(&spool, "edge/filter", &expected);
+    assert!(accepted(&mut client).await, "the derived key lets it in");
+
+    remote(&["rotate", "edge", "--key", "primary"]);
+    disconnected(&mut client).await;
+    let rederived = derived_key(&device_key(&remote(&["show", "edge"])), "filter", "6376");
+    assert_ne!(rederived, expected);
+    assert!(
+        !accepted(&mut module_client(&spool, "edge/filter", &expected)).await,
+        "the old derived key is refused"
+    );
+    assert!(accepted(&mut module_client(&spool, "edge/filter", &rederived)).await);
+    let (refused, text) = identity(dir.path(), &["remove", "edge", "--admin-bind", &admin]);
+    assert!(!refused && text.contains("remove them first"), "{text}");
+}
+
 #[test]
 fn the_serve_configuration_applies_and_reading_creates_nothing() {
     // Goal: the command reads `spool serve`'s configuration file (data directory, host names),

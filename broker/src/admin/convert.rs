@@ -19,6 +19,12 @@ pub fn identity_to_proto(identity: &Identity) -> pb::Identity {
             })
         }
         Credentials::X509Ca => pb::identity::Credentials::X509Ca(pb::X509Ca {}),
+        Credentials::Derived { primary, secondary } => {
+            pb::identity::Credentials::Derived(pb::SasKeys {
+                primary: primary.clone(),
+                secondary: secondary.clone(),
+            })
+        }
     };
     pb::Identity {
         id: identity.id.to_string(),
@@ -54,6 +60,10 @@ pub fn identity_from_proto(
             }
         }
         Some(pb::identity::Credentials::X509Ca(_)) => Credentials::X509Ca,
+        Some(pb::identity::Credentials::Derived(keys)) => Credentials::Derived {
+            primary: keys.primary,
+            secondary: keys.secondary,
+        },
     };
     Ok(Identity {
         id,

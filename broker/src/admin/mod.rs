@@ -61,7 +61,12 @@ fn status(error: RegistryError) -> tonic::Status {
         RegistryError::NotFound(_) => tonic::Status::not_found(error.to_string()),
         RegistryError::Exists(_) => tonic::Status::already_exists(error.to_string()),
         RegistryError::Identity(_) => tonic::Status::invalid_argument(error.to_string()),
-        RegistryError::NotSas(_) => tonic::Status::failed_precondition(error.to_string()),
+        RegistryError::NotSas(_)
+        | RegistryError::RotateDerived(_)
+        | RegistryError::NoDeviceKey { .. }
+        | RegistryError::DevicesModulesDerive { .. } => {
+            tonic::Status::failed_precondition(error.to_string())
+        }
         RegistryError::Storage(_) | RegistryError::Corrupt { .. } | RegistryError::Random(_) => {
             tracing::error!("admin API: {error}");
             tonic::Status::internal(error.to_string())
@@ -119,10 +124,9 @@ impl Admin for AdminService {
         let identity = identity_from_proto(given, new_keys)
             .map_err(|e| tonic::Status::invalid_argument(format!("{e:#}")))?;
         self.change(move |context| {
-            context.authenticator.change_registry(|registry| {
-                registry.add(&context.meta, identity.clone())?;
-                Ok(identity)
-            })
+            context
+                .authenticator
+                .change_registry(|registry| Ok(registry.add(&context.meta, identity)?.clone()))
         })
         .await
     }

@@ -227,7 +227,7 @@ impl Authenticator {
         }
         let chain = presented.certificates;
         let token_expiry = match &identity.credentials {
-            Credentials::Sas { .. } => {
+            Credentials::Sas { .. } | Credentials::Derived { .. } => {
                 Some(self.verify_token(identity, presented.password, now)?)
             }
             Credentials::X509Thumbprint { primary, secondary } => {

@@ -71,6 +71,13 @@ pub enum IdentityCommand {
         /// common name is the device id.
         #[arg(long)]
         x509_ca: bool,
+        /// Derive a module's SAS keys from its device's primary key, as IoT Edge 1.1 does
+        /// (needs --generation-id).
+        #[arg(long, requires = "generation_id", conflicts_with_all = ["thumbprint", "x509_ca"])]
+        derived: bool,
+        /// The module's generation id: the workload API's, and what derived keys use.
+        #[arg(long)]
+        generation_id: Option<String>,
     },
     /// Lists the identities.
     List,
@@ -94,6 +101,38 @@ pub enum IdentityCommand {
 }
 
 impl IdentityCommand {
+    /// The identity `add` adds: fresh SAS keys, unless it asks for certificates or derived
+    /// keys.
+    fn new_identity(&self) -> anyhow::Result<Identity> {
+        let IdentityCommand::Add {
+            id,
+            thumbprint,
+            secondary_thumbprint,
+            x509_ca,
+            derived,
+            generation_id,
+        } = self
+        else {
+            anyhow::bail!("not an add");
+        };
+        let mut identity = Identity::with_new_keys(IdentityId::parse(id)?)?;
+        identity.generation_id.clone_from(generation_id);
+        if let Some(primary) = thumbprint {
+            identity.credentials = Credentials::X509Thumbprint {
+                primary: primary.clone(),
+                secondary: secondary_thumbprint.clone(),
+            };
+        } else if *x509_ca {
+            identity.credentials = Credentials::X509Ca;
+        } else if *derived {
+            identity.credentials = Credentials::Derived {
+                primary: String::new(),
+                secondary: String::new(),
+            };
+        }
+        Ok(identity)
+    }
+
     /// Whether the command changes the registry (the others only read it).
     fn changes_registry(&self) -> bool {
         !matches!(
@@ -131,22 +170,8 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
     let mut registry = open_registry(&config, args.command.changes_registry())?;
     let mut out = String::new();
     match &args.command {
-        IdentityCommand::Add {
-            id,
-            thumbprint,
-            secondary_thumbprint,
-            x509_ca,
-        } => {
-            let mut identity = Identity::with_new_keys(IdentityId::parse(id)?)?;
-            if let Some(primary) = thumbprint {
-                identity.credentials = Credentials::X509Thumbprint {
-                    primary: primary.clone(),
-                    secondary: secondary_thumbprint.clone(),
-                };
-            } else if *x509_ca {
-                identity.credentials = Credentials::X509Ca;
-            }
-            let identity = registry.add(identity)?;
+        IdentityCommand::Add { .. } => {
+            let identity = registry.add(args.command.new_identity()?)?;
             writeln!(out, "added {}", identity.id)?;
             describe_access(&mut out, &identity, &config)?;
         }
@@ -200,7 +225,7 @@ fn show(out: &mut String, identity: &Identity, config: &Config) -> anyhow::Resul
     writeln!(out, "status:    {}", status_name(identity.status))?;
     writeln!(out, "auth:      {}", auth_name(&identity.credentials))?;
     match &identity.credentials {
-        Credentials::Sas { primary, secondary } => {
+        Credentials::Sas { primary, secondary } | Credentials::Derived { primary, secondary } => {
             writeln!(out, "primary:   {primary}")?;
             writeln!(out, "secondary: {secondary}")?;
         }
@@ -246,8 +271,7 @@ impl Registry for Offline {
     }
 
     fn add(&mut self, identity: Identity) -> anyhow::Result<Identity> {
-        self.registry.add(&self.meta, identity.clone())?;
-        Ok(identity)
+        Ok(self.registry.add(&self.meta, identity)?.clone())
     }
 
     fn remove(&mut self, id: &IdentityId) -> anyhow::Result<Identity> {
@@ -425,6 +449,7 @@ fn status_name(status: Status) -> &'static str {
 fn auth_name(credentials: &Credentials) -> &'static str {
     match credentials {
         Credentials::Sas { .. } => "sas",
+        Credentials::Derived { .. } => "sas-derived",
         Credentials::X509Thumbprint { .. } => "x509-thumbprint",
         Credentials::X509Ca => "x509-ca",
     }

@@ -3,7 +3,9 @@
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
+use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
+use sha2::Sha256;
 use std::fmt;
 use std::path::Path;
 
@@ -115,6 +117,16 @@ pub enum Status {
 pub enum Credentials {
     /// SAS tokens signed with either key (base64, as IoT Hub shows them).
     Sas { primary: String, secondary: String },
+    /// SAS keys derived from its device's primary key and its generation id, as IoT Edge 1.1
+    /// derives a module's keys (edgehub-contract.md §2.2): modules only. The registry fills
+    /// them in, and derives them again whenever the device's keys change; an identities file
+    /// leaves them out (`auth = { type = "derived" }`).
+    Derived {
+        #[serde(default)]
+        primary: String,
+        #[serde(default)]
+        secondary: String,
+    },
     /// A client certificate whose SHA-256 or SHA-1 thumbprint (hex) is one of these: leaf
     /// devices only.
     X509Thumbprint {
@@ -179,7 +191,19 @@ impl Identity {
             why,
         };
         match &self.credentials {
-            Credentials::Sas { primary, secondary } => {
+            Credentials::Derived { .. } if self.id.module.is_none() => {
+                return Err(bad(
+                    "only a module's keys are derived from its device's".into()
+                ));
+            }
+            Credentials::Derived { .. } if self.generation_id.is_none() => {
+                return Err(bad(
+                    "derived keys need the module's generation_id, which they are derived with"
+                        .into(),
+                ));
+            }
+            Credentials::Sas { primary, secondary }
+            | Credentials::Derived { primary, secondary } => {
                 for (name, key) in [("primary", primary), ("secondary", secondary)] {
                     match BASE64.decode(key) {
                         Ok(bytes) if !bytes.is_empty() => {}
@@ -214,7 +238,8 @@ impl Identity {
     #[must_use]
     pub fn sas_keys(&self) -> Vec<Vec<u8>> {
         match &self.credentials {
-            Credentials::Sas { primary, secondary } => [primary, secondary]
+            Credentials::Sas { primary, secondary }
+            | Credentials::Derived { primary, secondary } => [primary, secondary]
                 .into_iter()
                 .filter_map(|key| BASE64.decode(key).ok())
                 .collect(),
@@ -226,7 +251,9 @@ impl Identity {
     /// the IoT Hub host name it names in its tokens, and the gateway it connects to.
     #[must_use]
     pub fn connection_string(&self, hub_host: &str, gateway_host: &str) -> Option<String> {
-        let Credentials::Sas { primary, .. } = &self.credentials else {
+        let (Credentials::Sas { primary, .. } | Credentials::Derived { primary, .. }) =
+            &self.credentials
+        else {
             return None;
         };
         let mut out = format!("HostName={hub_host};DeviceId={}", self.id.device);
@@ -238,6 +265,23 @@ impl Identity {
         ));
         Some(out)
     }
+}
+
+/// A module's key as IoT Edge 1.1 derives it from its device's primary key (edgehub-contract.md
+/// §2.2): HMAC-SHA256 over the module id, the key's name (`primary` or `secondary`) and the
+/// generation id; base64.
+#[must_use]
+pub fn derive_module_key(
+    device_key: &[u8],
+    module: &str,
+    key_name: &str,
+    generation: &str,
+) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(device_key).expect("HMAC takes any key length");
+    mac.update(module.as_bytes());
+    mac.update(key_name.as_bytes());
+    mac.update(generation.as_bytes());
+    BASE64.encode(mac.finalize().into_bytes())
 }
 
 /// A fresh random symmetric key, base64.

@@ -2,7 +2,9 @@
 //! entry per identity, JSON) and in memory. Each change is committed durably before it counts:
 //! an identity added, disabled or rotated stays so after a crash.
 
-use super::identity::{Credentials, IdentitiesFile, Identity, IdentityError, IdentityId, new_key};
+use super::identity::{
+    Credentials, IdentitiesFile, Identity, IdentityError, IdentityId, derive_module_key, new_key,
+};
 use spool_storage::{Commit, Meta, MetaChange, StateTable};
 use std::collections::BTreeMap;
 
@@ -21,6 +23,19 @@ pub enum RegistryError {
     Exists(IdentityId),
     #[error("{0} has no SAS keys to rotate")]
     NotSas(IdentityId),
+    #[error("the keys of {0} are derived from its device's: rotate the device's keys")]
+    RotateDerived(IdentityId),
+    #[error("the keys of {module} are derived from device {device}'s, which {why}")]
+    NoDeviceKey {
+        module: IdentityId,
+        device: String,
+        why: &'static str,
+    },
+    #[error("the keys of {modules:?} are derived from {device}'s: remove them first")]
+    DevicesModulesDerive {
+        device: IdentityId,
+        modules: Vec<String>,
+    },
     #[error("the system's random source failed: {0}")]
     Random(#[from] getrandom::Error),
 }
@@ -73,15 +88,17 @@ impl IdentityRegistry {
         self.identities.is_empty()
     }
 
-    /// Adds a new identity.
+    /// Adds a new identity; returns it as stored (derived keys filled in).
     ///
     /// # Errors
     /// `Exists`, an invalid identity, or the store's failure (then nothing changed).
-    pub fn add(&mut self, meta: &Meta, identity: Identity) -> Result<(), RegistryError> {
+    pub fn add(&mut self, meta: &Meta, identity: Identity) -> Result<&Identity, RegistryError> {
         if self.identities.contains_key(&identity.id) {
             return Err(RegistryError::Exists(identity.id));
         }
-        self.put(meta, vec![identity])
+        let id = identity.id.clone();
+        self.put(meta, vec![identity])?;
+        Ok(&self.identities[&id])
     }
 
     /// Changes an existing identity with `change`, then stores it.
@@ -112,6 +129,16 @@ impl IdentityRegistry {
         if !self.identities.contains_key(id) {
             return Err(RegistryError::NotFound(id.clone()));
         }
+        let deriving: Vec<String> = self
+            .derived_from(id)
+            .map(|module| module.id.to_string())
+            .collect();
+        if !deriving.is_empty() {
+            return Err(RegistryError::DevicesModulesDerive {
+                device: id.clone(),
+                modules: deriving,
+            });
+        }
         let change = MetaChange::State {
             table: StateTable::Identities,
             key: id.key(),
@@ -136,6 +163,9 @@ impl IdentityRegistry {
         match self.identities.get(id).map(|i| &i.credentials) {
             None => return Err(RegistryError::NotFound(id.clone())),
             Some(Credentials::Sas { .. }) => {}
+            Some(Credentials::Derived { .. }) => {
+                return Err(RegistryError::RotateDerived(id.clone()));
+            }
             Some(_) => return Err(RegistryError::NotSas(id.clone())),
         }
         let (new_primary, new_secondary) = (new_key()?, new_key()?);
@@ -162,8 +192,68 @@ impl IdentityRegistry {
         Ok(count)
     }
 
-    /// Validates and stores `identities` in one durable commit, then takes them in.
-    fn put(&mut self, meta: &Meta, identities: Vec<Identity>) -> Result<(), RegistryError> {
+    /// The modules whose keys are derived from device `device`'s.
+    fn derived_from<'a>(&'a self, device: &'a IdentityId) -> impl Iterator<Item = &'a Identity> {
+        self.identities.values().filter(move |identity| {
+            device.module.is_none()
+                && identity.id.device == device.device
+                && matches!(identity.credentials, Credentials::Derived { .. })
+        })
+    }
+
+    /// Fills in the derived keys of the modules among `identities`, and of the stored modules
+    /// whose device is among them (a device's keys changed, so do theirs): those are added.
+    fn derive_keys(&self, identities: &mut Vec<Identity>) -> Result<(), RegistryError> {
+        let changed_devices: Vec<IdentityId> = identities
+            .iter()
+            .filter(|identity| identity.id.module.is_none())
+            .map(|identity| identity.id.clone())
+            .collect();
+        for device in &changed_devices {
+            for module in self.derived_from(device) {
+                if !identities.iter().any(|identity| identity.id == module.id) {
+                    identities.push(module.clone());
+                }
+            }
+        }
+        let batch = identities.clone();
+        for identity in identities.iter_mut() {
+            let Credentials::Derived { primary, secondary } = &mut identity.credentials else {
+                continue;
+            };
+            let (Some(module), Some(generation)) = (&identity.id.module, &identity.generation_id)
+            else {
+                continue; // refused by `validate`
+            };
+            let device = IdentityId {
+                device: identity.id.device.clone(),
+                module: None,
+            };
+            let no_key = |why| RegistryError::NoDeviceKey {
+                module: identity.id.clone(),
+                device: device.device.clone(),
+                why,
+            };
+            let device_identity = batch
+                .iter()
+                .find(|other| other.id == device)
+                .or_else(|| self.identities.get(&device))
+                .ok_or_else(|| no_key("is not registered"))?;
+            let Credentials::Sas { .. } = device_identity.credentials else {
+                return Err(no_key("has no SAS keys"));
+            };
+            let device_key = device_identity.sas_keys().into_iter().next();
+            let device_key = device_key.ok_or_else(|| no_key("has no valid primary key"))?;
+            *primary = derive_module_key(&device_key, module, "primary", generation);
+            *secondary = derive_module_key(&device_key, module, "secondary", generation);
+        }
+        Ok(())
+    }
+
+    /// Validates and stores `identities` in one durable commit, then takes them in; derived
+    /// keys are filled in first (`derive_keys`).
+    fn put(&mut self, meta: &Meta, mut identities: Vec<Identity>) -> Result<(), RegistryError> {
+        self.derive_keys(&mut identities)?;
         let mut changes = Vec::with_capacity(identities.len());
         for identity in &identities {
             identity.validate()?;
@@ -189,6 +279,84 @@ impl IdentityRegistry {
 mod tests {
     use super::*;
     use crate::auth::identity::Status;
+
+    /// Goal: a module registered without keys of its own gets the keys IoT Edge 1.1 derives
+    /// from its device's primary key and its generation id (values computed independently,
+    /// with Python's hmac); they follow the device's keys, and the device cannot go while
+    /// they depend on it.
+    #[test]
+    fn derived_module_keys_are_iot_edges_and_follow_the_devices_keys() {
+        let dir = tempfile::tempdir().expect("dir");
+        let meta = Meta::open(&dir.path().join("meta.redb")).expect("meta");
+        let mut registry = IdentityRegistry::load(&meta).expect("empty");
+        let device = IdentityId::parse("edge").expect("id");
+        let module = IdentityId::parse("edge/filter").expect("id");
+        let derived = Identity {
+            id: module.clone(),
+            status: Status::Enabled,
+            credentials: Credentials::Derived {
+                primary: String::new(),
+                secondary: String::new(),
+            },
+            generation_id: Some("637661921011556752".into()),
+        };
+        assert!(matches!(
+            registry.add(&meta, derived.clone()),
+            Err(RegistryError::NoDeviceKey { .. })
+        ));
+        let key = |byte: u8| {
+            base64::Engine::encode(&base64::engine::general_purpose::STANDARD, [byte; 32])
+        };
+        let device_identity = Identity {
+            id: device.clone(),
+            status: Status::Enabled,
+            credentials: Credentials::Sas {
+                primary: key(7),
+                secondary: key(9),
+            },
+            generation_id: None,
+        };
+        let file = IdentitiesFile {
+            identities: vec![derived, device_identity],
+        };
+        registry
+            .seed(&meta, file)
+            .expect("the device comes in the same file");
+        assert_eq!(
+            registry.get(&module).expect("added").credentials,
+            Credentials::Derived {
+                primary: "LSZYwFAsd78Nh0VfdmZ59YejHPKD9NKIgYljp539CgA=".into(),
+                secondary: "Hw9A7unTKsLmbS5eyC9IYLIw7QQSq4y4AfN0EzuClAs=".into(),
+            }
+        );
+        registry
+            .update(&meta, &device, |identity| {
+                identity.credentials = Credentials::Sas {
+                    primary: key(8),
+                    secondary: key(9),
+                };
+            })
+            .expect("the device's key changed");
+        let Credentials::Derived { primary, .. } =
+            &registry.get(&module).expect("kept").credentials
+        else {
+            panic!("still derived");
+        };
+        assert_eq!(primary, "Xh8txnPfYHhVBs3VoB+PhT8PE1pyjDWBjdoBb9zne8c=");
+        assert_eq!(
+            IdentityRegistry::load(&meta).expect("reloads").get(&module),
+            registry.get(&module),
+            "derived again durably, in the device's commit"
+        );
+        assert!(matches!(
+            registry.rotate(&meta, &module, true, true),
+            Err(RegistryError::RotateDerived(_))
+        ));
+        assert!(matches!(
+            registry.remove(&meta, &device),
+            Err(RegistryError::DevicesModulesDerive { .. })
+        ));
+    }
 
     /// Goal: what the registry was told survives a reopen: added, changed, removed, seeded.
     #[test]
