@@ -237,8 +237,7 @@ async fn answer(
             }
         }
         (&Method::POST, ["modules", named, "genid", generation, "sign"]) => {
-            let named = percent_encoding::percent_decode_str(named).decode_utf8_lossy();
-            if named != name {
+            if !spells(named, name) {
                 let why = format!("this socket is module {module}'s: it does not sign for {named}");
                 return failure(StatusCode::FORBIDDEN, &why);
             }
@@ -249,8 +248,17 @@ async fn answer(
                 Ok(body) => body.to_bytes(),
                 Err(e) => return failure(StatusCode::BAD_REQUEST, &format!("the request: {e}")),
             };
-            let generation = percent_encoding::percent_decode_str(generation).decode_utf8_lossy();
-            match sign(&api.authenticator.registry(), module, &generation, &body) {
+            let registry = api.authenticator.registry();
+            let registered = registry
+                .get(module)
+                .and_then(|m| m.generation_id.as_deref());
+            let generation = match registered {
+                Some(registered) if spells(generation, registered) => registered.to_owned(),
+                _ => percent_encoding::percent_decode_str(generation)
+                    .decode_utf8_lossy()
+                    .into_owned(),
+            };
+            match sign(&registry, module, &generation, &body) {
                 Ok(digest) => json(StatusCode::OK, &serde_json::json!({ "digest": digest })),
                 Err((status, why)) => failure(status, &why),
             }
@@ -260,6 +268,12 @@ async fn answer(
             &format!("no {} {path}", request.method()),
         ),
     }
+}
+
+/// Whether a path segment names `id`: percent-encoded, as the SDKs send it, or as written (an
+/// id may itself hold `%`, which an SDK may leave unencoded).
+fn spells(segment: &str, id: &str) -> bool {
+    segment == id || percent_encoding::percent_decode_str(segment).decode_utf8_lossy() == id
 }
 
 /// What a sign request asks.
@@ -399,5 +413,16 @@ mod tests {
         let other = IdentityId::parse("edge/other").expect("id");
         let unknown = sign(&registry, &other, "g1", &request("primary", "HMACSHA256"));
         assert_eq!(unknown.map_err(|e| e.0), Err(StatusCode::NOT_FOUND));
+    }
+
+    /// Goal: a module id or generation id holding `%` is recognised in a path whether the
+    /// SDK percent-encoded it or not, and never one that spells another id.
+    #[test]
+    fn path_segments_name_ids_encoded_or_as_written() {
+        assert!(spells("a%41", "a%41"), "as written");
+        assert!(spells("a%2541", "a%41"), "encoded");
+        assert!(spells("my%28mod%29", "my(mod)"));
+        assert!(!spells("a%41", "aB"));
+        assert!(!spells("other", "a%41"));
     }
 }
