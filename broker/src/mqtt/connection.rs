@@ -38,6 +38,7 @@ use rmqtt_codec::{MqttCodec, MqttPacket};
 use rustls_pki_types::CertificateDer;
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
+use std::pin::pin;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -161,7 +162,7 @@ where
 }
 
 /// What a client presented at CONNECT to prove who it is; its connection presents it again
-/// whenever the registry or the authorization policy changes (`Connection::recheck`).
+/// whenever the registry or the authorization policy changes (`Connection::credentials`).
 struct ClientCredentials {
     auth: ListenerAuth,
     username: Option<String>,
@@ -180,10 +181,14 @@ impl ClientCredentials {
     }
 }
 
-/// Resolves when the registry or the authorization policy changes (`None` once the
-/// authenticator is gone).
-async fn admission_changed(recheck: &mut (ClientCredentials, watch::Receiver<u64>)) -> Option<()> {
-    recheck.1.changed().await.ok()
+/// Resolves with `changes` when the registry or the authorization policy changes; never once
+/// the authenticator is gone. One future waits across many turns of the connection's loop,
+/// so that each turn does not register a waiter anew.
+async fn admission_changed(mut changes: watch::Receiver<u64>) -> watch::Receiver<u64> {
+    if changes.changed().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+    changes
 }
 
 fn send_failed(error: EncodeError) -> Close {
@@ -255,7 +260,8 @@ where
         receipts: outcome.receipts,
         topic_aliases: HashMap::new(),
         keep_alive: keep_alive_window(keep_alive_secs),
-        recheck: (credentials, changes),
+        credentials,
+        changes,
         policy,
         identity,
         token_expires,
@@ -480,7 +486,9 @@ struct Connection<S> {
     /// changes (announced on the receiver): a client whose identity was removed or disabled,
     /// whose token's key was rotated, or that the policy no longer lets connect, is
     /// disconnected.
-    recheck: (ClientCredentials, watch::Receiver<u64>),
+    credentials: ClientCredentials,
+    /// Announces the changes of the registry and the policy.
+    changes: watch::Receiver<u64>,
     /// The deployment's authorization policy, as of the last change announced.
     policy: Arc<Policy>,
     /// Published if the connection ends without a normal DISCONNECT.
@@ -498,27 +506,46 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
     async fn run(&mut self) -> Close {
-        let mut deadline = self.keep_alive.map(|k| Instant::now() + k);
+        // The timers and watches live across the loop's turns: making them anew on every
+        // packet registered (and removed) a timer or waiter each time.
+        let mut last_packet = Instant::now();
+        let keep_alive = self.keep_alive;
+        let mut keep_alive_due = pin!(sleep_until(keep_alive.map(|k| last_packet + k)));
+        let mut token_expired = pin!(sleep_until(self.token_expires));
+        let mut shutdown = pin!(self.context.shutdown.clone().cancelled_owned());
+        let mut admission = pin!(admission_changed(self.changes.clone()));
         loop {
             let reading = self.awaiting_durability.len() < PUBLISHES_IN_FLIGHT_MAX;
             let result = tokio::select! {
-                () = self.context.shutdown.cancelled() => Err(self.acknowledge_logged().await),
+                () = &mut shutdown => Err(self.acknowledge_logged().await),
                 durable = next_durable(&mut self.awaiting_durability, &self.context.ingest) => self.acknowledge(durable).await,
                 outbound = self.outbound.recv() => match self.on_outbound(outbound).await {
                     Ok(()) if self.outbound.room_made() => self.tell_hub(Event::Drained { session: self.session }).await,
                     sent => sent,
                 },
                 packet = self.framed.next(), if reading => {
-                    deadline = self.keep_alive.map(|k| Instant::now() + k);
+                    last_packet = Instant::now();
                     match packet {
                         None => Err(Close::quietly("client closed the connection")),
                         Some(Err(e)) => Err(decode_failure(&e)),
                         Some(Ok((packet, _))) => self.on_packet(codec::from_wire(packet)).await,
                     }
                 }
-                () = sleep_until(deadline) => Err(Close::with(Reason::KeepAliveTimeout, "keep-alive expired")),
-                () = sleep_until(self.token_expires) => Err(Close::with(Reason::NotAuthorized, "its SAS token expired")),
-                Some(()) = admission_changed(&mut self.recheck) => self.check_admission_again(),
+                () = &mut keep_alive_due => {
+                    // Set for the last packet seen when it was armed: packets since push it on.
+                    let due = keep_alive.map(|k| last_packet + k);
+                    if due.is_some_and(|due| due <= Instant::now()) {
+                        Err(Close::with(Reason::KeepAliveTimeout, "keep-alive expired"))
+                    } else {
+                        keep_alive_due.set(sleep_until(due));
+                        Ok(())
+                    }
+                }
+                () = &mut token_expired => Err(Close::with(Reason::NotAuthorized, "its SAS token expired")),
+                changes = &mut admission => {
+                    admission.set(admission_changed(changes));
+                    self.check_admission_again()
+                }
             };
             if let Err(close) = result {
                 return close;
@@ -529,7 +556,7 @@ where
     /// The registry or the policy changed: the client must still be let in, as at CONNECT;
     /// later publishes are checked against the new policy.
     fn check_admission_again(&mut self) -> Result<(), Close> {
-        let (credentials, _) = &self.recheck;
+        let credentials = &self.credentials;
         let now_secs = self.context.ingest.now_ms() / 1000;
         let presented = credentials.presented(&self.client_id);
         let authenticated =
