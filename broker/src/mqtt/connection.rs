@@ -210,8 +210,10 @@ where
     let (mut framed, protocol, mut connect) = read_connect(stream, context).await?;
     let limits = &context.limits;
     // Watched before authenticating: a change from now on is checked again.
-    let changes = context.authenticator.changes();
-    let policy = context.authenticator.policy();
+    let (changes, policy) = (
+        context.authenticator.changes(),
+        context.authenticator.policy(),
+    );
     let credentials = ClientCredentials {
         auth,
         username: connect.username.take(),
