@@ -171,6 +171,21 @@ struct ClientCredentials {
 }
 
 impl ClientCredentials {
+    /// What `connect` presents (taken out of it), on a listener that asks `auth`, with the
+    /// certificate chain of its TLS handshake, if any.
+    fn take(
+        connect: &mut codec::Connect,
+        auth: ListenerAuth,
+        certificates: Option<Vec<CertificateDer<'static>>>,
+    ) -> ClientCredentials {
+        ClientCredentials {
+            auth,
+            username: connect.username.take(),
+            password: connect.password.take(),
+            certificates,
+        }
+    }
+
     fn presented<'a>(&'a self, client_id: &'a str) -> Presented<'a> {
         Presented {
             client_id,
@@ -210,16 +225,9 @@ where
     let (mut framed, protocol, mut connect) = read_connect(stream, context).await?;
     let limits = &context.limits;
     // Watched before authenticating: a change from now on is checked again.
-    let (changes, policy) = (
-        context.authenticator.changes(),
-        context.authenticator.policy(),
-    );
-    let credentials = ClientCredentials {
-        auth,
-        username: connect.username.take(),
-        password: connect.password.take(),
-        certificates,
-    };
+    let changes = context.authenticator.changes();
+    let policy = context.authenticator.policy();
+    let credentials = ClientCredentials::take(&mut connect, auth, certificates);
     let (identity, token_expires) = match admit(context, &credentials, &connect, &policy) {
         Ok(admitted) => admitted,
         Err(reason) => return refuse(&mut framed, protocol, reason).await,
