@@ -13,7 +13,7 @@ use crate::auth::identity::IdentityId;
 use crate::auth::policy::{Client, Policy};
 use crate::clock::Clock;
 use crate::delivery::drop_worth_logging;
-use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord};
+use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord, Target};
 use crate::iothub::message::IotMessage;
 use crate::iothub::property_bag::Properties;
 use crate::iothub::{self, PublishRefusal};
@@ -27,6 +27,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
 
 /// The publish path, shared by every connection.
+/// What the routes made of an identity's telemetry.
+struct RoutedTelemetry {
+    targets: Vec<Target>,
+    /// Its route source, when no route took it.
+    source: Option<String>,
+}
+
 #[derive(Debug)]
 pub struct Ingest {
     wal: Wal,
@@ -186,9 +193,20 @@ impl Ingest {
             Err(refusal) => return Ok(Ingested::Forbidden(refusal)),
         };
         let qos = message.qos;
+        // The bag borrows the topic: routes are evaluated before the message moves on.
+        let routed = match (publisher.client.identity, &telemetry) {
+            (Some(identity), Some(properties)) => {
+                Some(self.route_telemetry(identity, properties, &message.payload))
+            }
+            _ => None,
+        };
         let mut record = self.router.snapshot().record(message, publisher.session);
-        if let (Some(identity), Some(properties)) = (publisher.client.identity, &telemetry) {
-            self.route_telemetry(identity, properties, &mut record);
+        if let (Some(identity), Some(routed)) = (publisher.client.identity, routed) {
+            record.message.properties.sender = Some(identity.to_string());
+            record.targets.extend(routed.targets);
+            if record.targets.is_empty() {
+                self.count_unrouted(identity, routed.source);
+            }
         }
         if qos == QoS::ExactlyOnce {
             record.qos2_packet_id = Some(packet_id);
@@ -197,34 +215,33 @@ impl Ingest {
             .await
     }
 
-    /// An identity's telemetry: stamped with its sender, and sent where the deployment's
-    /// routes say (module inputs, `$upstream`), each with its route's time to live from now.
-    /// Telemetry that reaches no queue at all is dropped and counted (`no_route`), and still
-    /// acknowledged, as edgeHub does.
+    /// Where the deployment's routes send an identity's telemetry (module inputs, `$upstream`),
+    /// each with its route's time to live from now; and its route source if no route takes it
+    /// (for `count_unrouted`).
     fn route_telemetry(
         &self,
         identity: &IdentityId,
-        properties: &Properties,
-        record: &mut PublishRecord,
-    ) {
-        let message = &mut record.message;
-        let routed = IotMessage::new(identity, properties, &message.payload);
-        message.properties.sender = Some(identity.to_string());
-        let routes = self.router.routes();
-        record
-            .targets
-            .extend(routes.targets(&routed, self.now_ms()));
-        if record.targets.is_empty() {
-            let dropped = self.no_route.fetch_add(1, Ordering::Relaxed) + 1;
-            if drop_worth_logging(dropped) {
-                let source = routed.source();
-                tracing::info!(
-                    %identity,
-                    source,
-                    dropped,
-                    "telemetry no route or subscription takes: dropped (no_route; `dropped` counts every such message since start)"
-                );
-            }
+        properties: &Properties<'_>,
+        body: &[u8],
+    ) -> RoutedTelemetry {
+        let routed = IotMessage::new(identity, properties, body);
+        let targets = self.router.routes().targets(&routed, self.now_ms());
+        let source = targets.is_empty().then(|| routed.source());
+        RoutedTelemetry { targets, source }
+    }
+
+    /// Telemetry that no route and no subscription takes is dropped and counted (`no_route`),
+    /// and still acknowledged, as edgeHub does.
+    fn count_unrouted(&self, identity: &IdentityId, source: Option<String>) {
+        let dropped = self.no_route.fetch_add(1, Ordering::Relaxed) + 1;
+        if drop_worth_logging(dropped) {
+            let source = source.unwrap_or_default();
+            tracing::info!(
+                %identity,
+                source,
+                dropped,
+                "telemetry no route or subscription takes: dropped (no_route; `dropped` counts every such message since start)"
+            );
         }
     }
 
@@ -379,6 +396,7 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::delivery::record::PublishRecord;
     use crate::delivery::record::QueueId;
     use crate::message::MessageProperties;
     use crate::routing::{RetainHandling, SubscriptionOptions, SubscriptionTable};

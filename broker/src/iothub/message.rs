@@ -32,7 +32,7 @@ const SYSTEM_PROPERTIES: [(&str, &str); 14] = [
 #[derive(Debug, Clone)]
 pub struct IotMessage<'a> {
     pub sender: &'a IdentityId,
-    properties: &'a Properties,
+    properties: &'a Properties<'a>,
     /// The body parsed as JSON, when its content type and encoding say it is JSON.
     json: Option<serde_json::Value>,
 }
@@ -42,7 +42,11 @@ impl<'a> IotMessage<'a> {
     /// `body`. `connectionDeviceId` and `connectionModuleId` come from the sender; a bag's
     /// `$.cdid` and `$.cmid` are ignored.
     #[must_use]
-    pub fn new(sender: &'a IdentityId, properties: &'a Properties, body: &[u8]) -> IotMessage<'a> {
+    pub fn new(
+        sender: &'a IdentityId,
+        properties: &'a Properties<'a>,
+        body: &[u8],
+    ) -> IotMessage<'a> {
         let mut message = IotMessage {
             sender,
             properties,
@@ -75,7 +79,7 @@ impl<'a> IotMessage<'a> {
 
     /// The value of the bag's last `key` (a bare key's is empty), as a later one wins.
     fn bag_value(&self, key: &str) -> Option<&'a str> {
-        let properties: &'a Properties = self.properties;
+        let properties: &'a Properties<'a> = self.properties;
         properties
             .iter()
             .rev()
@@ -137,27 +141,43 @@ impl ModuleInput {
         let is_system = |key: &str| {
             SYSTEM_PROPERTIES.iter().any(|(wire, _)| *wire == key) || key.starts_with("$.")
         };
-        let kept = properties
-            .iter()
-            .filter(|(key, _)| !NOT_FORWARDED.contains(&key.as_str()))
-            .map(|(key, value)| (key.as_str(), value.as_deref().unwrap_or_default()));
-        let (system, application): (Vec<_>, Vec<_>) = kept.partition(|(key, _)| is_system(key));
-        let mut bag = application;
-        bag.extend(system);
+        // Application properties first, then system ones: two passes, no copies.
+        let kept = |system: bool| {
+            properties
+                .iter()
+                .filter(move |(key, _)| !NOT_FORWARDED.contains(&key.as_ref()))
+                .filter(move |(key, _)| is_system(key) == system)
+                .map(|(key, value)| (key.as_ref(), value.as_deref().unwrap_or_default()))
+        };
         // The sender as the publish path wrote it: `device` or `device/module`.
-        if let Some(sender) = telemetry.properties.sender.as_deref() {
-            match sender.split_once('/') {
-                Some((device, module)) => bag.extend([("$.cdid", device), ("$.cmid", module)]),
-                None => bag.push(("$.cdid", sender)),
-            }
-        }
-        let bag = property_bag::encode(bag);
+        let sender =
+            telemetry
+                .properties
+                .sender
+                .as_deref()
+                .map(|sender| match sender.split_once('/') {
+                    Some((device, module)) => [("$.cdid", device), ("$.cmid", module)],
+                    None => [("$.cdid", sender), ("", "")],
+                });
+        let sender = sender
+            .into_iter()
+            .flatten()
+            .filter(|(key, _)| !key.is_empty());
         let ModuleInput {
             device,
             module,
             input,
         } = self;
-        format!("devices/{device}/modules/{module}/inputs/{input}/{bag}")
+        let mut topic = String::with_capacity(telemetry.topic.len() + 64);
+        topic.push_str("devices/");
+        topic.push_str(device);
+        topic.push_str("/modules/");
+        topic.push_str(module);
+        topic.push_str("/inputs/");
+        topic.push_str(input);
+        topic.push('/');
+        property_bag::encode_into(&mut topic, kept(false).chain(kept(true)).chain(sender));
+        topic
     }
 }
 

@@ -23,10 +23,10 @@ pub const MESSAGE_BYTES_MAX: usize = 256 * 1024;
 /// A message's size as edgeHub counts it: its body, and the keys and values of its properties
 /// (system and application alike).
 #[must_use]
-pub fn message_size(properties: &Properties, body_bytes: usize) -> usize {
+pub fn message_size(properties: &Properties<'_>, body_bytes: usize) -> usize {
     properties
         .iter()
-        .map(|(key, value)| key.len() + value.as_ref().map_or(0, String::len))
+        .map(|(key, value)| key.len() + value.as_ref().map_or(0, |value| value.len()))
         .sum::<usize>()
         + body_bytes
 }
@@ -63,12 +63,12 @@ pub fn is_iothub_topic(topic: &str) -> bool {
 ///
 /// # Errors
 /// Why the publish is refused.
-pub fn check_publish(
+pub fn check_publish<'t>(
     client: &Client<'_>,
-    topic: &str,
+    topic: &'t str,
     body_bytes: usize,
     policy: &Policy,
-) -> Result<Option<Properties>, PublishRefusal> {
+) -> Result<Option<Properties<'t>>, PublishRefusal> {
     let refused = |whose: &str| {
         let who = client
             .identity

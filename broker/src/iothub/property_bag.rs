@@ -14,6 +14,7 @@
 //! `Uri.EscapeDataString` does, with upper-case hex.
 
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
+use std::borrow::Cow;
 
 /// What `Uri.EscapeDataString` leaves alone: RFC 3986's unreserved characters.
 const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
@@ -22,8 +23,9 @@ const UNRESERVED: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'_')
     .remove(b'~');
 
-/// Properties in the order they came; a key with no `=` has no value.
-pub type Properties = Vec<(String, Option<String>)>;
+/// Properties in the order they came; a key with no `=` has no value. Each borrows the bag
+/// unless it had to be unescaped.
+pub type Properties<'a> = Vec<(Cow<'a, str>, Option<Cow<'a, str>>)>;
 
 /// Why a property bag could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -40,7 +42,7 @@ pub enum BagError {
 ///
 /// # Errors
 /// What is malformed, naming the property (counted from 1).
-pub fn decode(bag: &str) -> Result<Properties, BagError> {
+pub fn decode(bag: &str) -> Result<Properties<'_>, BagError> {
     let bag = bag.split('/').next().unwrap_or_default();
     if bag.is_empty() {
         return Ok(Vec::new());
@@ -48,13 +50,39 @@ pub fn decode(bag: &str) -> Result<Properties, BagError> {
     let mut properties = Vec::new();
     for (index, pair) in bag.split('&').enumerate() {
         let number = index + 1;
-        let pair = pair.replace('?', "");
+        if pair.contains('?') {
+            // Rare: the `?`s go, so the pair is read from a copy.
+            let pair = pair.replace('?', "");
+            let owned = |text: Cow<'_, str>| Cow::Owned(text.into_owned());
+            match read_pair(&pair, index, bag, number)? {
+                Some((key, value)) => properties.push((owned(key), value.map(owned))),
+                None => continue,
+            }
+            continue;
+        }
+        if let Some(read) = read_pair(pair, index, bag, number)? {
+            properties.push(read);
+        }
+    }
+    Ok(properties)
+}
+
+/// One pair of `bag` (its `index`th, `number` counted from 1), its `?`s gone: its key and value
+/// unescaped, or `None` for an empty pair the SDKs' decoder skips.
+#[allow(clippy::type_complexity)]
+fn read_pair<'p>(
+    pair: &'p str,
+    index: usize,
+    bag: &str,
+    number: usize,
+) -> Result<Option<(Cow<'p, str>, Option<Cow<'p, str>>)>, BagError> {
+    {
         if pair.is_empty() {
             // `?` alone (as in `/?k=v`) is dropped with the rest of the `?`s, and a trailing
             // `&` ends the bag, as the SDKs' decoder reads them.
             let last = index + 1 == bag.split('&').count();
             if (index == 0 && bag.starts_with('?')) || (last && index > 0) {
-                continue;
+                return Ok(None);
             }
             return Err(BagError::EmptyPair(number));
         }
@@ -69,13 +97,12 @@ pub fn decode(bag: &str) -> Result<Properties, BagError> {
         }
         // An escape that does not decode to UTF-8 stays as written, as .NET's
         // `Uri.UnescapeDataString` leaves it.
-        let unescape = |text: &str| match percent_decode_str(text).decode_utf8() {
-            Ok(decoded) => decoded.into_owned(),
-            Err(_) => text.to_owned(),
+        let unescape = |text: &'p str| match percent_decode_str(text).decode_utf8() {
+            Ok(decoded) => decoded,
+            Err(_) => Cow::Borrowed(text),
         };
-        properties.push((unescape(key), value.map(unescape)));
+        Ok(Some((unescape(key), value.map(unescape))))
     }
-    Ok(properties)
 }
 
 /// Writes a property bag, every pair as `key=value` (a property with no value gets an empty
@@ -83,15 +110,20 @@ pub fn decode(bag: &str) -> Result<Properties, BagError> {
 #[must_use]
 pub fn encode<'a>(properties: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
     let mut bag = String::new();
-    for (key, value) in properties {
-        if !bag.is_empty() {
-            bag.push('&');
-        }
-        bag.extend(utf8_percent_encode(key, UNRESERVED));
-        bag.push('=');
-        bag.extend(utf8_percent_encode(value, UNRESERVED));
-    }
+    encode_into(&mut bag, properties);
     bag
+}
+
+/// Appends a property bag to `out`, as [`encode`] writes it.
+pub fn encode_into<'a>(out: &mut String, properties: impl IntoIterator<Item = (&'a str, &'a str)>) {
+    for (i, (key, value)) in properties.into_iter().enumerate() {
+        if i > 0 {
+            out.push('&');
+        }
+        out.extend(utf8_percent_encode(key, UNRESERVED));
+        out.push('=');
+        out.extend(utf8_percent_encode(value, UNRESERVED));
+    }
 }
 
 #[cfg(test)]
@@ -99,10 +131,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn pairs(properties: &Properties) -> Vec<(&str, Option<&str>)> {
+    fn pairs<'a>(properties: &'a Properties<'_>) -> Vec<(&'a str, Option<&'a str>)> {
         properties
             .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .map(|(k, v)| (k.as_ref(), v.as_deref()))
             .collect()
     }
 
@@ -172,9 +204,9 @@ mod tests {
             let bag = encode(properties.iter().map(|(k, v)| (k.as_str(), v.as_str())));
             let decoded = decode(&bag).expect("an encoded bag decodes");
             // A `?` is encoded (%3F), so the decoder's dropping of raw ones takes nothing.
-            let expected: Properties =
-                properties.iter().map(|(k, v)| (k.clone(), Some(v.clone()))).collect();
-            prop_assert_eq!(decoded, expected);
+            let expected: Vec<(&str, Option<&str>)> =
+                properties.iter().map(|(k, v)| (k.as_str(), Some(v.as_str()))).collect();
+            prop_assert_eq!(pairs(&decoded), expected);
         }
 
         /// Goal: arbitrary input decodes or is refused; none panics.
