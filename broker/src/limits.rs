@@ -35,6 +35,11 @@ pub const CLOSE_DRAIN: std::time::Duration = std::time::Duration::from_secs(1);
 /// reading its socket until the oldest is acknowledged.
 pub const PUBLISHES_IN_FLIGHT_MAX: usize = 1024;
 
+/// Packets a connection queues in one turn of its loop (deliveries, or acknowledgements whose
+/// records are durable) before it writes them: one write, and over TLS one record, for the
+/// burst. Bounded, so that one busy direction does not keep the other waiting.
+pub const SEND_BURST_MAX: usize = 64;
+
 /// Bytes of recently logged messages the hub keeps in memory for fast delivery; older ones are
 /// read back from the write-ahead log.
 pub const MESSAGE_CACHE_BYTES_MAX: usize = 64 << 20;

@@ -196,7 +196,7 @@ impl OutboundReceiver {
         self.receiver.recv().await
     }
 
-    /// What the hub sent, if anything, without waiting (a simulation's connection).
+    /// What the hub sent, if anything, without waiting.
     pub fn try_recv(&mut self) -> Option<Outbound> {
         self.receiver.try_recv().ok()
     }

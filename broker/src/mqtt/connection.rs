@@ -23,7 +23,7 @@ use crate::iothub;
 use crate::iothub::PublishRefusal;
 use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
-    USER_PROPERTIES_MAX,
+    SEND_BURST_MAX, USER_PROPERTIES_MAX,
 };
 use crate::message::{Message, QoS, Will, expires_at_ms};
 use crate::mqtt::codec::{
@@ -280,7 +280,7 @@ where
         session_expiry_update: None,
         discarded_too_large: 0,
     };
-    if connection.send(connack).await.is_err() {
+    if connection.send(connack).await.is_err() || connection.flush().await.is_err() {
         connection
             .finish(Close::quietly("connection lost during CONNACK"))
             .await;
@@ -528,11 +528,8 @@ where
             let reading = self.awaiting_durability.len() < PUBLISHES_IN_FLIGHT_MAX;
             let result = tokio::select! {
                 () = &mut shutdown => Err(self.acknowledge_logged().await),
-                durable = next_durable(&mut self.awaiting_durability, &self.context.ingest) => self.acknowledge(durable).await,
-                outbound = self.outbound.recv() => match self.on_outbound(outbound).await {
-                    Ok(()) if self.outbound.room_made() => self.tell_hub(Event::Drained { session: self.session }).await,
-                    sent => sent,
-                },
+                durable = next_durable(&mut self.awaiting_durability, &self.context.ingest) => self.acknowledge_ready(durable).await,
+                outbound = self.outbound.recv() => self.send_ready(outbound).await,
                 packet = self.framed.next(), if reading => {
                     last_packet = Instant::now();
                     match packet {
@@ -557,9 +554,51 @@ where
                     self.check_admission_again()
                 }
             };
-            if let Err(close) = result {
+            let flushed = match result {
+                Ok(()) if !self.framed.write_buffer().is_empty() => self.flush().await,
+                other => other,
+            };
+            if let Err(close) = flushed {
                 return close;
             }
+        }
+    }
+
+    /// Queues the acknowledgement `first`, and those after it whose records are durable
+    /// already (at most `SEND_BURST_MAX` in all): a group commit makes many durable at once.
+    async fn acknowledge_ready(
+        &mut self,
+        first: (Ack, spool_storage::Result<()>),
+    ) -> Result<(), Close> {
+        self.acknowledge(first).await?;
+        for _ in 1..SEND_BURST_MAX {
+            let next = next_durable(&mut self.awaiting_durability, &self.context.ingest);
+            match ready_now(next) {
+                Some(durable) => self.acknowledge(durable).await?,
+                None => break,
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues what the hub sent, `first` and whatever else waits in the channel (at most
+    /// `SEND_BURST_MAX` in all); tells the hub when it asked for room and there is.
+    async fn send_ready(&mut self, first: Option<Outbound>) -> Result<(), Close> {
+        self.on_outbound(first).await?;
+        for _ in 1..SEND_BURST_MAX {
+            match self.outbound.try_recv() {
+                Some(next) => self.on_outbound(Some(next)).await?,
+                None => break,
+            }
+        }
+        match self.outbound.room_made() {
+            true => {
+                self.tell_hub(Event::Drained {
+                    session: self.session,
+                })
+                .await
+            }
+            false => Ok(()),
         }
     }
 
@@ -609,7 +648,8 @@ where
             })
             .await;
         if let Some(reason) = close.reason {
-            if self.send(ServerPacket::Disconnect(reason)).await.is_ok() {
+            let sent = self.send(ServerPacket::Disconnect(reason)).await;
+            if sent.is_ok() && self.flush().await.is_ok() {
                 self.close_after_disconnect().await;
             }
             tracing::info!(
@@ -637,16 +677,24 @@ where
         let _ = timeout(CLOSE_DRAIN, drain).await;
     }
 
+    /// Queues a packet to send: the connection's loop writes what is queued at the end of
+    /// each turn (`flush`), so that a burst of deliveries or acknowledgements goes out in one
+    /// write (and, over TLS, in one record) instead of one each.
     async fn send(&mut self, packet: ServerPacket) -> Result<(), Close> {
         self.try_send(packet).await.map_err(send_failed)
     }
 
-    /// Encodes and sends a packet (nothing, for one this protocol version does not have).
+    /// Encodes and queues a packet (nothing, for one this protocol version does not have).
     async fn try_send(&mut self, packet: ServerPacket) -> Result<(), EncodeError> {
         match codec::to_wire(packet, self.protocol) {
-            Some(packet) => self.framed.send(packet).await,
+            Some(packet) => self.framed.feed(packet).await,
             None => Ok(()),
         }
+    }
+
+    /// Writes what is queued.
+    async fn flush(&mut self) -> Result<(), Close> {
+        self.framed.flush().await.map_err(send_failed)
     }
 
     async fn acknowledge(
@@ -1061,6 +1109,15 @@ async fn ask_hub<T>(
     let (reply, answer) = oneshot::channel();
     hub.send(request(reply)).await.map_err(|_| hub_stopped())?;
     answer.await.map_err(|_| hub_stopped())
+}
+
+/// `future`'s output if it is ready at once, without waiting.
+fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match pin!(future).poll(&mut context) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
+    }
 }
 
 /// Waits for the oldest acknowledgement's record to become durable (never, if there is none).
