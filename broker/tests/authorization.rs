@@ -122,6 +122,17 @@ async fn received(client: &mut Client) -> String {
     }
 }
 
+/// Waits until the hub has `SECOND`: it refuses a probe subscription then (it is told after
+/// the connections).
+async fn hub_reloaded(addr: SocketAddr) {
+    let mut probe = plain(addr, "probe").await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while subscribe(&mut probe, "probe/x").await {
+        assert!(tokio::time::Instant::now() < deadline, "never reloaded");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 #[tokio::test]
 async fn a_deployments_policy_decides_who_connects_publishes_and_subscribes_and_reloads() {
     let dir = tempfile::tempdir().unwrap();
@@ -181,13 +192,7 @@ async fn a_deployments_policy_decides_who_connects_publishes_and_subscribes_and_
         Seen::Disconnected(_) => {}
         other => panic!("the watcher stayed connected: {other:?}"),
     }
-    // The hub has the new policy once it refuses a probe (it is told after the connections).
-    let mut probe = plain(addr, "probe").await;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while subscribe(&mut probe, "probe/x").await {
-        assert!(tokio::time::Instant::now() < deadline, "never reloaded");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    hub_reloaded(addr).await;
     for topic in ["alerts/x", "alerts/ok"] {
         publisher
             .publish(topic, QoS::AtLeastOnce, b"x".to_vec())
