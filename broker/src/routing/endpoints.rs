@@ -18,7 +18,7 @@ use crate::message::QoS;
 use crate::routing::routes::syntax::Sink;
 use crate::routing::routes::table::RouteTable;
 use spool_storage::{Commit, Meta, MetaChange, StateTable};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;
 
@@ -204,8 +204,8 @@ impl EndpointCatalog {
 #[derive(Debug, Clone, Default)]
 pub struct EndpointRoutes {
     table: RouteTable,
-    /// Each route's sink at each priority routes give it.
-    numbers: HashMap<(Sink, u32), u64>,
+    /// The number of each route's endpoint (its sink at its priority), in the table's order.
+    numbers: Vec<u64>,
 }
 
 impl EndpointRoutes {
@@ -228,11 +228,10 @@ impl EndpointRoutes {
         device: &str,
         catalog: &EndpointCatalog,
     ) -> Result<EndpointRoutes, EndpointName> {
-        let mut numbers = HashMap::new();
+        let mut numbers = Vec::with_capacity(table.len());
         for (sink, priority) in table.endpoints() {
             let name = EndpointName::of_sink(sink, priority, device);
-            let number = catalog.get(&name).ok_or(name)?;
-            numbers.insert((sink.clone(), priority), number);
+            numbers.push(catalog.get(&name).ok_or(name)?);
         }
         Ok(EndpointRoutes { table, numbers })
     }
@@ -251,7 +250,7 @@ impl EndpointRoutes {
             .evaluate(&message.source(), message)
             .into_iter()
             .filter_map(|dispatch| {
-                let number = self.numbers.get(&(dispatch.sink, dispatch.priority))?;
+                let number = self.numbers.get(dispatch.route)?;
                 Some(Target {
                     queue: QueueId::Endpoint(*number),
                     qos: QoS::AtLeastOnce,

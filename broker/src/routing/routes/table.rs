@@ -13,12 +13,15 @@ use serde_json::Value;
 
 /// A message's place in one endpoint: which, at what priority, and for how long.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Dispatch {
-    pub sink: Sink,
+pub struct Dispatch<'a> {
+    pub sink: &'a Sink,
     /// 0 (highest) to 9, or `PRIORITY_DEFAULT`.
     pub priority: u32,
     /// Seconds it may wait in the queue; `None`: until it is delivered.
     pub time_to_live_secs: Option<u64>,
+    /// The route that sent it there: its place in the table, as [`RouteTable::endpoints`]
+    /// lists them.
+    pub route: usize,
 }
 
 /// Why a manifest was refused; the running routes stay as they were.
@@ -116,21 +119,23 @@ impl RouteTable {
     /// routes that take it there (the lowest number), with that route's time to live or the
     /// global one. Empty: no route takes it (a `no_route` drop).
     #[must_use]
-    pub fn evaluate(&self, source: &str, message: &dyn MessageView) -> Vec<Dispatch> {
-        let mut dispatches: Vec<Dispatch> = Vec::new();
+    pub fn evaluate(&self, source: &str, message: &dyn MessageView) -> Vec<Dispatch<'_>> {
+        let mut dispatches: Vec<Dispatch<'_>> = Vec::new();
         let source = lowered_source(source);
-        for route in self
+        for (index, route) in self
             .routes
             .iter()
-            .filter(|r| r.matches_lowered(&source, message))
+            .enumerate()
+            .filter(|(_, r)| r.matches_lowered(&source, message))
         {
             let dispatch = Dispatch {
-                sink: route.sink.clone(),
+                sink: &route.sink,
                 priority: route.priority,
                 time_to_live_secs: route
                     .time_to_live_secs
                     .map(u64::from)
                     .or(self.time_to_live_secs),
+                route: index,
             };
             match dispatches.iter_mut().find(|d| d.sink == dispatch.sink) {
                 Some(existing) if existing.priority > dispatch.priority => *existing = dispatch,
@@ -228,16 +233,17 @@ mod tests {
         assert_eq!(
             alert,
             vec![Dispatch {
-                sink: Sink::Upstream,
+                sink: &Sink::Upstream,
                 priority: 0,
-                time_to_live_secs: Some(86_400)
+                time_to_live_secs: Some(86_400),
+                route: 0,
             }]
         );
         let mut filtered = table.evaluate("/messages/modules/filter/outputs/out1", &none);
         filtered.sort_by_key(|d| d.priority);
         assert_eq!(filtered.len(), 2);
         assert_eq!(
-            filtered[0].sink,
+            *filtered[0].sink,
             Sink::ModuleInput {
                 module: "sink".into(),
                 input: "in1".into()
