@@ -65,7 +65,7 @@ struct Args {
 }
 
 const USAGE: &str = "usage: spool-load [throughput] [--host H] [--port P] [--count N] [--size B] \
-                     [--inflight N] [--publishers N]\n       spool-load iotedge --ca FILE \
+                     [--inflight N] [--publishers N] [--ca FILE]\n       spool-load iotedge --ca FILE \
                      --key BASE64 [--device D] [--port P] [--count N] [--size B] [--inflight N] \
                      [--publishers N]\n       spool-load storm --phase \
                      prepare|reconnect [--host H] [--port P] [--clients N]";
@@ -130,12 +130,37 @@ fn parse_args() -> Args {
     args
 }
 
+/// A plain client's options; over TLS trusting `--ca` when it is given (the listener must let
+/// anonymous clients in: `--mqtts-auth anonymous`), to tell TLS's cost from the IoT Edge path's.
 fn options(args: &Args, client_id: &str) -> MqttOptions {
-    let mut options = MqttOptions::new(client_id, args.host.clone(), args.port);
+    let host = match args.ca {
+        Some(_) => "localhost".to_owned(),
+        None => args.host.clone(),
+    };
+    let mut options = MqttOptions::new(client_id, host, args.port);
     options.set_keep_alive(Duration::from_secs(60));
     options.set_inflight(args.inflight);
     options.set_max_packet_size(1 << 20, 1 << 20);
+    if args.ca.is_some() {
+        options.set_transport(tls_transport(args));
+    }
     options
+}
+
+/// TLS trusting the certificates of `--ca`.
+fn tls_transport(args: &Args) -> Transport {
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = std::fs::read(args.ca.as_deref().unwrap()).unwrap();
+    for cert in CertificateDer::pem_slice_iter(&ca) {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Transport::tls_with_config(TlsConfiguration::Rustls(Arc::new(config)))
 }
 
 #[tokio::main]
@@ -174,8 +199,12 @@ struct Path {
 }
 
 impl Path {
-    /// Plain MQTT: one topic, anonymous clients.
+    /// Plain MQTT: one topic, anonymous clients (over TLS with `--ca`).
     fn plain(args: &Args) -> Path {
+        let what = match args.ca {
+            Some(_) => "plain MQTT over TLS",
+            None => "plain MQTT",
+        };
         let args = args.clone();
         Path {
             topic: Box::new(|_| "spool-load/t".into()),
@@ -184,7 +213,7 @@ impl Path {
                 Some(n) => options(&args, &format!("spool-load-pub-{n}")),
                 None => options(&args, "spool-load-sub"),
             }),
-            what: "plain MQTT",
+            what,
         }
     }
 
@@ -228,20 +257,7 @@ fn module_options(args: &Args, module: &str) -> MqttOptions {
         expiry,
     );
     options.set_credentials(format!("localhost/{id}/?api-version=2020-09-30"), token);
-    let mut roots = rustls::RootCertStore::empty();
-    let ca = std::fs::read(args.ca.as_deref().unwrap()).unwrap();
-    for cert in CertificateDer::pem_slice_iter(&ca) {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-        Arc::new(config),
-    )));
+    options.set_transport(tls_transport(args));
     options
 }
 
