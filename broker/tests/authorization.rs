@@ -51,21 +51,23 @@ const SECOND: &str = r#"[
    "allow": [{"operations": ["mqtt:subscribe"], "resources": ["alerts/ok"]}]}
 ]"#;
 
-/// Starts spool with module `edge/filter` registered and the manifest `FIRST`; returns it and
-/// the manifest's path.
-fn start(dir: &Path) -> (Spool, std::path::PathBuf) {
+/// Starts spool with modules `edge/filter` and `edge/other` registered and a manifest with
+/// `policy`; returns it and the manifest's path.
+fn start(dir: &Path, policy: &str) -> (Spool, std::path::PathBuf) {
     std::fs::create_dir_all(dir).unwrap();
     let key = BASE64.encode(KEY);
     let identities = dir.join("identities.toml");
-    std::fs::write(
-        &identities,
-        format!(
-            "[[identities]]\nid = \"edge/filter\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
-        ),
-    )
-    .unwrap();
+    let registered: String = ["edge/filter", "edge/other"]
+        .iter()
+        .map(|id| {
+            format!(
+                "[[identities]]\nid = \"{id}\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
+            )
+        })
+        .collect();
+    std::fs::write(&identities, registered).unwrap();
     let deployment = dir.join("deployment.json");
-    std::fs::write(&deployment, manifest(FIRST)).unwrap();
+    std::fs::write(&deployment, manifest(policy)).unwrap();
     let args = [
         "--identities",
         identities.to_str().unwrap(),
@@ -75,17 +77,16 @@ fn start(dir: &Path) -> (Spool, std::path::PathBuf) {
     (Spool::start(&dir.join("data"), &args), deployment)
 }
 
-/// The module `edge/filter`, connected (persistent session).
-async fn module(addr: SocketAddr) -> Client {
+/// Module `edge/{name}`, connected (persistent session).
+async fn module(addr: SocketAddr, name: &str) -> Client {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     let expiry = now.unwrap().as_secs() + 3600;
-    let token = sign(
-        &KEY,
-        &resource_uri("localhost", "edge", Some("filter")),
-        expiry,
+    let token = sign(&KEY, &resource_uri("localhost", "edge", Some(name)), expiry);
+    let mut options = options(addr, &format!("edge/{name}"), false);
+    options.set_credentials(
+        format!("localhost/edge/{name}/?api-version=2020-09-30"),
+        token,
     );
-    let mut options = options(addr, "edge/filter", false);
-    options.set_credentials("localhost/edge/filter/?api-version=2020-09-30", token);
     let mut client = connect(options);
     client.connected().await;
     client
@@ -136,7 +137,7 @@ async fn hub_reloaded(addr: SocketAddr) {
 #[tokio::test]
 async fn a_deployments_policy_decides_who_connects_publishes_and_subscribes_and_reloads() {
     let dir = tempfile::tempdir().unwrap();
-    let (spool, deployment) = start(dir.path());
+    let (spool, deployment) = start(dir.path(), FIRST);
     let addr = spool.addr;
 
     let mut rogue = connect(options(addr, "rogue", true));
@@ -164,7 +165,7 @@ async fn a_deployments_policy_decides_who_connects_publishes_and_subscribes_and_
 
     // The module publishes and subscribes on what the policy grants it, beyond its own IoT
     // Hub topics, and on nothing else.
-    let mut filter = module(addr).await;
+    let mut filter = module(addr, "filter").await;
     assert!(subscribe(&mut filter, "alerts/#").await);
     assert!(subscribe(&mut filter, "alerts/ok").await);
     assert!(!subscribe(&mut filter, "other/#").await);
@@ -217,4 +218,34 @@ async fn a_deployments_policy_decides_who_connects_publishes_and_subscribes_and_
     }
     let mut watcher = connect(options(addr, "watcher", true));
     assert!(matches!(watcher.next(10).await, Seen::Disconnected(_)));
+}
+
+#[tokio::test]
+async fn a_wildcard_grant_reaches_no_other_identitys_iot_hub_topics() {
+    // Goal: a module the policy lets subscribe to `#` gets what the policy grants, but never
+    // another module's telemetry, which IoT Hub's rules keep to its own routes.
+    let dir = tempfile::tempdir().unwrap();
+    let everything = r##"[{"identities": ["edge/filter"],
+        "allow": [{"operations": ["mqtt:subscribe"], "resources": ["#"]}]}]"##;
+    let (spool, _) = start(dir.path(), everything);
+    let mut filter = module(spool.addr, "filter").await;
+    assert!(subscribe(&mut filter, "#").await);
+    let mut other = module(spool.addr, "other").await;
+    other
+        .publish(
+            "devices/edge/modules/other/messages/events/",
+            QoS::AtLeastOnce,
+            b"private".to_vec(),
+        )
+        .await;
+    other.acks(1).await;
+    let mut tool = plain(spool.addr, "tool").await;
+    tool.publish("alerts/x", QoS::AtLeastOnce, b"x".to_vec())
+        .await;
+    tool.acks(1).await;
+    assert_eq!(
+        received(&mut filter).await,
+        "alerts/x",
+        "the other module's telemetry, logged first, reached the wildcard"
+    );
 }

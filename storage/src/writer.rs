@@ -70,6 +70,9 @@ pub(crate) struct Writer {
     sync_duration: Duration,
     /// The active segment was sealed in this low-space episode (see `seal_active_segment`).
     sealed_while_low: bool,
+    /// Set when a write to a segment with records found the disk full: the first record the
+    /// write held, which `write_batch` writes again in a new segment.
+    unwritten_for_room: Option<u64>,
 }
 
 impl Writer {
@@ -83,6 +86,7 @@ impl Writer {
             last_batch_records: 0,
             sync_duration: Duration::ZERO,
             sealed_while_low: false,
+            unwritten_for_room: None,
         }
     }
 
@@ -249,11 +253,12 @@ impl Writer {
         }
         let mut rest = batch;
         loop {
-            match self.write_records(rest) {
-                Err(error) if error.is_out_of_space() => {
-                    // Only a write to a segment with records gets here (`flush`). What the
-                    // write left is not durable: it goes, and the records go to a new segment.
-                    let (unwritten, _, _) = *self.buffered.first().expect("a write had records");
+            let written = self.write_records(rest);
+            match self.unwritten_for_room.take() {
+                Some(unwritten) => {
+                    // A write to a segment with records found the disk full (`flush`). What
+                    // it left is not durable: it goes, and the records go to a new segment.
+                    let error = written.expect_err("set only with a failed write");
                     self.buffer.clear();
                     self.buffered.clear();
                     self.seal_for_room(unwritten, &error)?;
@@ -263,7 +268,7 @@ impl Writer {
                         .expect("the unwritten records are the batch's");
                     rest = &rest[from..];
                 }
-                written => {
+                None => {
                     written?;
                     return Ok(batch.last().expect("batch is not empty").seq);
                 }
@@ -308,8 +313,14 @@ impl Writer {
         }
         self.preallocate();
         if self.active.len > SEGMENT_HEADER_BYTES {
-            // Out of space, this segment is sealed instead of waited on (`write_batch`).
-            self.write_buffer()?;
+            // Out of space, this segment is sealed instead of waited on (`write_batch`); only
+            // a write's failure says so, never an fsync's (a failed fsync stops the log).
+            if let Err(error) = self.write_buffer() {
+                if error.is_out_of_space() {
+                    self.unwritten_for_room = self.buffered.first().map(|&(seq, _, _)| seq);
+                }
+                return Err(error);
+            }
         } else {
             self.until_space_frees(Writer::write_buffer)?;
         }

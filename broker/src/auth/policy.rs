@@ -17,15 +17,16 @@
 //! - An identity is written `device` or `device/module`; a plain MQTT client (no identity) is
 //!   named by its client id. Variables: `{{iot:identity}}`, `{{iot:device_id}}`,
 //!   `{{iot:module_id}}` (the client's identity, so none of them names a plain client),
-//!   `{{mqtt:client_id}}` and `{{iot:this_device_id}}` (the edge device). A value that holds
-//!   `+` or `#` (or a client id that holds `/`) names nothing: a client cannot widen a grant
-//!   by its choice of client id.
+//!   `{{mqtt:client_id}}` and `{{iot:this_device_id}}` (the edge device). In an allow's
+//!   resource, a value that holds `+` or `#` (or a client id that holds `/`) names nothing: a
+//!   client cannot widen a grant by its choice of client id. Identities compare exactly, and a
+//!   deny's resource takes values as they are, so no choice of client id escapes a deny.
 //! - Resources are topic filters. A publish is named when its topic matches one. A
 //!   subscription is allowed only by a resource that takes in every topic its filter could
 //!   match, and denied by one that matches its filter read as a topic name (as edgeHub and
-//!   mosquitto read it: a deny on `a/b` refuses `a/b`, not `#`). A message is not delivered
-//!   through any subscription to a client denied a subscription to its topic, so a wildcard
-//!   does not reach around a deny (`Policy::may_receive`).
+//!   mosquitto read it: a deny on `a/b` refuses `a/b`, not `#`). A message is delivered
+//!   through a subscription only if the client may subscribe to its very topic
+//!   (`iothub::check_receive`), so a wildcard does not reach around a deny.
 //! - When no statement decides: a connection is let in (authentication already decided who
 //!   may connect; edgeHub 1.2 asked for an explicit `mqtt:connect` grant, which would lock
 //!   every module out of a deployment without a policy), an identity may not publish or
@@ -220,19 +221,11 @@ impl Policy {
             .unwrap_or(client.identity.is_none())
     }
 
-    /// Whether a statement denies subscriptions: if none does, every message a subscription
-    /// matches may be delivered.
+    /// Whether a statement denies subscriptions: if none does, a plain client may receive
+    /// whatever its subscriptions match.
     #[must_use]
     pub fn denies_subscriptions(&self) -> bool {
         self.denies_subscriptions
-    }
-
-    /// Whether `client` may receive a message on `topic` (not one of its IoT Hub topics)
-    /// through a subscription it holds: unless the policy denies it a subscription to the
-    /// topic.
-    #[must_use]
-    pub fn may_receive(&self, client: &Client<'_>, topic: &str) -> bool {
-        self.decide(client, Operation::Subscribe, topic) != Some(false)
     }
 
     /// The effect of the first statement that names the request; `None` if none does.
@@ -247,7 +240,8 @@ impl Policy {
                         .any(|identity| self.names_client(identity, client))
                     && (operation == Operation::Connect
                         || statement.resources.iter().any(|pattern| {
-                            self.expand(pattern, client).is_some_and(|pattern| {
+                            let expanded = self.expand(pattern, client, statement.allow);
+                            expanded.is_some_and(|pattern| {
                                 names_resource(&pattern, operation, statement.allow, resource)
                             })
                         }))
@@ -258,7 +252,8 @@ impl Policy {
     /// Whether `identity` (of a statement) names `client`: its identity, or a plain client's
     /// client id.
     fn names_client(&self, identity: &Template, client: &Client<'_>) -> bool {
-        let Some(name) = self.expand(identity, client) else {
+        // Compared exactly: a value cannot make a name match more clients.
+        let Some(name) = self.expand(identity, client, false) else {
             return false;
         };
         match client.identity {
@@ -271,9 +266,9 @@ impl Policy {
         }
     }
 
-    /// `template` with its variables replaced by `client`'s values; `None` if one has none,
-    /// or one that would widen a topic filter.
-    fn expand(&self, template: &Template, client: &Client<'_>) -> Option<String> {
+    /// `template` with its variables replaced by `client`'s values; `None` if one has none, or
+    /// (`for_grant`: an allow's resource) one that would widen a topic filter.
+    fn expand(&self, template: &Template, client: &Client<'_>, for_grant: bool) -> Option<String> {
         let mut expanded = String::new();
         for piece in &template.0 {
             let value = match piece {
@@ -287,12 +282,12 @@ impl Policy {
                     client.identity.and_then(|id| id.module.clone())
                 }
                 Piece::Variable(Variable::ClientId) => Some(client.client_id.to_owned())
-                    .filter(|id| client.identity.is_some() || !id.contains('/')),
+                    .filter(|id| !for_grant || client.identity.is_some() || !id.contains('/')),
                 Piece::Variable(Variable::ThisDeviceId) => {
                     Some(self.edge_device.clone()).filter(|device| !device.is_empty())
                 }
             }?;
-            if value.is_empty() || value.contains(['+', '#']) {
+            if value.is_empty() || (for_grant && value.contains(['+', '#'])) {
                 return None;
             }
             expanded.push_str(&value);
@@ -561,15 +556,22 @@ mod tests {
         assert!(policy.may_subscribe(&identity(&module), "devices-of/edge/edge"));
         assert!(!policy.may_publish(&plain("tool"), "clients/tool/locked"));
         assert!(policy.may_publish(&plain("tool"), "clients/other/locked"));
-        // A client id with a wildcard names nothing, so the deny cannot be bent to cover
-        // other clients' topics (and a grant could not be widened).
-        assert!(policy.may_publish(&plain("#"), "clients/x/locked"));
-        assert!(policy.may_publish(&plain("a/b"), "clients/a/b/locked"));
+        // No client id escapes the deny that names it.
+        assert!(!policy.may_publish(&plain("a/b"), "clients/a/b/locked"));
+        let grant = self::policy(
+            r#"[{"identities": ["{{mqtt:client_id}}"],
+                 "allow": [{"operations": ["mqtt:subscribe"], "resources": ["own/{{mqtt:client_id}}"]}]},
+                {"identities": ["{{mqtt:client_id}}"],
+                 "deny": [{"operations": ["mqtt:subscribe"], "resources": ["own/#"]}]}]"#,
+        );
+        // A wildcard in a client id widens no grant: `own/#` is not `own/{client id}`.
+        assert!(!grant.may_subscribe(&plain("#"), "own/x"));
+        assert!(grant.may_subscribe(&plain("me"), "own/me"));
     }
 
     /// Goal: a subscription is allowed only inside a grant, and denied when a deny names its
-    /// filter; a wildcard subscription a deny does not name is allowed, but does not receive
-    /// what the deny names.
+    /// filter; a wildcard subscription a deny does not name is allowed (what it may receive is
+    /// checked per message, with the message's topic as the filter).
     #[test]
     fn subscriptions_are_allowed_inside_a_grant_and_a_deny_also_holds_at_delivery() {
         let policy = policy(
@@ -586,8 +588,10 @@ mod tests {
         assert!(policy.may_subscribe(&tool, "#"));
         assert!(policy.may_subscribe(&tool, "test/other"));
         assert!(policy.denies_subscriptions());
-        assert!(!policy.may_receive(&tool, "test/nosubscribe"));
-        assert!(policy.may_receive(&tool, "test/other"));
+        assert!(
+            !policy.may_subscribe(&plain("x/y"), "test/nosubscribe"),
+            "any client id"
+        );
         let module = id("edge/filter");
         assert!(policy.may_subscribe(&identity(&module), "alerts/a/high"));
         assert!(policy.may_subscribe(&identity(&module), "alerts/+/high"));

@@ -113,10 +113,10 @@ pub fn check_subscribe(client: &Client<'_>, filter: &str, policy: &Policy) -> bo
     }
 }
 
-/// Whether `client` may receive a message on `topic` through a subscription it holds: an
-/// identity its IoT Hub topics always (IoT Hub's rules granted them), anything else unless the
-/// deployment's `policy` denies it a subscription to the topic.
+/// Whether `client` may receive a message on `topic` through a subscription it holds: only if
+/// it may subscribe to that very topic. A wildcard subscription reaches no further than its
+/// client's rights: not another identity's IoT Hub topics, not what the policy denies it.
 #[must_use]
 pub fn check_receive(client: &Client<'_>, topic: &str, policy: &Policy) -> bool {
-    (client.identity.is_some() && is_iothub_topic(topic)) || policy.may_receive(client, topic)
+    check_subscribe(client, topic, policy)
 }

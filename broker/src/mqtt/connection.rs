@@ -228,15 +228,17 @@ where
     let changes = context.authenticator.changes();
     let policy = context.authenticator.policy();
     let credentials = ClientCredentials::take(&mut connect, auth, certificates);
-    let (identity, token_expires) = match admit(context, &credentials, &connect, &policy) {
-        Ok(admitted) => admitted,
-        Err(reason) => return refuse(&mut framed, protocol, reason).await,
-    };
+    // Assigned first: the policy names a client by the id it will have.
     let assigned = connect
         .client_id
         .is_empty()
         .then(|| format!("spool-{connection_id}-{}", context.ingest.now_ms()));
     let client_id = assigned.as_ref().unwrap_or(&connect.client_id).clone();
+    let admitted = admit(context, &credentials, &connect, &client_id, &policy);
+    let (identity, token_expires) = match admitted {
+        Ok(admitted) => admitted,
+        Err(reason) => return refuse(&mut framed, protocol, reason).await,
+    };
     let registered = register(
         context,
         connection_id,
@@ -313,12 +315,12 @@ fn admit(
     context: &ServerContext,
     credentials: &ClientCredentials,
     connect: &codec::Connect,
+    client_id: &str,
     policy: &Policy,
 ) -> Result<(Option<IdentityId>, Option<Instant>), Reason> {
-    let admitted =
-        authenticate(context, credentials, &connect.client_id).ok_or(Reason::NotAuthorized)?;
+    let admitted = authenticate(context, credentials, client_id).ok_or(Reason::NotAuthorized)?;
     let client = Client {
-        client_id: &connect.client_id,
+        client_id,
         identity: admitted.0.as_ref(),
     };
     match connect
@@ -628,7 +630,12 @@ where
     async fn acknowledge_logged(&mut self) -> Close {
         while !self.awaiting_durability.is_empty() {
             let durable = next_durable(&mut self.awaiting_durability, &self.context.ingest).await;
-            if let Err(close) = self.acknowledge(durable).await {
+            // Each as it is durable: a log waiting for room must not hold back the others.
+            let acknowledged = match self.acknowledge(durable).await {
+                Ok(()) => self.flush().await,
+                failed => failed,
+            };
+            if let Err(close) = acknowledged {
                 return close;
             }
         }
