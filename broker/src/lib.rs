@@ -17,7 +17,8 @@
 //! - [`iothub`]: IoT Hub topics and property bags; which topics an identity may use.
 //! - [`tls`]: the MQTTS listener's certificate, given or generated.
 //! - [`clock`]: the hub's time, which tests move by hand.
-//! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`].
+//! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`], [`id_hash`]
+//!   (hashing for maps keyed by the hub's own numbers).
 
 pub mod admin;
 pub mod auth;
@@ -27,6 +28,7 @@ pub mod delivery;
 pub mod deployment;
 pub mod encoding;
 pub mod hub;
+pub mod id_hash;
 pub mod ingest;
 pub mod iothub;
 pub mod limits;

@@ -4,14 +4,15 @@
 //! whatever its sequence number: a message read back for a queue far behind is about to be
 //! sent, so it must outlive the newer messages that arrive meanwhile.
 
+use crate::id_hash::IdMap;
 use crate::message::Message;
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 #[derive(Debug)]
 pub struct MessageCache {
     /// Each message with the bytes it keeps alive and when it was cached.
-    messages: HashMap<u64, Cached>,
+    messages: IdMap<u64, Cached>,
     /// Sequence numbers in the order cached, with when: an entry whose message was cached
     /// again since is stale and skipped.
     order: VecDeque<(u64, u64)>,
@@ -32,7 +33,7 @@ impl MessageCache {
     #[must_use]
     pub fn new(bytes_max: usize) -> MessageCache {
         MessageCache {
-            messages: HashMap::new(),
+            messages: IdMap::default(),
             order: VecDeque::new(),
             inserted: 0,
             bytes: 0,

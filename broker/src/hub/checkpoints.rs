@@ -4,11 +4,12 @@
 use super::{Hub, RECEIPTS_CHECKPOINT};
 use crate::delivery::record::QueueId;
 use crate::hub::retained::{self, RETAINED_CHECKPOINT};
+use crate::id_hash::IdMap;
 use crate::limits::{RECLAIM_LIVE_ENTRIES_MAX, RECLAIM_SEGMENTS_PER_RUN};
 use crate::message::Message;
 use crate::session::{Session, receipts};
 use spool_storage::{Liveness, MetaChange, StateTable, Wal};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use tokio::sync::mpsc;
 
@@ -105,7 +106,7 @@ impl Hub {
         self.retained.committed(report.read_through);
         self.receipts_checkpoint = self.receipts_checkpoint.max(report.receipts_through);
         // What a session forgot since the commit was taken is not stored any more.
-        let current = |sessions: &HashMap<u64, Session>, id: u64, forgotten: u64| {
+        let current = |sessions: &IdMap<u64, Session>, id: u64, forgotten: u64| {
             sessions.get(&id).is_some_and(|s| s.forgotten == forgotten)
         };
         for (id, forgotten, checkpoint) in report.queues {

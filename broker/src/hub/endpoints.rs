@@ -7,13 +7,14 @@ use super::{Hub, StartError};
 use crate::auth::identity::IdentityId;
 use crate::delivery::endpoint::{Queue, checkpoint_key};
 use crate::delivery::record::QueueId;
+use crate::id_hash::IdMap;
 use crate::message::QoS;
 use crate::routing::SubscriptionOptions;
 use crate::routing::endpoints::{EndpointCatalog, EndpointName, EndpointTarget};
 use crate::routing::topic;
 use crate::session::Consumed;
 use spool_storage::Meta;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 
 impl Hub {
     /// Creates the queue of every endpoint in the metadata store's catalog, including those
@@ -141,7 +142,7 @@ impl Hub {
 
 /// Lets go of an endpoint a session consumed: its messages in flight go back to the front of
 /// the queue, to be sent again (with DUP) to whoever consumes it next.
-pub(super) fn let_go(queues: &mut HashMap<QueueId, Queue>, queue: QueueId) {
+pub(super) fn let_go(queues: &mut IdMap<QueueId, Queue>, queue: QueueId) {
     if let Some(queue) = queues.get_mut(&queue) {
         queue.entries.requeue_in_flight();
         queue.consumer = None;

@@ -106,12 +106,13 @@ use crate::hub::checkpoints::ProgressReport;
 use crate::hub::events::Event;
 use crate::hub::loads::Loaded;
 use crate::hub::retained::RetainedMessages;
+use crate::id_hash::{IdMap, IdSet};
 use crate::limits::{LOAD_REQUESTS_MAX, OWN_APPENDS_MAX, RECLAIM_INTERVAL};
 use crate::routing::endpoints::{CatalogError, EndpointName};
 use crate::routing::{Router, SubscriptionTable};
 use crate::session::Session;
 use spool_storage::{Liveness, Meta, Wal, WalReader};
-use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -176,11 +177,11 @@ pub struct Hub {
     /// Every subscription; the hub changes it and installs a snapshot of it in `router`.
     subscriptions: SubscriptionTable,
     router: Arc<Router>,
-    sessions: HashMap<u64, Session>,
+    sessions: IdMap<u64, Session>,
     /// Every delivery queue; a session's is `QueueId::Session(its id)`.
-    queues: HashMap<QueueId, Queue>,
+    queues: IdMap<QueueId, Queue>,
     /// The route endpoints, by number (`QueueId::Endpoint`), as the metadata store names them.
-    endpoints: HashMap<u64, EndpointName>,
+    endpoints: IdMap<u64, EndpointName>,
     session_by_client: HashMap<String, u64>,
     /// Session ids are the log's epoch in the high 32 bits and a counter in the low ones, so an
     /// id is never reused across restarts and old records can never reach a new session.
@@ -189,7 +190,7 @@ pub struct Hub {
     /// Loads under way: messages asked for, how many requests, and the sessions waiting for
     /// them (a `BTreeSet`, so a simulation pumps them in the same order every run).
     loads: mpsc::Sender<LoadRequest>,
-    loading: HashSet<u64>,
+    loading: IdSet<u64>,
     loads_outstanding: usize,
     waiting_for_loads: BTreeSet<u64>,
     loaded_sender: mpsc::Sender<Loaded>,
@@ -246,14 +247,14 @@ impl Hub {
             tail,
             subscriptions: SubscriptionTable::default(),
             router,
-            sessions: HashMap::new(),
-            queues: HashMap::new(),
-            endpoints: HashMap::new(),
+            sessions: IdMap::default(),
+            queues: IdMap::default(),
+            endpoints: IdMap::default(),
             session_by_client: HashMap::new(),
             next_session_id,
             cache: MessageCache::new(limits.message_cache_bytes),
             loads,
-            loading: HashSet::new(),
+            loading: IdSet::default(),
             loads_outstanding: 0,
             waiting_for_loads: BTreeSet::new(),
             loaded_sender,

@@ -12,10 +12,11 @@ use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::QueueId;
 use crate::hub::events::{OutboundSender, Protocol};
+use crate::id_hash::IdMap;
 use crate::message::{QoS, Will};
 use crate::routing::SubscriptionOptions;
 use receipts::SharedReceipts;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use tokio_util::sync::DropGuard;
 
@@ -124,7 +125,7 @@ impl Session {
     pub fn packet_id_for(
         &mut self,
         entry: &QueueEntry,
-        queues: &HashMap<QueueId, Queue>,
+        queues: &IdMap<QueueId, Queue>,
     ) -> Option<u16> {
         let consumed = self.consumes.iter().map(|c| c.queue);
         let sources = std::iter::once(self.queue())
