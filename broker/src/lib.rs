@@ -16,6 +16,7 @@
 //! - [`workload`]: IoT Edge's workload API, for modules started with `IOTEDGE_*` variables.
 //! - [`iothub`]: IoT Hub topics and property bags; which topics an identity may use.
 //! - [`tls`]: the MQTTS listener's certificate, given or generated.
+//! - [`twin`]: device and module twins, kept durably; the twin topics.
 //! - [`clock`]: the hub's time, which tests move by hand.
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`], [`id_hash`]
 //!   (hashing for maps keyed by the hub's own numbers).
@@ -38,4 +39,5 @@ pub mod routing;
 pub mod server;
 pub mod session;
 pub mod tls;
+pub mod twin;
 pub mod workload;

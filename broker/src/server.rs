@@ -18,6 +18,7 @@ use crate::limits::{
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
+use crate::twin::TwinStore;
 use crate::workload::WorkloadApi;
 use anyhow::Context;
 use rustls_pki_types::CertificateDer;
@@ -351,6 +352,7 @@ impl Server {
         // One clock for the hub and the publish path: message expiry is stamped and read on it.
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let admin_meta = Arc::clone(&meta);
+        let twins = Arc::new(TwinStore::load(Arc::clone(&meta))?);
         let (events, mut tasks) =
             spawn_hub(config, &wal, meta, &router, &shutdown, Arc::clone(&clock))?;
         // Before any client: the hub holds subscriptions to the deployment's policy.
@@ -374,6 +376,7 @@ impl Server {
             events,
             ingest,
             authenticator,
+            twins,
             connection_limits,
             shutdown.clone(),
         ));

@@ -38,6 +38,7 @@ const IDENTITIES: TableDefinition<&str, &[u8]> = TableDefinition::new("identitie
 /// endpoint (a module input or `$upstream`, at a priority) -> its queue's number (opaque to
 /// storage).
 const ENDPOINTS: TableDefinition<&str, &[u8]> = TableDefinition::new("endpoints");
+const TWINS: TableDefinition<&str, &[u8]> = TableDefinition::new("twins");
 
 /// The tables of keyed state, opaque to storage, that the broker commits together with the
 /// checkpoint saying how far in the log they are complete.
@@ -51,6 +52,8 @@ pub enum StateTable {
     Identities,
     /// endpoint -> its queue's number.
     Endpoints,
+    /// device or module -> its twin's desired and reported properties.
+    Twins,
 }
 
 impl StateTable {
@@ -60,6 +63,7 @@ impl StateTable {
             StateTable::Qos2Receipts => QOS2_RECEIPTS,
             StateTable::Identities => IDENTITIES,
             StateTable::Endpoints => ENDPOINTS,
+            StateTable::Twins => TWINS,
         }
     }
 
@@ -69,6 +73,7 @@ impl StateTable {
             StateTable::Qos2Receipts => "QoS 2 receipts",
             StateTable::Identities => "identities",
             StateTable::Endpoints => "endpoints",
+            StateTable::Twins => "twins",
         }
     }
 }

@@ -25,13 +25,14 @@ use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
     SEND_BURST_MAX, USER_PROPERTIES_MAX,
 };
-use crate::message::{Message, QoS, Will, expires_at_ms};
+use crate::message::{Message, MessageProperties, QoS, Will, expires_at_ms};
 use crate::mqtt::codec::{
     self, ClientPacket, ConnAck, DecodeError, EncodeError, InboundPublish, Reason, ServerPacket,
 };
 use crate::mqtt::{ConnectionLimits, ServerContext};
 use crate::routing::topic;
 use crate::session::receipts::{self, SharedReceipts};
+use crate::twin::{self, TwinError, TwinRequest};
 use bytes::Bytes;
 use futures::{SinkExt, StreamExt};
 use rmqtt_codec::{MqttCodec, MqttPacket};
@@ -862,6 +863,11 @@ where
         let mut properties = publish.properties;
         let now_ms = self.context.ingest.now_ms();
         properties.expires_at_ms = expires_at_ms(now_ms, publish.expiry_interval_secs);
+        if let (Some(identity), Some(request)) = (&self.identity, TwinRequest::parse(&topic)) {
+            let identity = identity.clone();
+            self.answer_twin(identity, request, publish.payload).await?;
+            return self.acknowledge_unlogged(publish.qos, packet_id, Reason::Success);
+        }
         let message = Message {
             topic,
             payload: publish.payload,
@@ -877,17 +883,70 @@ where
             .map_err(refused)?;
         match ingested {
             Ingested::Logged(durable) => self.acknowledge_when(publish.qos, packet_id, durable),
-            Ingested::Refused => self.refuse_publish(publish.qos, packet_id, Reason::QuotaExceeded),
+            Ingested::Refused => {
+                self.acknowledge_unlogged(publish.qos, packet_id, Reason::QuotaExceeded)
+            }
             Ingested::Dropped => Ok(()),
             Ingested::Forbidden(refusal) => {
                 let reason = self.iot_refusal(refusal)?;
-                self.refuse_publish(publish.qos, packet_id, reason)
+                self.acknowledge_unlogged(publish.qos, packet_id, reason)
             }
         }
     }
 
+    /// Answers an identity's twin request on `$iothub/twin/res/…` (at QoS 0, as IoT Hub
+    /// does): its twin for a GET; for a reported patch, 204 with the new `$version` once the
+    /// patch is on disk. A patch IoT Hub refuses gets 400, a store that fails 500.
+    async fn answer_twin(
+        &mut self,
+        identity: IdentityId,
+        request: TwinRequest,
+        body: Bytes,
+    ) -> Result<(), Close> {
+        let twins = Arc::clone(&self.context.twins);
+        let answered = match &request {
+            TwinRequest::Get { .. } => Ok((200, Some(twins.get(&identity).document()), None)),
+            TwinRequest::PatchReported { .. } => {
+                let patched =
+                    tokio::task::spawn_blocking(move || twins.patch_reported(&identity, &body));
+                match patched.await {
+                    Ok(patched) => patched.map(|version| (204, None, Some(version))),
+                    Err(e) => Err(TwinError::Invalid(format!("the patch failed: {e}"))),
+                }
+            }
+        };
+        let (status, body, version) = answered.unwrap_or_else(|error| {
+            tracing::info!("refused a twin request: {error}");
+            let body = serde_json::json!({ "message": error.to_string() });
+            (error.status(), Some(body), None)
+        });
+        let answer = Message {
+            topic: twin::answer_topic(status, request.rid(), version),
+            payload: body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: MessageProperties::default(),
+        };
+        let delivery = Delivery {
+            packet_id: None,
+            qos: QoS::AtMostOnce,
+            dup: false,
+            retain: false,
+            subscription_ids: Vec::new(),
+            message: Arc::new(answer),
+            input: None,
+        };
+        self.send(ServerPacket::Publish(Box::new(delivery), None))
+            .await
+    }
+
     /// Acknowledges a publish with `reason`, in order behind the others, nothing logged.
-    fn refuse_publish(&mut self, qos: QoS, packet_id: u16, reason: Reason) -> Result<(), Close> {
+    fn acknowledge_unlogged(
+        &mut self,
+        qos: QoS,
+        packet_id: u16,
+        reason: Reason,
+    ) -> Result<(), Close> {
         let ack = match qos {
             QoS::AtMostOnce => return Ok(()),
             QoS::AtLeastOnce => Ack::Accepted(packet_id, reason),

@@ -8,6 +8,7 @@ pub mod listener;
 use crate::auth::authenticator::Authenticator;
 use crate::hub::events::Event;
 use crate::ingest::Ingest;
+use crate::twin::TwinStore;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
@@ -32,6 +33,8 @@ pub struct ServerContext {
     pub ingest: Ingest,
     /// Who a CONNECT is.
     pub authenticator: Arc<Authenticator>,
+    /// The twins, which identities read and report on `$iothub/twin/…`.
+    pub twins: Arc<TwinStore>,
     pub limits: ConnectionLimits,
     pub shutdown: CancellationToken,
     next_connection: AtomicU64,
@@ -43,6 +46,7 @@ impl ServerContext {
         hub: mpsc::Sender<Event>,
         ingest: Ingest,
         authenticator: Arc<Authenticator>,
+        twins: Arc<TwinStore>,
         limits: ConnectionLimits,
         shutdown: CancellationToken,
     ) -> ServerContext {
@@ -50,6 +54,7 @@ impl ServerContext {
             hub,
             ingest,
             authenticator,
+            twins,
             limits,
             shutdown,
             next_connection: AtomicU64::new(1),

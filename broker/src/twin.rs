@@ -1,0 +1,377 @@
+//! Device and module twins (edgehub-contract.md §1.5): desired and reported properties, each
+//! with its own `$version`, kept durably in the metadata store (`StateTable::Twins`).
+//!
+//! - [`TwinStore::get`] is what `$iothub/twin/GET` answers.
+//! - [`TwinStore::patch_reported`] applies a reported patch as a JSON merge patch (`null`
+//!   deletes), after IoT Hub's validation rules, and returns only once the change is on disk:
+//!   law 1 holds for twins as for messages.
+//! - [`TwinRequest`] reads the twin topics a client publishes on, and writes the answers'.
+
+use crate::auth::identity::IdentityId;
+use serde_json::{Map, Value};
+use spool_storage::{Commit, Meta, MetaChange, StateTable};
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+/// The deepest a reported property may nest (IoT Hub's limit).
+const DEPTH_MAX: usize = 10;
+/// The longest property name, in bytes.
+const NAME_BYTES_MAX: usize = 1024;
+/// The longest string value, in bytes.
+const STRING_BYTES_MAX: usize = 4096;
+/// The largest reported document, in bytes of JSON.
+const DOCUMENT_BYTES_MAX: usize = 32 * 1024;
+/// Integers must fit a double exactly: within ±2^52.
+const INTEGER_MAX: i64 = (1 << 52) - 1;
+
+/// One identity's twin.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Twin {
+    pub desired: Map<String, Value>,
+    pub desired_version: u64,
+    pub reported: Map<String, Value>,
+    pub reported_version: u64,
+}
+
+impl Default for Twin {
+    fn default() -> Twin {
+        Twin {
+            desired: Map::new(),
+            desired_version: 1,
+            reported: Map::new(),
+            reported_version: 1,
+        }
+    }
+}
+
+impl Twin {
+    /// The twin as the SDKs read it: `{"desired": {…, "$version": n}, "reported": {…}}`.
+    #[must_use]
+    pub fn document(&self) -> Value {
+        let with_version = |properties: &Map<String, Value>, version: u64| {
+            let mut properties = properties.clone();
+            properties.insert("$version".into(), version.into());
+            Value::Object(properties)
+        };
+        serde_json::json!({
+            "desired": with_version(&self.desired, self.desired_version),
+            "reported": with_version(&self.reported, self.reported_version),
+        })
+    }
+}
+
+/// Why a twin operation failed, with the status IoT Hub answers.
+#[derive(Debug, thiserror::Error)]
+pub enum TwinError {
+    /// A patch IoT Hub refuses: 400.
+    #[error("{0}")]
+    Invalid(String),
+    /// The store failed: 500.
+    #[error("the twin store failed: {0}")]
+    Storage(#[from] spool_storage::Error),
+    /// A stored twin that does not read.
+    #[error("the stored twin of {key:?} is corrupt: {why}")]
+    Corrupt { key: String, why: String },
+}
+
+impl TwinError {
+    /// The status of the answer on `$iothub/twin/res/{status}/`.
+    #[must_use]
+    pub fn status(&self) -> u16 {
+        match self {
+            TwinError::Invalid(_) => 400,
+            TwinError::Storage(_) | TwinError::Corrupt { .. } => 500,
+        }
+    }
+}
+
+/// Every twin, in memory and in the metadata store. A change is made on a copy, stored durably,
+/// then put in place: readers never wait for a change's fsync.
+#[derive(Debug)]
+pub struct TwinStore {
+    meta: Arc<Meta>,
+    twins: RwLock<BTreeMap<IdentityId, Twin>>,
+    /// Held by the one change under way.
+    changing: Mutex<()>,
+}
+
+impl TwinStore {
+    /// The twins stored in `meta`.
+    ///
+    /// # Errors
+    /// The store's failure, or a stored twin that does not read.
+    pub fn load(meta: Arc<Meta>) -> Result<TwinStore, TwinError> {
+        let mut twins = BTreeMap::new();
+        for (key, bytes) in meta.state(StateTable::Twins)? {
+            let corrupt = |why: String| TwinError::Corrupt {
+                key: key.clone(),
+                why,
+            };
+            let id = IdentityId::parse(&key).map_err(|e| corrupt(e.to_string()))?;
+            let twin: Twin = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
+            twins.insert(id, twin);
+        }
+        Ok(TwinStore {
+            meta,
+            twins: RwLock::new(twins),
+            changing: Mutex::new(()),
+        })
+    }
+
+    /// `id`'s twin (a new one, at version 1, if it has none yet).
+    #[must_use]
+    pub fn get(&self, id: &IdentityId) -> Twin {
+        let twins = self.twins.read().unwrap_or_else(PoisonError::into_inner);
+        twins.get(id).cloned().unwrap_or_default()
+    }
+
+    /// Applies `patch` (a JSON object) to `id`'s reported properties and stores the twin
+    /// durably; returns the new reported `$version`. Blocking: it commits to the metadata store.
+    ///
+    /// # Errors
+    /// `Invalid` for a patch IoT Hub refuses (nothing changes), or the store's failure.
+    pub fn patch_reported(&self, id: &IdentityId, patch: &[u8]) -> Result<u64, TwinError> {
+        let patch: Value = serde_json::from_slice(patch)
+            .map_err(|e| TwinError::Invalid(format!("the patch is not JSON: {e}")))?;
+        let Value::Object(patch) = patch else {
+            return Err(TwinError::Invalid("the patch is not a JSON object".into()));
+        };
+        validate(&patch, 1)?;
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut twin = self.get(id);
+        merge(&mut twin.reported, patch);
+        let size = Value::Object(twin.reported.clone()).to_string().len();
+        if size > DOCUMENT_BYTES_MAX {
+            return Err(TwinError::Invalid(format!(
+                "the reported properties would take {size} bytes, above {DOCUMENT_BYTES_MAX}"
+            )));
+        }
+        twin.reported_version += 1;
+        let value = serde_json::to_vec(&twin).map_err(|e| TwinError::Corrupt {
+            key: id.key(),
+            why: e.to_string(),
+        })?;
+        let change = MetaChange::State {
+            table: StateTable::Twins,
+            key: id.key(),
+            value: Some(value),
+        };
+        self.meta.apply(&[change], Commit::Durable)?;
+        let version = twin.reported_version;
+        self.twins
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(id.clone(), twin);
+        Ok(version)
+    }
+}
+
+/// Checks a patch against IoT Hub's rules for reported properties, `depth` being the level of
+/// `properties` (1 at the top).
+fn validate(properties: &Map<String, Value>, depth: usize) -> Result<(), TwinError> {
+    if depth > DEPTH_MAX {
+        return Err(TwinError::Invalid(format!(
+            "properties nest deeper than {DEPTH_MAX} levels"
+        )));
+    }
+    for (name, value) in properties {
+        if name.len() > NAME_BYTES_MAX {
+            return Err(TwinError::Invalid(format!(
+                "property name of {} bytes, above {NAME_BYTES_MAX}",
+                name.len()
+            )));
+        }
+        if name.is_empty() || name.starts_with('$') || name.contains(['.', ' ']) {
+            return Err(TwinError::Invalid(format!(
+                "property name {name:?}: empty, or with '$' first, '.' or ' '"
+            )));
+        }
+        validate_value(name, value, depth)?;
+    }
+    Ok(())
+}
+
+fn validate_value(name: &str, value: &Value, depth: usize) -> Result<(), TwinError> {
+    match value {
+        Value::String(text) if text.len() > STRING_BYTES_MAX => Err(TwinError::Invalid(format!(
+            "property {name:?}: a string of {} bytes, above {STRING_BYTES_MAX}",
+            text.len()
+        ))),
+        Value::Number(number)
+            if number
+                .as_i64()
+                .is_some_and(|n| !(-INTEGER_MAX - 1..=INTEGER_MAX).contains(&n))
+                || number.as_u64().is_some_and(|n| n > INTEGER_MAX as u64) =>
+        {
+            Err(TwinError::Invalid(format!(
+                "property {name:?}: an integer beyond ±2^52"
+            )))
+        }
+        Value::Object(inner) => validate(inner, depth + 1),
+        Value::Array(items) => items
+            .iter()
+            .try_for_each(|item| validate_value(name, item, depth + 1)),
+        _ => Ok(()),
+    }
+}
+
+/// RFC 7386 JSON merge patch: `null` deletes, objects merge, anything else replaces.
+fn merge(target: &mut Map<String, Value>, patch: Map<String, Value>) {
+    for (name, value) in patch {
+        match value {
+            Value::Null => {
+                target.remove(&name);
+            }
+            Value::Object(inner) => {
+                let slot = target
+                    .entry(name)
+                    .or_insert_with(|| Value::Object(Map::new()));
+                if !slot.is_object() {
+                    *slot = Value::Object(Map::new());
+                }
+                if let Value::Object(existing) = slot {
+                    merge(existing, inner);
+                }
+            }
+            other => {
+                target.insert(name, other);
+            }
+        }
+    }
+}
+
+/// A twin operation a client asks for by publishing on a twin topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TwinRequest {
+    /// `$iothub/twin/GET/?$rid={rid}`.
+    Get { rid: String },
+    /// `$iothub/twin/PATCH/properties/reported/?$rid={rid}`.
+    PatchReported { rid: String },
+}
+
+impl TwinRequest {
+    /// The request a publish on `topic` makes; `None` if it is no twin request.
+    #[must_use]
+    pub fn parse(topic: &str) -> Option<TwinRequest> {
+        let (kind, query) = if let Some(query) = topic.strip_prefix("$iothub/twin/GET/") {
+            (true, query)
+        } else {
+            (
+                false,
+                topic.strip_prefix("$iothub/twin/PATCH/properties/reported/")?,
+            )
+        };
+        let rid = query
+            .strip_prefix('?')
+            .unwrap_or(query)
+            .split('&')
+            .find_map(|pair| pair.strip_prefix("$rid="))
+            .unwrap_or_default()
+            .to_owned();
+        Some(match kind {
+            true => TwinRequest::Get { rid },
+            false => TwinRequest::PatchReported { rid },
+        })
+    }
+
+    /// The request id the answer carries.
+    #[must_use]
+    pub fn rid(&self) -> &str {
+        match self {
+            TwinRequest::Get { rid } | TwinRequest::PatchReported { rid } => rid,
+        }
+    }
+}
+
+/// The topic of an answer: `$iothub/twin/res/{status}/?$rid={rid}`, with `&$version={v}` after
+/// a patch.
+#[must_use]
+pub fn answer_topic(status: u16, rid: &str, version: Option<u64>) -> String {
+    match version {
+        Some(version) => format!("$iothub/twin/res/{status}/?$rid={rid}&$version={version}"),
+        None => format!("$iothub/twin/res/{status}/?$rid={rid}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> (TwinStore, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("dir");
+        let meta = Meta::open(&dir.path().join("meta.redb")).expect("meta");
+        (TwinStore::load(Arc::new(meta)).expect("empty"), dir)
+    }
+
+    /// Goal: a reported patch merges (null deletes, objects merge), raises the version, and is
+    /// in the store when it returns.
+    #[test]
+    fn reported_patches_merge_and_are_stored() {
+        let (twins, dir) = store();
+        let id = IdentityId::parse("edge/filter").expect("id");
+        assert_eq!(
+            twins.get(&id).document(),
+            serde_json::json!({"desired": {"$version": 1}, "reported": {"$version": 1}})
+        );
+        let first = br#"{"a": 1, "nested": {"x": 1, "y": 2}, "gone": true}"#;
+        assert_eq!(twins.patch_reported(&id, first).expect("applied"), 2);
+        let second = br#"{"nested": {"y": null, "z": "new"}, "gone": null}"#;
+        assert_eq!(twins.patch_reported(&id, second).expect("applied"), 3);
+        let expected = serde_json::json!({"a": 1, "nested": {"x": 1, "z": "new"}, "$version": 3});
+        assert_eq!(twins.get(&id).document()["reported"], expected);
+        drop(twins);
+        let meta = Meta::open(&dir.path().join("meta.redb")).expect("reopens");
+        let reopened = TwinStore::load(Arc::new(meta)).expect("loads");
+        assert_eq!(reopened.get(&id).document()["reported"], expected);
+    }
+
+    /// Goal: IoT Hub's limits refuse a patch with 400 and change nothing.
+    #[test]
+    fn patches_beyond_iot_hubs_limits_are_refused() {
+        let (twins, _dir) = store();
+        let id = IdentityId::parse("edge/filter").expect("id");
+        let deep = (0..11).fold("1".to_owned(), |inner, _| format!("{{\"k\": {inner}}}"));
+        let long_name = format!("{{\"{}\": 1}}", "n".repeat(1025));
+        let long_value = format!("{{\"k\": \"{}\"}}", "v".repeat(4097));
+        for bad in [
+            deep.as_str(),
+            &long_name,
+            &long_value,
+            r#"{"k": 9007199254740993}"#,
+            r#"{"$k": 1}"#,
+            r#"{"a.b": 1}"#,
+            "[1]",
+            "not json",
+        ] {
+            let error = twins.patch_reported(&id, bad.as_bytes()).expect_err(bad);
+            assert_eq!(error.status(), 400, "{bad}: {error}");
+        }
+        let nine_deep = (0..9).fold("1".to_owned(), |inner, _| format!("{{\"k\": {inner}}}"));
+        twins
+            .patch_reported(&id, nine_deep.as_bytes())
+            .expect("ten levels are allowed");
+        assert_eq!(
+            twins.get(&id).reported_version,
+            2,
+            "only the good patch counted"
+        );
+    }
+
+    /// Goal: the twin topics the SDKs publish on are read with their request id.
+    #[test]
+    fn twin_topics_are_read() {
+        assert_eq!(
+            TwinRequest::parse("$iothub/twin/GET/?$rid=42"),
+            Some(TwinRequest::Get { rid: "42".into() })
+        );
+        assert_eq!(
+            TwinRequest::parse("$iothub/twin/PATCH/properties/reported/?$rid=7&$version=3"),
+            Some(TwinRequest::PatchReported { rid: "7".into() })
+        );
+        assert_eq!(TwinRequest::parse("$iothub/methods/res/200/?$rid=1"), None);
+        assert_eq!(
+            answer_topic(204, "7", Some(3)),
+            "$iothub/twin/res/204/?$rid=7&$version=3"
+        );
+    }
+}

@@ -1,0 +1,111 @@
+//! Module twins over MQTT, black-box (edgehub-contract.md §1.5): a module reads its twin with
+//! `$iothub/twin/GET` and reports properties with `$iothub/twin/PATCH/properties/reported`, as
+//! the Azure IoT SDKs do; a reported patch is answered 204 only once it is on disk, so it
+//! survives a SIGKILL.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use common::{Client, Seen, Spool, connect, options};
+use rumqttc::QoS;
+use spool_broker::auth::sas::{resource_uri, sign};
+use std::net::SocketAddr;
+use std::path::Path;
+
+const KEY: [u8; 32] = [3; 32];
+
+fn start(dir: &Path) -> Spool {
+    let identities = dir.join("identities.toml");
+    if !identities.exists() {
+        let key = BASE64.encode(KEY);
+        std::fs::write(
+            &identities,
+            format!(
+                "[[identities]]\nid = \"edge/filter\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
+            ),
+        )
+        .unwrap();
+    }
+    Spool::start(
+        &dir.join("data"),
+        &["--identities", identities.to_str().unwrap()],
+    )
+}
+
+/// The module, connected and subscribed to its twin's answers.
+async fn module(addr: SocketAddr) -> Client {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let expiry = now.unwrap().as_secs() + 3600;
+    let token = sign(
+        &KEY,
+        &resource_uri("localhost", "edge", Some("filter")),
+        expiry,
+    );
+    let mut options = options(addr, "edge/filter", true);
+    options.set_credentials("localhost/edge/filter/?api-version=2020-09-30", token);
+    let mut client = connect(options);
+    client.connected().await;
+    client
+        .subscribe("$iothub/twin/res/#", QoS::AtMostOnce)
+        .await;
+    client
+}
+
+/// Publishes `body` on `topic` and returns the answer's topic and body (JSON, or null when
+/// empty), having seen the request's PUBACK too.
+async fn ask(client: &mut Client, topic: &str, body: &str) -> (String, serde_json::Value) {
+    client
+        .publish(topic, QoS::AtLeastOnce, body.as_bytes().to_vec())
+        .await;
+    let (mut acknowledged, mut answer) = (false, None);
+    while !acknowledged || answer.is_none() {
+        match client.next(10).await {
+            Seen::PubAck(_) => acknowledged = true,
+            Seen::Publish(p) => {
+                let body = match p.payload.is_empty() {
+                    true => serde_json::Value::Null,
+                    false => serde_json::from_slice(&p.payload).unwrap(),
+                };
+                answer = Some((p.topic, body));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    answer.unwrap()
+}
+
+#[tokio::test]
+async fn a_module_reads_its_twin_and_reports_properties_that_survive_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start(dir.path());
+    let mut filter = module(spool.addr).await;
+    let (topic, twin) = ask(&mut filter, "$iothub/twin/GET/?$rid=1", "").await;
+    assert_eq!(topic, "$iothub/twin/res/200/?$rid=1");
+    assert_eq!(
+        twin,
+        serde_json::json!({"desired": {"$version": 1}, "reported": {"$version": 1}})
+    );
+    let reported = "$iothub/twin/PATCH/properties/reported/?$rid=2";
+    let (topic, body) = ask(&mut filter, reported, r#"{"temp": 21, "unit": "C"}"#).await;
+    assert_eq!(topic, "$iothub/twin/res/204/?$rid=2&$version=2");
+    assert_eq!(body, serde_json::Value::Null);
+    let reported = "$iothub/twin/PATCH/properties/reported/?$rid=3";
+    let (topic, _) = ask(&mut filter, reported, r#"{"unit": null}"#).await;
+    assert_eq!(topic, "$iothub/twin/res/204/?$rid=3&$version=3");
+    let bad = "$iothub/twin/PATCH/properties/reported/?$rid=4";
+    let (topic, body) = ask(&mut filter, bad, r#"{"a.b": 1}"#).await;
+    assert_eq!(topic, "$iothub/twin/res/400/?$rid=4");
+    assert!(body["message"].as_str().unwrap().contains("a.b"), "{body}");
+
+    // Acknowledged means on disk: the patches survive a SIGKILL.
+    spool.kill();
+    let spool = start(dir.path());
+    let mut filter = module(spool.addr).await;
+    let (_, twin) = ask(&mut filter, "$iothub/twin/GET/?$rid=5", "").await;
+    assert_eq!(
+        twin["reported"],
+        serde_json::json!({"temp": 21, "$version": 3})
+    );
+}
