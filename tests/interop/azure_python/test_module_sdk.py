@@ -92,6 +92,28 @@ class ModuleSdk(unittest.TestCase):
                 self.connection_string, server_verification_cert=ca.read())
         self.send(client)
 
+    def test_a_module_reads_its_twin_and_its_reported_properties_survive_a_kill(self):
+        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
+            ca = ca.read()
+        client = ModuleClient.create_from_connection_string(
+            self.connection_string, server_verification_cert=ca)
+        client.connect()
+        twin = client.get_twin()
+        self.assertEqual(twin["reported"], {"$version": 1})
+        self.assertEqual(twin["desired"], {"$version": 1})
+        client.patch_twin_reported_properties({"firmware": "1.2.3", "temp": {"max": 40}})
+        client.shutdown()
+        self.spool.kill()
+        self.spool = Spool(self.dir, tls_bind="127.0.0.1:8883",
+                           extra_args=["--workload-dir", self.workload])
+        client = ModuleClient.create_from_connection_string(
+            self.connection_string, server_verification_cert=ca)
+        client.connect()
+        twin = client.get_twin()
+        client.shutdown()
+        self.assertEqual(twin["reported"],
+                         {"firmware": "1.2.3", "temp": {"max": 40}, "$version": 2})
+
     def test_a_module_started_with_the_edge_environment_sends(self):
         os.environ.update(self.env)
         try:
