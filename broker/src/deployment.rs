@@ -1,5 +1,5 @@
-//! Deployments: a deployment manifest's routes put in force (`--deployment`), at start and on
-//! every reload. The endpoints they reach are numbered in the metadata store first, durably
+//! Deployments: a deployment manifest's routes, authorization policy and modules' desired
+//! properties put in force (`--deployment`), at start and on every reload. The endpoints they reach are numbered in the metadata store first, durably
 //! (`routing::endpoints`), and given their queues in the hub, before the routes are installed
 //! for the publish path: no record can name an endpoint a restart, or the hub, would not know.
 
@@ -12,9 +12,11 @@ use crate::routing::Router;
 use crate::routing::endpoints::{EndpointCatalog, EndpointName, EndpointRoutes};
 use crate::routing::routes::syntax::Sink;
 use crate::routing::routes::table::{RouteTable, edge_hub_desired};
+use crate::twin::{DesiredPatch, TwinStore};
 use anyhow::Context;
+use serde_json::{Map, Value};
 use spool_storage::{Meta, Wal};
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
 use tokio::signal::unix::{SignalKind, signal};
@@ -59,6 +61,7 @@ pub struct Deployment {
     /// device of the registry's modules, as it is at each reading (`edge_device`).
     configured_device: String,
     authenticator: Arc<Authenticator>,
+    twins: Arc<TwinStore>,
     meta: Arc<Meta>,
     epoch: u64,
     /// The content last read, applied or refused: the watch reloads when it changes.
@@ -71,6 +74,8 @@ pub struct Deployment {
 pub struct Prepared {
     pub routes: EndpointRoutes,
     pub policy: Arc<Policy>,
+    /// The changes of modules' desired properties it made (stored already), to send.
+    pub desired: Vec<DesiredPatch>,
     /// The endpoints numbered for it, with the checkpoint they were numbered at.
     pub added: Vec<(EndpointName, u64)>,
     pub checkpoint: u64,
@@ -84,6 +89,7 @@ impl Deployment {
         path: PathBuf,
         configured_device: &str,
         authenticator: Arc<Authenticator>,
+        twins: Arc<TwinStore>,
         meta: Arc<Meta>,
         epoch: u64,
     ) -> Deployment {
@@ -91,6 +97,7 @@ impl Deployment {
             path,
             configured_device: configured_device.to_owned(),
             authenticator,
+            twins,
             meta,
             epoch,
             last_read: None,
@@ -111,7 +118,9 @@ impl Deployment {
         self.last_read = Some(manifest.clone());
         let in_manifest = || format!("the deployment manifest {}", path.display());
         let table = RouteTable::from_manifest(&manifest).with_context(in_manifest)?;
-        let needs_device = table.endpoints().any(|(sink, _)| *sink != Sink::Upstream);
+        let module_desired = modules_desired(&manifest).with_context(in_manifest)?;
+        let needs_device = table.endpoints().any(|(sink, _)| *sink != Sink::Upstream)
+            || !module_desired.is_empty();
         let device = match needs_device {
             true => edge_device(&self.configured_device, &self.authenticator.registry())
                 .with_context(in_manifest)?,
@@ -135,10 +144,15 @@ impl Deployment {
         let routes = table.len();
         let routes_table = EndpointRoutes::new(table, &device, &catalog)
             .map_err(|name| anyhow::anyhow!("endpoint {name} was not numbered"))?;
+        let desired = self
+            .twins
+            .apply_manifest(&device, &module_desired)
+            .with_context(in_manifest)?;
         tracing::info!(routes, device, manifest = %path.display(), "deployment read");
         Ok(Prepared {
             routes: routes_table,
             policy: Arc::new(policy),
+            desired,
             added,
             checkpoint,
         })
@@ -212,6 +226,33 @@ fn manifest_policy(manifest: &str, device: &str) -> anyhow::Result<Policy> {
     Ok(Policy::from_desired(desired, device)?)
 }
 
+/// The desired properties a manifest's `modulesContent` gives each module
+/// (`{module}.properties.desired`), by module; none for a manifest of `$edgeHub` alone.
+fn modules_desired(manifest: &str) -> anyhow::Result<BTreeMap<String, Map<String, Value>>> {
+    let manifest: Value = serde_json::from_str(manifest)?;
+    let Some(modules) = manifest
+        .get("modulesContent")
+        .or_else(|| manifest.pointer("/content/modulesContent"))
+        .and_then(Value::as_object)
+    else {
+        return Ok(BTreeMap::new());
+    };
+    let mut desired = BTreeMap::new();
+    for (module, content) in modules {
+        if module.starts_with('$') {
+            continue; // $edgeAgent, $edgeHub: the runtime's own
+        }
+        match content.get("properties.desired") {
+            None => {}
+            Some(Value::Object(properties)) => {
+                desired.insert(module.clone(), properties.clone());
+            }
+            Some(_) => anyhow::bail!("{module}'s properties.desired is not an object"),
+        }
+    }
+    Ok(desired)
+}
+
 /// Puts a prepared manifest in force: the hub's queues for its new endpoints first, then its
 /// routes and its authorization policy.
 async fn install(
@@ -238,6 +279,13 @@ async fn install(
     authenticator.install_policy(Arc::clone(&policy));
     if hub.send(Event::PolicyChanged { policy }).await.is_err() {
         return; // the hub stopped
+    }
+    if !prepared.desired.is_empty() {
+        let patches = prepared.desired;
+        tracing::info!(modules = patches.len(), "desired properties changed");
+        if hub.send(Event::DesiredPatches { patches }).await.is_err() {
+            return;
+        }
     }
     tracing::info!("deployment reloaded");
 }

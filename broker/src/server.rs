@@ -176,12 +176,14 @@ fn registry(config: &Config, meta: &Meta) -> anyhow::Result<IdentityRegistry> {
 }
 
 /// Who may connect, by the identity registry, and the deployment whose routes say where their
-/// telemetry goes (installed in `router`), if one is configured.
+/// telemetry goes (installed in `router`), if one is configured. The modules' desired
+/// properties it sets are stored in `twins`; they read them when they connect.
 fn admit_and_route(
     config: &Config,
     meta: &Arc<Meta>,
     wal: &Wal,
     router: &Router,
+    twins: &Arc<TwinStore>,
 ) -> anyhow::Result<(Arc<Authenticator>, Option<Deployment>)> {
     let settings = &config.settings;
     let hosts = vec![
@@ -195,7 +197,8 @@ fn admit_and_route(
         let path = settings.deployment.clone();
         let (device, epoch) = (&settings.device_id, wal.epoch());
         let admitted = Arc::clone(&authenticator);
-        let mut manifest = Deployment::new(path, device, admitted, Arc::clone(meta), epoch);
+        let (twins, meta) = (Arc::clone(twins), Arc::clone(meta));
+        let mut manifest = Deployment::new(path, device, admitted, twins, meta, epoch);
         let prepared = manifest.prepare(wal.durable_seq())?;
         router.install_routes(prepared.routes);
         authenticator.install_policy(prepared.policy);
@@ -347,12 +350,12 @@ impl Server {
             None => None,
         };
         let router = Arc::new(Router::default());
-        let (authenticator, deployment) = admit_and_route(config, &meta, &wal, &router)?;
+        let twins = Arc::new(TwinStore::load(Arc::clone(&meta))?);
+        let (authenticator, deployment) = admit_and_route(config, &meta, &wal, &router, &twins)?;
         let shutdown = CancellationToken::new();
         // One clock for the hub and the publish path: message expiry is stamped and read on it.
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);
         let admin_meta = Arc::clone(&meta);
-        let twins = Arc::new(TwinStore::load(Arc::clone(&meta))?);
         let (events, mut tasks) =
             spawn_hub(config, &wal, meta, &router, &shutdown, Arc::clone(&clock))?;
         // Before any client: the hub holds subscriptions to the deployment's policy.

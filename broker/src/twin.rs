@@ -5,6 +5,10 @@
 //! - [`TwinStore::patch_reported`] applies a reported patch as a JSON merge patch (`null`
 //!   deletes), after IoT Hub's validation rules, and returns only once the change is on disk:
 //!   law 1 holds for twins as for messages.
+//! - [`TwinStore::apply_manifest`] puts a deployment's desired properties in force. The
+//!   manifest owns the desired keys it names: a key it names is replaced at every reading, and
+//!   a key it stops naming is removed; others (set by an operator) stay. It returns the patches
+//!   to send to the modules subscribed to their desired properties.
 //! - [`TwinRequest`] reads the twin topics a client publishes on, and writes the answers'.
 
 use crate::auth::identity::IdentityId;
@@ -31,6 +35,9 @@ pub struct Twin {
     pub desired_version: u64,
     pub reported: Map<String, Value>,
     pub reported_version: u64,
+    /// The desired keys the deployment manifest set, which its next reading replaces.
+    #[serde(default)]
+    pub manifest_keys: Vec<String>,
 }
 
 impl Default for Twin {
@@ -40,6 +47,7 @@ impl Default for Twin {
             desired_version: 1,
             reported: Map::new(),
             reported_version: 1,
+            manifest_keys: Vec::new(),
         }
     }
 }
@@ -147,22 +155,140 @@ impl TwinStore {
             )));
         }
         twin.reported_version += 1;
-        let value = serde_json::to_vec(&twin).map_err(|e| TwinError::Corrupt {
-            key: id.key(),
-            why: e.to_string(),
-        })?;
-        let change = MetaChange::State {
-            table: StateTable::Twins,
-            key: id.key(),
-            value: Some(value),
-        };
-        self.meta.apply(&[change], Commit::Durable)?;
         let version = twin.reported_version;
-        self.twins
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .insert(id.clone(), twin);
+        self.store(vec![(id.clone(), twin)])?;
         Ok(version)
+    }
+}
+
+/// A change of an identity's desired properties, as a module gets it on
+/// `$iothub/twin/PATCH/properties/desired/?$version={version}`: the changed keys (`null` for a
+/// removed one) and `$version`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DesiredPatch {
+    pub identity: IdentityId,
+    pub version: u64,
+    pub patch: Value,
+}
+
+impl TwinStore {
+    /// Puts the desired properties a deployment manifest gives the modules of `device`
+    /// (`desired`, by module) in force, durably and in one commit; returns the patches made.
+    /// Blocking: it commits to the metadata store.
+    ///
+    /// # Errors
+    /// `Invalid` for desired properties IoT Hub would refuse (nothing changes), or the store's
+    /// failure.
+    pub fn apply_manifest(
+        &self,
+        device: &str,
+        desired: &BTreeMap<String, Map<String, Value>>,
+    ) -> Result<Vec<DesiredPatch>, TwinError> {
+        for properties in desired.values() {
+            validate(properties, 1)?;
+        }
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self
+            .twins
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        // The modules the manifest names, and those it named before.
+        let mut modules: Vec<IdentityId> = desired
+            .keys()
+            .map(|module| IdentityId {
+                device: device.to_owned(),
+                module: Some(module.clone()),
+            })
+            .collect();
+        modules.extend(current.iter().filter_map(|(id, twin)| {
+            let owned = !twin.manifest_keys.is_empty() && id.device == device;
+            let named = id.module.as_ref().is_some_and(|m| desired.contains_key(m));
+            (owned && !named).then(|| id.clone())
+        }));
+        let empty = Map::new();
+        let mut changed = Vec::new();
+        let mut patches = Vec::new();
+        for id in modules {
+            let given = id
+                .module
+                .as_ref()
+                .and_then(|m| desired.get(m))
+                .unwrap_or(&empty);
+            let mut twin = current.get(&id).cloned().unwrap_or_default();
+            let Some(patch) = take_manifest(&mut twin, given) else {
+                continue;
+            };
+            if let Some(mut patch) = patch {
+                twin.desired_version += 1;
+                patch.insert("$version".into(), twin.desired_version.into());
+                patches.push(DesiredPatch {
+                    identity: id.clone(),
+                    version: twin.desired_version,
+                    patch: Value::Object(patch),
+                });
+            }
+            changed.push((id, twin));
+        }
+        self.store(changed)?;
+        Ok(patches)
+    }
+
+    /// Stores `twins` durably in one commit, then puts them in place.
+    fn store(&self, twins: Vec<(IdentityId, Twin)>) -> Result<(), TwinError> {
+        if twins.is_empty() {
+            return Ok(());
+        }
+        let mut changes = Vec::with_capacity(twins.len());
+        for (id, twin) in &twins {
+            let value = serde_json::to_vec(twin).map_err(|e| TwinError::Corrupt {
+                key: id.key(),
+                why: e.to_string(),
+            })?;
+            changes.push(MetaChange::State {
+                table: StateTable::Twins,
+                key: id.key(),
+                value: Some(value),
+            });
+        }
+        self.meta.apply(&changes, Commit::Durable)?;
+        let mut current = self.twins.write().unwrap_or_else(PoisonError::into_inner);
+        current.extend(twins);
+        Ok(())
+    }
+}
+
+/// Gives `twin` the manifest's desired properties `given`: the keys it names replaced, the
+/// keys it named before and names no more removed. `None` if nothing changes at all; else the
+/// patch of changed values, `None` inside when only which keys the manifest owns changed.
+#[allow(clippy::option_option)]
+fn take_manifest(
+    twin: &mut Twin,
+    given: &Map<String, Value>,
+) -> Option<Option<Map<String, Value>>> {
+    let before = twin.desired.clone();
+    for key in &twin.manifest_keys {
+        if !given.contains_key(key) {
+            twin.desired.remove(key);
+        }
+    }
+    for (key, value) in given {
+        twin.desired.insert(key.clone(), value.clone());
+    }
+    let keys: Vec<String> = given.keys().cloned().collect();
+    let owned_changed = keys != twin.manifest_keys;
+    twin.manifest_keys = keys;
+    let mut patch = Map::new();
+    for key in before.keys().chain(twin.desired.keys()) {
+        let now = twin.desired.get(key);
+        if before.get(key) != now && !patch.contains_key(key) {
+            patch.insert(key.clone(), now.cloned().unwrap_or(Value::Null));
+        }
+    }
+    match (patch.is_empty(), owned_changed) {
+        (true, false) => None,
+        (true, true) => Some(None),
+        (false, _) => Some(Some(patch)),
     }
 }
 
@@ -354,6 +480,51 @@ mod tests {
             twins.get(&id).reported_version,
             2,
             "only the good patch counted"
+        );
+    }
+
+    /// Goal: the manifest owns the desired keys it names: they are set and replaced at each
+    /// reading, removed when it stops naming them, and a change becomes one patch with the new
+    /// `$version`; a reading that changes nothing makes no patch.
+    #[test]
+    fn the_manifest_owns_the_desired_keys_it_names() {
+        let (twins, _dir) = store();
+        let filter = IdentityId::parse("edge/filter").expect("id");
+        let manifest = |json: &str| -> BTreeMap<String, Map<String, Value>> {
+            serde_json::from_str(json).expect("json")
+        };
+        let first = twins
+            .apply_manifest("edge", &manifest(r#"{"filter": {"rate": 5, "mode": "a"}}"#))
+            .expect("applied");
+        assert_eq!(
+            first,
+            vec![DesiredPatch {
+                identity: filter.clone(),
+                version: 2,
+                patch: serde_json::json!({"rate": 5, "mode": "a", "$version": 2}),
+            }]
+        );
+        let again = twins
+            .apply_manifest("edge", &manifest(r#"{"filter": {"rate": 5, "mode": "a"}}"#))
+            .expect("applied");
+        assert!(again.is_empty(), "nothing changed");
+        let second = twins
+            .apply_manifest("edge", &manifest(r#"{"filter": {"rate": 7}}"#))
+            .expect("applied");
+        assert_eq!(
+            second[0].patch,
+            serde_json::json!({"rate": 7, "mode": null, "$version": 3})
+        );
+        let gone = twins
+            .apply_manifest("edge", &manifest("{}"))
+            .expect("applied");
+        assert_eq!(
+            gone[0].patch,
+            serde_json::json!({"rate": null, "$version": 4})
+        );
+        assert_eq!(
+            twins.get(&filter).document()["desired"],
+            serde_json::json!({"$version": 4})
         );
     }
 

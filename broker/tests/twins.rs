@@ -16,7 +16,22 @@ use std::path::Path;
 
 const KEY: [u8; 32] = [3; 32];
 
+/// A deployment that gives module `filter` the desired property `rate`.
+fn deployment(rate: u32) -> String {
+    format!(
+        r#"{{"modulesContent": {{
+            "$edgeHub": {{"properties.desired": {{"schemaVersion": "1.1", "routes": {{}},
+                "storeAndForwardConfiguration": {{"timeToLiveSecs": 7200}}}}}},
+            "filter": {{"properties.desired": {{"rate": {rate}}}}}
+        }}}}"#
+    )
+}
+
 fn start(dir: &Path) -> Spool {
+    start_with(dir, &[])
+}
+
+fn start_with(dir: &Path, args: &[&str]) -> Spool {
     let identities = dir.join("identities.toml");
     if !identities.exists() {
         let key = BASE64.encode(KEY);
@@ -28,10 +43,9 @@ fn start(dir: &Path) -> Spool {
         )
         .unwrap();
     }
-    Spool::start(
-        &dir.join("data"),
-        &["--identities", identities.to_str().unwrap()],
-    )
+    let mut all = vec!["--identities", identities.to_str().unwrap()];
+    all.extend(args);
+    Spool::start(&dir.join("data"), &all)
 }
 
 /// The module, connected and subscribed to its twin's answers.
@@ -108,4 +122,36 @@ async fn a_module_reads_its_twin_and_reports_properties_that_survive_a_crash() {
         twin["reported"],
         serde_json::json!({"temp": 21, "$version": 3})
     );
+}
+
+#[tokio::test]
+async fn desired_properties_come_from_the_deployment_and_changes_reach_the_module() {
+    // Goal: the manifest's desired properties are in the twin a module reads, and a reload
+    // that changes them sends the module one patch with the new `$version`.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let manifest = dir.path().join("deployment.json");
+    std::fs::write(&manifest, deployment(5)).unwrap();
+    let spool = start_with(dir.path(), &["--deployment", manifest.to_str().unwrap()]);
+    let mut filter = module(spool.addr).await;
+    let (_, twin) = ask(&mut filter, "$iothub/twin/GET/?$rid=1", "").await;
+    assert_eq!(
+        twin["desired"],
+        serde_json::json!({"rate": 5, "$version": 2})
+    );
+    filter
+        .subscribe("$iothub/twin/PATCH/properties/desired/#", QoS::AtLeastOnce)
+        .await;
+    std::fs::write(&manifest, deployment(7)).unwrap();
+    let patch = loop {
+        if let Seen::Publish(p) = filter.next(10).await {
+            break p;
+        }
+    };
+    assert_eq!(
+        patch.topic,
+        "$iothub/twin/PATCH/properties/desired/?$version=3"
+    );
+    let body: serde_json::Value = serde_json::from_slice(&patch.payload).unwrap();
+    assert_eq!(body, serde_json::json!({"rate": 7, "$version": 3}));
 }

@@ -8,6 +8,7 @@ use crate::message::{Message, QoS, Will};
 use crate::routing::SubscriptionOptions;
 use crate::routing::endpoints::EndpointName;
 use crate::session::receipts::SharedReceipts;
+use crate::twin::DesiredPatch;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc::error::TrySendError;
@@ -69,6 +70,11 @@ pub enum Event {
     /// subscriptions it does not allow are dropped, and new ones are held to it.
     PolicyChanged {
         policy: Arc<Policy>,
+    },
+    /// A deployment changed modules' desired properties (stored already): each patch goes to
+    /// its module's session, if it is subscribed to them.
+    DesiredPatches {
+        patches: Vec<DesiredPatch>,
     },
     /// The connection ended; with its will if it did not end with a normal DISCONNECT, and
     /// the session expiry its MQTT 5 DISCONNECT set, if any.

@@ -19,7 +19,8 @@
 //! - `checkpoints`: committed progress, and the log's space reclaimed by liveness;
 //! - `loads`: messages no longer cached, read back for delivery off the hub's task;
 //! - `metadata`, `appends`: the metadata writer, and records the hub logs itself;
-//! - `wills`; `events`: the messages between connections and the hub.
+//! - `wills`; `twins`: desired-property patches for modules; `events`: the messages between
+//!   connections and the hub.
 
 mod appends;
 mod checkpoints;
@@ -93,6 +94,7 @@ pub mod retained;
 mod sessions;
 mod start;
 mod subscriptions;
+mod twins;
 mod wills;
 
 use crate::auth::policy::Policy;
@@ -397,6 +399,7 @@ impl Hub {
                 let _ = done.send(());
             }
             Event::PolicyChanged { policy } => self.policy_changed(policy),
+            Event::DesiredPatches { patches } => self.send_desired_patches(patches),
         }
     }
 }

@@ -1,0 +1,66 @@
+//! Desired-property patches (edgehub-contract.md §1.5): each goes to its module's session as a
+//! message on `$iothub/twin/PATCH/properties/desired/?$version={n}`, logged for that session
+//! alone like any message, so it reaches the module in order with the rest and survives a
+//! crash. Only a session subscribed to its desired properties gets it; a module that was not
+//! reads the whole twin when it connects, as the SDKs do.
+
+use super::Hub;
+use super::appends::{Metering, OwnAppend};
+use crate::delivery::record::{KIND_PUBLISH, PublishRecord, QueueId, Target};
+use crate::message::{Message, MessageProperties, QoS};
+use crate::routing::topic;
+use crate::twin::DesiredPatch;
+
+impl Hub {
+    /// Logs each of `patches` for the session of its identity, if it is subscribed.
+    pub(super) fn send_desired_patches(&mut self, patches: Vec<DesiredPatch>) {
+        for DesiredPatch {
+            identity,
+            version,
+            patch,
+        } in patches
+        {
+            let topic = format!("$iothub/twin/PATCH/properties/desired/?$version={version}");
+            let Some(&id) = self.session_by_client.get(&identity.to_string()) else {
+                continue;
+            };
+            let Some(session) = self.sessions.get(&id) else {
+                continue;
+            };
+            let subscribed = session
+                .subscriptions
+                .iter()
+                .find(|(filter, _)| topic::matches(filter, &topic));
+            let Some((_, options)) = subscribed else {
+                continue;
+            };
+            // Modules get their desired properties at QoS 1 at most, as from IoT Hub.
+            let qos = options.qos.min(QoS::AtLeastOnce);
+            let record = PublishRecord {
+                message: Message {
+                    topic,
+                    payload: patch.to_string().into(),
+                    qos,
+                    retain: false,
+                    properties: MessageProperties::default(),
+                },
+                publisher: 0,
+                qos2_packet_id: None,
+                retained_copy: false,
+                targets: vec![Target {
+                    queue: QueueId::Session(id),
+                    qos,
+                    retain_as_published: false,
+                    subscription_ids: options.subscription_id.into_iter().collect(),
+                    deadline_ms: None,
+                }],
+            };
+            self.append_own(OwnAppend {
+                kind: KIND_PUBLISH,
+                payload: record.encode(),
+                metering: Metering::BeyondQuota,
+                what: "a desired-property patch",
+            });
+        }
+    }
+}
