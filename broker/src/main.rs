@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use spool_broker::auth::cli::IdentityArgs;
 use spool_broker::config::{Config, ServeArgs};
 use spool_broker::server::Server;
+use spool_broker::twin::cli::TwinArgs;
 use tracing_subscriber::EnvFilter;
 
 /// spool: a durable, in-order MQTT hub for IoT Edge modules.
@@ -21,6 +22,8 @@ enum Command {
     Serve(Box<ServeArgs>),
     /// Manage the devices and modules that may connect.
     Identity(Box<IdentityArgs>),
+    /// Read twins and patch their desired properties, on a running server.
+    Twin(Box<TwinArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,6 +38,10 @@ fn main() -> anyhow::Result<()> {
         Command::Serve(args) => serve(*args),
         Command::Identity(args) => {
             print!("{}", spool_broker::auth::cli::run(&args)?);
+            Ok(())
+        }
+        Command::Twin(args) => {
+            print!("{}", spool_broker::twin::cli::run(&args)?);
             Ok(())
         }
     }

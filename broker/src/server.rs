@@ -389,6 +389,8 @@ impl Server {
         let admin = AdminContext {
             authenticator: Arc::clone(&context.authenticator),
             meta: admin_meta,
+            twins: Arc::clone(&context.twins),
+            hub: context.hub.clone(),
         };
         let admin_addr = start_admin(config, admin, &shutdown, &mut tasks).await?;
         if !config.settings.workload_dir.as_os_str().is_empty() {

@@ -154,4 +154,55 @@ async fn desired_properties_come_from_the_deployment_and_changes_reach_the_modul
     );
     let body: serde_json::Value = serde_json::from_slice(&patch.payload).unwrap();
     assert_eq!(body, serde_json::json!({"rate": 7, "$version": 3}));
+
+    // An operator's patch reaches the module too. The manifest owns `rate`, so its next
+    // reading sets `rate` again; `mode`, which it does not name, stays.
+    let admin = spool.admin.unwrap().to_string();
+    let patch = r#"{"rate": 1, "mode": "x"}"#;
+    let patched = spool_twin(&admin, &["patch-desired", "edge/filter", patch]);
+    let expected = serde_json::json!({"rate": 1, "mode": "x", "$version": 4});
+    assert_eq!(patched["desired"], expected);
+    assert_eq!(next_patch(&mut filter).await, expected);
+    std::fs::write(&manifest, deployment(9)).unwrap();
+    assert_eq!(
+        next_patch(&mut filter).await,
+        serde_json::json!({"rate": 9, "$version": 5})
+    );
+    let twin = spool_twin(&admin, &["get", "edge/filter"]);
+    let expected = serde_json::json!({"rate": 9, "mode": "x", "$version": 5});
+    assert_eq!(twin["desired"], expected);
+    let refused = std::process::Command::new(env!("CARGO_BIN_EXE_spool"))
+        .args(["twin", "patch-desired", "edge/filter", "[1]"])
+        .args(["--admin-bind", &admin])
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    let said = String::from_utf8_lossy(&refused.stderr);
+    assert!(said.contains("not a JSON object"), "{said}");
+}
+
+/// Runs `spool twin ARGS` against the admin API at `admin`; returns the twin it prints.
+fn spool_twin(admin: &str, args: &[&str]) -> serde_json::Value {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_spool"))
+        .arg("twin")
+        .args(args)
+        .args(["--admin-bind", admin])
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{said}");
+    serde_json::from_slice(&output.stdout).unwrap()
+}
+
+/// The next desired-property patch the module receives.
+async fn next_patch(client: &mut Client) -> serde_json::Value {
+    loop {
+        if let Seen::Publish(p) = client.next(10).await {
+            let desired = p
+                .topic
+                .starts_with("$iothub/twin/PATCH/properties/desired/");
+            assert!(desired, "{}", p.topic);
+            return serde_json::from_slice(&p.payload).unwrap();
+        }
+    }
 }

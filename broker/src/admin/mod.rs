@@ -1,5 +1,5 @@
-//! The admin API (`spool.admin.v1`, gRPC), served on `--admin-bind`: identities today;
-//! routes, queues, twins, methods and the upstream link join it with their issues. It calls the
+//! The admin API (`spool.admin.v1`, gRPC), served on `--admin-bind`: identities and twins
+//! today; routes, queues, methods and the upstream link join it with their issues. It calls the
 //! same registry the listeners authenticate with, so a change counts for the next CONNECT, and
 //! connected clients whose credentials it revokes are disconnected (`Authenticator`'s change
 //! announcements). `spool identity` is its client when a server holds the data directory.
@@ -12,12 +12,15 @@ pub mod convert;
 use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::{Credentials, Identity, IdentityId, Status};
 use crate::auth::registry::RegistryError;
+use crate::hub::events::Event;
+use crate::twin::{TwinError, TwinStore};
 use convert::{identity_from_proto, identity_to_proto};
 use spool_proto::admin as pb;
 use spool_proto::admin::admin_server::{Admin, AdminServer};
 use spool_storage::Meta;
 use std::sync::Arc;
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response};
 
@@ -32,6 +35,32 @@ pub struct AdminService {
 pub struct AdminContext {
     pub authenticator: Arc<Authenticator>,
     pub meta: Arc<Meta>,
+    pub twins: Arc<TwinStore>,
+    /// Where a desired-property patch goes to reach its module.
+    pub hub: mpsc::Sender<Event>,
+}
+
+/// A client of the admin API at `addr`, with the runtime to call it on (for the CLI).
+///
+/// # Errors
+/// The runtime cannot start, or the server cannot be reached.
+pub fn client(
+    addr: &str,
+) -> anyhow::Result<(
+    tokio::runtime::Runtime,
+    spool_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+)> {
+    use anyhow::Context as _;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let endpoint = format!("http://{addr}");
+    let connected = runtime.block_on(spool_proto::admin::admin_client::AdminClient::connect(
+        endpoint,
+    ));
+    let client =
+        connected.with_context(|| format!("reach the running server's admin API at {addr}"))?;
+    Ok((runtime, client))
 }
 
 /// Serves the admin API on `listener` until `shutdown`.
@@ -96,6 +125,49 @@ impl AdminService {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
+    async fn get_twin(
+        &self,
+        request: Request<pb::IdentityRequest>,
+    ) -> Result<Response<pb::Twin>, tonic::Status> {
+        let id = parse_id(&request.into_inner().id)?;
+        if self.context.authenticator.registry().get(&id).is_none() {
+            return Err(status(RegistryError::NotFound(id)));
+        }
+        let json = self.context.twins.get(&id).document().to_string();
+        Ok(Response::new(pb::Twin { json }))
+    }
+
+    async fn patch_desired(
+        &self,
+        request: Request<pb::PatchDesiredRequest>,
+    ) -> Result<Response<pb::Twin>, tonic::Status> {
+        let request = request.into_inner();
+        let id = parse_id(&request.id)?;
+        if self.context.authenticator.registry().get(&id).is_none() {
+            return Err(status(RegistryError::NotFound(id)));
+        }
+        let twins = Arc::clone(&self.context.twins);
+        let patched = {
+            let id = id.clone();
+            tokio::task::spawn_blocking(move || twins.patch_desired(&id, request.patch.as_bytes()))
+        };
+        let patch = patched
+            .await
+            .map_err(|e| tonic::Status::internal(format!("the patch failed: {e}")))?
+            .map_err(|e| match e {
+                TwinError::Invalid(why) => tonic::Status::invalid_argument(why),
+                other => tonic::Status::internal(other.to_string()),
+            })?;
+        let event = Event::DesiredPatches {
+            patches: vec![patch],
+        };
+        if self.context.hub.send(event).await.is_err() {
+            tracing::warn!("the hub stopped: a desired-property patch was stored, not sent");
+        }
+        let json = self.context.twins.get(&id).document().to_string();
+        Ok(Response::new(pb::Twin { json }))
+    }
+
     async fn list_identities(
         &self,
         _: Request<pb::ListIdentitiesRequest>,

@@ -302,13 +302,7 @@ struct Online {
 
 impl Online {
     fn connect(addr: &str) -> anyhow::Result<Online> {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let endpoint = format!("http://{addr}");
-        let client = runtime
-            .block_on(AdminClient::connect(endpoint))
-            .with_context(|| format!("reach the running server's admin API at {addr}"))?;
+        let (runtime, client) = crate::admin::client(addr)?;
         Ok(Online { runtime, client })
     }
 

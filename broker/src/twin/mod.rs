@@ -10,6 +10,9 @@
 //!   a key it stops naming is removed; others (set by an operator) stay. It returns the patches
 //!   to send to the modules subscribed to their desired properties.
 //! - [`TwinRequest`] reads the twin topics a client publishes on, and writes the answers'.
+//! - `cli`: `spool twin get|patch-desired`, through a running server's admin API.
+
+pub mod cli;
 
 use crate::auth::identity::IdentityId;
 use serde_json::{Map, Value};
@@ -139,21 +142,11 @@ impl TwinStore {
     /// # Errors
     /// `Invalid` for a patch IoT Hub refuses (nothing changes), or the store's failure.
     pub fn patch_reported(&self, id: &IdentityId, patch: &[u8]) -> Result<u64, TwinError> {
-        let patch: Value = serde_json::from_slice(patch)
-            .map_err(|e| TwinError::Invalid(format!("the patch is not JSON: {e}")))?;
-        let Value::Object(patch) = patch else {
-            return Err(TwinError::Invalid("the patch is not a JSON object".into()));
-        };
-        validate(&patch, 1)?;
+        let patch = read_patch(patch)?;
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         let mut twin = self.get(id);
         merge(&mut twin.reported, patch);
-        let size = Value::Object(twin.reported.clone()).to_string().len();
-        if size > DOCUMENT_BYTES_MAX {
-            return Err(TwinError::Invalid(format!(
-                "the reported properties would take {size} bytes, above {DOCUMENT_BYTES_MAX}"
-            )));
-        }
+        check_size(&twin.reported, "reported")?;
         twin.reported_version += 1;
         let version = twin.reported_version;
         self.store(vec![(id.clone(), twin)])?;
@@ -234,6 +227,31 @@ impl TwinStore {
         Ok(patches)
     }
 
+    /// Applies `patch` (a JSON object; `null` deletes) to `id`'s desired properties, as an
+    /// operator asks (`spool twin patch-desired`), and stores the twin durably; returns the patch
+    /// to send to the module. A key the deployment manifest names stays the manifest's: its next
+    /// reading sets it again. Blocking: it commits to the metadata store.
+    ///
+    /// # Errors
+    /// `Invalid` for a patch IoT Hub refuses (nothing changes), or the store's failure.
+    pub fn patch_desired(&self, id: &IdentityId, patch: &[u8]) -> Result<DesiredPatch, TwinError> {
+        let patch = read_patch(patch)?;
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut twin = self.get(id);
+        merge(&mut twin.desired, patch.clone());
+        check_size(&twin.desired, "desired")?;
+        twin.desired_version += 1;
+        let mut patch = patch;
+        patch.insert("$version".into(), twin.desired_version.into());
+        let version = twin.desired_version;
+        self.store(vec![(id.clone(), twin)])?;
+        Ok(DesiredPatch {
+            identity: id.clone(),
+            version,
+            patch: Value::Object(patch),
+        })
+    }
+
     /// Stores `twins` durably in one commit, then puts them in place.
     fn store(&self, twins: Vec<(IdentityId, Twin)>) -> Result<(), TwinError> {
         if twins.is_empty() {
@@ -290,6 +308,28 @@ fn take_manifest(
         (true, true) => Some(None),
         (false, _) => Some(Some(patch)),
     }
+}
+
+/// A patch as a client or operator sends it: a JSON object within IoT Hub's rules.
+fn read_patch(patch: &[u8]) -> Result<Map<String, Value>, TwinError> {
+    let patch: Value = serde_json::from_slice(patch)
+        .map_err(|e| TwinError::Invalid(format!("the patch is not JSON: {e}")))?;
+    let Value::Object(patch) = patch else {
+        return Err(TwinError::Invalid("the patch is not a JSON object".into()));
+    };
+    validate(&patch, 1)?;
+    Ok(patch)
+}
+
+/// Refuses `properties` (`which` ones) above IoT Hub's document size.
+fn check_size(properties: &Map<String, Value>, which: &str) -> Result<(), TwinError> {
+    let size = Value::Object(properties.clone()).to_string().len();
+    if size > DOCUMENT_BYTES_MAX {
+        return Err(TwinError::Invalid(format!(
+            "the {which} properties would take {size} bytes, above {DOCUMENT_BYTES_MAX}"
+        )));
+    }
+    Ok(())
 }
 
 /// Checks a patch against IoT Hub's rules for reported properties, `depth` being the level of
