@@ -39,10 +39,12 @@ class Spool:
              "--mqtt-bind", "127.0.0.1:0", "--mqtts-bind", tls_bind,
              "--admin-bind", "127.0.0.1:0", *extra_args],
             stdout=subprocess.PIPE, env={**os.environ, "SPOOL_LOG": "warn"}, text=True)
-        self.port = self.tls_port = self.ca = None
+        self.port = self.tls_port = self.ca = self.admin = None
         for line in self.process.stdout:
             if m := re.match(r"spool: MQTT listening on .*:(\d+)$", line.strip()):
                 self.port = int(m.group(1))
+            elif m := re.match(r"spool: admin API on (\S+)$", line.strip()):
+                self.admin = m.group(1)
             elif m := re.match(r"spool: MQTTS listening on .*:(\d+)$", line.strip()):
                 self.tls_port = int(m.group(1))
             elif line.startswith("spool: TLS CA certificate"):

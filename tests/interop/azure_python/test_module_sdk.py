@@ -114,6 +114,26 @@ class ModuleSdk(unittest.TestCase):
         self.assertEqual(twin["reported"],
                          {"firmware": "1.2.3", "temp": {"max": 40}, "$version": 2})
 
+    def test_a_module_receives_desired_property_patches(self):
+        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
+            client = ModuleClient.create_from_connection_string(
+                self.connection_string, server_verification_cert=ca.read())
+        patches = queue.Queue()
+        client.on_twin_desired_properties_patch_received = patches.put
+        client.connect()
+        time.sleep(1)  # the SDK subscribes to desired patches when the handler is set
+        subprocess.run([SPOOL_BIN, "twin", "patch-desired", "edge/sender", '{"rate": 5}',
+                        "--admin-bind", self.spool.admin], check=True, capture_output=True)
+        # On connect the SDK reads the twin and hands over its desired properties as a first
+        # patch (version 1 here); spool's patch follows.
+        patch = patches.get(timeout=10)
+        while patch.get("$version") == 1:
+            patch = patches.get(timeout=10)
+        twin = client.get_twin()
+        client.shutdown()
+        self.assertEqual(patch, {"rate": 5, "$version": 2})
+        self.assertEqual(twin["desired"], {"rate": 5, "$version": 2})
+
     def test_a_module_started_with_the_edge_environment_sends(self):
         os.environ.update(self.env)
         try:
