@@ -35,30 +35,35 @@ fn start_with(dir: &Path, args: &[&str]) -> Spool {
     let identities = dir.join("identities.toml");
     if !identities.exists() {
         let key = BASE64.encode(KEY);
-        std::fs::write(
-            &identities,
-            format!(
-                "[[identities]]\nid = \"edge/filter\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
-            ),
-        )
-        .unwrap();
+        let registered: String = ["edge/filter", "edge/sink"]
+            .iter()
+            .map(|id| {
+                format!(
+                    "[[identities]]\nid = \"{id}\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
+                )
+            })
+            .collect();
+        std::fs::write(&identities, registered).unwrap();
     }
     let mut all = vec!["--identities", identities.to_str().unwrap()];
     all.extend(args);
     Spool::start(&dir.join("data"), &all)
 }
 
-/// The module, connected and subscribed to its twin's answers.
+/// Module `edge/filter`, connected and subscribed to its twin's answers.
 async fn module(addr: SocketAddr) -> Client {
+    module_named(addr, "filter").await
+}
+
+async fn module_named(addr: SocketAddr, name: &str) -> Client {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     let expiry = now.unwrap().as_secs() + 3600;
-    let token = sign(
-        &KEY,
-        &resource_uri("localhost", "edge", Some("filter")),
-        expiry,
+    let token = sign(&KEY, &resource_uri("localhost", "edge", Some(name)), expiry);
+    let mut options = options(addr, &format!("edge/{name}"), true);
+    options.set_credentials(
+        format!("localhost/edge/{name}/?api-version=2020-09-30"),
+        token,
     );
-    let mut options = options(addr, "edge/filter", true);
-    options.set_credentials("localhost/edge/filter/?api-version=2020-09-30", token);
     let mut client = connect(options);
     client.connected().await;
     client
@@ -205,4 +210,53 @@ async fn next_patch(client: &mut Client) -> serde_json::Value {
             return serde_json::from_slice(&p.payload).unwrap();
         }
     }
+}
+
+#[tokio::test]
+async fn reported_changes_reach_routes_as_twin_change_notifications() {
+    // Goal: a reported patch becomes a twin change notification routed from
+    // `/twinChangeNotifications`, and `twin_change_includes` picks the ones that matter.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let manifest = dir.path().join("deployment.json");
+    std::fs::write(
+        &manifest,
+        r#"{"schemaVersion": "1.1", "storeAndForwardConfiguration": {"timeToLiveSecs": 7200},
+            "routes": {"twins": "FROM /twinChangeNotifications WHERE twin_change_includes('properties.reported.temp') INTO BrokeredEndpoint(\"/modules/sink/inputs/twins\")"}}"#,
+    )
+    .unwrap();
+    let spool = start_with(dir.path(), &["--deployment", manifest.to_str().unwrap()]);
+    let mut sink = module_named(spool.addr, "sink").await;
+    sink.subscribe("devices/edge/modules/sink/inputs/#", QoS::AtLeastOnce)
+        .await;
+    let mut filter = module(spool.addr).await;
+    let reported = "$iothub/twin/PATCH/properties/reported/?$rid=";
+    for (rid, patch) in [
+        (1, r#"{"temp": 30}"#),
+        (2, r#"{"other": 1}"#),
+        (3, r#"{"temp": 31}"#),
+    ] {
+        ask(&mut filter, &format!("{reported}{rid}"), patch).await;
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 2 {
+        if let Seen::Publish(p) = sink.next(10).await {
+            assert!(
+                p.topic
+                    .starts_with("devices/edge/modules/sink/inputs/twins/"),
+                "{}",
+                p.topic
+            );
+            assert!(p.topic.contains("%24.cmid=filter"), "{}", p.topic);
+            seen.push(serde_json::from_slice::<serde_json::Value>(&p.payload).unwrap());
+        }
+    }
+    assert_eq!(
+        seen,
+        vec![
+            serde_json::json!({"version": 2, "properties": {"reported": {"temp": 30, "$version": 2}}}),
+            serde_json::json!({"version": 4, "properties": {"reported": {"temp": 31, "$version": 4}}}),
+        ],
+        "the change without temp went nowhere"
+    );
 }

@@ -13,13 +13,16 @@ use crate::auth::identity::IdentityId;
 use crate::auth::policy::{Client, Policy};
 use crate::clock::Clock;
 use crate::delivery::drop_worth_logging;
-use crate::delivery::record::{KIND_PUBLISH, KIND_QOS2_RELEASE, ReleaseRecord, Target};
+use crate::delivery::record::{
+    KIND_PUBLISH, KIND_QOS2_RELEASE, PublishRecord, ReleaseRecord, Target,
+};
 use crate::iothub::message::IotMessage;
 use crate::iothub::property_bag::Properties;
 use crate::iothub::{self, PublishRefusal};
 use crate::message::{Message, QoS};
 use crate::routing::Router;
 use crate::session::receipts::{self, SharedReceipts};
+use crate::twin::ReportedPatch;
 use bytes::Bytes;
 use spool_storage::{PendingAppend, Reservation, Wal};
 use std::sync::Arc;
@@ -242,6 +245,45 @@ impl Ingest {
                 dropped,
                 "telemetry no route or subscription takes: dropped (no_route; `dropped` counts every such message since start)"
             );
+        }
+    }
+
+    /// A module's reported properties changed (stored already): the twin change notification
+    /// goes where the deployment's routes send `/twinChangeNotifications`, logged like
+    /// telemetry from that module. Not waited for: the change itself is durable, and a log
+    /// that cannot take the notification at once drops it with a log line.
+    pub fn twin_changed(&self, identity: &IdentityId, change: &ReportedPatch) {
+        let (topic, body) = change.change_notification(identity);
+        let targets = {
+            let Some(properties) = iothub::topics::telemetry(&topic)
+                .and_then(|t| iothub::property_bag::decode(t.bag).ok())
+            else {
+                return;
+            };
+            let routed = IotMessage::twin_change(identity, &properties, &body);
+            self.router.routes().targets(&routed, self.now_ms())
+        };
+        if targets.is_empty() {
+            return;
+        }
+        let record = PublishRecord {
+            message: Message {
+                topic,
+                payload: body.into(),
+                qos: QoS::AtLeastOnce,
+                retain: false,
+                properties: crate::message::MessageProperties {
+                    sender: Some(identity.to_string()),
+                    ..Default::default()
+                },
+            },
+            publisher: 0,
+            qos2_packet_id: None,
+            retained_copy: false,
+            targets,
+        };
+        if let Err(e) = self.wal.try_submit(KIND_PUBLISH, record.encode()) {
+            tracing::warn!(%identity, "dropped a twin change notification: {e}");
         }
     }
 

@@ -27,12 +27,17 @@ const SYSTEM_PROPERTIES: [(&str, &str); 14] = [
     ("ack", "ack"),
 ];
 
+/// The route source of twin change notifications.
+const TWIN_CHANGE_SOURCE: &str = "/twinChangeNotifications";
+
 /// Telemetry, as routes evaluate it: a view of its decoded property bag, without copies, since
 /// every identity's publish is evaluated.
 #[derive(Debug, Clone)]
 pub struct IotMessage<'a> {
     pub sender: &'a IdentityId,
     properties: &'a Properties<'a>,
+    /// Set for a message spool makes itself (a twin change notification): its route source.
+    source: Option<&'static str>,
     /// The body parsed as JSON, when its content type and encoding say it is JSON.
     json: Option<serde_json::Value>,
 }
@@ -50,6 +55,7 @@ impl<'a> IotMessage<'a> {
         let mut message = IotMessage {
             sender,
             properties,
+            source: None,
             json: None,
         };
         let json_type = message
@@ -66,10 +72,29 @@ impl<'a> IotMessage<'a> {
         message
     }
 
+    /// A twin change notification about `sender`'s twin (its properties and JSON `body` as
+    /// `twin::change_notification` writes them), whose route source is
+    /// `/twinChangeNotifications`.
+    #[must_use]
+    pub fn twin_change(
+        sender: &'a IdentityId,
+        properties: &'a Properties<'a>,
+        body: &[u8],
+    ) -> IotMessage<'a> {
+        IotMessage {
+            source: Some(TWIN_CHANGE_SOURCE),
+            ..IotMessage::new(sender, properties, body)
+        }
+    }
+
     /// Its route source: `/messages/modules/{module}/outputs/{output}` for a module's message to
-    /// an output, `/messages/modules/{module}` without one, `/messages` from a device.
+    /// an output, `/messages/modules/{module}` without one, `/messages` from a device, and
+    /// `/twinChangeNotifications` for a twin change notification.
     #[must_use]
     pub fn source(&self) -> String {
+        if let Some(source) = self.source {
+            return source.to_owned();
+        }
         match (&self.sender.module, self.system_property("outputName")) {
             (Some(module), Some(output)) => format!("/messages/modules/{module}/outputs/{output}"),
             (Some(module), None) => format!("/messages/modules/{module}"),

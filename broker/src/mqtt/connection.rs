@@ -907,10 +907,14 @@ where
         let answered = match &request {
             TwinRequest::Get { .. } => Ok((200, Some(twins.get(&identity).document()), None)),
             TwinRequest::PatchReported { .. } => {
-                let patched =
-                    tokio::task::spawn_blocking(move || twins.patch_reported(&identity, &body));
+                let id = identity.clone();
+                let patched = tokio::task::spawn_blocking(move || twins.patch_reported(&id, &body));
                 match patched.await {
-                    Ok(patched) => patched.map(|version| (204, None, Some(version))),
+                    Ok(Ok(patched)) => {
+                        self.context.ingest.twin_changed(&identity, &patched);
+                        Ok((204, None, Some(patched.version)))
+                    }
+                    Ok(Err(e)) => Err(e),
                     Err(e) => Err(TwinError::Invalid(format!("the patch failed: {e}"))),
                 }
             }

@@ -141,16 +141,56 @@ impl TwinStore {
     ///
     /// # Errors
     /// `Invalid` for a patch IoT Hub refuses (nothing changes), or the store's failure.
-    pub fn patch_reported(&self, id: &IdentityId, patch: &[u8]) -> Result<u64, TwinError> {
+    pub fn patch_reported(
+        &self,
+        id: &IdentityId,
+        patch: &[u8],
+    ) -> Result<ReportedPatch, TwinError> {
         let patch = read_patch(patch)?;
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         let mut twin = self.get(id);
-        merge(&mut twin.reported, patch);
+        merge(&mut twin.reported, patch.clone());
         check_size(&twin.reported, "reported")?;
         twin.reported_version += 1;
         let version = twin.reported_version;
         self.store(vec![(id.clone(), twin)])?;
-        Ok(version)
+        Ok(ReportedPatch { version, patch })
+    }
+}
+
+/// A reported patch applied: the new reported `$version` and the patch as the module sent it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReportedPatch {
+    pub version: u64,
+    pub patch: Map<String, Value>,
+}
+
+impl ReportedPatch {
+    /// The twin change notification it makes (edgehub-contract.md §1.5), as routes see it:
+    /// the topic of telemetry from `id` whose property bag says it is a JSON twin change
+    /// notification, and the body IoT Hub writes, `{"version": n, "properties": {"reported":
+    /// {…patch, "$version": n}}}`.
+    #[must_use]
+    pub fn change_notification(&self, id: &IdentityId) -> (String, Vec<u8>) {
+        let mut reported = self.patch.clone();
+        reported.insert("$version".into(), self.version.into());
+        let body = serde_json::json!({
+            "version": self.version,
+            "properties": { "reported": reported },
+        });
+        let bag = crate::iothub::property_bag::encode([
+            ("$.ct", "application/json"),
+            ("$.ce", "utf-8"),
+            ("$.schema", "twinChangeNotification"),
+        ]);
+        let topic = match &id.module {
+            Some(module) => format!(
+                "devices/{}/modules/{module}/messages/events/{bag}",
+                id.device
+            ),
+            None => format!("devices/{}/messages/events/{bag}", id.device),
+        };
+        (topic, body.to_string().into_bytes())
     }
 }
 
@@ -480,9 +520,15 @@ mod tests {
             serde_json::json!({"desired": {"$version": 1}, "reported": {"$version": 1}})
         );
         let first = br#"{"a": 1, "nested": {"x": 1, "y": 2}, "gone": true}"#;
-        assert_eq!(twins.patch_reported(&id, first).expect("applied"), 2);
+        assert_eq!(
+            twins.patch_reported(&id, first).expect("applied").version,
+            2
+        );
         let second = br#"{"nested": {"y": null, "z": "new"}, "gone": null}"#;
-        assert_eq!(twins.patch_reported(&id, second).expect("applied"), 3);
+        assert_eq!(
+            twins.patch_reported(&id, second).expect("applied").version,
+            3
+        );
         let expected = serde_json::json!({"a": 1, "nested": {"x": 1, "z": "new"}, "$version": 3});
         assert_eq!(twins.get(&id).document()["reported"], expected);
         drop(twins);
