@@ -502,6 +502,7 @@ pub fn answer_topic(status: u16, rid: &str, version: Option<u64>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn store() -> (TwinStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("dir");
@@ -612,6 +613,113 @@ mod tests {
             twins.get(&filter).document()["desired"],
             serde_json::json!({"$version": 4})
         );
+    }
+
+    /// JSON values of a few levels, with nulls inside objects (as patches carry them).
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::from),
+            (-1000i64..1000).prop_map(Value::from),
+            "[a-z]{0,4}".prop_map(Value::from),
+        ];
+        leaf.prop_recursive(3, 16, 4, |inner| {
+            prop::collection::btree_map("[a-c]", inner, 0..4)
+                .prop_map(|map| Value::Object(map.into_iter().collect()))
+        })
+    }
+
+    fn object() -> impl Strategy<Value = Map<String, Value>> {
+        prop::collection::btree_map("[a-c]", json(), 0..4).prop_map(|m| m.into_iter().collect())
+    }
+
+    /// What a merge should leave at `key`: the patch's value with its nulls gone, merged into
+    /// an object the target already has there.
+    fn expected(target: Option<&Value>, patch: &Value) -> Option<Value> {
+        match patch {
+            Value::Null => None,
+            Value::Object(inner) => {
+                let mut base = match target {
+                    Some(Value::Object(existing)) => existing.clone(),
+                    _ => Map::new(),
+                };
+                for (key, value) in inner {
+                    match expected(base.get(key), value) {
+                        Some(value) => base.insert(key.clone(), value),
+                        None => base.remove(key),
+                    };
+                }
+                Some(Value::Object(base))
+            }
+            other => Some(other.clone()),
+        }
+    }
+
+    fn holds_null(value: &Value) -> bool {
+        match value {
+            Value::Null => true,
+            Value::Object(map) => map.values().any(holds_null),
+            Value::Array(items) => items.iter().any(holds_null),
+            _ => false,
+        }
+    }
+
+    proptest! {
+        /// Goal: a merge patch deletes what it nulls, merges nested objects key by key, and
+        /// replaces everything else; no null is ever stored.
+        #[test]
+        fn merge_patches_follow_rfc_7386(given in object(), patch in object()) {
+            // A stored document never holds a null: it is itself a merge into nothing.
+            let mut target = Map::new();
+            merge(&mut target, given);
+            let mut merged = target.clone();
+            merge(&mut merged, patch.clone());
+            for (key, value) in &patch {
+                prop_assert_eq!(merged.get(key).cloned(), expected(target.get(key), value));
+            }
+            for (key, value) in &target {
+                if !patch.contains_key(key) {
+                    prop_assert_eq!(merged.get(key), Some(value));
+                }
+            }
+            prop_assert!(!holds_null(&Value::Object(merged)));
+        }
+    }
+
+    /// Goal: versions only grow, through any mix of reported patches, refused patches and
+    /// operators' desired patches.
+    #[test]
+    fn versions_only_grow() {
+        let (twins, _dir) = store();
+        let id = IdentityId::parse("edge/filter").expect("id");
+        let (mut reported, mut desired) = (1, 1);
+        for round in 0..20u64 {
+            let patch = format!("{{\"k{}\": {round}}}", round % 3);
+            match round % 3 {
+                0 => {
+                    let version = twins
+                        .patch_reported(&id, patch.as_bytes())
+                        .expect("ok")
+                        .version;
+                    assert!(version > reported);
+                    reported = version;
+                }
+                1 => {
+                    let version = twins
+                        .patch_desired(&id, patch.as_bytes())
+                        .expect("ok")
+                        .version;
+                    assert!(version > desired);
+                    desired = version;
+                }
+                _ => assert!(twins.patch_reported(&id, b"{\"$bad\": 1}").is_err()),
+            }
+            let twin = twins.get(&id);
+            assert_eq!(
+                (twin.reported_version, twin.desired_version),
+                (reported, desired)
+            );
+        }
     }
 
     /// Goal: the twin topics the SDKs publish on are read with their request id.
