@@ -180,3 +180,60 @@ test('routed messages wait for a module that never connected and arrive in order
     fs.rmSync(dir, { recursive: true, force: true });
   }
 });
+
+// A deployment that gives module `nodetwin` the desired property `rate`.
+const twinDeployment = (rate) => ({
+  modulesContent: {
+    $edgeHub: {
+      'properties.desired': {
+        schemaVersion: '1.1', routes: {}, storeAndForwardConfiguration: { timeToLiveSecs: 7200 },
+      },
+    },
+    nodetwin: { 'properties.desired': { rate } },
+  },
+});
+
+test('a module reads its desired properties, gets their changes and reports what survives a kill', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'spool-node-sdk-'));
+  const connectionString = identity(dir, 'add', 'edge/nodetwin').match(/connection string: (\S+)/)[1];
+  const caFile = identity(dir, 'env', 'edge/nodetwin').match(/EdgeModuleCACertificateFile=(\S+)/)[1];
+  const deployment = path.join(dir, 'deployment.json');
+  fs.writeFileSync(deployment, JSON.stringify(twinDeployment(5)));
+  let { child } = await startSpool(dir, ['--deployment', deployment]);
+  const open = async () => {
+    const client = ModuleClient.fromConnectionString(connectionString, Mqtt);
+    await client.setOptions({ ca: fs.readFileSync(caFile, 'utf8') });
+    await client.open();
+    return client;
+  };
+  try {
+    let client = await open();
+    let twin = await client.getTwin();
+    assert.strictEqual(twin.properties.desired.rate, 5, 'from the manifest at the first GET');
+    const changes = [];
+    const changed = new Promise((resolve) => {
+      twin.on('properties.desired', (delta) => {
+        changes.push(delta);
+        if (delta.rate === 7) resolve();
+      });
+    });
+    await new Promise((resolve, reject) => twin.properties.reported.update(
+      { temp: 20 }, (e) => (e ? reject(e) : resolve()),
+    ));
+    fs.writeFileSync(deployment, JSON.stringify(twinDeployment(7)));
+    await changed;
+    assert.strictEqual(changes[changes.length - 1].$version, 3);
+    await client.close();
+
+    child.kill('SIGKILL');
+    ({ child } = await startSpool(dir, ['--deployment', deployment]));
+    client = await open();
+    twin = await client.getTwin();
+    await client.close();
+    assert.strictEqual(twin.properties.reported.temp, 20, 'the reported patch survived the kill');
+    assert.strictEqual(twin.properties.desired.rate, 7);
+  } finally {
+    child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});

@@ -134,6 +134,35 @@ class ModuleSdk(unittest.TestCase):
         self.assertEqual(patch, {"rate": 5, "$version": 2})
         self.assertEqual(twin["desired"], {"rate": 5, "$version": 2})
 
+    def test_desired_properties_come_from_the_manifest_and_its_reload(self):
+        manifest = os.path.join(self.dir, "deployment.json")
+
+        def deploy(rate):
+            with open(manifest, "w") as f:
+                json.dump({"modulesContent": {
+                    "$edgeHub": {"properties.desired": {
+                        "schemaVersion": "1.1", "routes": {},
+                        "storeAndForwardConfiguration": {"timeToLiveSecs": 7200}}},
+                    "sender": {"properties.desired": {"rate": rate}}}}, f)
+        deploy(5)
+        self.spool.kill()
+        self.spool = Spool(self.dir, tls_bind="127.0.0.1:8883",
+                           extra_args=["--deployment", manifest])
+        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
+            client = ModuleClient.create_from_connection_string(
+                self.connection_string, server_verification_cert=ca.read())
+        patches = queue.Queue()
+        client.on_twin_desired_properties_patch_received = patches.put
+        client.connect()
+        twin = client.get_twin()
+        self.assertEqual(twin["desired"], {"rate": 5, "$version": 2})
+        deploy(7)
+        patch = patches.get(timeout=10)
+        while patch.get("$version") != 3:
+            patch = patches.get(timeout=10)
+        client.shutdown()
+        self.assertEqual(patch, {"rate": 7, "$version": 3})
+
     def test_a_module_started_with_the_edge_environment_sends(self):
         os.environ.update(self.env)
         try:
