@@ -281,11 +281,11 @@ async fn install(
         return; // the hub stopped
     }
     if !prepared.desired.is_empty() {
-        let patches = prepared.desired;
-        tracing::info!(modules = patches.len(), "desired properties changed");
-        if hub.send(Event::DesiredPatches { patches }).await.is_err() {
-            return;
-        }
+        // Sent by the twin store itself, in the order they were stored.
+        tracing::info!(
+            modules = prepared.desired.len(),
+            "desired properties changed"
+        );
     }
     tracing::info!("deployment reloaded");
 }

@@ -3,6 +3,7 @@
 use crate::admin::{self, AdminContext};
 use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::IdentitiesFile;
+use crate::auth::policy::Policy;
 use crate::auth::registry::IdentityRegistry;
 use crate::auth::x509::CertificateCheck;
 use crate::clock::{Clock, SystemClock};
@@ -18,7 +19,7 @@ use crate::limits::{
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
-use crate::twin::TwinStore;
+use crate::twin::{DesiredPatches, TwinStore};
 use crate::workload::WorkloadApi;
 use anyhow::Context;
 use rustls_pki_types::CertificateDer;
@@ -207,6 +208,32 @@ fn admit_and_route(
     Ok((authenticator, deployment))
 }
 
+/// What the hub needs from the deployment before any client connects: the authorization
+/// policy, which its subscriptions are held to; then, on a task it returns, the twin store's
+/// desired-property patches (from the start's deployment too, for persistent sessions
+/// subscribed to them), in the order they were stored.
+async fn feed_hub(
+    hub: &mpsc::Sender<Event>,
+    policy: Arc<Policy>,
+    desired_patches: DesiredPatches,
+) -> anyhow::Result<JoinHandle<()>> {
+    if hub.send(Event::PolicyChanged { policy }).await.is_err() {
+        anyhow::bail!("the hub stopped at start");
+    }
+    let forward = forward_desired_patches(desired_patches, hub.clone());
+    Ok(tokio::spawn(forward))
+}
+
+/// Hands the twin store's desired-property patches to the hub, in order, until either ends.
+async fn forward_desired_patches(mut patches: DesiredPatches, hub: mpsc::Sender<Event>) {
+    while let Some(patch) = patches.recv().await {
+        let patches = vec![patch];
+        if hub.send(Event::DesiredPatches { patches }).await.is_err() {
+            return;
+        }
+    }
+}
+
 /// Binds the admin API, if enabled (`--admin-bind`), and serves it; returns where.
 async fn start_admin(
     config: &Config,
@@ -350,7 +377,8 @@ impl Server {
             None => None,
         };
         let router = Arc::new(Router::default());
-        let twins = Arc::new(TwinStore::load(Arc::clone(&meta))?);
+        let (twins, desired_patches) = TwinStore::load(Arc::clone(&meta))?;
+        let twins = Arc::new(twins);
         let (authenticator, deployment) = admit_and_route(config, &meta, &wal, &router, &twins)?;
         let shutdown = CancellationToken::new();
         // One clock for the hub and the publish path: message expiry is stamped and read on it.
@@ -358,11 +386,8 @@ impl Server {
         let admin_meta = Arc::clone(&meta);
         let (events, mut tasks) =
             spawn_hub(config, &wal, meta, &router, &shutdown, Arc::clone(&clock))?;
-        // Before any client: the hub holds subscriptions to the deployment's policy.
         let policy = authenticator.policy();
-        if events.send(Event::PolicyChanged { policy }).await.is_err() {
-            anyhow::bail!("the hub stopped at start");
-        }
+        tasks.push(feed_hub(&events, policy, desired_patches).await?);
         if let Some(deployment) = deployment {
             let (router, events) = (Arc::clone(&router), events.clone());
             let watch = deployment.watch(wal.clone(), router, events, shutdown.clone());
@@ -390,7 +415,6 @@ impl Server {
             authenticator: Arc::clone(&context.authenticator),
             meta: admin_meta,
             twins: Arc::clone(&context.twins),
-            hub: context.hub.clone(),
         };
         let admin_addr = start_admin(config, admin, &shutdown, &mut tasks).await?;
         if !config.settings.workload_dir.as_os_str().is_empty() {

@@ -56,10 +56,15 @@ async fn module(addr: SocketAddr) -> Client {
 }
 
 async fn module_named(addr: SocketAddr, name: &str) -> Client {
+    module_session(addr, name, true).await
+}
+
+/// Module `edge/{name}`, with a clean or a persistent session.
+async fn module_session(addr: SocketAddr, name: &str, clean: bool) -> Client {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     let expiry = now.unwrap().as_secs() + 3600;
     let token = sign(&KEY, &resource_uri("localhost", "edge", Some(name)), expiry);
-    let mut options = options(addr, &format!("edge/{name}"), true);
+    let mut options = options(addr, &format!("edge/{name}"), clean);
     options.set_credentials(
         format!("localhost/edge/{name}/?api-version=2020-09-30"),
         token,
@@ -258,5 +263,31 @@ async fn reported_changes_reach_routes_as_twin_change_notifications() {
             serde_json::json!({"version": 4, "properties": {"reported": {"temp": 31, "$version": 4}}}),
         ],
         "the change without temp went nowhere"
+    );
+}
+
+#[tokio::test]
+async fn a_change_made_while_spool_was_down_reaches_a_persistent_subscriber() {
+    // Goal: a manifest changed while spool was stopped changes the desired properties at the
+    // next start, and a module whose persistent session is subscribed to them gets the patch
+    // when it comes back, as it would have had it been connected.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let manifest = dir.path().join("deployment.json");
+    std::fs::write(&manifest, deployment(5)).unwrap();
+    let args = ["--deployment", manifest.to_str().unwrap()];
+    let spool = start_with(dir.path(), &args);
+    let mut filter = module_session(spool.addr, "filter", false).await;
+    filter
+        .subscribe("$iothub/twin/PATCH/properties/desired/#", QoS::AtLeastOnce)
+        .await;
+    drop(filter);
+    assert!(spool.terminate().success());
+    std::fs::write(&manifest, deployment(6)).unwrap();
+    let spool = start_with(dir.path(), &args);
+    let mut filter = module_session(spool.addr, "filter", false).await;
+    assert_eq!(
+        next_patch(&mut filter).await,
+        serde_json::json!({"rate": 6, "$version": 3})
     );
 }

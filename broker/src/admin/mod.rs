@@ -12,7 +12,6 @@ pub mod convert;
 use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::{Credentials, Identity, IdentityId, Status};
 use crate::auth::registry::RegistryError;
-use crate::hub::events::Event;
 use crate::twin::{TwinError, TwinStore};
 use convert::{identity_from_proto, identity_to_proto};
 use spool_proto::admin as pb;
@@ -20,7 +19,6 @@ use spool_proto::admin::admin_server::{Admin, AdminServer};
 use spool_storage::Meta;
 use std::sync::Arc;
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response};
 
@@ -36,8 +34,6 @@ pub struct AdminContext {
     pub authenticator: Arc<Authenticator>,
     pub meta: Arc<Meta>,
     pub twins: Arc<TwinStore>,
-    /// Where a desired-property patch goes to reach its module.
-    pub hub: mpsc::Sender<Event>,
 }
 
 /// A client of the admin API at `addr`, with the runtime to call it on (for the CLI).
@@ -151,19 +147,14 @@ impl Admin for AdminService {
             let id = id.clone();
             tokio::task::spawn_blocking(move || twins.patch_desired(&id, request.patch.as_bytes()))
         };
-        let patch = patched
+        // The store sends the patch to the module, in order with every other.
+        patched
             .await
             .map_err(|e| tonic::Status::internal(format!("the patch failed: {e}")))?
             .map_err(|e| match e {
                 TwinError::Invalid(why) => tonic::Status::invalid_argument(why),
                 other => tonic::Status::internal(other.to_string()),
             })?;
-        let event = Event::DesiredPatches {
-            patches: vec![patch],
-        };
-        if self.context.hub.send(event).await.is_err() {
-            tracing::warn!("the hub stopped: a desired-property patch was stored, not sent");
-        }
         let json = self.context.twins.get(&id).document().to_string();
         Ok(Response::new(pb::Twin { json }))
     }

@@ -58,7 +58,9 @@ impl Hub {
             self.append_own(OwnAppend {
                 kind: KIND_PUBLISH,
                 payload: record.encode(),
-                metering: Metering::BeyondQuota,
+                // At the quota it is dropped with a log line; the module reads its whole twin
+                // when it next connects.
+                metering: Metering::Quota,
                 what: "a desired-property patch",
             });
         }

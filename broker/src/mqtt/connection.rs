@@ -864,6 +864,11 @@ where
         let now_ms = self.context.ingest.now_ms();
         properties.expires_at_ms = expires_at_ms(now_ms, publish.expiry_interval_secs);
         if let (Some(identity), Some(request)) = (&self.identity, TwinRequest::parse(&topic)) {
+            if publish.qos == QoS::ExactlyOnce {
+                // IoT Hub takes QoS 0 and 1 only; a twin request has no receipt to resend by.
+                let why = "a twin request at QoS 2";
+                return Err(Close::with(Reason::ImplementationSpecificError, why));
+            }
             let identity = identity.clone();
             self.answer_twin(identity, request, publish.payload).await?;
             return self.acknowledge_unlogged(publish.qos, packet_id, Reason::Success);
@@ -915,7 +920,7 @@ where
                         Ok((204, None, Some(patched.version)))
                     }
                     Ok(Err(e)) => Err(e),
-                    Err(e) => Err(TwinError::Invalid(format!("the patch failed: {e}"))),
+                    Err(e) => Err(TwinError::Failed(e.to_string())),
                 }
             }
         };

@@ -19,6 +19,11 @@ use serde_json::{Map, Value};
 use spool_storage::{Commit, Meta, MetaChange, StateTable};
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use tokio::sync::mpsc;
+
+/// The desired-property patches the store made, in the order it stored them: the server
+/// forwards them to the hub (`Event::DesiredPatches`).
+pub type DesiredPatches = mpsc::UnboundedReceiver<DesiredPatch>;
 
 /// The deepest a reported property may nest (IoT Hub's limit).
 const DEPTH_MAX: usize = 10;
@@ -80,6 +85,9 @@ pub enum TwinError {
     /// The store failed: 500.
     #[error("the twin store failed: {0}")]
     Storage(#[from] spool_storage::Error),
+    /// The change could not run: 500.
+    #[error("the twin change failed: {0}")]
+    Failed(String),
     /// A stored twin that does not read.
     #[error("the stored twin of {key:?} is corrupt: {why}")]
     Corrupt { key: String, why: String },
@@ -91,7 +99,7 @@ impl TwinError {
     pub fn status(&self) -> u16 {
         match self {
             TwinError::Invalid(_) => 400,
-            TwinError::Storage(_) | TwinError::Corrupt { .. } => 500,
+            TwinError::Storage(_) | TwinError::Corrupt { .. } | TwinError::Failed(_) => 500,
         }
     }
 }
@@ -102,8 +110,10 @@ impl TwinError {
 pub struct TwinStore {
     meta: Arc<Meta>,
     twins: RwLock<BTreeMap<IdentityId, Twin>>,
-    /// Held by the one change under way.
+    /// Held by the one change under way, until its patch is in `outbox`: patches leave in the
+    /// order their versions were stored, so a module never gets an older one after a newer.
     changing: Mutex<()>,
+    outbox: mpsc::UnboundedSender<DesiredPatch>,
 }
 
 impl TwinStore {
@@ -111,7 +121,7 @@ impl TwinStore {
     ///
     /// # Errors
     /// The store's failure, or a stored twin that does not read.
-    pub fn load(meta: Arc<Meta>) -> Result<TwinStore, TwinError> {
+    pub fn load(meta: Arc<Meta>) -> Result<(TwinStore, DesiredPatches), TwinError> {
         let mut twins = BTreeMap::new();
         for (key, bytes) in meta.state(StateTable::Twins)? {
             let corrupt = |why: String| TwinError::Corrupt {
@@ -122,11 +132,14 @@ impl TwinStore {
             let twin: Twin = serde_json::from_slice(&bytes).map_err(|e| corrupt(e.to_string()))?;
             twins.insert(id, twin);
         }
-        Ok(TwinStore {
+        let (outbox, patches) = mpsc::unbounded_channel();
+        let store = TwinStore {
             meta,
             twins: RwLock::new(twins),
             changing: Mutex::new(()),
-        })
+            outbox,
+        };
+        Ok((store, patches))
     }
 
     /// `id`'s twin (a new one, at version 1, if it has none yet).
@@ -219,6 +232,7 @@ impl TwinStore {
     ) -> Result<Vec<DesiredPatch>, TwinError> {
         for properties in desired.values() {
             validate(properties, 1)?;
+            check_size(properties, "desired")?;
         }
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self
@@ -234,9 +248,12 @@ impl TwinStore {
                 module: Some(module.clone()),
             })
             .collect();
+        // Any twin the manifest set keys of and no longer names (of this device or of one it
+        // named before) loses those keys.
         modules.extend(current.iter().filter_map(|(id, twin)| {
-            let owned = !twin.manifest_keys.is_empty() && id.device == device;
-            let named = id.module.as_ref().is_some_and(|m| desired.contains_key(m));
+            let owned = !twin.manifest_keys.is_empty();
+            let named =
+                id.device == device && id.module.as_ref().is_some_and(|m| desired.contains_key(m));
             (owned && !named).then(|| id.clone())
         }));
         let empty = Map::new();
@@ -264,6 +281,9 @@ impl TwinStore {
             changed.push((id, twin));
         }
         self.store(changed)?;
+        for patch in &patches {
+            let _ = self.outbox.send(patch.clone()); // gone only when the server stops
+        }
         Ok(patches)
     }
 
@@ -285,11 +305,13 @@ impl TwinStore {
         patch.insert("$version".into(), twin.desired_version.into());
         let version = twin.desired_version;
         self.store(vec![(id.clone(), twin)])?;
-        Ok(DesiredPatch {
+        let patch = DesiredPatch {
             identity: id.clone(),
             version,
             patch: Value::Object(patch),
-        })
+        };
+        let _ = self.outbox.send(patch.clone()); // gone only when the server stops
+        Ok(patch)
     }
 
     /// Stores `twins` durably in one commit, then puts them in place.
@@ -336,18 +358,38 @@ fn take_manifest(
     let keys: Vec<String> = given.keys().cloned().collect();
     let owned_changed = keys != twin.manifest_keys;
     twin.manifest_keys = keys;
-    let mut patch = Map::new();
-    for key in before.keys().chain(twin.desired.keys()) {
-        let now = twin.desired.get(key);
-        if before.get(key) != now && !patch.contains_key(key) {
-            patch.insert(key.clone(), now.cloned().unwrap_or(Value::Null));
-        }
-    }
+    let patch = diff(&before, &twin.desired);
     match (patch.is_empty(), owned_changed) {
         (true, false) => None,
         (true, true) => Some(None),
         (false, _) => Some(Some(patch)),
     }
+}
+
+/// The merge patch that turns `before` into `after` (RFC 7386): changed values, objects
+/// recursed into, `null` for what is gone.
+fn diff(before: &Map<String, Value>, after: &Map<String, Value>) -> Map<String, Value> {
+    let mut patch = Map::new();
+    for (key, old) in before {
+        if !after.contains_key(key) {
+            patch.insert(key.clone(), Value::Null);
+        } else if let (Value::Object(old), Some(Value::Object(new))) = (old, after.get(key)) {
+            let inner = diff(old, new);
+            if !inner.is_empty() {
+                patch.insert(key.clone(), Value::Object(inner));
+            }
+        }
+    }
+    for (key, new) in after {
+        match before.get(key) {
+            Some(Value::Object(_)) if new.is_object() => {} // recursed into above
+            Some(old) if old == new => {}
+            _ => {
+                patch.insert(key.clone(), new.clone());
+            }
+        }
+    }
+    patch
 }
 
 /// A patch as a client or operator sends it: a JSON object within IoT Hub's rules.
@@ -507,7 +549,7 @@ mod tests {
     fn store() -> (TwinStore, tempfile::TempDir) {
         let dir = tempfile::tempdir().expect("dir");
         let meta = Meta::open(&dir.path().join("meta.redb")).expect("meta");
-        (TwinStore::load(Arc::new(meta)).expect("empty"), dir)
+        (TwinStore::load(Arc::new(meta)).expect("empty").0, dir)
     }
 
     /// Goal: a reported patch merges (null deletes, objects merge), raises the version, and is
@@ -534,7 +576,7 @@ mod tests {
         assert_eq!(twins.get(&id).document()["reported"], expected);
         drop(twins);
         let meta = Meta::open(&dir.path().join("meta.redb")).expect("reopens");
-        let reopened = TwinStore::load(Arc::new(meta)).expect("loads");
+        let (reopened, _) = TwinStore::load(Arc::new(meta)).expect("loads");
         assert_eq!(reopened.get(&id).document()["reported"], expected);
     }
 
@@ -602,16 +644,36 @@ mod tests {
             second[0].patch,
             serde_json::json!({"rate": 7, "mode": null, "$version": 3})
         );
-        let gone = twins
-            .apply_manifest("edge", &manifest("{}"))
+        let nested = twins
+            .apply_manifest(
+                "edge",
+                &manifest(r#"{"filter": {"rate": 7, "cfg": {"a": 1, "b": 2}}}"#),
+            )
             .expect("applied");
         assert_eq!(
+            nested[0].patch,
+            serde_json::json!({"cfg": {"a": 1, "b": 2}, "$version": 4})
+        );
+        let inner = twins
+            .apply_manifest(
+                "edge",
+                &manifest(r#"{"filter": {"rate": 7, "cfg": {"a": 1}}}"#),
+            )
+            .expect("applied");
+        assert_eq!(
+            inner[0].patch,
+            serde_json::json!({"cfg": {"b": null}, "$version": 5}),
+            "a nested key that goes is a null inside its object"
+        );
+        let gone = twins.apply_manifest("", &manifest("{}")).expect("applied");
+        assert_eq!(
             gone[0].patch,
-            serde_json::json!({"rate": null, "$version": 4})
+            serde_json::json!({"rate": null, "cfg": null, "$version": 6}),
+            "a manifest that names no module, even with no device known, removes its keys"
         );
         assert_eq!(
             twins.get(&filter).document()["desired"],
-            serde_json::json!({"$version": 4})
+            serde_json::json!({"$version": 6})
         );
     }
 
