@@ -7,11 +7,8 @@
 
 mod common;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use common::{Client, Seen, Spool, connect, options};
+use common::{Client, Seen, Spool, connect, identities_file, module_options, options};
 use rumqttc::{QoS, SubscribeReasonCode};
-use spool_broker::auth::sas::{resource_uri, sign};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
@@ -54,18 +51,7 @@ const SECOND: &str = r#"[
 /// Starts spool with modules `edge/filter` and `edge/other` registered and a manifest with
 /// `policy`; returns it and the manifest's path.
 fn start(dir: &Path, policy: &str) -> (Spool, std::path::PathBuf) {
-    std::fs::create_dir_all(dir).unwrap();
-    let key = BASE64.encode(KEY);
-    let identities = dir.join("identities.toml");
-    let registered: String = ["edge/filter", "edge/other"]
-        .iter()
-        .map(|id| {
-            format!(
-                "[[identities]]\nid = \"{id}\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
-            )
-        })
-        .collect();
-    std::fs::write(&identities, registered).unwrap();
+    let identities = identities_file(dir, &["edge/filter", "edge/other"], &KEY);
     let deployment = dir.join("deployment.json");
     std::fs::write(&deployment, manifest(policy)).unwrap();
     let args = [
@@ -79,15 +65,7 @@ fn start(dir: &Path, policy: &str) -> (Spool, std::path::PathBuf) {
 
 /// Module `edge/{name}`, connected (persistent session).
 async fn module(addr: SocketAddr, name: &str) -> Client {
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    let expiry = now.unwrap().as_secs() + 3600;
-    let token = sign(&KEY, &resource_uri("localhost", "edge", Some(name)), expiry);
-    let mut options = options(addr, &format!("edge/{name}"), false);
-    options.set_credentials(
-        format!("localhost/edge/{name}/?api-version=2020-09-30"),
-        token,
-    );
-    let mut client = connect(options);
+    let mut client = connect(module_options(addr, &format!("edge/{name}"), &KEY, false));
     client.connected().await;
     client
 }

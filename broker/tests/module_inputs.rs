@@ -7,11 +7,8 @@
 
 mod common;
 
-use base64::Engine as _;
-use base64::engine::general_purpose::STANDARD as BASE64;
-use common::{Client, Seen, Spool, connect, options};
+use common::{Client, Seen, Spool, connect, identities_file, module_options};
 use rumqttc::QoS;
-use spool_broker::auth::sas::{resource_uri, sign};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -45,18 +42,7 @@ const DEPLOYMENT: &str = r#"{
 /// The arguments that start spool with modules `edge/filter` and `edge/sink` registered and
 /// `DEPLOYMENT` applied (files written in `dir`).
 fn edge_args(dir: &Path) -> Vec<String> {
-    std::fs::create_dir_all(dir).unwrap();
-    let key = BASE64.encode(KEY);
-    let identities: String = ["edge/filter", "edge/sink"]
-        .iter()
-        .map(|id| {
-            format!(
-                "[[identities]]\nid = \"{id}\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
-            )
-        })
-        .collect();
-    let identities_file = dir.join("identities.toml");
-    std::fs::write(&identities_file, identities).unwrap();
+    let identities_file = identities_file(dir, &["edge/filter", "edge/sink"], &KEY);
     let deployment = dir.join("deployment.json");
     std::fs::write(&deployment, DEPLOYMENT).unwrap();
     let path = |p: PathBuf| p.to_str().unwrap().to_owned();
@@ -76,16 +62,7 @@ fn start(dir: &Path, args: &[String]) -> Spool {
 /// A module's connection, with a SAS token valid for an hour; with `manual_acks`, it
 /// acknowledges only what `receive` takes.
 fn module(addr: SocketAddr, id: &str, clean: bool, manual_acks: bool) -> Client {
-    let (device, module) = id.split_once('/').unwrap();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
-    let expiry = now.unwrap().as_secs() + 3600;
-    let token = sign(
-        &KEY,
-        &resource_uri("localhost", device, Some(module)),
-        expiry,
-    );
-    let mut options = options(addr, id, clean);
-    options.set_credentials(format!("localhost/{id}/?api-version=2020-09-30"), token);
+    let mut options = module_options(addr, id, &KEY, clean);
     options.set_manual_acks(manual_acks);
     connect(options)
 }

@@ -133,6 +133,38 @@ pub fn options(addr: SocketAddr, client_id: &str, clean: bool) -> rumqttc::MqttO
     options
 }
 
+/// Writes `identities.toml` in `dir` for `spool serve --identities`: each of `ids`
+/// (`device/module`) with `key` as both SAS keys. Returns its path.
+pub fn identities_file(dir: &Path, ids: &[&str], key: &[u8]) -> PathBuf {
+    use base64::Engine as _;
+    let key = base64::engine::general_purpose::STANDARD.encode(key);
+    let identities: String = ids
+        .iter()
+        .map(|id| {
+            format!(
+                "[[identities]]\nid = \"{id}\"\nauth = {{ type = \"sas\", primary = \"{key}\", secondary = \"{key}\" }}\n"
+            )
+        })
+        .collect();
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("identities.toml");
+    std::fs::write(&path, identities).unwrap();
+    path
+}
+
+/// The options of module `id` (`device/module`): its IoT Hub username and a SAS token signed
+/// with `key` for host `localhost`, valid for an hour.
+pub fn module_options(addr: SocketAddr, id: &str, key: &[u8], clean: bool) -> rumqttc::MqttOptions {
+    let (device, module) = id.split_once('/').unwrap();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
+    let expiry = now.unwrap().as_secs() + 3600;
+    let audience = spool_broker::auth::sas::resource_uri("localhost", device, Some(module));
+    let token = spool_broker::auth::sas::sign(key, &audience, expiry);
+    let mut options = options(addr, id, clean);
+    options.set_credentials(format!("localhost/{id}/?api-version=2020-09-30"), token);
+    options
+}
+
 /// Connects and runs the event loop until the connection ends (no reconnection).
 pub fn connect(options: rumqttc::MqttOptions) -> Client {
     let (client, mut event_loop) = rumqttc::AsyncClient::new(options, 1000);
