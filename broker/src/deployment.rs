@@ -11,7 +11,7 @@ use crate::limits::MANIFEST_POLL_INTERVAL;
 use crate::routing::Router;
 use crate::routing::endpoints::{EndpointCatalog, EndpointName, EndpointRoutes};
 use crate::routing::routes::syntax::Sink;
-use crate::routing::routes::table::{RouteTable, edge_hub_desired};
+use crate::routing::routes::table::{ManifestError, RouteTable, edge_hub_desired};
 use crate::twin::{DesiredPatch, TwinStore};
 use anyhow::Context;
 use serde_json::{Map, Value};
@@ -117,7 +117,11 @@ impl Deployment {
             .with_context(|| format!("read the deployment manifest {}", path.display()))?;
         self.last_read = Some(manifest.clone());
         let in_manifest = || format!("the deployment manifest {}", path.display());
-        let table = RouteTable::from_manifest(&manifest).with_context(in_manifest)?;
+        // Parsed once: routes, policy and modules' desired properties all read it.
+        let manifest: Value = serde_json::from_str(&manifest)
+            .map_err(ManifestError::from)
+            .with_context(in_manifest)?;
+        let table = RouteTable::from_value(&manifest).with_context(in_manifest)?;
         let module_desired = modules_desired(&manifest).with_context(in_manifest)?;
         let needs_device = table.endpoints().any(|(sink, _)| *sink != Sink::Upstream)
             || !module_desired.is_empty();
@@ -218,18 +222,15 @@ impl Deployment {
     }
 }
 
-/// The authorization policy of `manifest` (already read as JSON by the routes), for edge
-/// device `device`.
-fn manifest_policy(manifest: &str, device: &str) -> anyhow::Result<Policy> {
-    let manifest: serde_json::Value = serde_json::from_str(manifest)?;
-    let desired = edge_hub_desired(&manifest).context("no $edgeHub desired properties")?;
+/// The authorization policy of `manifest`, for edge device `device`.
+fn manifest_policy(manifest: &Value, device: &str) -> anyhow::Result<Policy> {
+    let desired = edge_hub_desired(manifest).context("no $edgeHub desired properties")?;
     Ok(Policy::from_desired(desired, device)?)
 }
 
 /// The desired properties a manifest's `modulesContent` gives each module
 /// (`{module}.properties.desired`), by module; none for a manifest of `$edgeHub` alone.
-fn modules_desired(manifest: &str) -> anyhow::Result<BTreeMap<String, Map<String, Value>>> {
-    let manifest: Value = serde_json::from_str(manifest)?;
+fn modules_desired(manifest: &Value) -> anyhow::Result<BTreeMap<String, Map<String, Value>>> {
     let Some(modules) = manifest
         .get("modulesContent")
         .or_else(|| manifest.pointer("/content/modulesContent"))

@@ -104,6 +104,21 @@ fn parse_id(id: &str) -> Result<IdentityId, tonic::Status> {
 }
 
 impl AdminService {
+    /// The identity `id` names, if the registry has it (NOT_FOUND otherwise).
+    fn registered(&self, id: &str) -> Result<IdentityId, tonic::Status> {
+        let id = parse_id(id)?;
+        match self.context.authenticator.registry().get(&id) {
+            Some(_) => Ok(id),
+            None => Err(status(RegistryError::NotFound(id))),
+        }
+    }
+
+    /// `id`'s twin, as the admin API answers it.
+    fn twin(&self, id: &IdentityId) -> Response<pb::Twin> {
+        let json = self.context.twins.get(id).document().to_string();
+        Response::new(pb::Twin { json })
+    }
+
     /// Runs a change of the registry on a blocking thread (it commits to the metadata
     /// store), and answers with the identity it returns.
     async fn change(
@@ -125,12 +140,8 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::IdentityRequest>,
     ) -> Result<Response<pb::Twin>, tonic::Status> {
-        let id = parse_id(&request.into_inner().id)?;
-        if self.context.authenticator.registry().get(&id).is_none() {
-            return Err(status(RegistryError::NotFound(id)));
-        }
-        let json = self.context.twins.get(&id).document().to_string();
-        Ok(Response::new(pb::Twin { json }))
+        let id = self.registered(&request.into_inner().id)?;
+        Ok(self.twin(&id))
     }
 
     async fn patch_desired(
@@ -138,10 +149,7 @@ impl Admin for AdminService {
         request: Request<pb::PatchDesiredRequest>,
     ) -> Result<Response<pb::Twin>, tonic::Status> {
         let request = request.into_inner();
-        let id = parse_id(&request.id)?;
-        if self.context.authenticator.registry().get(&id).is_none() {
-            return Err(status(RegistryError::NotFound(id)));
-        }
+        let id = self.registered(&request.id)?;
         let twins = Arc::clone(&self.context.twins);
         let patched = {
             let id = id.clone();
@@ -155,8 +163,7 @@ impl Admin for AdminService {
                 TwinError::Invalid(why) => tonic::Status::invalid_argument(why),
                 other => tonic::Status::internal(other.to_string()),
             })?;
-        let json = self.context.twins.get(&id).document().to_string();
-        Ok(Response::new(pb::Twin { json }))
+        Ok(self.twin(&id))
     }
 
     async fn list_identities(

@@ -26,7 +26,7 @@
 //!   match, and denied by one that matches its filter read as a topic name (as edgeHub and
 //!   mosquitto read it: a deny on `a/b` refuses `a/b`, not `#`). A message is delivered
 //!   through a subscription only if the client may subscribe to its very topic
-//!   (`iothub::check_receive`), so a wildcard does not reach around a deny.
+//!   (`Hub::may_receive`), so a wildcard does not reach around a deny.
 //! - When no statement decides: a connection is let in (authentication already decided who
 //!   may connect; edgeHub 1.2 asked for an explicit `mqtt:connect` grant, which would lock
 //!   every module out of a deployment without a policy), an identity may not publish or
@@ -193,12 +193,6 @@ impl Policy {
             denies_subscriptions,
             edge_device: edge_device.to_owned(),
         })
-    }
-
-    /// Whether the policy says nothing, so that every request gets the default.
-    #[must_use]
-    pub fn is_empty(&self) -> bool {
-        self.statements.is_empty()
     }
 
     /// Whether `client` may connect (authenticated already): unless a statement denies it.

@@ -116,6 +116,18 @@ pub struct PublishRecord {
 pub use crate::encoding::FormatError as RecordError;
 
 impl PublishRecord {
+    /// A record spool makes itself (publisher 0): `message` for the queues `targets` names.
+    #[must_use]
+    pub fn of_spool(message: Message, targets: Vec<Target>) -> PublishRecord {
+        PublishRecord {
+            message,
+            publisher: 0,
+            qos2_packet_id: None,
+            retained_copy: false,
+            targets,
+        }
+    }
+
     /// Encodes the record.
     ///
     /// # Panics

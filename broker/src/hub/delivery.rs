@@ -357,8 +357,9 @@ impl Hub {
     }
 
     /// Whether session `id`'s client may receive a message on `topic`, checked as it is sent
-    /// (`iothub::check_receive`): a wildcard subscription does not reach a topic its client
-    /// may not subscribe to, whatever the policy was when the message was queued.
+    /// (the message's topic taken as a filter): a wildcard subscription reaches no further
+    /// than its client's rights (not another identity's IoT Hub topics, not what the policy
+    /// denies it), whatever the policy was when the message was queued.
     fn may_receive(&self, id: u64, topic: &str) -> bool {
         let Some(session) = self.sessions.get(&id) else {
             return true;
@@ -370,7 +371,7 @@ impl Hub {
             client_id: &session.client_id,
             identity: session.identity.as_ref(),
         };
-        let allowed = iothub::check_receive(&client, topic, &self.policy);
+        let allowed = iothub::check_subscribe(&client, topic, &self.policy);
         if !allowed {
             let client_id = &session.client_id;
             tracing::debug!(%client_id, topic, "not delivered: the authorization policy denies it");

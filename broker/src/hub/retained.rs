@@ -208,15 +208,9 @@ fn literal_prefix(filter: &str) -> &str {
 
 /// A retained message as stored: a publish record without targets.
 pub(super) fn encode(message: &Message) -> Vec<u8> {
-    PublishRecord {
-        message: message.clone(),
-        publisher: 0,
-        qos2_packet_id: None,
-        retained_copy: false,
-        targets: Vec::new(),
-    }
-    .encode()
-    .to_vec()
+    PublishRecord::of_spool(message.clone(), Vec::new())
+        .encode()
+        .to_vec()
 }
 
 #[cfg(test)]

@@ -168,18 +168,16 @@ fn log_retained_copy(
     qos: QoS,
     subscription_ids: Vec<u32>,
 ) -> bool {
+    let target = Target {
+        queue: QueueId::Session(session),
+        qos,
+        retain_as_published: true,
+        subscription_ids,
+        deadline_ms: None,
+    };
     let record = PublishRecord {
-        message: message.clone(),
-        publisher: 0,
-        qos2_packet_id: None,
         retained_copy: true,
-        targets: vec![Target {
-            queue: QueueId::Session(session),
-            qos,
-            retain_as_published: true,
-            subscription_ids,
-            deadline_ms: None,
-        }],
+        ..PublishRecord::of_spool(message.clone(), vec![target])
     };
     match wal.try_submit(KIND_PUBLISH, record.encode()) {
         Ok(_durable) => true,

@@ -36,25 +36,21 @@ impl Hub {
             };
             // Modules get their desired properties at QoS 1 at most, as from IoT Hub.
             let qos = options.qos.min(QoS::AtLeastOnce);
-            let record = PublishRecord {
-                message: Message {
-                    topic,
-                    payload: patch.to_string().into(),
-                    qos,
-                    retain: false,
-                    properties: MessageProperties::default(),
-                },
-                publisher: 0,
-                qos2_packet_id: None,
-                retained_copy: false,
-                targets: vec![Target {
-                    queue: QueueId::Session(id),
-                    qos,
-                    retain_as_published: false,
-                    subscription_ids: options.subscription_id.into_iter().collect(),
-                    deadline_ms: None,
-                }],
+            let message = Message {
+                topic,
+                payload: patch.to_string().into(),
+                qos,
+                retain: false,
+                properties: MessageProperties::default(),
             };
+            let target = Target {
+                queue: QueueId::Session(id),
+                qos,
+                retain_as_published: false,
+                subscription_ids: options.subscription_id.into_iter().collect(),
+                deadline_ms: None,
+            };
+            let record = PublishRecord::of_spool(message, vec![target]);
             self.append_own(OwnAppend {
                 kind: KIND_PUBLISH,
                 payload: record.encode(),

@@ -22,14 +22,13 @@ use crate::iothub::{self, PublishRefusal};
 use crate::message::{Message, QoS};
 use crate::routing::Router;
 use crate::session::receipts::{self, SharedReceipts};
-use crate::twin::ReportedPatch;
+use crate::twin::{CHANGE_NOTIFICATION_PROPERTIES, ReportedPatch};
 use bytes::Bytes;
 use spool_storage::{PendingAppend, Reservation, Wal};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio_util::sync::CancellationToken;
 
-/// The publish path, shared by every connection.
 /// What the routes made of an identity's telemetry.
 struct RoutedTelemetry {
     targets: Vec<Target>,
@@ -37,6 +36,7 @@ struct RoutedTelemetry {
     source: Option<String>,
 }
 
+/// The publish path, shared by every connection.
 #[derive(Debug)]
 pub struct Ingest {
     wal: Wal,
@@ -254,34 +254,26 @@ impl Ingest {
     /// that cannot take the notification at once drops it with a log line.
     pub fn twin_changed(&self, identity: &IdentityId, change: &ReportedPatch) {
         let (topic, body) = change.change_notification(identity);
-        let targets = {
-            let Some(properties) = iothub::topics::telemetry(&topic)
-                .and_then(|t| iothub::property_bag::decode(t.bag).ok())
-            else {
-                return;
-            };
-            let routed = IotMessage::twin_change(identity, &properties, &body);
-            self.router.routes().targets(&routed, self.now_ms())
-        };
+        let properties: Properties<'_> = CHANGE_NOTIFICATION_PROPERTIES
+            .iter()
+            .map(|&(key, value)| (key.into(), Some(value.into())))
+            .collect();
+        let routed = IotMessage::twin_change(identity, &properties, &body);
+        let targets = self.router.routes().targets(&routed, self.now_ms());
         if targets.is_empty() {
             return;
         }
-        let record = PublishRecord {
-            message: Message {
-                topic,
-                payload: body.into(),
-                qos: QoS::AtLeastOnce,
-                retain: false,
-                properties: crate::message::MessageProperties {
-                    sender: Some(identity.to_string()),
-                    ..Default::default()
-                },
+        let message = Message {
+            topic,
+            payload: body.into(),
+            qos: QoS::AtLeastOnce,
+            retain: false,
+            properties: crate::message::MessageProperties {
+                sender: Some(identity.to_string()),
+                ..Default::default()
             },
-            publisher: 0,
-            qos2_packet_id: None,
-            retained_copy: false,
-            targets,
         };
+        let record = PublishRecord::of_spool(message, targets);
         if let Err(e) = self.wal.try_submit(KIND_PUBLISH, record.encode()) {
             tracing::warn!(%identity, "dropped a twin change notification: {e}");
         }

@@ -112,11 +112,3 @@ pub fn check_subscribe(client: &Client<'_>, filter: &str, policy: &Policy) -> bo
         _ => policy.may_subscribe(client, filter),
     }
 }
-
-/// Whether `client` may receive a message on `topic` through a subscription it holds: only if
-/// it may subscribe to that very topic. A wildcard subscription reaches no further than its
-/// client's rights: not another identity's IoT Hub topics, not what the policy denies it.
-#[must_use]
-pub fn check_receive(client: &Client<'_>, topic: &str, policy: &Policy) -> bool {
-    check_subscribe(client, topic, policy)
-}

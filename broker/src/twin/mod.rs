@@ -171,6 +171,14 @@ impl TwinStore {
     }
 }
 
+/// The system properties of a twin change notification, as its topic's bag carries them: JSON
+/// in UTF-8 (so routes can query its body), of IoT Hub's twin-change schema.
+pub const CHANGE_NOTIFICATION_PROPERTIES: [(&str, &str); 3] = [
+    ("$.ct", "application/json"),
+    ("$.ce", "utf-8"),
+    ("$.schema", "twinChangeNotification"),
+];
+
 /// A reported patch applied: the new reported `$version` and the patch as the module sent it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ReportedPatch {
@@ -191,11 +199,7 @@ impl ReportedPatch {
             "version": self.version,
             "properties": { "reported": reported },
         });
-        let bag = crate::iothub::property_bag::encode([
-            ("$.ct", "application/json"),
-            ("$.ce", "utf-8"),
-            ("$.schema", "twinChangeNotification"),
-        ]);
+        let bag = crate::iothub::property_bag::encode(CHANGE_NOTIFICATION_PROPERTIES);
         let topic = match &id.module {
             Some(module) => format!(
                 "devices/{}/modules/{module}/messages/events/{bag}",

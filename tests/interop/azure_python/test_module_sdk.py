@@ -74,6 +74,12 @@ class ModuleSdk(unittest.TestCase):
         self.spool.kill()
         shutil.rmtree(self.dir, ignore_errors=True)
 
+    def connection_string_client(self):
+        """The module, from its connection string, trusting spool's CA file."""
+        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
+            return ModuleClient.create_from_connection_string(
+                self.connection_string, server_verification_cert=ca.read())
+
     def send(self, client):
         client.connect()
         message = Message("hello from the SDK")
@@ -87,16 +93,11 @@ class ModuleSdk(unittest.TestCase):
         self.assertIn("kind=a%26b%3Dc%2Fd", topic)
 
     def test_a_module_connects_with_a_connection_string_and_the_ca_and_sends(self):
-        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
-            client = ModuleClient.create_from_connection_string(
-                self.connection_string, server_verification_cert=ca.read())
+        client = self.connection_string_client()
         self.send(client)
 
     def test_a_module_reads_its_twin_and_its_reported_properties_survive_a_kill(self):
-        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
-            ca = ca.read()
-        client = ModuleClient.create_from_connection_string(
-            self.connection_string, server_verification_cert=ca)
+        client = self.connection_string_client()
         client.connect()
         twin = client.get_twin()
         self.assertEqual(twin["reported"], {"$version": 1})
@@ -106,8 +107,7 @@ class ModuleSdk(unittest.TestCase):
         self.spool.kill()
         self.spool = Spool(self.dir, tls_bind="127.0.0.1:8883",
                            extra_args=["--workload-dir", self.workload])
-        client = ModuleClient.create_from_connection_string(
-            self.connection_string, server_verification_cert=ca)
+        client = self.connection_string_client()
         client.connect()
         twin = client.get_twin()
         client.shutdown()
@@ -115,9 +115,7 @@ class ModuleSdk(unittest.TestCase):
                          {"firmware": "1.2.3", "temp": {"max": 40}, "$version": 2})
 
     def test_a_module_receives_desired_property_patches(self):
-        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
-            client = ModuleClient.create_from_connection_string(
-                self.connection_string, server_verification_cert=ca.read())
+        client = self.connection_string_client()
         patches = queue.Queue()
         client.on_twin_desired_properties_patch_received = patches.put
         client.connect()
@@ -148,9 +146,7 @@ class ModuleSdk(unittest.TestCase):
         self.spool.kill()
         self.spool = Spool(self.dir, tls_bind="127.0.0.1:8883",
                            extra_args=["--deployment", manifest])
-        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
-            client = ModuleClient.create_from_connection_string(
-                self.connection_string, server_verification_cert=ca.read())
+        client = self.connection_string_client()
         patches = queue.Queue()
         client.on_twin_desired_properties_patch_received = patches.put
         client.connect()

@@ -53,8 +53,15 @@ impl RouteTable {
     /// # Errors
     /// What is wrong, naming the route when a route is.
     pub fn from_manifest(json: &str) -> Result<RouteTable, ManifestError> {
-        let manifest: Value = serde_json::from_str(json)?;
-        let desired = edge_hub_desired(&manifest).ok_or(ManifestError::NoEdgeHub)?;
+        RouteTable::from_value(&serde_json::from_str(json)?)
+    }
+
+    /// Reads a manifest already parsed as JSON (see [`RouteTable::from_manifest`]).
+    ///
+    /// # Errors
+    /// What is wrong, naming the route when a route is.
+    pub fn from_value(manifest: &Value) -> Result<RouteTable, ManifestError> {
+        let desired = edge_hub_desired(manifest).ok_or(ManifestError::NoEdgeHub)?;
         let version = desired
             .get("schemaVersion")
             .and_then(Value::as_str)
