@@ -93,6 +93,10 @@ settings! {
     mqtt_bind: String = "127.0.0.1:1883", env "SPOOL_MQTT_BIND";
     /// Address of the MQTT-over-TLS listener; empty disables it.
     mqtts_bind: String = "127.0.0.1:8883", env "SPOOL_MQTTS_BIND";
+    /// Address of the HTTPS listener for module-to-module direct methods (edgeHub's
+    /// POST /twins/{device}/modules/{module}/methods), with the MQTTS certificate; the SDKs
+    /// call port 443 of their gateway host; empty disables it.
+    https_bind: String = "", env "SPOOL_HTTPS_BIND";
     /// PEM certificate chain (leaf first) for MQTTS, with --tls-key; without them spool
     /// generates a CA and a server certificate in <data-dir>/tls on first start.
     tls_cert: PathBuf = "", env "SPOOL_TLS_CERT";
@@ -174,6 +178,8 @@ pub struct Config {
     /// `None` when disabled.
     pub mqtts_bind: Option<String>,
     /// `None` when disabled.
+    pub https_bind: Option<String>,
+    /// `None` when disabled.
     pub admin_bind: Option<String>,
     pub tls_certificate: CertificateSource,
     pub session_expiry_v311: Duration,
@@ -205,6 +211,7 @@ impl Config {
         let config = Config {
             mqtt_bind: enabled(&settings.mqtt_bind),
             mqtts_bind: enabled(&settings.mqtts_bind),
+            https_bind: enabled(&settings.https_bind),
             admin_bind: enabled(&settings.admin_bind),
             tls_certificate,
             session_expiry_v311: Duration::from_secs(settings.session_expiry_secs),

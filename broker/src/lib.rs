@@ -17,6 +17,9 @@
 //! - [`iothub`]: IoT Hub topics and property bags; which topics an identity may use.
 //! - [`tls`]: the MQTTS listener's certificate, given or generated.
 //! - [`twin`]: device and module twins, kept durably; the twin topics.
+//! - [`method`]: direct methods: calls relayed to modules and their answers back; the HTTPS
+//!   endpoint modules call them through.
+//! - [`http`]: what the HTTP servers (workload API, methods) share.
 //! - [`clock`]: the hub's time, which tests move by hand.
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`], [`id_hash`]
 //!   (hashing for maps keyed by the hub's own numbers).
@@ -28,12 +31,14 @@ pub mod config;
 pub mod delivery;
 pub mod deployment;
 pub mod encoding;
+pub mod http;
 pub mod hub;
 pub mod id_hash;
 pub mod ingest;
 pub mod iothub;
 pub mod limits;
 pub mod message;
+pub mod method;
 pub mod mqtt;
 pub mod routing;
 pub mod server;

@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use spool_broker::auth::cli::IdentityArgs;
 use spool_broker::config::{Config, ServeArgs};
+use spool_broker::method::cli::MethodArgs;
 use spool_broker::server::Server;
 use spool_broker::twin::cli::TwinArgs;
 use tracing_subscriber::EnvFilter;
@@ -24,6 +25,8 @@ enum Command {
     Identity(Box<IdentityArgs>),
     /// Read twins and patch their desired properties, on a running server.
     Twin(Box<TwinArgs>),
+    /// Call modules' direct methods, on a running server.
+    Method(Box<MethodArgs>),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -44,6 +47,10 @@ fn main() -> anyhow::Result<()> {
             print!("{}", spool_broker::twin::cli::run(&args)?);
             Ok(())
         }
+        Command::Method(args) => {
+            print!("{}", spool_broker::method::cli::run(&args)?);
+            Ok(())
+        }
     }
 }
 
@@ -61,6 +68,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
         if let Some(addr) = server.mqtts_addr {
             println!("spool: MQTTS listening on {addr}");
+        }
+        if let Some(addr) = server.https_addr {
+            println!("spool: HTTPS (direct methods) listening on {addr}");
         }
         if let Some(files) = &server.tls_files {
             println!("spool: TLS certificate {}", files.cert.display());

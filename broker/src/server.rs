@@ -16,6 +16,8 @@ use crate::ingest::Ingest;
 use crate::limits::{
     HUB_EVENTS_MAX, LISTEN_BACKLOG, MESSAGE_CACHE_BYTES_MAX, record_payload_bytes_max,
 };
+use crate::method::Methods;
+use crate::method::https::{self, MethodEndpoint};
 use crate::mqtt::{ConnectionLimits, ServerContext, listener};
 use crate::routing::Router;
 use crate::tls::{self, TlsFiles};
@@ -44,10 +46,12 @@ pub struct Server {
     pub mqtt_addr: Option<SocketAddr>,
     /// The address the MQTTS listener is bound to, if enabled.
     pub mqtts_addr: Option<SocketAddr>,
-    /// The certificate files MQTTS uses, if enabled.
+    /// The certificate files MQTTS and HTTPS use, if either is enabled.
     pub tls_files: Option<TlsFiles>,
     /// The address the admin API is bound to, if enabled.
     pub admin_addr: Option<SocketAddr>,
+    /// The address the HTTPS listener (direct methods) is bound to, if enabled.
+    pub https_addr: Option<SocketAddr>,
     shutdown: CancellationToken,
     tasks: Vec<JoinHandle<()>>,
     /// Each connection holds one permit until it has finished.
@@ -257,6 +261,62 @@ async fn start_admin(
     Ok(Some(addr))
 }
 
+/// Starts what serves beside the MQTT listeners, on their `context`: the HTTPS listener of
+/// direct methods, the admin API and the workload API, each if enabled; returns where the
+/// first two listen.
+async fn start_services(
+    config: &Config,
+    context: &ServerContext,
+    tls: Option<TlsAcceptor>,
+    meta: Arc<Meta>,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<(Option<SocketAddr>, Option<SocketAddr>)> {
+    let shutdown = &context.shutdown;
+    let endpoint = MethodEndpoint {
+        authenticator: Arc::clone(&context.authenticator),
+        methods: Arc::clone(&context.methods),
+    };
+    let https_addr = start_https(config, tls, endpoint, shutdown, tasks).await?;
+    let admin = AdminContext {
+        authenticator: Arc::clone(&context.authenticator),
+        meta,
+        twins: Arc::clone(&context.twins),
+        methods: Arc::clone(&context.methods),
+    };
+    let admin_addr = start_admin(config, admin, shutdown, tasks).await?;
+    if !config.settings.workload_dir.as_os_str().is_empty() {
+        let workload = WorkloadApi {
+            dir: config.settings.workload_dir.clone(),
+            configured_device: config.settings.device_id.clone(),
+            authenticator: Arc::clone(&context.authenticator),
+            trust_bundle: config.tls_certificate.trust_file(),
+        };
+        tasks.push(tokio::spawn(workload.serve(shutdown.clone())));
+    }
+    Ok((https_addr, admin_addr))
+}
+
+/// Binds the HTTPS listener of direct methods, if enabled (`--https-bind`), and serves it;
+/// returns where.
+async fn start_https(
+    config: &Config,
+    tls: Option<TlsAcceptor>,
+    endpoint: MethodEndpoint,
+    shutdown: &CancellationToken,
+    tasks: &mut Vec<JoinHandle<()>>,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let (Some(bind), Some(tls)) = (config.https_bind.as_deref(), tls) else {
+        return Ok(None);
+    };
+    let listener = bind_listener(bind)
+        .await
+        .with_context(|| format!("bind the HTTPS listener to {bind}"))?;
+    let addr = listener.local_addr()?;
+    let serving = https::serve(listener, tls, endpoint, shutdown.clone());
+    tasks.push(tokio::spawn(serving));
+    Ok(Some(addr))
+}
+
 /// How leaf devices' certificates are checked in X.509 CA mode: against the CA certificates of
 /// `--client-ca`; without it, CA mode refuses every certificate (never the serving chain: its
 /// issuers may sign certificates for anyone).
@@ -309,13 +369,12 @@ fn spawn_hub(
 struct Listeners {
     mqtt_addr: Option<SocketAddr>,
     mqtts_addr: Option<SocketAddr>,
-    tls_files: Option<TlsFiles>,
 }
 
 /// Binds the MQTT and MQTTS listeners that are enabled and starts accepting on them.
 async fn start_listeners(
     config: &Config,
-    tls: Option<(TlsAcceptor, TlsFiles)>,
+    tls: Option<TlsAcceptor>,
     context: &Arc<ServerContext>,
     connections: &Arc<Semaphore>,
     tasks: &mut Vec<JoinHandle<()>>,
@@ -323,7 +382,6 @@ async fn start_listeners(
     let mut listeners = Listeners {
         mqtt_addr: None,
         mqtts_addr: None,
-        tls_files: None,
     };
     if let Some(bind) = &config.mqtt_bind {
         let listener = bind_listener(bind)
@@ -338,12 +396,11 @@ async fn start_listeners(
             Arc::clone(connections),
         )));
     }
-    if let (Some(bind), Some((acceptor, files))) = (&config.mqtts_bind, tls) {
+    if let (Some(bind), Some(acceptor)) = (&config.mqtts_bind, tls) {
         let listener = bind_listener(bind)
             .await
             .with_context(|| format!("bind MQTTS listener to {bind}"))?;
         listeners.mqtts_addr = Some(listener.local_addr()?);
-        listeners.tls_files = Some(files);
         tasks.push(tokio::spawn(listener::accept_loop(
             listener,
             Some(acceptor),
@@ -372,9 +429,9 @@ impl Server {
     pub async fn start_on(config: &Config, fs: Arc<dyn FileSystem>) -> anyhow::Result<Server> {
         let (meta, wal) = open_storage(config, fs, WriterMode::Thread)?;
         // The TLS files first: a generated CA is the default trust bundle for leaf devices.
-        let tls = match config.mqtts_bind {
-            Some(_) => Some(tls::acceptor(&config.tls_certificate)?),
-            None => None,
+        let tls = match (&config.mqtts_bind, &config.https_bind) {
+            (None, None) => None,
+            _ => Some(tls::acceptor(&config.tls_certificate)?),
         };
         let router = Arc::new(Router::default());
         let (twins, desired_patches) = TwinStore::load(Arc::clone(&meta))?;
@@ -400,37 +457,29 @@ impl Server {
             keep_alive_max_secs: config.settings.max_keep_alive,
         };
         let ingest = Ingest::new(wal.clone(), router, shutdown.clone(), clock);
+        let methods = Arc::new(Methods::new(events.clone()));
         let context = Arc::new(ServerContext::new(
             events,
             ingest,
             authenticator,
             twins,
+            methods,
             connection_limits,
             shutdown.clone(),
         ));
         let connections_max = config.settings.max_connections;
         let connections = Arc::new(Semaphore::new(connections_max as usize));
-        let listeners = start_listeners(config, tls, &context, &connections, &mut tasks).await?;
-        let admin = AdminContext {
-            authenticator: Arc::clone(&context.authenticator),
-            meta: admin_meta,
-            twins: Arc::clone(&context.twins),
-        };
-        let admin_addr = start_admin(config, admin, &shutdown, &mut tasks).await?;
-        if !config.settings.workload_dir.as_os_str().is_empty() {
-            let workload = WorkloadApi {
-                dir: config.settings.workload_dir.clone(),
-                configured_device: config.settings.device_id.clone(),
-                authenticator: Arc::clone(&context.authenticator),
-                trust_bundle: config.tls_certificate.trust_file(),
-            };
-            tasks.push(tokio::spawn(workload.serve(shutdown.clone())));
-        }
+        let (tls, tls_files) = tls.unzip();
+        let listeners =
+            start_listeners(config, tls.clone(), &context, &connections, &mut tasks).await?;
+        let (https_addr, admin_addr) =
+            start_services(config, &context, tls, admin_meta, &mut tasks).await?;
         Ok(Server {
             mqtt_addr: listeners.mqtt_addr,
             mqtts_addr: listeners.mqtts_addr,
-            tls_files: listeners.tls_files,
+            tls_files,
             admin_addr,
+            https_addr,
             shutdown,
             tasks,
             connections,

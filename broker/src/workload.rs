@@ -21,13 +21,11 @@ use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::{Credentials, IdentityId, Status};
 use crate::auth::registry::IdentityRegistry;
 use crate::deployment::edge_device;
+use crate::http::{self, Answer};
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use bytes::Bytes;
 use hmac::{Hmac, Mac};
-use http_body_util::{BodyExt, Full, Limited};
-use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::{Method, Request, StatusCode};
 use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -41,8 +39,6 @@ use tokio_util::sync::CancellationToken;
 const SIGN_REQUEST_BYTES_MAX: usize = 64 << 10;
 /// Connections one module's socket serves at once; more wait in the socket's backlog.
 const CONNECTIONS_PER_SOCKET_MAX: usize = 16;
-/// How long a connection may take to send a request's head.
-const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the accept loop waits after a failed accept (out of file descriptors, say).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The socket's name in each module's directory (IoT Edge's).
@@ -172,7 +168,8 @@ fn remove_socket(path: &std::path::Path) {
 }
 
 /// Serves one module's socket until `stop`: at most `CONNECTIONS_PER_SOCKET_MAX` connections
-/// at once, each with `REQUEST_HEAD_TIMEOUT` to send its request, all ended by `stop`.
+/// at once, each with a time limit to send its request (`http::serve_connection`), all ended
+/// by `stop`.
 async fn accept(
     listener: UnixListener,
     module: IdentityId,
@@ -194,18 +191,11 @@ async fn accept(
         };
         let (module, api) = (module.clone(), Arc::clone(&api));
         let serving = async move {
-            let service = hyper::service::service_fn(move |request| {
+            let answering = move |request| {
                 let (module, api) = (module.clone(), Arc::clone(&api));
-                async move { Ok::<_, std::convert::Infallible>(answer(request, &module, &api).await) }
-            });
-            let served = hyper::server::conn::http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(REQUEST_HEAD_TIMEOUT)
-                .serve_connection(TokioIo::new(stream), service)
-                .await;
-            if let Err(e) = served {
-                tracing::debug!("workload API connection: {e}");
-            }
+                async move { answer(request, &module, &api).await }
+            };
+            http::serve_connection(stream, answering).await;
             drop(permit);
         };
         tokio::spawn(stop.clone().run_until_cancelled_owned(serving));
@@ -217,7 +207,7 @@ async fn answer(
     request: Request<hyper::body::Incoming>,
     module: &IdentityId,
     api: &WorkloadApi,
-) -> Response<Full<Bytes>> {
+) -> Answer {
     let name = module.module.as_deref().unwrap_or_default();
     let path = request.uri().path().to_owned();
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -226,7 +216,7 @@ async fn answer(
             let path = api.trust_bundle.clone();
             let read = tokio::task::spawn_blocking(move || std::fs::read_to_string(path)).await;
             match read.map_err(std::io::Error::other).and_then(|read| read) {
-                Ok(certificate) => json(
+                Ok(certificate) => http::json(
                     StatusCode::OK,
                     &serde_json::json!({ "certificate": certificate }),
                 ),
@@ -241,12 +231,9 @@ async fn answer(
                 let why = format!("this socket is module {module}'s: it does not sign for {named}");
                 return failure(StatusCode::FORBIDDEN, &why);
             }
-            let body = match Limited::new(request.into_body(), SIGN_REQUEST_BYTES_MAX)
-                .collect()
-                .await
-            {
-                Ok(body) => body.to_bytes(),
-                Err(e) => return failure(StatusCode::BAD_REQUEST, &format!("the request: {e}")),
+            let body = match http::body(request, SIGN_REQUEST_BYTES_MAX).await {
+                Ok(body) => body,
+                Err(why) => return failure(StatusCode::BAD_REQUEST, &why),
             };
             let registry = api.authenticator.registry();
             let registered = registry
@@ -259,7 +246,7 @@ async fn answer(
                     .into_owned(),
             };
             match sign(&registry, module, &generation, &body) {
-                Ok(digest) => json(StatusCode::OK, &serde_json::json!({ "digest": digest })),
+                Ok(digest) => http::json(StatusCode::OK, &serde_json::json!({ "digest": digest })),
                 Err((status, why)) => failure(status, &why),
             }
         }
@@ -336,20 +323,10 @@ fn sign(
     Ok(BASE64.encode(mac.finalize().into_bytes()))
 }
 
-fn json(status: StatusCode, value: &serde_json::Value) -> Response<Full<Bytes>> {
-    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
-    *response.status_mut() = status;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json"),
-    );
-    response
-}
-
 /// An error answer, in IoT Edge's form (`{"message": …}`), logged.
-fn failure(status: StatusCode, why: &str) -> Response<Full<Bytes>> {
+fn failure(status: StatusCode, why: &str) -> Answer {
     tracing::info!(%status, "workload API refused a request: {why}");
-    json(status, &serde_json::json!({ "message": why }))
+    http::json(status, &serde_json::json!({ "message": why }))
 }
 
 #[cfg(test)]

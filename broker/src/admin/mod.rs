@@ -1,5 +1,5 @@
-//! The admin API (`spool.admin.v1`, gRPC), served on `--admin-bind`: identities and twins
-//! today; routes, queues, methods and the upstream link join it with their issues. It calls the
+//! The admin API (`spool.admin.v1`, gRPC), served on `--admin-bind`: identities, twins and
+//! direct methods today; routes, queues and the upstream link join it with their issues. It calls the
 //! same registry the listeners authenticate with, so a change counts for the next CONNECT, and
 //! connected clients whose credentials it revokes are disconnected (`Authenticator`'s change
 //! announcements). `spool identity` is its client when a server holds the data directory.
@@ -12,6 +12,7 @@ pub mod convert;
 use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::{Credentials, Identity, IdentityId, Status};
 use crate::auth::registry::RegistryError;
+use crate::method::{MethodCall, MethodError, Methods};
 use crate::twin::{TwinError, TwinStore};
 use convert::{identity_from_proto, identity_to_proto};
 use spool_proto::admin as pb;
@@ -34,6 +35,44 @@ pub struct AdminContext {
     pub authenticator: Arc<Authenticator>,
     pub meta: Arc<Meta>,
     pub twins: Arc<TwinStore>,
+    pub methods: Arc<Methods>,
+}
+
+/// Where a running server's admin API is, for the commands that only go through it (`spool
+/// twin`, `spool method`): the same settings as `spool serve`'s.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdminArgs {
+    /// The `spool serve` configuration file whose settings apply (`admin_bind`).
+    #[arg(long, env = "SPOOL_CONFIG", global = true)]
+    pub config: Option<std::path::PathBuf>,
+    /// The admin API of the running server [default: 127.0.0.1:50051].
+    #[arg(long, env = "SPOOL_ADMIN_BIND", global = true)]
+    pub admin_bind: Option<String>,
+}
+
+impl AdminArgs {
+    /// A client of the admin API these settings name, with the runtime to call it on; `what`
+    /// says what goes through it, for the error when it is off.
+    ///
+    /// # Errors
+    /// The settings do not resolve, the admin API is off, or it cannot be reached.
+    pub fn client(
+        &self,
+        what: &str,
+    ) -> anyhow::Result<(
+        tokio::runtime::Runtime,
+        spool_proto::admin::admin_client::AdminClient<tonic::transport::Channel>,
+    )> {
+        let config = crate::config::Config::resolve(crate::config::ServeArgs {
+            config: self.config.clone(),
+            admin_bind: self.admin_bind.clone(),
+            ..crate::config::ServeArgs::default()
+        })?;
+        let Some(addr) = config.admin_bind.as_deref() else {
+            anyhow::bail!("the admin API is off (--admin-bind is empty): {what} go through it");
+        };
+        client(addr)
+    }
 }
 
 /// A client of the admin API at `addr`, with the runtime to call it on (for the CLI).
@@ -96,6 +135,20 @@ fn status(error: RegistryError) -> tonic::Status {
             tracing::error!("admin API: {error}");
             tonic::Status::internal(error.to_string())
         }
+    }
+}
+
+/// A direct method's failure as a gRPC status (see `admin.proto`).
+fn method_status(error: MethodError) -> tonic::Status {
+    let why = error.to_string();
+    match error {
+        MethodError::BadRequest(_) => tonic::Status::invalid_argument(why),
+        MethodError::UnknownTarget(_) | MethodError::NotConnected(_) => {
+            tonic::Status::not_found(why)
+        }
+        MethodError::Timeout { .. } => tonic::Status::deadline_exceeded(why),
+        MethodError::TooMany | MethodError::ShuttingDown => tonic::Status::unavailable(why),
+        MethodError::BadAnswer(_) => tonic::Status::internal(why),
     }
 }
 
@@ -164,6 +217,40 @@ impl Admin for AdminService {
                 other => tonic::Status::internal(other.to_string()),
             })?;
         Ok(self.twin(&id))
+    }
+
+    async fn invoke_method(
+        &self,
+        request: Request<pb::InvokeMethodRequest>,
+    ) -> Result<Response<pb::MethodResult>, tonic::Status> {
+        let request = request.into_inner();
+        let id = self.registered(&request.id)?;
+        let payload = match request.payload.trim() {
+            "" => serde_json::Value::Null,
+            payload => serde_json::from_str(payload).map_err(|e| {
+                tonic::Status::invalid_argument(format!("the payload is not JSON: {e}"))
+            })?,
+        };
+        let response_timeout = Some(u64::from(request.response_timeout_secs)).filter(|&s| s > 0);
+        let connect_timeout = Some(u64::from(request.connect_timeout_secs));
+        let call = MethodCall::new(
+            id,
+            request.method_name,
+            payload,
+            response_timeout,
+            connect_timeout,
+        )
+        .map_err(method_status)?;
+        let result = self
+            .context
+            .methods
+            .invoke(call)
+            .await
+            .map_err(method_status)?;
+        Ok(Response::new(pb::MethodResult {
+            status: result.status,
+            payload: result.payload.to_string(),
+        }))
     }
 
     async fn list_identities(

@@ -251,6 +251,45 @@ impl Authenticator {
         Ok(Authenticated::Identity { id, token_expiry })
     }
 
+    /// Who an HTTP request's SAS `token` (its `Authorization` header) proves the caller is, at
+    /// `now`: the identity `claimed` (edgeHub's `x-ms-edge-moduleId` header), or else the one
+    /// the token's audience names, checked as a CONNECT's (it exists, is enabled, has SAS keys,
+    /// and signed the token for one of the hub's host names).
+    ///
+    /// # Errors
+    /// Why the token proves nothing.
+    pub fn authenticate_token(
+        &self,
+        claimed: Option<&str>,
+        token: &str,
+        now: u64,
+    ) -> Result<IdentityId, AuthError> {
+        let id = match claimed {
+            Some(claimed) => IdentityId::parse(claimed),
+            None => {
+                let audience = SasToken::parse(token)?.audience()?;
+                IdentityId::parse(&audience.to_string())
+            }
+        };
+        let id = id.map_err(|e| AuthError::BadIdentity(e.to_string()))?;
+        let registry = self.registry();
+        let identity = registry
+            .get(&id)
+            .ok_or_else(|| AuthError::Unknown(id.clone()))?;
+        if identity.status == Status::Disabled {
+            return Err(AuthError::Disabled(id));
+        }
+        if !matches!(
+            identity.credentials,
+            Credentials::Sas { .. } | Credentials::Derived { .. }
+        ) {
+            let why = format!("identity {id} authenticates with a certificate, not a SAS token");
+            return Err(AuthError::BadIdentity(why));
+        }
+        self.verify_token(identity, Some(token.as_bytes()), now)?;
+        Ok(id)
+    }
+
     /// Verifies the SAS token in `password` for `identity`; returns when it expires.
     fn verify_token(
         &self,

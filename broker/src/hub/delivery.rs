@@ -13,6 +13,7 @@ use crate::hub::events::{Delivery, Outbound};
 use crate::iothub;
 use crate::message::{Message, QoS};
 use crate::routing::endpoints::EndpointTarget;
+use crate::session::Session;
 use bytes::Bytes;
 use spool_storage::Record;
 use std::sync::Arc;
@@ -199,6 +200,11 @@ impl Hub {
                 Step::Stop => return,
                 Step::Go => {}
             }
+            match self.send_method_request_due(id) {
+                Step::Again => continue,
+                Step::Stop => return,
+                Step::Go => {}
+            }
             let (queue_id, entry) = match self.next_to_send(id) {
                 Ok(next) => next,
                 Err(Step::Again) => continue,
@@ -258,20 +264,54 @@ impl Hub {
         }
     }
 
+    /// Sends the next direct-method request waiting for session `id`'s connection, if there
+    /// is one and the channel has room beyond the slots its in-flight messages keep.
+    fn send_method_request_due(&mut self, id: u64) -> Step {
+        let Some(session) = self.sessions.get(&id) else {
+            return Step::Stop;
+        };
+        let reserved = self.in_flight(session);
+        let Some(attachment) = self.sessions.get_mut(&id).and_then(Session::attachment_mut) else {
+            return Step::Stop;
+        };
+        if attachment.method_requests.is_empty() {
+            return Step::Go;
+        }
+        if attachment.outbound.capacity() <= reserved {
+            return match attachment.outbound.ask_for_room(reserved + 1) {
+                true => Step::Again,
+                false => Step::Stop,
+            };
+        }
+        let Some(request) = attachment.method_requests.pop_front() else {
+            return Step::Go;
+        };
+        match attachment.outbound.try_send(Outbound::Publish(request)) {
+            Ok(()) => Step::Again,
+            Err(_) => Step::Stop, // closed: the connection is ending
+        }
+    }
+
+    /// How many messages `session`'s connection has in flight, over all its queues: the
+    /// channel keeps a slot for each.
+    fn in_flight(&self, session: &Session) -> usize {
+        session
+            .sources()
+            .filter_map(|(queue, _)| self.queues.get(&queue))
+            .map(|queue| queue.entries.in_flight_len())
+            .sum()
+    }
+
     /// The next entry session `id` sends, with the queue it comes from, its QoS capped by the
     /// subscription and its packet id given, if the window and the connection's channel have
     /// room. Its sources are tried in order: one whose next message must be read back first
     /// stops the round (a load is asked for), one whose next message's packet id is taken by
     /// another in flight is passed over until that one is acknowledged.
     fn next_to_send(&mut self, id: u64) -> Result<(QueueId, QueueEntry), Step> {
+        let reserved = self.in_flight(self.sessions.get(&id).ok_or(Step::Stop)?);
         let session = self.sessions.get_mut(&id).ok_or(Step::Stop)?;
         let attachment = session.attachment().ok_or(Step::Stop)?;
         let window = attachment.window;
-        let reserved: usize = session
-            .sources()
-            .filter_map(|(queue, _)| self.queues.get(&queue))
-            .map(|queue| queue.entries.in_flight_len())
-            .sum();
         if attachment.outbound.capacity() <= reserved {
             return Err(match attachment.outbound.ask_for_room(reserved + 1) {
                 true => Step::Again,

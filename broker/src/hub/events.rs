@@ -5,10 +5,12 @@ use crate::auth::identity::IdentityId;
 use crate::auth::policy::Policy;
 use crate::iothub::ModuleInput;
 use crate::message::{Message, QoS, Will};
+use crate::method::MethodDelivery;
 use crate::routing::SubscriptionOptions;
 use crate::routing::endpoints::EndpointName;
 use crate::session::receipts::SharedReceipts;
 use crate::twin::DesiredPatch;
+use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc::error::TrySendError;
@@ -75,6 +77,14 @@ pub enum Event {
     /// its module's session, if it is subscribed to them.
     DesiredPatches {
         patches: Vec<DesiredPatch>,
+    },
+    /// A direct-method call's request for `target`: it goes to the target's connection if the
+    /// target is connected and subscribed to `topic`, which `reply` says.
+    MethodRequest {
+        target: IdentityId,
+        topic: String,
+        payload: Bytes,
+        reply: oneshot::Sender<MethodDelivery>,
     },
     /// The connection ended; with its will if it did not end with a normal DISCONNECT, and
     /// the session expiry its MQTT 5 DISCONNECT set, if any.

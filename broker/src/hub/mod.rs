@@ -19,8 +19,8 @@
 //! - `checkpoints`: committed progress, and the log's space reclaimed by liveness;
 //! - `loads`: messages no longer cached, read back for delivery off the hub's task;
 //! - `metadata`, `appends`: the metadata writer, and records the hub logs itself;
-//! - `wills`; `twins`: desired-property patches for modules; `events`: the messages between
-//!   connections and the hub.
+//! - `wills`; `twins`: desired-property patches for modules; `methods`: direct-method requests
+//!   to modules; `events`: the messages between connections and the hub.
 
 mod appends;
 mod checkpoints;
@@ -88,6 +88,7 @@ mod endpoints;
 pub mod events;
 mod loads;
 mod metadata;
+mod methods;
 pub use loads::{LoadRequest, load_asked, load_when_asked};
 pub use metadata::MetaWriter;
 pub mod retained;
@@ -400,6 +401,15 @@ impl Hub {
             }
             Event::PolicyChanged { policy } => self.policy_changed(policy),
             Event::DesiredPatches { patches } => self.send_desired_patches(patches),
+            Event::MethodRequest {
+                target,
+                topic,
+                payload,
+                reply,
+            } => {
+                let delivered = self.send_method_request(&target, topic, payload);
+                let _ = reply.send(delivered);
+            }
         }
     }
 }

@@ -13,6 +13,7 @@ use crate::message::Will;
 use crate::session::receipts;
 use crate::session::{Attachment, Session};
 use spool_storage::{MetaChange, StateTable};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -61,6 +62,7 @@ impl Hub {
             protocol: request.protocol,
             outbound: request.outbound,
             window: usize::from(request.receive_max.min(self.limits.in_flight_max).max(1)),
+            method_requests: VecDeque::new(),
             _released: request.released.drop_guard(),
         });
         receipts::lock(&session.receipts).set_owner(request.connection);

@@ -8,7 +8,6 @@ use super::Hub;
 use super::appends::{Metering, OwnAppend};
 use crate::delivery::record::{KIND_PUBLISH, PublishRecord, QueueId, Target};
 use crate::message::{Message, MessageProperties, QoS};
-use crate::routing::topic;
 use crate::twin::DesiredPatch;
 
 impl Hub {
@@ -27,11 +26,7 @@ impl Hub {
             let Some(session) = self.sessions.get(&id) else {
                 continue;
             };
-            let subscribed = session
-                .subscriptions
-                .iter()
-                .find(|(filter, _)| topic::matches(filter, &topic));
-            let Some((_, options)) = subscribed else {
+            let Some(options) = session.subscription_for(&topic) else {
                 continue;
             };
             // Modules get their desired properties at QoS 1 at most, as from IoT Hub.

@@ -64,6 +64,17 @@ pub fn telemetry(topic: &str) -> Option<Telemetry<'_>> {
     })
 }
 
+/// The value of `key` in a topic's query (`?$rid=7&$version=2`, with or without its `?`), as
+/// written.
+#[must_use]
+pub fn query_value<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query
+        .strip_prefix('?')
+        .unwrap_or(query)
+        .split('&')
+        .find_map(|pair| pair.strip_prefix(key)?.strip_prefix('='))
+}
+
 /// Whether `identity` may publish on `topic`: its own telemetry, and the twin and direct
 /// method topics (which address the hub, not another identity).
 #[must_use]

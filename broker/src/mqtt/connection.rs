@@ -26,6 +26,7 @@ use crate::limits::{
     SEND_BURST_MAX, USER_PROPERTIES_MAX,
 };
 use crate::message::{Message, MessageProperties, QoS, Will, expires_at_ms};
+use crate::method::MethodAnswer;
 use crate::mqtt::codec::{
     self, ClientPacket, ConnAck, DecodeError, EncodeError, InboundPublish, Reason, ServerPacket,
 };
@@ -863,14 +864,23 @@ where
         let mut properties = publish.properties;
         let now_ms = self.context.ingest.now_ms();
         properties.expires_at_ms = expires_at_ms(now_ms, publish.expiry_interval_secs);
-        if let (Some(identity), Some(request)) = (&self.identity, TwinRequest::parse(&topic)) {
+        if let (Some(identity), Some(exchange)) = (&self.identity, HubExchange::parse(&topic)) {
             if publish.qos == QoS::ExactlyOnce {
-                // IoT Hub takes QoS 0 and 1 only; a twin request has no receipt to resend by.
-                let why = "a twin request at QoS 2";
+                // IoT Hub takes QoS 0 and 1 only; these have no receipt to resend by.
+                let why = format!("{topic:?} at QoS 2");
                 return Err(Close::with(Reason::ImplementationSpecificError, why));
             }
-            let identity = identity.clone();
-            self.answer_twin(identity, request, publish.payload).await?;
+            match exchange {
+                HubExchange::Twin(request) => {
+                    let identity = identity.clone();
+                    self.answer_twin(identity, request, publish.payload).await?;
+                }
+                HubExchange::MethodAnswer(answer) => {
+                    self.context
+                        .methods
+                        .respond(identity, &answer, &publish.payload);
+                }
+            }
             return self.acknowledge_unlogged(publish.qos, packet_id, Reason::Success);
         }
         let message = Message {
@@ -1206,6 +1216,26 @@ async fn next_durable(
     let result = ingest.durable(&mut front.durable).await;
     let done = awaiting.pop_front().expect("front exists");
     (done.ack, result)
+}
+
+/// A publish an identity makes to the hub itself rather than to other clients: nothing of it
+/// is logged, and the hub answers it at once.
+enum HubExchange {
+    /// A twin GET or reported patch.
+    Twin(TwinRequest),
+    /// The answer to a direct-method call.
+    MethodAnswer(MethodAnswer),
+}
+
+impl HubExchange {
+    fn parse(topic: &str) -> Option<HubExchange> {
+        if !topic.starts_with("$iothub/") {
+            return None;
+        }
+        TwinRequest::parse(topic)
+            .map(HubExchange::Twin)
+            .or_else(|| MethodAnswer::parse(topic).map(HubExchange::MethodAnswer))
+    }
 }
 
 /// How a publish the publish path could not take ends the connection.

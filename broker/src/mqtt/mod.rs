@@ -8,6 +8,7 @@ pub mod listener;
 use crate::auth::authenticator::Authenticator;
 use crate::hub::events::Event;
 use crate::ingest::Ingest;
+use crate::method::Methods;
 use crate::twin::TwinStore;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,6 +36,9 @@ pub struct ServerContext {
     pub authenticator: Arc<Authenticator>,
     /// The twins, which identities read and report on `$iothub/twin/…`.
     pub twins: Arc<TwinStore>,
+    /// The direct-method calls waiting for the answers identities publish on
+    /// `$iothub/methods/res/…`.
+    pub methods: Arc<Methods>,
     pub limits: ConnectionLimits,
     pub shutdown: CancellationToken,
     next_connection: AtomicU64,
@@ -47,6 +51,7 @@ impl ServerContext {
         ingest: Ingest,
         authenticator: Arc<Authenticator>,
         twins: Arc<TwinStore>,
+        methods: Arc<Methods>,
         limits: ConnectionLimits,
         shutdown: CancellationToken,
     ) -> ServerContext {
@@ -55,6 +60,7 @@ impl ServerContext {
             ingest,
             authenticator,
             twins,
+            methods,
             limits,
             shutdown,
             next_connection: AtomicU64::new(1),

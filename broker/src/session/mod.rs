@@ -11,12 +11,12 @@ use crate::auth::identity::IdentityId;
 use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::QueueId;
-use crate::hub::events::{OutboundSender, Protocol};
+use crate::hub::events::{Delivery, OutboundSender, Protocol};
 use crate::id_hash::IdMap;
 use crate::message::{QoS, Will};
 use crate::routing::SubscriptionOptions;
 use receipts::SharedReceipts;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 use tokio_util::sync::DropGuard;
 
@@ -29,6 +29,9 @@ pub struct Attachment {
     pub outbound: OutboundSender,
     /// The in-flight window: the client's receive maximum, capped by the broker's.
     pub window: usize,
+    /// Direct-method requests for the connection (`hub::methods`), sent ahead of the queues
+    /// as the channel has room; they go with the connection if it ends first.
+    pub method_requests: VecDeque<Delivery>,
     /// Tells the connection that the hub let go of it, when the attachment is dropped.
     pub _released: DropGuard,
 }
@@ -224,6 +227,23 @@ impl Session {
         }
     }
 
+    /// As [`Session::attachment`], to change.
+    pub fn attachment_mut(&mut self) -> Option<&mut Attachment> {
+        match &mut self.state {
+            SessionState::Connected(attachment) => Some(attachment),
+            SessionState::Offline { .. } | SessionState::AwaitingWill { .. } => None,
+        }
+    }
+
+    /// The options of the subscription whose filter `topic` matches first, if any.
+    #[must_use]
+    pub fn subscription_for(&self, topic: &str) -> Option<&SubscriptionOptions> {
+        self.subscriptions
+            .iter()
+            .find(|(filter, _)| crate::routing::topic::matches(filter, topic))
+            .map(|(_, options)| options)
+    }
+
     /// Attaches a connection to a session that has none (detach a previous one first).
     ///
     /// # Panics
@@ -294,6 +314,7 @@ mod tests {
             protocol: Protocol::V5,
             outbound: outbound_channel(4).0,
             window: 1,
+            method_requests: VecDeque::new(),
             _released: CancellationToken::new().drop_guard(),
         }
     }

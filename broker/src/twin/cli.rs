@@ -1,23 +1,17 @@
 //! `spool twin get|patch-desired <device>[/<module>]`: a running server's twins, through its
 //! admin API (a twin change must reach the module it belongs to, which only the server can do).
 
-use crate::config::{Config, ServeArgs};
-use anyhow::Context;
+use crate::admin::AdminArgs;
 use clap::{Args, Subcommand};
 use spool_proto::admin as pb;
-use std::path::PathBuf;
 
-/// Where the server's admin API is: the same settings as `spool serve`'s.
+/// `spool twin`'s command, and where the server's admin API is.
 #[derive(Debug, Args)]
 pub struct TwinArgs {
     #[command(subcommand)]
     pub command: TwinCommand,
-    /// The `spool serve` configuration file whose settings apply (`admin_bind`).
-    #[arg(long, env = "SPOOL_CONFIG", global = true)]
-    pub config: Option<PathBuf>,
-    /// The admin API of the running server [default: 127.0.0.1:50051].
-    #[arg(long, env = "SPOOL_ADMIN_BIND", global = true)]
-    pub admin_bind: Option<String>,
+    #[command(flatten)]
+    pub admin: AdminArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -35,16 +29,7 @@ pub enum TwinCommand {
 /// # Errors
 /// The admin API is off or cannot be reached, or refuses the request (saying why).
 pub fn run(args: &TwinArgs) -> anyhow::Result<String> {
-    let config = Config::resolve(ServeArgs {
-        config: args.config.clone(),
-        admin_bind: args.admin_bind.clone(),
-        ..ServeArgs::default()
-    })?;
-    let addr = config
-        .admin_bind
-        .as_deref()
-        .context("the admin API is off (--admin-bind is empty): twins go through it")?;
-    let (runtime, mut client) = crate::admin::client(addr)?;
+    let (runtime, mut client) = args.admin.client("twins")?;
     let answer = runtime.block_on(async {
         match &args.command {
             TwinCommand::Get { id } => {

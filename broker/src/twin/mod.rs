@@ -513,11 +513,7 @@ impl TwinRequest {
                 topic.strip_prefix("$iothub/twin/PATCH/properties/reported/")?,
             )
         };
-        let rid = query
-            .strip_prefix('?')
-            .unwrap_or(query)
-            .split('&')
-            .find_map(|pair| pair.strip_prefix("$rid="))
+        let rid = crate::iothub::topics::query_value(query, "$rid")
             .unwrap_or_default()
             .to_owned();
         Some(match kind {

@@ -1,0 +1,428 @@
+//! Direct methods (edgehub-contract.md §1.6): a caller invokes a method of a connected module
+//! (or device) and waits for its answer.
+//!
+//! - [`Methods::invoke`] sends the request on `$iothub/methods/POST/{name}/?$rid={rid}` to the
+//!   target's connection (the hub checks it is connected and subscribed: `Event::MethodRequest`)
+//!   and waits, within the call's response timeout, for the target to publish
+//!   `$iothub/methods/res/{status}/?$rid={rid}`, which its connection hands to
+//!   [`Methods::respond`].
+//! - The calls waiting for an answer are in one bounded table (law 5): a call beyond
+//!   [`PENDING_MAX`] is refused. An answer to no waiting call (unknown, late, or from another
+//!   identity than the target) is dropped with a log line.
+//! - A method call is not a message: nothing of it is logged, and a call the hub could not
+//!   finish (a restart, a lost connection) gets its timeout, as from IoT Hub.
+//! - Callers: `https`, edgeHub's module-to-module endpoint that the SDKs' `invoke_method`
+//!   use; the admin API and `spool method invoke` (`cli`).
+
+pub mod cli;
+pub mod https;
+
+use crate::auth::identity::IdentityId;
+use crate::hub::events::Event;
+use bytes::Bytes;
+use serde_json::Value;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::sync::{mpsc, oneshot};
+
+/// Calls waiting for their answer, at most.
+pub const PENDING_MAX: usize = 1024;
+/// The largest request payload and answer body, in bytes of JSON (IoT Hub's limit).
+pub const PAYLOAD_BYTES_MAX: usize = 128 * 1024;
+/// The longest method name, in bytes.
+const NAME_BYTES_MAX: usize = 128;
+/// A call's response timeout when it gives none (IoT Hub's default).
+pub const RESPONSE_TIMEOUT_DEFAULT_SECS: u64 = 30;
+/// The longest response or connect timeout a call may ask for (IoT Hub's limit).
+pub const TIMEOUT_SECS_MAX: u64 = 300;
+/// How often a call with a connect timeout looks again for its target.
+const CONNECT_RETRY: Duration = Duration::from_millis(100);
+
+/// One method call, validated.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodCall {
+    pub target: IdentityId,
+    pub name: String,
+    /// What the target gets as the request's body.
+    pub payload: Value,
+    /// How long the target has to answer once it has the request.
+    pub response_timeout: Duration,
+    /// How long to wait for the target to be connected and subscribed; zero: not at all.
+    pub connect_timeout: Duration,
+}
+
+/// The body of IoT Hub's method invocation (`POST /twins/{d}/modules/{m}/methods`).
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+struct InvocationBody {
+    method_name: String,
+    #[serde(default)]
+    payload: Value,
+    response_timeout_in_seconds: Option<u64>,
+    connect_timeout_in_seconds: Option<u64>,
+}
+
+impl MethodCall {
+    /// A call of `name` on `target`, held to IoT Hub's rules: a name that fits a topic level,
+    /// a payload within `PAYLOAD_BYTES_MAX`, timeouts within `TIMEOUT_SECS_MAX` (a response
+    /// timeout of at least a second).
+    ///
+    /// # Errors
+    /// `BadRequest`, saying what is wrong.
+    pub fn new(
+        target: IdentityId,
+        name: String,
+        payload: Value,
+        response_timeout_secs: Option<u64>,
+        connect_timeout_secs: Option<u64>,
+    ) -> Result<MethodCall, MethodError> {
+        let bad = |why: String| Err(MethodError::BadRequest(why));
+        if name.is_empty() || name.len() > NAME_BYTES_MAX {
+            return bad(format!(
+                "a method name has 1 to {NAME_BYTES_MAX} bytes, not {}",
+                name.len()
+            ));
+        }
+        if let Some(c) = name
+            .chars()
+            .find(|c| matches!(c, '/' | '+' | '#' | '?') || c.is_control())
+        {
+            return bad(format!("method name {name:?} holds {c:?}"));
+        }
+        let size = payload.to_string().len();
+        if size > PAYLOAD_BYTES_MAX {
+            return bad(format!(
+                "a payload of {size} bytes, above the {PAYLOAD_BYTES_MAX} a method takes"
+            ));
+        }
+        let response_secs = response_timeout_secs.unwrap_or(RESPONSE_TIMEOUT_DEFAULT_SECS);
+        if !(1..=TIMEOUT_SECS_MAX).contains(&response_secs) {
+            return bad(format!(
+                "responseTimeoutInSeconds is {response_secs}, not between 1 and {TIMEOUT_SECS_MAX}"
+            ));
+        }
+        let connect_secs = connect_timeout_secs.unwrap_or(0);
+        if connect_secs > TIMEOUT_SECS_MAX {
+            return bad(format!(
+                "connectTimeoutInSeconds is {connect_secs}, above {TIMEOUT_SECS_MAX}"
+            ));
+        }
+        Ok(MethodCall {
+            target,
+            name,
+            payload,
+            response_timeout: Duration::from_secs(response_secs),
+            connect_timeout: Duration::from_secs(connect_secs),
+        })
+    }
+
+    /// The call an invocation body asks of `target`:
+    /// `{"methodName": …, "payload": …, "responseTimeoutInSeconds": …,
+    /// "connectTimeoutInSeconds": …}`.
+    ///
+    /// # Errors
+    /// `BadRequest`: a body that is not such an object, or breaks [`MethodCall::new`]'s rules.
+    pub fn from_invocation(target: IdentityId, body: &[u8]) -> Result<MethodCall, MethodError> {
+        let body: InvocationBody = serde_json::from_slice(body)
+            .map_err(|e| MethodError::BadRequest(format!("the invocation: {e}")))?;
+        MethodCall::new(
+            target,
+            body.method_name,
+            body.payload,
+            body.response_timeout_in_seconds,
+            body.connect_timeout_in_seconds,
+        )
+    }
+
+    /// The topic the target gets the request on.
+    fn topic(&self, rid: &str) -> String {
+        format!("$iothub/methods/POST/{}/?$rid={rid}", self.name)
+    }
+}
+
+/// The target's answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MethodResult {
+    /// The status the target answered with.
+    pub status: i32,
+    /// Its body, as JSON; `null` for an empty one.
+    pub payload: Value,
+}
+
+impl MethodResult {
+    /// The answer as IoT Hub gives it to the caller: `{"status": …, "payload": …}`.
+    #[must_use]
+    pub fn document(&self) -> Value {
+        serde_json::json!({ "status": self.status, "payload": self.payload })
+    }
+}
+
+/// Why a call got no answer from its target, with the status IoT Hub gives the caller.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MethodError {
+    /// The call is malformed (400).
+    #[error("{0}")]
+    BadRequest(String),
+    /// No such identity (404).
+    #[error("no identity {0}")]
+    UnknownTarget(IdentityId),
+    /// The target is not connected, or not subscribed to its methods (404).
+    #[error("{0} is not connected, or not subscribed to direct methods")]
+    NotConnected(IdentityId),
+    /// The target did not answer within the response timeout (504).
+    #[error("{target} did not answer method {name:?} within {secs} s")]
+    Timeout {
+        target: IdentityId,
+        name: String,
+        secs: u64,
+    },
+    /// The target answered with something IoT Hub would not pass on (502).
+    #[error("{0}")]
+    BadAnswer(String),
+    /// `PENDING_MAX` calls are waiting already (429).
+    #[error("{PENDING_MAX} method calls are waiting for their answers already: try again later")]
+    TooMany,
+    /// The hub is stopping (503).
+    #[error("the hub is shutting down")]
+    ShuttingDown,
+}
+
+impl MethodError {
+    /// The HTTP status IoT Hub answers a caller with.
+    #[must_use]
+    pub fn status(&self) -> u16 {
+        match self {
+            MethodError::BadRequest(_) => 400,
+            MethodError::UnknownTarget(_) | MethodError::NotConnected(_) => 404,
+            MethodError::TooMany => 429,
+            MethodError::BadAnswer(_) => 502,
+            MethodError::ShuttingDown => 503,
+            MethodError::Timeout { .. } => 504,
+        }
+    }
+
+    /// IoT Hub's error code for it (the status and three more digits).
+    #[must_use]
+    pub fn error_code(&self) -> u32 {
+        match self {
+            MethodError::BadRequest(_) => 400_004,    // ArgumentInvalid
+            MethodError::UnknownTarget(_) => 404_001, // DeviceNotFound
+            MethodError::NotConnected(_) => 404_103,  // DeviceNotOnline
+            MethodError::TooMany => 429_001,          // ThrottlingException
+            MethodError::BadAnswer(_) => 502_000,
+            MethodError::ShuttingDown => 503_000,
+            MethodError::Timeout { .. } => 504_101, // GatewayTimeout
+        }
+    }
+}
+
+/// What the hub did with a method request (`Event::MethodRequest`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MethodDelivery {
+    /// It goes out on the target's connection.
+    Sent,
+    /// The target is not connected, or not subscribed to a filter the request's topic matches.
+    NotConnected,
+}
+
+/// A method answer a client published: `$iothub/methods/res/{status}/?$rid={rid}`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MethodAnswer {
+    /// The status as written; a number, unless the client wrote something else.
+    pub status: String,
+    pub rid: String,
+}
+
+impl MethodAnswer {
+    /// The answer a publish on `topic` carries; `None` if it is no method answer.
+    #[must_use]
+    pub fn parse(topic: &str) -> Option<MethodAnswer> {
+        let rest = topic.strip_prefix("$iothub/methods/res/")?;
+        let (status, query) = rest.split_once('/').unwrap_or((rest, ""));
+        Some(MethodAnswer {
+            status: status.to_owned(),
+            rid: crate::iothub::topics::query_value(query, "$rid")
+                .unwrap_or_default()
+                .to_owned(),
+        })
+    }
+}
+
+/// A call waiting for its answer.
+#[derive(Debug)]
+struct Pending {
+    target: IdentityId,
+    answer: oneshot::Sender<Result<MethodResult, MethodError>>,
+}
+
+/// The direct-method calls under way; see the module documentation.
+#[derive(Debug)]
+pub struct Methods {
+    hub: mpsc::Sender<Event>,
+    /// By request id (lower case).
+    pending: Mutex<HashMap<String, Pending>>,
+    /// Request ids are this process's start time and a counter: an answer a module sends late
+    /// to the previous process's request cannot match a new one.
+    rid_prefix: u128,
+    next_rid: AtomicU64,
+}
+
+/// Takes a call out of the table when its caller stops waiting, however it stops.
+struct Forget<'a> {
+    methods: &'a Methods,
+    rid: String,
+}
+
+impl Drop for Forget<'_> {
+    fn drop(&mut self) {
+        self.methods.lock().remove(&self.rid);
+    }
+}
+
+impl Methods {
+    /// The calls to targets the `hub` sends requests to.
+    #[must_use]
+    pub fn new(hub: mpsc::Sender<Event>) -> Methods {
+        let started = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Methods {
+            hub,
+            pending: Mutex::new(HashMap::new()),
+            rid_prefix: started,
+            next_rid: AtomicU64::new(1),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pending>> {
+        self.pending.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Calls the method and waits for the target's answer (see the module documentation).
+    ///
+    /// # Errors
+    /// Why there is no answer: the target is not there (within the connect timeout), did
+    /// not answer (within the response timeout) or answered badly; too many calls wait; the
+    /// hub stops.
+    pub async fn invoke(&self, call: MethodCall) -> Result<MethodResult, MethodError> {
+        let rid = format!(
+            "{:x}-{:x}",
+            self.rid_prefix,
+            self.next_rid.fetch_add(1, Ordering::Relaxed)
+        );
+        let (answer, answered) = oneshot::channel();
+        {
+            let mut pending = self.lock();
+            if pending.len() >= PENDING_MAX {
+                return Err(MethodError::TooMany);
+            }
+            let target = call.target.clone();
+            pending.insert(rid.clone(), Pending { target, answer });
+        }
+        let _forget = Forget {
+            methods: self,
+            rid: rid.clone(),
+        };
+        self.send_request(&call, &rid).await?;
+        match tokio::time::timeout(call.response_timeout, answered).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(MethodError::ShuttingDown),
+            Err(_) => Err(MethodError::Timeout {
+                target: call.target,
+                name: call.name,
+                secs: call.response_timeout.as_secs(),
+            }),
+        }
+    }
+
+    /// Hands the request to the hub for the target's connection, asking again every
+    /// `CONNECT_RETRY` within the call's connect timeout while the target is not there.
+    async fn send_request(&self, call: &MethodCall, rid: &str) -> Result<(), MethodError> {
+        let topic = call.topic(rid);
+        let payload = Bytes::from(call.payload.to_string());
+        let give_up = tokio::time::Instant::now() + call.connect_timeout;
+        loop {
+            let (reply, replied) = oneshot::channel();
+            let request = Event::MethodRequest {
+                target: call.target.clone(),
+                topic: topic.clone(),
+                payload: payload.clone(),
+                reply,
+            };
+            if self.hub.send(request).await.is_err() {
+                return Err(MethodError::ShuttingDown);
+            }
+            match replied.await {
+                Ok(MethodDelivery::Sent) => return Ok(()),
+                Ok(MethodDelivery::NotConnected)
+                    if tokio::time::Instant::now() + CONNECT_RETRY <= give_up =>
+                {
+                    tokio::time::sleep(CONNECT_RETRY).await;
+                }
+                Ok(MethodDelivery::NotConnected) => {
+                    return Err(MethodError::NotConnected(call.target.clone()));
+                }
+                Err(_) => return Err(MethodError::ShuttingDown),
+            }
+        }
+    }
+
+    /// Takes an answer that `from` published, for the call it answers; drops it with a log
+    /// line if no call of `from` waits for it.
+    pub fn respond(&self, from: &IdentityId, answer: &MethodAnswer, body: &Bytes) {
+        let rid = answer.rid.to_ascii_lowercase();
+        let pending = {
+            let mut pending = self.lock();
+            match pending.get(&rid) {
+                Some(call) if call.target == *from => pending.remove(&rid),
+                _ => None,
+            }
+        };
+        let Some(pending) = pending else {
+            tracing::info!(
+                %from,
+                rid = answer.rid,
+                "dropped a method answer: no call of this identity waits for this request id \
+                 (unknown, or answered after its timeout)"
+            );
+            return;
+        };
+        let _ = pending.answer.send(result(answer, body));
+    }
+
+    /// How many calls wait for their answer.
+    #[must_use]
+    pub fn pending(&self) -> usize {
+        self.lock().len()
+    }
+}
+
+/// What the caller gets for an answer: its status and its body as JSON, or why they cannot be
+/// passed on.
+fn result(answer: &MethodAnswer, body: &Bytes) -> Result<MethodResult, MethodError> {
+    let status = answer.status.parse::<i32>().map_err(|_| {
+        MethodError::BadAnswer(format!(
+            "the module answered with status {:?}, not a number",
+            answer.status
+        ))
+    })?;
+    if body.len() > PAYLOAD_BYTES_MAX {
+        return Err(MethodError::BadAnswer(format!(
+            "the module answered with {} bytes, above the {PAYLOAD_BYTES_MAX} a method returns",
+            body.len()
+        )));
+    }
+    let payload = if body.iter().all(u8::is_ascii_whitespace) {
+        Value::Null
+    } else {
+        serde_json::from_slice(body).map_err(|e| {
+            MethodError::BadAnswer(format!(
+                "the module answered with a body that is not JSON: {e}"
+            ))
+        })?
+    };
+    Ok(MethodResult { status, payload })
+}
