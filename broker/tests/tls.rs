@@ -9,43 +9,17 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use common::{
     Spool, connect_v311, connect_v311_as, publish_qos1_v311, raw_connect, read_packet,
-    subscribe_v311,
+    subscribe_v311, tls_connect, tls_connector,
 };
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName};
 use spool_broker::auth::sas::{CLOCK_SKEW_SECS, resource_uri, sign};
-use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-
-/// A client trusting only `ca` (a PEM file) and speaking only `version`.
-fn connector(ca: &Path, version: &'static rustls::SupportedProtocolVersion) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(cert.unwrap()).unwrap();
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[version])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-}
-
-async fn tls_connect(
-    addr: SocketAddr,
-    connector: &TlsConnector,
-    name: &str,
-) -> std::io::Result<TlsStream<TcpStream>> {
-    let socket = TcpStream::connect(addr).await?;
-    let name = ServerName::try_from(name.to_string()).unwrap();
-    connector.connect(name, socket).await
-}
 
 /// The module the TLS tests connect as, and its key.
 const MODULE: &str = "edge/tls";
@@ -123,14 +97,14 @@ async fn generated_ca_serves_tls_12_and_13_for_localhost_and_edgehub() {
         (&rustls::version::TLS12, "edgehub"),
         (&rustls::version::TLS13, "localhost"),
     ] {
-        let mut stream = tls_connect(addr, &connector(&ca, version), name)
+        let mut stream = tls_connect(addr, &tls_connector(&ca, version), name)
             .await
             .unwrap();
         let negotiated = stream.get_ref().1.protocol_version().unwrap();
         assert_eq!(negotiated, version.version);
         mqtt_round_trip(&mut stream).await;
     }
-    let strict = connector(&ca, &rustls::version::TLS13);
+    let strict = tls_connector(&ca, &rustls::version::TLS13);
     assert!(
         tls_connect(addr, &strict, "example.com").await.is_err(),
         "a name not in the certificate is refused"
@@ -147,7 +121,7 @@ async fn generated_ca_survives_a_restart() {
     spool.kill();
     let spool = start_with_module(dir.path(), &[]);
     assert_eq!(std::fs::read(&ca).unwrap(), ca_pem);
-    let connector = connector(&ca, &rustls::version::TLS13);
+    let connector = tls_connector(&ca, &rustls::version::TLS13);
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
         .await
         .unwrap();
@@ -176,7 +150,7 @@ async fn operator_certificate_is_used() {
     );
     assert!(spool.tls_ca.is_none());
     assert!(!data.join("tls").exists());
-    let connector = connector(&cert_path, &rustls::version::TLS12);
+    let connector = tls_connector(&cert_path, &rustls::version::TLS12);
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "hub.example")
         .await
         .unwrap();
@@ -197,7 +171,7 @@ async fn plain_mqtt_on_the_tls_port_is_refused_and_others_are_served() {
     )
     .await;
     assert!(read.is_ok(), "the connection is closed");
-    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS13);
+    let connector = tls_connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS13);
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
         .await
         .unwrap();
@@ -219,7 +193,7 @@ async fn assert_closed_unacknowledged(stream: &mut TlsStream<TcpStream>, what: &
 /// Sends `connect` on a new TLS connection to `spool`; returns the connection and the
 /// CONNACK's return code.
 async fn connect_tls(spool: &Spool, connect: &[u8]) -> (TlsStream<TcpStream>, u8) {
-    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
+    let connector = tls_connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
     connect_with(&connector, spool, connect).await
 }
 
@@ -287,7 +261,7 @@ async fn a_connection_ends_when_its_token_expires() {
     // allowed at CONNECT): the SDKs connect again with a new token before it comes.
     let dir = tempfile::tempdir().unwrap();
     let spool = start_with_module(dir.path(), &[]);
-    let connector = connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
+    let connector = tls_connector(spool.tls_ca.as_ref().unwrap(), &rustls::version::TLS12);
     let mut stream = tls_connect(spool.tls_addr.unwrap(), &connector, "localhost")
         .await
         .unwrap();

@@ -426,3 +426,166 @@ fn result(answer: &MethodAnswer, body: &Bytes) -> Result<MethodResult, MethodErr
     };
     Ok(MethodResult { status, payload })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn target() -> IdentityId {
+        IdentityId::parse("edge/filter").expect("id")
+    }
+
+    /// Methods whose hub answers every request with `delivery`, handing the requests' topics
+    /// to the test.
+    fn methods(delivery: MethodDelivery) -> (Methods, mpsc::UnboundedReceiver<String>) {
+        let (hub, mut events) = mpsc::channel(16);
+        let (topics, requests) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Some(event) = events.recv().await {
+                if let Event::MethodRequest { topic, reply, .. } = event {
+                    let _ = topics.send(topic);
+                    let _ = reply.send(delivery);
+                }
+            }
+        });
+        (Methods::new(hub), requests)
+    }
+
+    fn call(response_secs: u64) -> MethodCall {
+        MethodCall::new(
+            target(),
+            "reset".into(),
+            Value::Null,
+            Some(response_secs),
+            None,
+        )
+        .expect("valid")
+    }
+
+    /// Goal: a call is held to IoT Hub's rules before anything is sent, and an invocation
+    /// body reads as IoT Hub's API writes it.
+    #[test]
+    fn calls_are_checked_before_they_are_sent() {
+        let new = |name: &str, payload, response, connect| {
+            MethodCall::new(target(), name.into(), payload, response, connect)
+        };
+        assert!(new("reset", Value::Null, None, None).is_ok());
+        for bad in ["", "a/b", "a+", "#", "a?b", "a\nb", &"n".repeat(129)] {
+            let refused = new(bad, Value::Null, None, None);
+            assert!(
+                matches!(refused, Err(MethodError::BadRequest(_))),
+                "{bad:?}"
+            );
+        }
+        let big = Value::String("x".repeat(PAYLOAD_BYTES_MAX));
+        assert!(new("m", big, None, None).is_err());
+        assert!(new("m", Value::Null, Some(0), None).is_err());
+        assert!(new("m", Value::Null, Some(301), None).is_err());
+        assert!(new("m", Value::Null, None, Some(301)).is_err());
+        let body = br#"{"methodName": "reboot", "payload": {"delay": 5},
+            "responseTimeoutInSeconds": 10, "connectTimeoutInSeconds": 5}"#;
+        let call = MethodCall::from_invocation(target(), body).expect("valid");
+        assert_eq!(call.name, "reboot");
+        assert_eq!(call.payload, serde_json::json!({"delay": 5}));
+        assert_eq!(call.response_timeout, Duration::from_secs(10));
+        assert_eq!(call.connect_timeout, Duration::from_secs(5));
+        let defaults = MethodCall::from_invocation(target(), br#"{"methodName": "m"}"#);
+        let defaults = defaults.expect("valid");
+        assert_eq!(defaults.response_timeout, Duration::from_secs(30));
+        assert_eq!(defaults.connect_timeout, Duration::ZERO);
+        assert_eq!(defaults.payload, Value::Null);
+        for bad in [&b"[]"[..], b"{}", b"{\"methodName\": 3}", b"not json"] {
+            assert!(MethodCall::from_invocation(target(), bad).is_err());
+        }
+    }
+
+    /// Goal: an answer's topic gives its status and request id as written; an answer whose
+    /// status is no number, or whose body is no JSON, reaches the caller as a bad answer
+    /// (never as a made-up status).
+    #[test]
+    fn answers_are_read_from_their_topic_and_body() {
+        let answer = MethodAnswer::parse("$iothub/methods/res/200/?$rid=AbC").expect("answer");
+        assert_eq!(
+            (answer.status.as_str(), answer.rid.as_str()),
+            ("200", "AbC")
+        );
+        assert_eq!(MethodAnswer::parse("$iothub/twin/res/200/?$rid=1"), None);
+        let body = |text: &'static str| Bytes::from_static(text.as_bytes());
+        let result = super::result(&answer, &body(r#"{"a": 1}"#)).expect("good");
+        assert_eq!(
+            result.document(),
+            serde_json::json!({"status": 200, "payload": {"a": 1}})
+        );
+        assert_eq!(
+            super::result(&answer, &body(" ")).expect("good").payload,
+            Value::Null
+        );
+        assert!(matches!(
+            super::result(&answer, &body("{")),
+            Err(MethodError::BadAnswer(_))
+        ));
+        let unnumbered = MethodAnswer::parse("$iothub/methods/res/ok/?$rid=1").expect("answer");
+        assert!(matches!(
+            super::result(&unnumbered, &body("1")),
+            Err(MethodError::BadAnswer(_))
+        ));
+    }
+
+    /// Goal (law 5): the calls waiting for an answer are bounded; beyond `PENDING_MAX` a call
+    /// is refused at once, and a call that times out leaves the table.
+    #[tokio::test(start_paused = true)]
+    async fn the_table_of_waiting_calls_is_bounded() {
+        let (methods, mut requests) = methods(MethodDelivery::Sent);
+        let methods = Arc::new(methods);
+        let mut waiting = Vec::new();
+        for _ in 0..PENDING_MAX {
+            let methods = Arc::clone(&methods);
+            waiting.push(tokio::spawn(async move { methods.invoke(call(60)).await }));
+        }
+        for _ in 0..PENDING_MAX {
+            requests.recv().await.expect("a request");
+        }
+        assert_eq!(methods.pending(), PENDING_MAX);
+        assert_eq!(methods.invoke(call(60)).await, Err(MethodError::TooMany));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        for call in waiting {
+            let timed_out = call.await.expect("joined");
+            assert!(matches!(timed_out, Err(MethodError::Timeout { .. })));
+        }
+        assert_eq!(methods.pending(), 0);
+    }
+
+    /// Goal: a target that is not there fails at once without a connect timeout, and is
+    /// looked for again within one; each call has its own request id, and no call stays in
+    /// the table.
+    #[tokio::test(start_paused = true)]
+    async fn a_target_that_is_not_there_is_looked_for_within_the_connect_timeout() {
+        let (methods, mut requests) = methods(MethodDelivery::NotConnected);
+        let refused = methods.invoke(call(1)).await;
+        assert_eq!(refused, Err(MethodError::NotConnected(target())));
+        assert_eq!(requests.try_recv().ok().map(|_| ()), Some(()));
+        assert!(requests.try_recv().is_err(), "asked once");
+        let patient = MethodCall {
+            connect_timeout: Duration::from_secs(1),
+            ..call(1)
+        };
+        assert!(methods.invoke(patient).await.is_err());
+        let mut asked = Vec::new();
+        while let Ok(topic) = requests.try_recv() {
+            asked.push(topic);
+        }
+        assert!(
+            asked.len() >= 9,
+            "asked again every {CONNECT_RETRY:?}: {asked:?}"
+        );
+        assert!(
+            asked.iter().all(|topic| *topic == asked[0]),
+            "one request, asked again"
+        );
+        assert!(methods.invoke(call(1)).await.is_err());
+        let next = requests.try_recv().expect("asked");
+        assert_ne!(next, asked[0], "a new call has a new request id");
+        assert_eq!(methods.pending(), 0);
+    }
+}

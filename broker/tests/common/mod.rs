@@ -22,6 +22,8 @@ pub struct Spool {
     pub tls_ca: Option<PathBuf>,
     /// The admin API, unless disabled by `extra_args`.
     pub admin: Option<SocketAddr>,
+    /// The HTTPS listener (direct methods), when `extra_args` enable it.
+    pub https: Option<SocketAddr>,
     pub data_dir: PathBuf,
 }
 
@@ -47,6 +49,7 @@ impl Spool {
         let stdout = child.stdout.take().unwrap();
         let mut lines = BufReader::new(stdout).lines();
         let (mut addr, mut tls_addr, mut tls_ca, mut admin) = (None, None, None, None);
+        let mut https = None;
         // spool prints its listeners and certificate paths, then its data directory.
         loop {
             let line = lines
@@ -61,6 +64,10 @@ impl Spool {
                 tls_ca = found.rsplit(' ').next().map(PathBuf::from);
             } else if let Some(found) = line.strip_prefix("spool: admin API on ") {
                 admin = Some(found.parse().unwrap());
+            } else if let Some(found) =
+                line.strip_prefix("spool: HTTPS (direct methods) listening on ")
+            {
+                https = Some(found.parse().unwrap());
             } else if line.starts_with("spool: data in ") {
                 break;
             }
@@ -73,6 +80,7 @@ impl Spool {
             tls_addr,
             tls_ca,
             admin,
+            https,
             data_dir: data_dir.to_path_buf(),
         }
     }
@@ -155,14 +163,51 @@ pub fn identities_file(dir: &Path, ids: &[&str], key: &[u8]) -> PathBuf {
 /// The options of module `id` (`device/module`): its IoT Hub username and a SAS token signed
 /// with `key` for host `localhost`, valid for an hour.
 pub fn module_options(addr: SocketAddr, id: &str, key: &[u8], clean: bool) -> rumqttc::MqttOptions {
+    let token = sas_token(id, key);
+    let mut options = options(addr, id, clean);
+    options.set_credentials(format!("localhost/{id}/?api-version=2020-09-30"), token);
+    options
+}
+
+/// A SAS token of module `id` (`device/module`) signed with `key` for host `localhost`, valid
+/// for an hour.
+pub fn sas_token(id: &str, key: &[u8]) -> String {
     let (device, module) = id.split_once('/').unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH);
     let expiry = now.unwrap().as_secs() + 3600;
     let audience = spool_broker::auth::sas::resource_uri("localhost", device, Some(module));
-    let token = spool_broker::auth::sas::sign(key, &audience, expiry);
-    let mut options = options(addr, id, clean);
-    options.set_credentials(format!("localhost/{id}/?api-version=2020-09-30"), token);
-    options
+    spool_broker::auth::sas::sign(key, &audience, expiry)
+}
+
+/// A TLS client trusting only `ca` (a PEM file) and speaking only `version`.
+pub fn tls_connector(
+    ca: &Path,
+    version: &'static rustls::SupportedProtocolVersion,
+) -> tokio_rustls::TlsConnector {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(cert.unwrap()).unwrap();
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[version])
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+}
+
+/// A TLS connection to `addr` through `connector`, asking for server `name`.
+pub async fn tls_connect(
+    addr: SocketAddr,
+    connector: &tokio_rustls::TlsConnector,
+    name: &str,
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let socket = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls::pki_types::ServerName::try_from(name.to_string()).unwrap();
+    connector.connect(name, socket).await
 }
 
 /// Connects and runs the event loop until the connection ends (no reconnection).
