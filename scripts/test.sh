@@ -102,11 +102,11 @@ step "interop: mosquitto-clients and paho-mqtt against spool serve (tests/intero
 cargo build -p spool-broker --locked
 SPOOL_BIN=target/debug/spool python3 -m unittest discover -s tests/interop -v
 
-step "interop: IoT Edge modules on the Azure IoT Python SDK against spool serve (port 8883)"
+step "interop: IoT Edge modules on the Azure IoT Python SDK against spool serve (ports 8883 and 443)"
 SPOOL_BIN=target/debug/spool "$AZURE_PYTHON/bin/python" -m unittest discover \
     -s tests/interop/azure_python -v
 
-step "interop: IoT Edge modules on the Azure IoT Node SDK against spool serve (port 8883)"
+step "interop: IoT Edge modules on the Azure IoT Node SDK against spool serve (ports 8883 and 443)"
 SPOOL_BIN=target/debug/spool node --test "$AZURE_NODE/module_sdk.test.js"
 
 step "all checks passed"

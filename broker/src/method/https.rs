@@ -11,7 +11,9 @@
 //!  "connectTimeoutInSeconds": 0}
 //! → 200 {"status": <the target's>, "payload": <its answer>}
 //! → 400 a malformed call, 401 a caller not proven, 404 no such target or not connected,
-//!   429 too many calls waiting, 504 no answer in time: {"errorCode": …, "message": …}
+//!   429 too many calls waiting, 504 no answer in time, in IoT Hub's form (which the Node SDK
+//!   reads the error's kind from):
+//!   {"Message": "ErrorCode:DeviceNotOnline;…", "ExceptionMessage": "", "errorCode": 404103}
 //! ```
 //!
 //! Any enabled identity of the registry may call any other's methods, as in edgeHub, whose
@@ -36,6 +38,9 @@ use tokio_util::sync::CancellationToken;
 const CONNECTIONS_MAX: usize = 256;
 /// How long the accept loop waits after a failed accept (out of file descriptors, say).
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+/// IoT Hub's error codes for what this endpoint refuses itself.
+const ARGUMENT_INVALID: (u32, &str) = (400_004, "ArgumentInvalid");
+const UNAUTHORIZED: (u32, &str) = (401_002, "IotHubUnauthorizedAccess");
 /// Room for the invocation's fields around its payload.
 const INVOCATION_BYTES_MAX: usize = PAYLOAD_BYTES_MAX + 4096;
 
@@ -112,20 +117,20 @@ async fn answer(request: Request<Incoming>, endpoint: &MethodEndpoint) -> Answer
         (&Method::POST, ["twins", device, "methods"]) => target(device, None),
         _ => {
             let why = format!("no {} {path}", request.method());
-            return refusal(StatusCode::NOT_FOUND, 404_000, &why);
+            return refusal(StatusCode::NOT_FOUND, (404_000, "NotFound"), &why);
         }
     };
     let target = match target {
         Ok(target) => target,
-        Err(why) => return refusal(StatusCode::BAD_REQUEST, 400_004, &why),
+        Err(why) => return refusal(StatusCode::BAD_REQUEST, ARGUMENT_INVALID, &why),
     };
     let caller = match caller(&request, &endpoint.authenticator) {
         Ok(caller) => caller,
-        Err(why) => return refusal(StatusCode::UNAUTHORIZED, 401_002, &why),
+        Err(why) => return refusal(StatusCode::UNAUTHORIZED, UNAUTHORIZED, &why),
     };
     let body = match http::body(request, INVOCATION_BYTES_MAX).await {
         Ok(body) => body,
-        Err(why) => return refusal(StatusCode::BAD_REQUEST, 400_004, &why),
+        Err(why) => return refusal(StatusCode::BAD_REQUEST, ARGUMENT_INVALID, &why),
     };
     let invoked = async {
         if endpoint.authenticator.registry().get(&target).is_none() {
@@ -187,9 +192,13 @@ fn caller(
         .map_err(|e| format!("the caller is not authenticated: {e}"))
 }
 
-/// An error answer, as IoT Hub gives one (`{"errorCode": …, "message": …}`), logged.
-fn refusal(status: StatusCode, error_code: u32, why: &str) -> Answer {
+/// An error answer, as IoT Hub gives one, logged.
+fn refusal(status: StatusCode, (number, name): (u32, &str), why: &str) -> Answer {
     tracing::info!(%status, "direct method refused: {why}");
-    let body = serde_json::json!({ "errorCode": error_code, "message": why });
+    let body = serde_json::json!({
+        "Message": format!("ErrorCode:{name};{why}"),
+        "ExceptionMessage": "",
+        "errorCode": number,
+    });
     http::json(status, &body)
 }

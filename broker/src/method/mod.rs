@@ -203,17 +203,17 @@ impl MethodError {
         }
     }
 
-    /// IoT Hub's error code for it (the status and three more digits).
+    /// IoT Hub's error code for it: its number (the status and three more digits) and name.
     #[must_use]
-    pub fn error_code(&self) -> u32 {
+    pub fn error_code(&self) -> (u32, &'static str) {
         match self {
-            MethodError::BadRequest(_) => 400_004,    // ArgumentInvalid
-            MethodError::UnknownTarget(_) => 404_001, // DeviceNotFound
-            MethodError::NotConnected(_) => 404_103,  // DeviceNotOnline
-            MethodError::TooMany => 429_001,          // ThrottlingException
-            MethodError::BadAnswer(_) => 502_000,
-            MethodError::ShuttingDown => 503_000,
-            MethodError::Timeout { .. } => 504_101, // GatewayTimeout
+            MethodError::BadRequest(_) => (400_004, "ArgumentInvalid"),
+            MethodError::UnknownTarget(_) => (404_001, "DeviceNotFound"),
+            MethodError::NotConnected(_) => (404_103, "DeviceNotOnline"),
+            MethodError::TooMany => (429_001, "ThrottlingException"),
+            MethodError::BadAnswer(_) => (502_000, "BadDeviceResponse"),
+            MethodError::ShuttingDown => (503_000, "ServiceUnavailable"),
+            MethodError::Timeout { .. } => (504_101, "GatewayTimeout"),
         }
     }
 }

@@ -3,8 +3,8 @@
 //
 //     SPOOL_BIN=target/debug/spool node --test tests/interop/azure_node/module_sdk.test.js
 //
-// The SDK connects to port 8883 of its gateway host, so spool listens there and these
-// scenarios run one at a time (and after the Python SDK's).
+// The SDK connects to port 8883 of its gateway host (and calls methods on port 443), so spool
+// listens there and these scenarios run one at a time (and after the Python SDK's).
 'use strict';
 
 const { test } = require('node:test');
@@ -232,6 +232,47 @@ test('a module reads its desired properties, gets their changes and reports what
     await client.close();
     assert.strictEqual(twin.properties.reported.temp, 20, 'the reported patch survived the kill');
     assert.strictEqual(twin.properties.desired.rate, 7);
+  } finally {
+    child.kill('SIGKILL');
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('a module calls another module\'s method over HTTPS, and gets 404 and 504 when it cannot answer', async () => {
+  // Goal: `invokeMethod` (HTTPS to port 443 of the gateway host, with the caller's own SAS
+  // token) reaches the callee's `onMethod` handler and brings its answer back; a callee
+  // that is not connected fails with 404, one that never answers with 504 at its timeout.
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'spool-node-sdk-'));
+  const connectionString = (module) => identity(dir, 'add', `edge/${module}`)
+    .match(/connection string: (\S+)/)[1];
+  const strings = { caller: connectionString('nodecaller'), callee: connectionString('nodecallee') };
+  const caFile = identity(dir, 'env', 'edge/nodecaller').match(/EdgeModuleCACertificateFile=(\S+)/)[1];
+  const { child } = await startSpool(dir, ['--https-bind', '127.0.0.1:443']);
+  const client = async (module) => {
+    const c = ModuleClient.fromConnectionString(strings[module], Mqtt);
+    await c.setOptions({ ca: fs.readFileSync(caFile, 'utf8') });
+    return c;
+  };
+  const call = (caller, methodName, responseTimeoutInSeconds) => caller.invokeMethod('edge', 'nodecallee', {
+    methodName, payload: { x: 1 }, responseTimeoutInSeconds, connectTimeoutInSeconds: 0,
+  });
+  try {
+    const caller = await client('caller');
+    await assert.rejects(call(caller, 'echo', 10), (e) => e.response.statusCode === 404);
+    const callee = await client('callee');
+    await callee.open();
+    callee.onMethod('echo', (request, response) => {
+      response.send(200, { method: request.methodName, echo: request.payload }, () => {});
+    });
+    callee.onMethod('silent', () => {});
+    await new Promise((resolve) => { setTimeout(resolve, 1000); }); // the SDK subscribes
+    const result = await call(caller, 'echo', 10);
+    assert.deepStrictEqual(result, { status: 200, payload: { method: 'echo', echo: { x: 1 } } });
+    const started = Date.now();
+    await assert.rejects(call(caller, 'silent', 2), (e) => e.constructor.name === 'GatewayTimeoutError');
+    const took = Date.now() - started;
+    assert.ok(took >= 2000 && took < 8000, `${took} ms`);
+    await callee.close();
   } finally {
     child.kill('SIGKILL');
     fs.rmSync(dir, { recursive: true, force: true });

@@ -5,8 +5,8 @@ environment:
 
     target/azure-python/bin/python -m unittest discover -s tests/interop/azure_python -v
 
-The SDK always connects to port 8883 of its gateway host, so spool listens there and these
-scenarios run one at a time.
+The SDK always connects to port 8883 of its gateway host (and calls other modules' methods on
+port 443), so spool listens there and these scenarios run one at a time.
 """
 
 import json
@@ -26,8 +26,8 @@ import paho.mqtt.client as mqtt
 # `spool serve` as the other interop tests run it (tests/interop/test_interop.py).
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from test_interop import SPOOL_BIN, Spool  # noqa: E402
-from azure.iot.device import IoTHubModuleClient as ModuleClient, Message
-from azure.iot.device.exceptions import CredentialError
+from azure.iot.device import IoTHubModuleClient as ModuleClient, Message, MethodResponse
+from azure.iot.device.exceptions import ClientError, CredentialError, ServiceError
 
 
 def spool_identity(data_dir, *args):
@@ -199,6 +199,82 @@ class ModuleSdk(unittest.TestCase):
         with self.assertRaises(CredentialError):
             client.connect()
         client.shutdown()
+
+
+class DirectMethods(unittest.TestCase):
+    """Module-to-module direct methods (contract §1.6, §12): the caller, started with the edge
+    environment, calls with `invoke_method`, which is HTTPS to port 443 of its gateway host."""
+
+    def setUp(self):
+        self.dir = tempfile.mkdtemp(prefix="spool-methods-")
+        spool_identity(self.dir, "add", "edge/caller")
+        added = spool_identity(self.dir, "add", "edge/callee")
+        self.callee_string = re.search(r"connection string: (\S+)", added).group(1)
+        env = spool_identity(self.dir, "env", "edge/caller")
+        self.env = dict(line.split("=", 1) for line in env.strip().splitlines())
+        self.spool = Spool(self.dir, tls_bind="127.0.0.1:8883",
+                           extra_args=["--https-bind", "127.0.0.1:443"])
+        os.environ.update(self.env)
+        try:
+            self.caller = ModuleClient.create_from_edge_environment()
+        finally:
+            for name in self.env:
+                del os.environ[name]
+
+    def tearDown(self):
+        self.caller.shutdown()
+        self.spool.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def callee(self, answer):
+        """Module edge/callee, connected, whose method handler is `answer(client, request)`."""
+        with open(self.env["EdgeModuleCACertificateFile"]) as ca:
+            client = ModuleClient.create_from_connection_string(
+                self.callee_string, server_verification_cert=ca.read())
+        client.on_method_request_received = lambda request: answer(client, request)
+        client.connect()
+        time.sleep(1)  # the SDK subscribes to methods when the handler is set
+        return client
+
+    def call(self, name, timeout=10):
+        return self.caller.invoke_method(
+            {"methodName": name, "payload": {"x": 1}, "responseTimeoutInSeconds": timeout,
+             "connectTimeoutInSeconds": 0},
+            "edge", "callee")
+
+    def test_a_module_calls_another_modules_method_and_gets_its_answer(self):
+        def echo(client, request):
+            answer = {"method": request.name, "echo": request.payload}
+            client.send_method_response(
+                MethodResponse.create_from_method_request(request, 200, answer))
+        callee = self.callee(echo)
+        try:
+            result = self.call("echo")
+        finally:
+            callee.shutdown()
+        self.assertEqual(result, {"status": 200, "payload": {"method": "echo", "echo": {"x": 1}}})
+
+    def failed_call(self, name, timeout=10):
+        """The HTTP status a call failed with, as the SDK reports it: a ClientError caused by a
+        ServiceError that names the status."""
+        with self.assertRaises(ClientError) as failed:
+            self.call(name, timeout)
+        cause = failed.exception.__cause__
+        self.assertIsInstance(cause, ServiceError)
+        return re.search(r"HTTP operation returned: (\d+)", str(cause)).group(1)
+
+    def test_a_call_to_a_disconnected_module_is_404_and_to_a_silent_one_504(self):
+        self.assertEqual(self.failed_call("echo"), "404")
+        callee = self.callee(lambda client, request: None)
+        started = time.monotonic()
+        try:
+            status = self.failed_call("echo", timeout=2)
+        finally:
+            callee.shutdown()
+        took = time.monotonic() - started
+        self.assertEqual(status, "504")
+        self.assertGreaterEqual(took, 2)
+        self.assertLess(took, 8)
 
 
 # A route from one module's output to another's input (contract §3).
