@@ -14,7 +14,8 @@ use std::sync::Arc;
 
 impl Hub {
     /// Sends a request on `topic` to `target`'s connection, ahead of its queues, as soon as the
-    /// connection's channel has room.
+    /// connection's channel has room. The requests waiting for room are bounded by
+    /// `method::PENDING_MAX`: a call hands the hub one request, and waits for its answer.
     pub(super) fn send_method_request(
         &mut self,
         target: &IdentityId,
