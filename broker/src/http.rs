@@ -14,12 +14,14 @@ use tokio::io::{AsyncRead, AsyncWrite};
 /// An answer.
 pub type Answer = Response<Full<Bytes>>;
 
-/// How long a connection may take to send a request's head.
+/// How long a connection may take to send a request's head, and then its body: a client
+/// cannot hold a connection slot for ever.
 const REQUEST_HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves HTTP/1.1 on `io` until the client closes it, answering each request with `answer`;
-/// a client that takes longer than `REQUEST_HEAD_TIMEOUT` to send a request's head is cut
-/// off, so it cannot hold a connection slot for ever.
+/// a client that takes longer than `REQUEST_HEAD_TIMEOUT` to send a request's head (an idle
+/// kept-alive connection too) is cut off.
 pub async fn serve_connection<I, F, A>(io: I, answer: F)
 where
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -41,14 +43,18 @@ where
     }
 }
 
-/// A request's body, if it has at most `bytes_max` bytes.
+/// A request's body, if it has at most `bytes_max` bytes and comes within `BODY_TIMEOUT`.
 ///
 /// # Errors
-/// Why it could not be read: too long, or the connection failed.
+/// Why it could not be read: too long, too slow, or the connection failed.
 pub async fn body(request: Request<Incoming>, bytes_max: usize) -> Result<Bytes, String> {
-    match Limited::new(request.into_body(), bytes_max).collect().await {
-        Ok(body) => Ok(body.to_bytes()),
-        Err(e) => Err(format!("the request's body: {e}")),
+    let read = Limited::new(request.into_body(), bytes_max).collect();
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Ok(Ok(body)) => Ok(body.to_bytes()),
+        Ok(Err(e)) => Err(format!("the request: {e}")),
+        Err(_) => Err(format!(
+            "the request's body took more than {BODY_TIMEOUT:?}"
+        )),
     }
 }
 
@@ -59,7 +65,7 @@ pub fn json(status: StatusCode, value: &serde_json::Value) -> Answer {
     *response.status_mut() = status;
     response.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("application/json; charset=utf-8"),
+        hyper::header::HeaderValue::from_static("application/json"),
     );
     response
 }

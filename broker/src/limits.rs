@@ -21,6 +21,9 @@ pub const CONNECTION_OUTBOUND_EXTRA: usize = 64;
 /// system's `net.core.somaxconn`).
 pub const LISTEN_BACKLOG: u32 = 4096;
 
+/// How long an accept loop waits after a failed accept (out of file descriptors, say).
+pub const ACCEPT_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
 /// Seconds a new connection has to send CONNECT.
 pub const CONNECT_TIMEOUT_SECS: u64 = 10;
 

@@ -275,6 +275,7 @@ async fn start_services(
     let endpoint = MethodEndpoint {
         authenticator: Arc::clone(&context.authenticator),
         methods: Arc::clone(&context.methods),
+        clock: context.ingest.clock(),
     };
     let https_addr = start_https(config, tls, endpoint, shutdown, tasks).await?;
     let admin = AdminContext {
@@ -457,7 +458,7 @@ impl Server {
             keep_alive_max_secs: config.settings.max_keep_alive,
         };
         let ingest = Ingest::new(wal.clone(), router, shutdown.clone(), clock);
-        let methods = Arc::new(Methods::new(events.clone()));
+        let methods = Arc::new(Methods::new(events.clone(), shutdown.clone()));
         let context = Arc::new(ServerContext::new(
             events,
             ingest,

@@ -22,6 +22,7 @@ use crate::auth::identity::{Credentials, IdentityId, Status};
 use crate::auth::registry::IdentityRegistry;
 use crate::deployment::edge_device;
 use crate::http::{self, Answer};
+use crate::limits::ACCEPT_BACKOFF;
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use hmac::{Hmac, Mac};
@@ -30,7 +31,6 @@ use sha2::Sha256;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::UnixListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
@@ -39,8 +39,6 @@ use tokio_util::sync::CancellationToken;
 const SIGN_REQUEST_BYTES_MAX: usize = 64 << 10;
 /// Connections one module's socket serves at once; more wait in the socket's backlog.
 const CONNECTIONS_PER_SOCKET_MAX: usize = 16;
-/// How long the accept loop waits after a failed accept (out of file descriptors, say).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// The socket's name in each module's directory (IoT Edge's).
 const SOCKET_NAME: &str = "workload.sock";
 

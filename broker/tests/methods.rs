@@ -136,15 +136,16 @@ async fn a_target_that_is_not_there_gets_404_and_one_that_does_not_answer_504() 
     assert!(took >= Duration::from_secs(1), "{took:?}");
     assert!(took < Duration::from_secs(5), "{took:?}");
 
-    // Its late answer is dropped, and so is one from another identity: the next call gets
-    // its own answer.
+    // Its late answer goes nowhere. An answer from another identity than the target is
+    // dropped (the forger's PUBACK comes after spool dealt with it): the call gets its
+    // target's answer.
     answer(&filter, "200", &late_rid, r#""late""#).await;
     let call = tokio::spawn(async move { invoke(admin, &["edge/filter", "next"]).await });
     let (name, rid, _) = request(&mut filter).await;
     assert_eq!(name, "next");
-    let sink = module(spool.addr, "sink", false).await;
+    let mut sink = module(spool.addr, "sink", false).await;
     answer(&sink, "200", &rid, r#""forged""#).await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    sink.acks(1).await;
     answer(&filter, "200", &rid, r#""mine""#).await;
     let (succeeded, said) = call.await.unwrap();
     assert!(succeeded, "{said}");
@@ -232,9 +233,12 @@ async fn a_module_calls_another_over_https_with_its_own_token() {
         serde_json::json!({"status": 200, "payload": {"rebooted": "soon"}})
     );
 
-    // No token, a token signed with another key, or one for another identity than claimed.
+    // No token, a token signed with another key, or one for another identity than claimed:
+    // 401, saying nothing of why.
     let (status, result) = https(&spool, path, &[], body).await;
     assert_eq!(status, 401, "{result}");
+    let unauthorized = "ErrorCode:IotHubUnauthorizedAccess;Unauthorized";
+    assert_eq!(result["Message"], unauthorized);
     let forged = sas_token("edge/sink", &[9; 32]);
     let (status, _) = https(&spool, path, &[("Authorization", &forged)], body).await;
     assert_eq!(status, 401);
@@ -245,7 +249,8 @@ async fn a_module_calls_another_over_https_with_its_own_token() {
     let (status, _) = https(&spool, path, &claimed, body).await;
     assert_eq!(status, 401);
 
-    // A malformed call, an unknown target, a target not subscribed, another path.
+    // A malformed call, an unknown target, a target not subscribed, a path segment that
+    // decodes to two ids, another path.
     let (status, result) = https(&spool, path, &caller, r#"{"payload": 1}"#).await;
     assert_eq!(status, 400, "{result}");
     let message = result["Message"].as_str().unwrap();
@@ -257,10 +262,13 @@ async fn a_module_calls_another_over_https_with_its_own_token() {
     let nobody = "/twins/edge/modules/nobody/methods";
     let (status, result) = https(&spool, nobody, &caller, body).await;
     assert_eq!((status, result["errorCode"].as_u64()), (404, Some(404_001)));
+    let _sink = module(spool.addr, "sink", false).await;
     let sink = "/twins/edge/modules/sink/methods";
     let quick = r#"{"methodName": "x"}"#;
     let (status, result) = https(&spool, sink, &caller, quick).await;
     assert_eq!((status, result["errorCode"].as_u64()), (404, Some(404_103)));
+    let (status, _) = https(&spool, "/twins/edge%2Fsink/methods", &caller, quick).await;
+    assert_eq!(status, 400);
     let (status, _) = https(&spool, "/devices/edge/messages/events", &caller, quick).await;
     assert_eq!(status, 404);
 
@@ -268,4 +276,23 @@ async fn a_module_calls_another_over_https_with_its_own_token() {
     let slow = r#"{"methodName": "slow", "responseTimeoutInSeconds": 1}"#;
     let (status, result) = https(&spool, path, &caller, slow).await;
     assert_eq!((status, result["errorCode"].as_u64()), (504, Some(504_101)));
+}
+
+#[tokio::test]
+async fn a_will_cannot_answer_a_method_call() {
+    // Goal: a method answer (or twin request) is addressed to the hub; as a will it would be
+    // logged as a message when the connection dies, so a CONNECT with one is refused.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start(dir.path());
+    let mut options = module_options(spool.addr, "edge/filter", &KEY, true);
+    let topic = "$iothub/methods/res/200/?$rid=1";
+    options.set_last_will(rumqttc::LastWill::new(topic, "{}", QoS::AtLeastOnce, false));
+    let mut filter = connect(options);
+    match filter.next(10).await {
+        Seen::ConnAck(ack) => {
+            assert_eq!(ack.code, rumqttc::ConnectReturnCode::NotAuthorized);
+        }
+        Seen::Disconnected(why) => assert!(why.contains("NotAuthorized"), "{why}"),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
 }

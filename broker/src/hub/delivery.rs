@@ -3,7 +3,7 @@
 //! PUBREC, PUBCOMP).
 
 use super::appends::{Metering, OwnAppend};
-use super::{Hub, loads};
+use super::{Hub, loads, methods};
 use crate::auth::policy::Client;
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{
@@ -270,23 +270,25 @@ impl Hub {
         let Some(session) = self.sessions.get(&id) else {
             return Step::Stop;
         };
+        match session.attachment() {
+            None => return Step::Stop,
+            Some(attachment) if attachment.method_requests.is_empty() => return Step::Go,
+            Some(_) => {}
+        }
         let reserved = self.in_flight(session);
         let Some(attachment) = self.sessions.get_mut(&id).and_then(Session::attachment_mut) else {
             return Step::Stop;
         };
-        if attachment.method_requests.is_empty() {
-            return Step::Go;
-        }
         if attachment.outbound.capacity() <= reserved {
             return match attachment.outbound.ask_for_room(reserved + 1) {
                 true => Step::Again,
                 false => Step::Stop,
             };
         }
-        let Some(request) = attachment.method_requests.pop_front() else {
+        let Some(request) = methods::next_method_request(attachment) else {
             return Step::Go;
         };
-        match attachment.outbound.try_send(Outbound::Publish(request)) {
+        match attachment.outbound.try_send(request) {
             Ok(()) => Step::Again,
             Err(_) => Step::Stop, // closed: the connection is ending
         }

@@ -5,12 +5,11 @@ use crate::auth::identity::IdentityId;
 use crate::auth::policy::Policy;
 use crate::iothub::ModuleInput;
 use crate::message::{Message, QoS, Will};
-use crate::method::MethodDelivery;
+use crate::method::{MethodDelivery, MethodRequest};
 use crate::routing::SubscriptionOptions;
 use crate::routing::endpoints::EndpointName;
 use crate::session::receipts::SharedReceipts;
 use crate::twin::DesiredPatch;
-use bytes::Bytes;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc::error::TrySendError;
@@ -78,12 +77,10 @@ pub enum Event {
     DesiredPatches {
         patches: Vec<DesiredPatch>,
     },
-    /// A direct-method call's request for `target`: it goes to the target's connection if the
-    /// target is connected and subscribed to `topic`, which `reply` says.
+    /// A direct-method call's request: it goes to its target's connection if the target is
+    /// connected and subscribed to its topic, which `reply` says.
     MethodRequest {
-        target: IdentityId,
-        topic: String,
-        payload: Bytes,
+        request: MethodRequest,
         reply: oneshot::Sender<MethodDelivery>,
     },
     /// The connection ended; with its will if it did not end with a normal DISCONNECT, and
@@ -188,6 +185,12 @@ impl OutboundSender {
     #[must_use]
     pub fn capacity(&self) -> usize {
         self.sender.capacity()
+    }
+
+    /// Whether the connection is gone (its end of the channel dropped).
+    #[must_use]
+    pub fn is_closed(&self) -> bool {
+        self.sender.is_closed()
     }
 
     /// Asks the connection for an [`Event::Drained`] once it has made room; true if `needed`

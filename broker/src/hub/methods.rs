@@ -5,23 +5,24 @@
 //! gets its timeout).
 
 use super::Hub;
-use crate::auth::identity::IdentityId;
-use crate::hub::events::Delivery;
+use crate::hub::events::{Delivery, Outbound};
 use crate::message::{Message, MessageProperties, QoS};
-use crate::method::MethodDelivery;
-use bytes::Bytes;
+use crate::method::{MethodDelivery, MethodRequest};
+use crate::session::{Attachment, WaitingRequest};
 use std::sync::Arc;
 
 impl Hub {
-    /// Sends a request on `topic` to `target`'s connection, ahead of its queues, as soon as the
+    /// Sends `request` to its target's connection, ahead of its queues, as soon as the
     /// connection's channel has room. The requests waiting for room are bounded by
-    /// `method::PENDING_MAX`: a call hands the hub one request, and waits for its answer.
-    pub(super) fn send_method_request(
-        &mut self,
-        target: &IdentityId,
-        topic: String,
-        payload: Bytes,
-    ) -> MethodDelivery {
+    /// `method::PENDING_MAX`: a call hands the hub one request, and those whose callers
+    /// stopped waiting go as others come.
+    pub(super) fn send_method_request(&mut self, request: MethodRequest) -> MethodDelivery {
+        let MethodRequest {
+            target,
+            topic,
+            payload,
+            abandoned,
+        } = request;
         let Some(&id) = self.session_by_client.get(&target.to_string()) else {
             return MethodDelivery::NotConnected;
         };
@@ -29,12 +30,15 @@ impl Hub {
             return MethodDelivery::NotConnected;
         };
         let subscription_ids = match session.subscription_for(&topic) {
-            Some(options) if session.identity.as_ref() == Some(target) => {
+            Some(options) if session.identity.as_ref() == Some(&target) => {
                 options.subscription_id.into_iter().collect()
             }
             _ => return MethodDelivery::NotConnected,
         };
-        let Some(attachment) = session.attachment_mut() else {
+        let Some(attachment) = session
+            .attachment_mut()
+            .filter(|attachment| !attachment.outbound.is_closed())
+        else {
             return MethodDelivery::NotConnected;
         };
         let message = Message {
@@ -44,7 +48,7 @@ impl Hub {
             retain: false,
             properties: MessageProperties::default(),
         };
-        attachment.method_requests.push_back(Delivery {
+        let delivery = Delivery {
             packet_id: None,
             qos: QoS::AtMostOnce,
             dup: false,
@@ -52,8 +56,25 @@ impl Hub {
             subscription_ids,
             message: Arc::new(message),
             input: None,
+        };
+        let requests = &mut attachment.method_requests;
+        requests.retain(|waiting| !waiting.abandoned.is_cancelled());
+        requests.push_back(WaitingRequest {
+            delivery,
+            abandoned,
         });
         self.pump(id);
         MethodDelivery::Sent
     }
+}
+
+/// The next method request to send on `attachment`'s connection: the first one whose caller
+/// still waits (the others are dropped).
+pub(super) fn next_method_request(attachment: &mut Attachment) -> Option<Outbound> {
+    while let Some(waiting) = attachment.method_requests.pop_front() {
+        if !waiting.abandoned.is_cancelled() {
+            return Some(Outbound::Publish(waiting.delivery));
+        }
+    }
+    None
 }

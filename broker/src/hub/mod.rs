@@ -401,14 +401,8 @@ impl Hub {
             }
             Event::PolicyChanged { policy } => self.policy_changed(policy),
             Event::DesiredPatches { patches } => self.send_desired_patches(patches),
-            Event::MethodRequest {
-                target,
-                topic,
-                payload,
-                reply,
-            } => {
-                let delivered = self.send_method_request(&target, topic, payload);
-                let _ = reply.send(delivered);
+            Event::MethodRequest { request, reply } => {
+                let _ = reply.send(self.send_method_request(request));
             }
         }
     }

@@ -170,6 +170,12 @@ impl Ingest {
         self.clock.unix_ms()
     }
 
+    /// The hub's clock itself, for what reads the time beside the publish path.
+    #[must_use]
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        Arc::clone(&self.clock)
+    }
+
     /// Checks a message against IoT Hub's rules, routes it by the current routing snapshot (an
     /// identity's telemetry by the deployment's routes too) and logs it with its routing
     /// decision.

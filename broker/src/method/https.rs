@@ -17,18 +17,20 @@
 //! ```
 //!
 //! Any enabled identity of the registry may call any other's methods, as in edgeHub, whose
-//! device scope is the edge device. The listener serves a bounded number of connections, each
-//! with a time limit for its TLS handshake and its request head.
+//! device scope is the edge device; the deployment's authorization policy governs the MQTT
+//! broker, not this endpoint (as edgeHub 1.2's `mqttBroker.authorizations`). A caller that is
+//! not proven learns nothing of why (the log says). The listener serves a bounded number of
+//! connections, each with a time limit for its TLS handshake, its request head and its body.
 
 use super::{MethodCall, MethodError, Methods, PAYLOAD_BYTES_MAX};
 use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::IdentityId;
+use crate::clock::Clock;
 use crate::http::{self, Answer};
-use crate::limits::TLS_HANDSHAKE_TIMEOUT;
+use crate::limits::{ACCEPT_BACKOFF, TLS_HANDSHAKE_TIMEOUT};
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -36,8 +38,6 @@ use tokio_util::sync::CancellationToken;
 
 /// Connections served at once; more wait in the listener's backlog.
 const CONNECTIONS_MAX: usize = 256;
-/// How long the accept loop waits after a failed accept (out of file descriptors, say).
-const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// IoT Hub's error codes for what this endpoint refuses itself.
 const ARGUMENT_INVALID: (u32, &str) = (400_004, "ArgumentInvalid");
 const UNAUTHORIZED: (u32, &str) = (401_002, "IotHubUnauthorizedAccess");
@@ -50,6 +50,8 @@ pub struct MethodEndpoint {
     /// Who a caller's token proves it is, and which targets exist.
     pub authenticator: Arc<Authenticator>,
     pub methods: Arc<Methods>,
+    /// The hub's clock, which tokens' expiry is read on.
+    pub clock: Arc<dyn Clock>,
 }
 
 /// Serves the endpoint on `listener` over TLS until `shutdown`.
@@ -124,9 +126,12 @@ async fn answer(request: Request<Incoming>, endpoint: &MethodEndpoint) -> Answer
         Ok(target) => target,
         Err(why) => return refusal(StatusCode::BAD_REQUEST, ARGUMENT_INVALID, &why),
     };
-    let caller = match caller(&request, &endpoint.authenticator) {
+    let caller = match caller(&request, endpoint) {
         Ok(caller) => caller,
-        Err(why) => return refusal(StatusCode::UNAUTHORIZED, UNAUTHORIZED, &why),
+        Err(why) => {
+            tracing::info!("direct method caller refused: {why}");
+            return refusal(StatusCode::UNAUTHORIZED, UNAUTHORIZED, "Unauthorized");
+        }
     };
     let body = match http::body(request, INVOCATION_BYTES_MAX).await {
         Ok(body) => body,
@@ -151,14 +156,15 @@ async fn answer(request: Request<Incoming>, endpoint: &MethodEndpoint) -> Answer
 }
 
 /// The identity a request's path names: its segments percent-decoded, `+` read as a space
-/// (the Python SDK writes them with `quote_plus`).
+/// (the Python SDK writes them with `quote_plus`). A segment is one id: one that decodes to a
+/// `/` would name a module where the path names a device.
 fn target(device: &str, module: Option<&str>) -> Result<IdentityId, String> {
     let decode = |segment: &str| {
         let spaced = segment.replace('+', " ");
-        percent_encoding::percent_decode_str(&spaced)
-            .decode_utf8()
-            .map(|id| id.into_owned())
-            .map_err(|_| format!("{segment:?} is not UTF-8 once decoded"))
+        match percent_encoding::percent_decode_str(&spaced).decode_utf8() {
+            Ok(id) if !id.contains('/') => Ok(id.into_owned()),
+            _ => Err(format!("{segment:?} is not an id once decoded")),
+        }
     };
     let id = match module {
         Some(module) => format!("{}/{}", decode(device)?, decode(module)?),
@@ -169,10 +175,7 @@ fn target(device: &str, module: Option<&str>) -> Result<IdentityId, String> {
 
 /// Who the caller is, by the SAS token in its `Authorization` header (and the identity its
 /// `x-ms-edge-moduleId` header claims, which the token must be for).
-fn caller(
-    request: &Request<Incoming>,
-    authenticator: &Authenticator,
-) -> Result<IdentityId, String> {
+fn caller(request: &Request<Incoming>, endpoint: &MethodEndpoint) -> Result<IdentityId, String> {
     let header = |name: &str| {
         request
             .headers()
@@ -186,8 +189,9 @@ fn caller(
     };
     let token = header("authorization")?.ok_or("no Authorization header: a SAS token is needed")?;
     let claimed = header("x-ms-edge-moduleid")?;
-    let now_secs = crate::message::now_ms() / 1000;
-    authenticator
+    let now_secs = endpoint.clock.unix_ms() / 1000;
+    endpoint
+        .authenticator
         .authenticate_token(claimed, token, now_secs)
         .map_err(|e| format!("the caller is not authenticated: {e}"))
 }

@@ -26,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
 
 /// Calls waiting for their answer, at most.
 pub const PENDING_MAX: usize = 1024;
@@ -37,8 +38,9 @@ const NAME_BYTES_MAX: usize = 128;
 pub const RESPONSE_TIMEOUT_DEFAULT_SECS: u64 = 30;
 /// The longest response or connect timeout a call may ask for (IoT Hub's limit).
 pub const TIMEOUT_SECS_MAX: u64 = 300;
-/// How often a call with a connect timeout looks again for its target.
+/// How soon a call with a connect timeout looks again for its target, at first and at most.
 const CONNECT_RETRY: Duration = Duration::from_millis(100);
+const CONNECT_RETRY_MAX: Duration = Duration::from_secs(1);
 
 /// One method call, validated.
 #[derive(Debug, Clone, PartialEq)]
@@ -218,7 +220,18 @@ impl MethodError {
     }
 }
 
-/// What the hub did with a method request (`Event::MethodRequest`).
+/// A call's request, for the hub to send to its target (`Event::MethodRequest`).
+#[derive(Debug)]
+pub struct MethodRequest {
+    pub target: IdentityId,
+    pub topic: String,
+    pub payload: Bytes,
+    /// Cancelled when the caller stops waiting: a request still waiting for room in the
+    /// target's channel then goes no further.
+    pub abandoned: CancellationToken,
+}
+
+/// What the hub did with a method request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MethodDelivery {
     /// It goes out on the target's connection.
@@ -267,24 +280,30 @@ pub struct Methods {
     /// to the previous process's request cannot match a new one.
     rid_prefix: u128,
     next_rid: AtomicU64,
+    /// Cancelled when the server stops: every call ends at once (`ShuttingDown`), so none
+    /// holds the shutdown up for its timeout.
+    shutdown: CancellationToken,
 }
 
-/// Takes a call out of the table when its caller stops waiting, however it stops.
+/// Takes a call out of the table, and abandons its request, when its caller stops waiting,
+/// however it stops.
 struct Forget<'a> {
     methods: &'a Methods,
     rid: String,
+    abandoned: CancellationToken,
 }
 
 impl Drop for Forget<'_> {
     fn drop(&mut self) {
         self.methods.lock().remove(&self.rid);
+        self.abandoned.cancel();
     }
 }
 
 impl Methods {
-    /// The calls to targets the `hub` sends requests to.
+    /// The calls to targets the `hub` sends requests to, until `shutdown`.
     #[must_use]
-    pub fn new(hub: mpsc::Sender<Event>) -> Methods {
+    pub fn new(hub: mpsc::Sender<Event>, shutdown: CancellationToken) -> Methods {
         let started = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or_default()
@@ -294,6 +313,7 @@ impl Methods {
             pending: Mutex::new(HashMap::new()),
             rid_prefix: started,
             next_rid: AtomicU64::new(1),
+            shutdown,
         }
     }
 
@@ -306,8 +326,15 @@ impl Methods {
     /// # Errors
     /// Why there is no answer: the target is not there (within the connect timeout), did
     /// not answer (within the response timeout) or answered badly; too many calls wait; the
-    /// hub stops.
+    /// server stops.
     pub async fn invoke(&self, call: MethodCall) -> Result<MethodResult, MethodError> {
+        tokio::select! {
+            () = self.shutdown.cancelled() => Err(MethodError::ShuttingDown),
+            result = self.call(call) => result,
+        }
+    }
+
+    async fn call(&self, call: MethodCall) -> Result<MethodResult, MethodError> {
         let rid = format!(
             "{:x}-{:x}",
             self.rid_prefix,
@@ -322,11 +349,12 @@ impl Methods {
             let target = call.target.clone();
             pending.insert(rid.clone(), Pending { target, answer });
         }
-        let _forget = Forget {
+        let forget = Forget {
             methods: self,
-            rid: rid.clone(),
+            rid,
+            abandoned: CancellationToken::new(),
         };
-        self.send_request(&call, &rid).await?;
+        self.send_request(&call, &forget).await?;
         match tokio::time::timeout(call.response_timeout, answered).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(MethodError::ShuttingDown),
@@ -338,29 +366,40 @@ impl Methods {
         }
     }
 
-    /// Hands the request to the hub for the target's connection, asking again every
-    /// `CONNECT_RETRY` within the call's connect timeout while the target is not there.
-    async fn send_request(&self, call: &MethodCall, rid: &str) -> Result<(), MethodError> {
-        let topic = call.topic(rid);
+    /// Hands the call's request to the hub for the target's connection; while the target is
+    /// not there, asks again within the call's connect timeout, at growing intervals (from
+    /// `CONNECT_RETRY` to `CONNECT_RETRY_MAX`), so waiting calls cost the hub little.
+    async fn send_request(
+        &self,
+        call: &MethodCall,
+        forget: &Forget<'_>,
+    ) -> Result<(), MethodError> {
+        let topic = call.topic(&forget.rid);
         let payload = Bytes::from(call.payload.to_string());
         let give_up = tokio::time::Instant::now() + call.connect_timeout;
+        let mut retry = CONNECT_RETRY;
         loop {
             let (reply, replied) = oneshot::channel();
-            let request = Event::MethodRequest {
+            let request = MethodRequest {
                 target: call.target.clone(),
                 topic: topic.clone(),
                 payload: payload.clone(),
-                reply,
+                abandoned: forget.abandoned.clone(),
             };
-            if self.hub.send(request).await.is_err() {
+            if self
+                .hub
+                .send(Event::MethodRequest { request, reply })
+                .await
+                .is_err()
+            {
                 return Err(MethodError::ShuttingDown);
             }
+            let now = tokio::time::Instant::now();
             match replied.await {
                 Ok(MethodDelivery::Sent) => return Ok(()),
-                Ok(MethodDelivery::NotConnected)
-                    if tokio::time::Instant::now() + CONNECT_RETRY <= give_up =>
-                {
-                    tokio::time::sleep(CONNECT_RETRY).await;
+                Ok(MethodDelivery::NotConnected) if now < give_up => {
+                    tokio::time::sleep(retry.min(give_up - now)).await;
+                    retry = (retry * 2).min(CONNECT_RETRY_MAX);
                 }
                 Ok(MethodDelivery::NotConnected) => {
                     return Err(MethodError::NotConnected(call.target.clone()));
@@ -381,16 +420,16 @@ impl Methods {
                 _ => None,
             }
         };
-        let Some(pending) = pending else {
+        // A caller may time out between the two: its answer is late too.
+        let delivered = pending.is_some_and(|call| call.answer.send(result(answer, body)).is_ok());
+        if !delivered {
             tracing::info!(
                 %from,
                 rid = answer.rid,
                 "dropped a method answer: no call of this identity waits for this request id \
                  (unknown, or answered after its timeout)"
             );
-            return;
-        };
-        let _ = pending.answer.send(result(answer, body));
+        }
     }
 
     /// How many calls wait for their answer.
@@ -400,15 +439,14 @@ impl Methods {
     }
 }
 
+/// The status a caller gets for an answer whose status is missing or no number (edgeHub's).
+const UNREADABLE_STATUS: i32 = 400_000;
+
 /// What the caller gets for an answer: its status and its body as JSON, or why they cannot be
 /// passed on.
 fn result(answer: &MethodAnswer, body: &Bytes) -> Result<MethodResult, MethodError> {
-    let status = answer.status.parse::<i32>().map_err(|_| {
-        MethodError::BadAnswer(format!(
-            "the module answered with status {:?}, not a number",
-            answer.status
-        ))
-    })?;
+    // As edgeHub: a status that is missing or no number is 400000.
+    let status = answer.status.parse::<i32>().unwrap_or(UNREADABLE_STATUS);
     if body.len() > PAYLOAD_BYTES_MAX {
         return Err(MethodError::BadAnswer(format!(
             "the module answered with {} bytes, above the {PAYLOAD_BYTES_MAX} a method returns",
@@ -443,13 +481,13 @@ mod tests {
         let (topics, requests) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             while let Some(event) = events.recv().await {
-                if let Event::MethodRequest { topic, reply, .. } = event {
-                    let _ = topics.send(topic);
+                if let Event::MethodRequest { request, reply } = event {
+                    let _ = topics.send(request.topic);
                     let _ = reply.send(delivery);
                 }
             }
         });
-        (Methods::new(hub), requests)
+        (Methods::new(hub, CancellationToken::new()), requests)
     }
 
     fn call(response_secs: u64) -> MethodCall {
@@ -526,10 +564,8 @@ mod tests {
             Err(MethodError::BadAnswer(_))
         ));
         let unnumbered = MethodAnswer::parse("$iothub/methods/res/ok/?$rid=1").expect("answer");
-        assert!(matches!(
-            super::result(&unnumbered, &body("1")),
-            Err(MethodError::BadAnswer(_))
-        ));
+        let result = super::result(&unnumbered, &body("1")).expect("good");
+        assert_eq!(result.status, 400_000, "as edgeHub");
     }
 
     /// Goal (law 5): the calls waiting for an answer are bounded; beyond `PENDING_MAX` a call
@@ -556,9 +592,33 @@ mod tests {
         assert_eq!(methods.pending(), 0);
     }
 
+    /// Goal: a stopping server ends the calls under way at once, instead of holding its
+    /// shutdown up for their timeouts; their requests are abandoned.
+    #[tokio::test(start_paused = true)]
+    async fn calls_end_when_the_server_stops() {
+        let (hub, mut events) = mpsc::channel(16);
+        let shutdown = CancellationToken::new();
+        let methods = Arc::new(Methods::new(hub, shutdown.clone()));
+        let calling = {
+            let methods = Arc::clone(&methods);
+            tokio::spawn(async move { methods.invoke(call(300)).await })
+        };
+        let Some(Event::MethodRequest { request, reply }) = events.recv().await else {
+            panic!("no request");
+        };
+        reply.send(MethodDelivery::Sent).expect("the call waits");
+        tokio::task::yield_now().await;
+        assert!(!request.abandoned.is_cancelled());
+        shutdown.cancel();
+        let ended = calling.await.expect("joined");
+        assert_eq!(ended, Err(MethodError::ShuttingDown));
+        assert!(request.abandoned.is_cancelled());
+        assert_eq!(methods.pending(), 0);
+    }
+
     /// Goal: a target that is not there fails at once without a connect timeout, and is
-    /// looked for again within one; each call has its own request id, and no call stays in
-    /// the table.
+    /// looked for again within one, less and less often; each call has its own request id,
+    /// and no call stays in the table.
     #[tokio::test(start_paused = true)]
     async fn a_target_that_is_not_there_is_looked_for_within_the_connect_timeout() {
         let (methods, mut requests) = methods(MethodDelivery::NotConnected);
@@ -575,10 +635,8 @@ mod tests {
         while let Ok(topic) = requests.try_recv() {
             asked.push(topic);
         }
-        assert!(
-            asked.len() >= 9,
-            "asked again every {CONNECT_RETRY:?}: {asked:?}"
-        );
+        // At 0, 0.1, 0.3 and 0.7 s, the interval doubling, and at the timeout.
+        assert_eq!(asked.len(), 5, "{asked:?}");
         assert!(
             asked.iter().all(|topic| *topic == asked[0]),
             "one request, asked again"

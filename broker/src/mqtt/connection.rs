@@ -370,6 +370,14 @@ fn authenticate(
 /// Why a CONNECT's will cannot be accepted, if it cannot.
 fn refuse_will(will: &Will, client: &Client<'_>, policy: &Policy) -> Option<Reason> {
     let message = &will.message;
+    if client.identity.is_some() && HubExchange::parse(&message.topic).is_some() {
+        // Addressed to the hub, not to other clients: a will is never handed to it.
+        let topic = &message.topic;
+        tracing::info!(
+            "refused a CONNECT whose will is a twin request or method answer: {topic:?}"
+        );
+        return Some(Reason::NotAuthorized);
+    }
     let checked = iothub::check_publish(client, &message.topic, message.payload.len(), policy);
     if let Err(refusal) = checked {
         tracing::info!("refused a CONNECT's will: {refusal}");

@@ -1,12 +1,11 @@
 //! The TCP accept loop, with a bound on concurrent connections, for plain MQTT and MQTTS.
 
 use crate::auth::authenticator::ListenerAuth;
-use crate::limits::TLS_HANDSHAKE_TIMEOUT;
+use crate::limits::{ACCEPT_BACKOFF, TLS_HANDSHAKE_TIMEOUT};
 use crate::mqtt::connection::ClientTransport;
 use crate::mqtt::{ServerContext, connection};
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -56,7 +55,7 @@ pub async fn accept_loop(
             Err(e) => {
                 // Usually EMFILE: back off instead of spinning.
                 tracing::warn!("failed to accept a connection: {e}");
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
             }
         }
     }

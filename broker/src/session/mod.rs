@@ -18,7 +18,7 @@ use crate::routing::SubscriptionOptions;
 use receipts::SharedReceipts;
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
-use tokio_util::sync::DropGuard;
+use tokio_util::sync::{CancellationToken, DropGuard};
 
 /// The connection a session is attached to.
 #[derive(Debug)]
@@ -31,9 +31,17 @@ pub struct Attachment {
     pub window: usize,
     /// Direct-method requests for the connection (`hub::methods`), sent ahead of the queues
     /// as the channel has room; they go with the connection if it ends first.
-    pub method_requests: VecDeque<Delivery>,
+    pub method_requests: VecDeque<WaitingRequest>,
     /// Tells the connection that the hub let go of it, when the attachment is dropped.
     pub _released: DropGuard,
+}
+
+/// A direct-method request waiting for room in the connection's channel.
+#[derive(Debug)]
+pub struct WaitingRequest {
+    pub delivery: Delivery,
+    /// Cancelled when its caller stopped waiting: then it is not sent.
+    pub abandoned: CancellationToken,
 }
 
 /// Where a session stands with its client.

@@ -253,27 +253,28 @@ test('a module calls another module\'s method over HTTPS, and gets 404 and 504 w
     await c.setOptions({ ca: fs.readFileSync(caFile, 'utf8') });
     return c;
   };
-  const call = (caller, methodName, responseTimeoutInSeconds) => caller.invokeMethod('edge', 'nodecallee', {
-    methodName, payload: { x: 1 }, responseTimeoutInSeconds, connectTimeoutInSeconds: 0,
-  });
+  const call = (caller, methodName, responseTimeoutInSeconds, connectTimeoutInSeconds) => caller.invokeMethod(
+    'edge', 'nodecallee', { methodName, payload: { x: 1 }, responseTimeoutInSeconds, connectTimeoutInSeconds },
+  );
+  const caller = await client('caller');
   try {
-    const caller = await client('caller');
-    await assert.rejects(call(caller, 'echo', 10), (e) => e.response.statusCode === 404);
+    await assert.rejects(call(caller, 'echo', 10, 0), (e) => e.response.statusCode === 404);
     const callee = await client('callee');
     await callee.open();
     callee.onMethod('echo', (request, response) => {
       response.send(200, { method: request.methodName, echo: request.payload }, () => {});
     });
     callee.onMethod('silent', () => {});
-    await new Promise((resolve) => { setTimeout(resolve, 1000); }); // the SDK subscribes
-    const result = await call(caller, 'echo', 10);
+    // The SDK subscribes to methods as the handler is set: the call waits up to 5 s for that.
+    const result = await call(caller, 'echo', 10, 5);
     assert.deepStrictEqual(result, { status: 200, payload: { method: 'echo', echo: { x: 1 } } });
     const started = Date.now();
-    await assert.rejects(call(caller, 'silent', 2), (e) => e.constructor.name === 'GatewayTimeoutError');
+    await assert.rejects(call(caller, 'silent', 2, 0), (e) => e.constructor.name === 'GatewayTimeoutError');
     const took = Date.now() - started;
     assert.ok(took >= 2000 && took < 8000, `${took} ms`);
     await callee.close();
   } finally {
+    await caller.close(); // stops its token renewal timer, which would keep node running
     child.kill('SIGKILL');
     fs.rmSync(dir, { recursive: true, force: true });
   }

@@ -233,13 +233,12 @@ class DirectMethods(unittest.TestCase):
                 self.callee_string, server_verification_cert=ca.read())
         client.on_method_request_received = lambda request: answer(client, request)
         client.connect()
-        time.sleep(1)  # the SDK subscribes to methods when the handler is set
         return client
 
-    def call(self, name, timeout=10):
+    def call(self, name, timeout=10, connect_timeout=0):
         return self.caller.invoke_method(
             {"methodName": name, "payload": {"x": 1}, "responseTimeoutInSeconds": timeout,
-             "connectTimeoutInSeconds": 0},
+             "connectTimeoutInSeconds": connect_timeout},
             "edge", "callee")
 
     def test_a_module_calls_another_modules_method_and_gets_its_answer(self):
@@ -249,16 +248,17 @@ class DirectMethods(unittest.TestCase):
                 MethodResponse.create_from_method_request(request, 200, answer))
         callee = self.callee(echo)
         try:
-            result = self.call("echo")
+            # The SDK subscribes to methods as the handler is set: the call waits up to 5 s.
+            result = self.call("echo", connect_timeout=5)
         finally:
             callee.shutdown()
         self.assertEqual(result, {"status": 200, "payload": {"method": "echo", "echo": {"x": 1}}})
 
-    def failed_call(self, name, timeout=10):
+    def failed_call(self, name, **timeouts):
         """The HTTP status a call failed with, as the SDK reports it: a ClientError caused by a
         ServiceError that names the status."""
         with self.assertRaises(ClientError) as failed:
-            self.call(name, timeout)
+            self.call(name, **timeouts)
         cause = failed.exception.__cause__
         self.assertIsInstance(cause, ServiceError)
         return re.search(r"HTTP operation returned: (\d+)", str(cause)).group(1)
@@ -268,7 +268,8 @@ class DirectMethods(unittest.TestCase):
         callee = self.callee(lambda client, request: None)
         started = time.monotonic()
         try:
-            status = self.failed_call("echo", timeout=2)
+            # Within 5 s the SDK has subscribed; then the response timeout runs.
+            status = self.failed_call("echo", timeout=2, connect_timeout=5)
         finally:
             callee.shutdown()
         took = time.monotonic() - started
