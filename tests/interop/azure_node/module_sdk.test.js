@@ -257,6 +257,7 @@ test('a module calls another module\'s method over HTTPS, and gets 404 and 504 w
     'edge', 'nodecallee', { methodName, payload: { x: 1 }, responseTimeoutInSeconds, connectTimeoutInSeconds },
   );
   const caller = await client('caller');
+  await caller.open(); // as a module runs; closing it then stops its token renewal timer
   try {
     await assert.rejects(call(caller, 'echo', 10, 0), (e) => e.response.statusCode === 404);
     const callee = await client('callee');
@@ -274,7 +275,7 @@ test('a module calls another module\'s method over HTTPS, and gets 404 and 504 w
     assert.ok(took >= 2000 && took < 8000, `${took} ms`);
     await callee.close();
   } finally {
-    await caller.close(); // stops its token renewal timer, which would keep node running
+    await caller.close();
     child.kill('SIGKILL');
     fs.rmSync(dir, { recursive: true, force: true });
   }
