@@ -10,6 +10,7 @@ use crate::routing::SubscriptionOptions;
 use crate::routing::endpoints::EndpointName;
 use crate::session::receipts::SharedReceipts;
 use crate::twin::DesiredPatch;
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use tokio::sync::mpsc::error::TrySendError;
@@ -256,15 +257,13 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// The message as the client gets it: on its input's topic, for a module input.
+    /// The topic the client gets the message on: its input's, for a module input
+    /// (`ModuleInput::topic`, made here, off the hub's task), else the message's own.
     #[must_use]
-    pub fn addressed(mut self) -> Delivery {
-        if let Some(input) = self.input.take() {
-            self.message = Arc::new(Message {
-                topic: input.topic(&self.message),
-                ..Message::clone(&self.message)
-            });
+    pub fn topic(&self) -> Cow<'_, str> {
+        match &self.input {
+            Some(input) => Cow::Owned(input.topic(&self.message)),
+            None => Cow::Borrowed(&self.message.topic),
         }
-        self
     }
 }

@@ -211,7 +211,9 @@ impl Ingest {
         };
         let mut record = self.router.snapshot().record(message, publisher.session);
         if let (Some(identity), Some(routed)) = (publisher.client.identity, routed) {
-            record.message.properties.sender = Some(identity.to_string());
+            // An identity's client id is its id (CONNECT checks it): no formatting per message.
+            debug_assert_eq!(publisher.client.client_id, identity.to_string());
+            record.message.properties.sender = Some(publisher.client.client_id.to_owned());
             record.targets.extend(routed.targets);
             if record.targets.is_empty() {
                 self.count_unrouted(identity, routed.source);

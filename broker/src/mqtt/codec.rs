@@ -13,6 +13,7 @@ use bytestring::ByteString;
 use rmqtt_codec::types::Publish as WirePublish;
 use rmqtt_codec::version::{ProtocolVersion, VersionCodec};
 use rmqtt_codec::{MqttCodec, MqttPacket, v3, v5};
+use std::borrow::Cow;
 use std::num::{NonZeroU16, NonZeroU32};
 
 pub use rmqtt_codec::error::{DecodeError, EncodeError};
@@ -637,7 +638,10 @@ fn wire_publish(delivery: &Delivery, v5_expiry: Option<Option<u32>>) -> WirePubl
         dup: delivery.dup,
         retain: delivery.retain,
         qos: qos_to_wire(delivery.qos),
-        topic: ByteString::from(message.topic.as_str()),
+        topic: match delivery.topic() {
+            Cow::Owned(topic) => ByteString::from(topic),
+            Cow::Borrowed(topic) => ByteString::from(topic),
+        },
         packet_id: delivery.packet_id.map(nonzero),
         payload: message.payload.clone(),
         properties,

@@ -765,7 +765,6 @@ where
     /// would take the next message with the id for a copy: it is taken as received instead,
     /// so the PUBREL goes out (a client without it answers PUBCOMP 0x92).
     async fn deliver(&mut self, delivery: Delivery) -> Result<(), Close> {
-        let delivery = delivery.addressed();
         let (packet_id, qos, dup) = (delivery.packet_id, delivery.qos, delivery.dup);
         let expiry = delivery.message.properties.expires_at_ms.map(|at| {
             u32::try_from(

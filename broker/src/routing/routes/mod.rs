@@ -116,7 +116,15 @@ impl CompiledRoute {
 /// `/` (so `/messages/modules/a` does not take `/messages/modules/ab`'s routes).
 #[must_use]
 pub fn lowered_source(source: &str) -> String {
-    let mut lowered = source.to_lowercase();
+    let mut lowered = if source.is_ascii() {
+        // Every message's source is lowered: no per-character Unicode walk when none is needed.
+        let mut lowered = String::with_capacity(source.len() + 1);
+        lowered.push_str(source);
+        lowered.make_ascii_lowercase();
+        lowered
+    } else {
+        source.to_lowercase()
+    };
     lowered.push('/');
     lowered
 }
