@@ -601,10 +601,11 @@ impl Simulation {
         for _ in 0..count {
             match connection.outbound.try_recv() {
                 Some(Outbound::Publish(delivery)) => {
-                    let delivery = delivery.addressed(); // as the connection sends it
                     let stream = match name {
                         SINK => {
-                            let input = delivery.message.topic.split('/').nth(5).unwrap();
+                            // On the topic the connection sends it on.
+                            let topic = delivery.topic();
+                            let input = topic.split('/').nth(5).unwrap();
                             format!("{SINK} {input}")
                         }
                         _ => name.to_owned(),
