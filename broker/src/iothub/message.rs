@@ -95,11 +95,21 @@ impl<'a> IotMessage<'a> {
         if let Some(source) = self.source {
             return source.to_owned();
         }
-        match (&self.sender.module, self.system_property("outputName")) {
-            (Some(module), Some(output)) => format!("/messages/modules/{module}/outputs/{output}"),
-            (Some(module), None) => format!("/messages/modules/{module}"),
-            (None, _) => "/messages".to_owned(),
+        // Made for every message a route takes: one allocation, no formatting.
+        let output = self.system_property("outputName");
+        let Some(module) = &self.sender.module else {
+            return "/messages".to_owned();
+        };
+        let mut source = String::with_capacity(
+            "/messages/modules//outputs/".len() + module.len() + output.map_or(0, str::len),
+        );
+        source.push_str("/messages/modules/");
+        source.push_str(module);
+        if let Some(output) = output {
+            source.push_str("/outputs/");
+            source.push_str(output);
         }
+        source
     }
 
     /// The value of the bag's last `key` (a bare key's is empty), as a later one wins.

@@ -43,14 +43,15 @@ pub enum BagError {
 /// # Errors
 /// What is malformed, naming the property (counted from 1).
 pub fn decode(bag: &str) -> Result<Properties<'_>, BagError> {
-    let bag = bag.split('/').next().unwrap_or_default();
+    let bag = split_ascii(bag, b'/').next().unwrap_or_default();
     if bag.is_empty() {
         return Ok(Vec::new());
     }
-    let mut properties = Vec::new();
-    for (index, pair) in bag.split('&').enumerate() {
+    // Room for the usual few properties at once.
+    let mut properties = Vec::with_capacity(4);
+    for (index, pair) in split_ascii(bag, b'&').enumerate() {
         let number = index + 1;
-        if pair.contains('?') {
+        if pair.as_bytes().contains(&b'?') {
             // Rare: the `?`s go, so the pair is read from a copy.
             let pair = pair.replace('?', "");
             let owned = |text: Cow<'_, str>| Cow::Owned(text.into_owned());
@@ -67,6 +68,27 @@ pub fn decode(bag: &str) -> Result<Properties<'_>, BagError> {
     Ok(properties)
 }
 
+/// `text` split at every `separator`, an ASCII byte: every property of every telemetry
+/// message is read with it, so it looks at bytes, not characters (an ASCII byte is never part
+/// of a multi-byte character, so every piece is a whole `str`).
+fn split_ascii(text: &str, separator: u8) -> impl Iterator<Item = &str> {
+    debug_assert!(separator.is_ascii());
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.bytes().position(|byte| byte == separator) {
+            Some(at) => {
+                rest = Some(&current[at + 1..]);
+                Some(&current[..at])
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
+}
+
 /// One pair of `bag` (its `index`th, `number` counted from 1), its `?`s gone: its key and value
 /// unescaped, or `None` for an empty pair the SDKs' decoder skips.
 #[allow(clippy::type_complexity)]
@@ -80,13 +102,13 @@ fn read_pair<'p>(
         if pair.is_empty() {
             // `?` alone (as in `/?k=v`) is dropped with the rest of the `?`s, and a trailing
             // `&` ends the bag, as the SDKs' decoder reads them.
-            let last = index + 1 == bag.split('&').count();
+            let last = index + 1 == split_ascii(bag, b'&').count();
             if (index == 0 && bag.starts_with('?')) || (last && index > 0) {
                 return Ok(None);
             }
             return Err(BagError::EmptyPair(number));
         }
-        let mut parts = pair.splitn(3, '=');
+        let mut parts = split_ascii(pair, b'=');
         let key = parts.next().unwrap_or_default();
         let value = parts.next();
         if parts.next().is_some() {
@@ -97,9 +119,14 @@ fn read_pair<'p>(
         }
         // An escape that does not decode to UTF-8 stays as written, as .NET's
         // `Uri.UnescapeDataString` leaves it.
-        let unescape = |text: &'p str| match percent_decode_str(text).decode_utf8() {
-            Ok(decoded) => decoded,
-            Err(_) => Cow::Borrowed(text),
+        let unescape = |text: &'p str| {
+            if !text.as_bytes().contains(&b'%') {
+                return Cow::Borrowed(text); // nothing to unescape, and UTF-8 already
+            }
+            match percent_decode_str(text).decode_utf8() {
+                Ok(decoded) => decoded,
+                Err(_) => Cow::Borrowed(text),
+            }
         };
         Ok(Some((unescape(key), value.map(unescape))))
     }

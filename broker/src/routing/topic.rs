@@ -25,7 +25,9 @@ pub enum TopicError {
 /// Why the name is invalid.
 pub fn validate_name(name: &str) -> Result<(), TopicError> {
     check_common(name)?;
-    if name.contains(['+', '#']) {
+    // Every publish's topic is checked: bytes, not characters (`+` and `#` are ASCII, so no
+    // byte of a multi-byte character is one).
+    if name.bytes().any(|b| b == b'+' || b == b'#') {
         return Err(TopicError::WildcardInName);
     }
     Ok(())
@@ -53,10 +55,15 @@ fn check_common(topic: &str) -> Result<(), TopicError> {
     if topic.is_empty() {
         return Err(TopicError::Empty);
     }
-    if topic.contains('\0') {
-        return Err(TopicError::Nul);
+    let mut levels = 1;
+    for byte in topic.bytes() {
+        match byte {
+            0 => return Err(TopicError::Nul),
+            b'/' => levels += 1,
+            _ => {}
+        }
     }
-    if topic.split('/').count() > TOPIC_LEVELS_MAX {
+    if levels > TOPIC_LEVELS_MAX {
         return Err(TopicError::TooDeep);
     }
     Ok(())
