@@ -13,6 +13,7 @@
 //! `key=value` (the Python SDK's decoder fails on a bare key), percent-encoding as
 //! `Uri.EscapeDataString` does, with upper-case hex.
 
+use crate::routing::topic::split_ascii;
 use percent_encoding::{AsciiSet, NON_ALPHANUMERIC, percent_decode_str, utf8_percent_encode};
 use std::borrow::Cow;
 
@@ -66,27 +67,6 @@ pub fn decode(bag: &str) -> Result<Properties<'_>, BagError> {
         }
     }
     Ok(properties)
-}
-
-/// `text` split at every `separator`, an ASCII byte: every property of every telemetry
-/// message is read with it, so it looks at bytes, not characters (an ASCII byte is never part
-/// of a multi-byte character, so every piece is a whole `str`).
-fn split_ascii(text: &str, separator: u8) -> impl Iterator<Item = &str> {
-    debug_assert!(separator.is_ascii());
-    let mut rest = Some(text);
-    std::iter::from_fn(move || {
-        let current = rest?;
-        match current.bytes().position(|byte| byte == separator) {
-            Some(at) => {
-                rest = Some(&current[at + 1..]);
-                Some(&current[..at])
-            }
-            None => {
-                rest = None;
-                Some(current)
-            }
-        }
-    })
 }
 
 /// One pair of `bag` (its `index`th, `number` counted from 1), its `?`s gone: its key and value
@@ -147,9 +127,20 @@ pub fn encode_into<'a>(out: &mut String, properties: impl IntoIterator<Item = (&
         if i > 0 {
             out.push('&');
         }
-        out.extend(utf8_percent_encode(key, UNRESERVED));
+        escape_into(out, key);
         out.push('=');
-        out.extend(utf8_percent_encode(value, UNRESERVED));
+        escape_into(out, value);
+    }
+}
+
+/// Appends `text` percent-encoded; most keys and values need no escape, and are copied whole.
+fn escape_into(out: &mut String, text: &str) {
+    let unreserved =
+        |byte: u8| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~');
+    if text.bytes().all(unreserved) {
+        out.push_str(text);
+    } else {
+        out.extend(utf8_percent_encode(text, UNRESERVED));
     }
 }
 

@@ -69,6 +69,27 @@ fn check_common(topic: &str) -> Result<(), TopicError> {
     Ok(())
 }
 
+/// `text` split at every `separator`, an ASCII byte: every topic's levels and every property
+/// of every telemetry message are read with it, so it looks at bytes, not characters (an
+/// ASCII byte is never part of a multi-byte character, so every piece is a whole `str`).
+pub fn split_ascii(text: &str, separator: u8) -> impl Iterator<Item = &str> {
+    debug_assert!(separator.is_ascii());
+    let mut rest = Some(text);
+    std::iter::from_fn(move || {
+        let current = rest?;
+        match current.bytes().position(|byte| byte == separator) {
+            Some(at) => {
+                rest = Some(&current[at + 1..]);
+                Some(&current[..at])
+            }
+            None => {
+                rest = None;
+                Some(current)
+            }
+        }
+    })
+}
+
 /// Whether a (valid) filter matches a (valid) topic name. Filters starting with a wildcard do
 /// not match names starting with `$` (MQTT §4.7.2), so `#` does not see `$SYS/...`.
 #[must_use]

@@ -8,6 +8,7 @@
 //! change to it copies only the nodes on its own path that a clone still shares. So the hub can
 //! hand publishers an immutable snapshot after every change without copying the whole table.
 
+use super::topic;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -98,7 +99,7 @@ impl<V: Clone + PartialEq> FilterTrie<V> {
         let mut stack = [""; LEVELS_ON_STACK];
         let mut heap = Vec::new();
         let mut count = 0;
-        for level in name.split('/') {
+        for level in topic::split_ascii(name, b'/') {
             if count < LEVELS_ON_STACK {
                 stack[count] = level;
             } else {
