@@ -219,12 +219,7 @@ impl Authenticator {
         }
         let id = IdentityId::parse(&named).map_err(|e| AuthError::BadIdentity(e.to_string()))?;
         let registry = self.registry();
-        let identity = registry
-            .get(&id)
-            .ok_or_else(|| AuthError::Unknown(id.clone()))?;
-        if identity.status == Status::Disabled {
-            return Err(AuthError::Disabled(id));
-        }
+        let identity = enabled(&registry, &id)?;
         let chain = presented.certificates;
         let token_expiry = match &identity.credentials {
             Credentials::Sas { .. } | Credentials::Derived { .. } => {
@@ -273,12 +268,7 @@ impl Authenticator {
         };
         let id = id.map_err(|e| AuthError::BadIdentity(e.to_string()))?;
         let registry = self.registry();
-        let identity = registry
-            .get(&id)
-            .ok_or_else(|| AuthError::Unknown(id.clone()))?;
-        if identity.status == Status::Disabled {
-            return Err(AuthError::Disabled(id));
-        }
+        let identity = enabled(&registry, &id)?;
         if !matches!(
             identity.credentials,
             Credentials::Sas { .. } | Credentials::Derived { .. }
@@ -307,6 +297,17 @@ impl Authenticator {
         token.verify(&id.device, id.module.as_deref(), &hosts, &keys, now)?;
         Ok(token.expiry)
     }
+}
+
+/// Identity `id` of `registry`, if it exists and is enabled.
+fn enabled<'r>(registry: &'r IdentityRegistry, id: &IdentityId) -> Result<&'r Identity, AuthError> {
+    let identity = registry
+        .get(id)
+        .ok_or_else(|| AuthError::Unknown(id.clone()))?;
+    if identity.status == Status::Disabled {
+        return Err(AuthError::Disabled(id.clone()));
+    }
+    Ok(identity)
 }
 
 /// What a client presented to prove who it is.

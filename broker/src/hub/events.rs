@@ -257,6 +257,28 @@ pub struct Delivery {
 }
 
 impl Delivery {
+    /// A message the hub itself sends a client at QoS 0, logged nowhere: the answer to a twin
+    /// request, a direct-method request.
+    #[must_use]
+    pub fn unlogged(topic: String, payload: bytes::Bytes, subscription_ids: Vec<u32>) -> Delivery {
+        let message = Message {
+            topic,
+            payload,
+            qos: QoS::AtMostOnce,
+            retain: false,
+            properties: crate::message::MessageProperties::default(),
+        };
+        Delivery {
+            packet_id: None,
+            qos: QoS::AtMostOnce,
+            dup: false,
+            retain: false,
+            subscription_ids,
+            message: Arc::new(message),
+            input: None,
+        }
+    }
+
     /// The topic the client gets the message on: its input's, for a module input
     /// (`ModuleInput::topic`, made here, off the hub's task), else the message's own.
     #[must_use]

@@ -6,10 +6,8 @@
 
 use super::Hub;
 use crate::hub::events::{Delivery, Outbound};
-use crate::message::{Message, MessageProperties, QoS};
 use crate::method::{MethodDelivery, MethodRequest};
 use crate::session::{Attachment, WaitingRequest};
-use std::sync::Arc;
 
 impl Hub {
     /// Sends `request` to its target's connection, ahead of its queues, as soon as the
@@ -41,22 +39,7 @@ impl Hub {
         else {
             return MethodDelivery::NotConnected;
         };
-        let message = Message {
-            topic,
-            payload,
-            qos: QoS::AtMostOnce,
-            retain: false,
-            properties: MessageProperties::default(),
-        };
-        let delivery = Delivery {
-            packet_id: None,
-            qos: QoS::AtMostOnce,
-            dup: false,
-            retain: false,
-            subscription_ids,
-            message: Arc::new(message),
-            input: None,
-        };
+        let delivery = Delivery::unlogged(topic, payload, subscription_ids);
         let requests = &mut attachment.method_requests;
         requests.retain(|waiting| !waiting.abandoned.is_cancelled());
         requests.push_back(WaitingRequest {

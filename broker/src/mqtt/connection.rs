@@ -25,7 +25,7 @@ use crate::limits::{
     CLOSE_DRAIN, CONNECT_TIMEOUT_SECS, CONNECTION_OUTBOUND_EXTRA, PUBLISHES_IN_FLIGHT_MAX,
     SEND_BURST_MAX, USER_PROPERTIES_MAX,
 };
-use crate::message::{Message, MessageProperties, QoS, Will, expires_at_ms};
+use crate::message::{Message, QoS, Will, expires_at_ms};
 use crate::method::MethodAnswer;
 use crate::mqtt::codec::{
     self, ClientPacket, ConnAck, DecodeError, EncodeError, InboundPublish, Reason, ServerPacket,
@@ -946,22 +946,9 @@ where
             let body = serde_json::json!({ "message": error.to_string() });
             (error.status(), Some(body), None)
         });
-        let answer = Message {
-            topic: twin::answer_topic(status, request.rid(), version),
-            payload: body.map(|b| Bytes::from(b.to_string())).unwrap_or_default(),
-            qos: QoS::AtMostOnce,
-            retain: false,
-            properties: MessageProperties::default(),
-        };
-        let delivery = Delivery {
-            packet_id: None,
-            qos: QoS::AtMostOnce,
-            dup: false,
-            retain: false,
-            subscription_ids: Vec::new(),
-            message: Arc::new(answer),
-            input: None,
-        };
+        let topic = twin::answer_topic(status, request.rid(), version);
+        let payload = body.map(|b| Bytes::from(b.to_string())).unwrap_or_default();
+        let delivery = Delivery::unlogged(topic, payload, Vec::new());
         self.send(ServerPacket::Publish(Box::new(delivery), None))
             .await
     }
