@@ -270,3 +270,36 @@ async fn a_change_made_while_spool_was_down_reaches_a_persistent_subscriber() {
         serde_json::json!({"rate": 6, "$version": 3})
     );
 }
+
+#[tokio::test]
+async fn an_identity_removed_and_added_again_starts_with_a_new_twin() {
+    // Goal: a twin goes with its identity, as in IoT Hub: removing `edge/filter` through the
+    // running server and adding it again gives it an empty twin, also after a restart.
+    let dir = tempfile::tempdir().unwrap();
+    let spool = start(dir.path());
+    let mut filter = module(spool.addr).await;
+    let reported = "$iothub/twin/PATCH/properties/reported/?$rid=1";
+    let (topic, _) = ask(&mut filter, reported, r#"{"temp": 21}"#).await;
+    assert_eq!(topic, "$iothub/twin/res/204/?$rid=1&$version=2");
+    let admin = spool.admin.unwrap().to_string();
+    let data = dir.path().join("data");
+    let identity = |args: &[&str]| {
+        let output = std::process::Command::new(env!("CARGO_BIN_EXE_spool"))
+            .arg("identity")
+            .args(args)
+            .args(["--data-dir", data.to_str().unwrap(), "--admin-bind", &admin])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&output.stderr);
+        assert!(output.status.success(), "{said}");
+    };
+    identity(&["remove", "edge/filter"]);
+    identity(&["add", "edge/filter"]);
+    let twin = spool_twin(&admin, &["get", "edge/filter"]);
+    let new = serde_json::json!({"desired": {"$version": 1}, "reported": {"$version": 1}});
+    assert_eq!(twin, new);
+    spool.kill();
+    let spool = Spool::start(&data, &[]);
+    let twin = spool_twin(&spool.admin.unwrap().to_string(), &["get", "edge/filter"]);
+    assert_eq!(twin, new, "not back from the store");
+}

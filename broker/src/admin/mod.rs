@@ -295,7 +295,11 @@ impl Admin for AdminService {
         let id = parse_id(&request.into_inner().id)?;
         self.change(move |context| {
             let registry = &context.authenticator;
-            registry.change_registry(|registry| registry.remove(&context.meta, &id))
+            let removed = registry.change_registry(|registry| registry.remove(&context.meta, &id));
+            if removed.is_ok() {
+                context.twins.forget(&id); // removed from the store with the identity
+            }
+            removed
         })
         .await
     }

@@ -83,7 +83,7 @@ pub enum IdentityCommand {
     List,
     /// Shows one identity, with its keys and connection string.
     Show { id: String },
-    /// Removes an identity.
+    /// Removes an identity, and its twin.
     Remove { id: String },
     /// Lets an identity connect again.
     Enable { id: String },

@@ -121,7 +121,7 @@ impl IdentityRegistry {
         Ok(&self.identities[id])
     }
 
-    /// Removes an identity.
+    /// Removes an identity, and its twin.
     ///
     /// # Errors
     /// `NotFound`, or the store's failure (then nothing changed).
@@ -139,12 +139,14 @@ impl IdentityRegistry {
                 modules: deriving,
             });
         }
-        let change = MetaChange::State {
-            table: StateTable::Identities,
+        // Its twin goes with it, in the same commit, as in IoT Hub: an identity added again
+        // under the same id starts with a new twin.
+        let changes = [StateTable::Identities, StateTable::Twins].map(|table| MetaChange::State {
+            table,
             key: id.key(),
             value: None,
-        };
-        meta.apply(&[change], Commit::Durable)?;
+        });
+        meta.apply(&changes, Commit::Durable)?;
         Ok(self.identities.remove(id).expect("looked up above"))
     }
 

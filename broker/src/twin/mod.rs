@@ -142,6 +142,14 @@ impl TwinStore {
         Ok((store, patches))
     }
 
+    /// Forgets `id`'s twin, which the registry removed from the store with its identity
+    /// (`IdentityRegistry::remove`).
+    pub fn forget(&self, id: &IdentityId) {
+        let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut twins = self.twins.write().unwrap_or_else(PoisonError::into_inner);
+        twins.remove(id);
+    }
+
     /// `id`'s twin (a new one, at version 1, if it has none yet).
     #[must_use]
     pub fn get(&self, id: &IdentityId) -> Twin {
