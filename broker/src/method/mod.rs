@@ -538,6 +538,34 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        /// Goal: whatever a client publishes or a caller posts, reading it gives an answer, a
+        /// call or a clear refusal, never a panic; and a call that passes the rules reads back
+        /// from the body IoT Hub's API writes for it.
+        #[test]
+        fn method_parsers_take_anything(
+            topic in "\\$iothub/methods/res/[0-9a-zA-Z%/?=&$.]{0,40}",
+            body in proptest::collection::vec(proptest::num::u8::ANY, 0..200),
+            name in "[a-zA-Z0-9_.-]{1,20}",
+            number in proptest::num::i64::ANY,
+            response in 1u64..=300,
+            connect in 0u64..=300,
+        ) {
+            let answer = MethodAnswer::parse(&topic).expect("a method answer topic");
+            let _ = super::result(&answer, &Bytes::from(body.clone()));
+            let _ = MethodCall::from_invocation(target(), &body);
+            let posted = serde_json::json!({
+                "methodName": name, "payload": {"n": number},
+                "responseTimeoutInSeconds": response, "connectTimeoutInSeconds": connect,
+            });
+            let call = MethodCall::from_invocation(target(), posted.to_string().as_bytes());
+            let expected = MethodCall::new(
+                target(), name, serde_json::json!({"n": number}), Some(response), Some(connect),
+            );
+            proptest::prop_assert_eq!(call, expected);
+        }
+    }
+
     /// Goal: an answer's topic gives its status and request id as written; an answer whose
     /// status is no number, or whose body is no JSON, reaches the caller as a bad answer
     /// (never as a made-up status).
