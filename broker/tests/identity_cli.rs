@@ -339,3 +339,75 @@ fn the_serve_configuration_applies_and_reading_creates_nothing() {
     assert!(added.contains("GatewayHostName=gw"), "{added}");
     assert!(data.join("meta.redb").exists(), "the file's data directory");
 }
+
+#[tokio::test]
+async fn identities_exported_from_one_hub_are_imported_by_another() {
+    // Goal (nested edge): the identities a child hub knows, exported with their keys from its
+    // data directory, become a parent's through `import` (here through the parent's admin
+    // API while it runs): the child's module connects to the parent with its own key, and an
+    // identity imported again is replaced, not refused.
+    let child = tempfile::tempdir().unwrap();
+    ok(child.path(), &["add", "edge/filter"]);
+    let thumbprint = "ab".repeat(32);
+    ok(child.path(), &["add", "leaf", "--thumbprint", &thumbprint]);
+    let file = child.path().join("exported.json");
+    let said = ok(
+        child.path(),
+        &["export", "--output", file.to_str().unwrap()],
+    );
+    assert!(said.contains("exported 2 identities"), "{said}");
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "keys are for its owner only");
+    let toml = ok(child.path(), &["export", "edge/filter"]);
+    assert!(
+        toml.contains("[[identities]]") && toml.contains("edge/filter"),
+        "{toml}"
+    );
+    assert!(!toml.contains("leaf"), "only the named identity: {toml}");
+
+    let parent = tempfile::tempdir().unwrap();
+    let spool = Spool::start(
+        parent.path(),
+        &[
+            "--iothub-hostname",
+            "hub.example",
+            "--gateway-hostname",
+            "spool",
+        ],
+    );
+    let admin = spool.admin.unwrap().to_string();
+    let import = ["import", file.to_str().unwrap(), "--admin-bind", &admin];
+    let said = ok(parent.path(), &import);
+    assert!(said.contains("imported 2 identities"), "{said}");
+    let said = ok(parent.path(), &import);
+    assert!(said.contains("imported 2 identities"), "again: {said}");
+    let key = &sas_keys(child.path(), "edge/filter")[0];
+    let mut client = module_client(&spool, "edge/filter", key);
+    assert!(
+        accepted(&mut client).await,
+        "the child's key is the parent's"
+    );
+    let shown = ok(parent.path(), &["show", "leaf", "--admin-bind", &admin]);
+    assert!(shown.contains(&thumbprint), "{shown}");
+
+    // Into a data directory no server holds, too.
+    let offline = tempfile::tempdir().unwrap();
+    ok(offline.path(), &["import", file.to_str().unwrap()]);
+    assert_eq!(
+        sas_keys(offline.path(), "edge/filter"),
+        sas_keys(child.path(), "edge/filter")
+    );
+
+    let bad = child.path().join("bad.toml");
+    std::fs::write(
+        &bad,
+        "[[identities]]\nid = \"a/b/c\"\nauth = { type = \"x509_ca\" }\n",
+    )
+    .unwrap();
+    let (imported, text) = identity(
+        parent.path(),
+        &["import", bad.to_str().unwrap(), "--admin-bind", &admin],
+    );
+    assert!(!imported && text.contains("a/b/c"), "{text}");
+}

@@ -10,7 +10,7 @@
 pub mod convert;
 
 use crate::auth::authenticator::Authenticator;
-use crate::auth::identity::{Credentials, Identity, IdentityId, Status};
+use crate::auth::identity::{Credentials, IdentitiesFile, Identity, IdentityId, Status};
 use crate::auth::registry::RegistryError;
 use crate::method::{MethodCall, MethodError, Methods};
 use crate::twin::{TwinError, TwinStore};
@@ -286,6 +286,36 @@ impl Admin for AdminService {
                 .change_registry(|registry| Ok(registry.add(&context.meta, identity)?.clone()))
         })
         .await
+    }
+
+    async fn import_identities(
+        &self,
+        request: Request<pb::ImportIdentitiesRequest>,
+    ) -> Result<Response<pb::ListIdentitiesResponse>, tonic::Status> {
+        let given = request.into_inner().identities;
+        let no_keys = || anyhow::bail!("an identity to import names its credentials");
+        let mut identities = Vec::with_capacity(given.len());
+        for identity in given {
+            let identity = identity_from_proto(identity, no_keys)
+                .and_then(|identity| Ok(identity.validate().map(|()| identity)?))
+                .map_err(|e| tonic::Status::invalid_argument(format!("{e:#}")))?;
+            identities.push(identity);
+        }
+        let context = Arc::clone(&self.context);
+        let imported = tokio::task::spawn_blocking(move || {
+            let ids: Vec<IdentityId> = identities.iter().map(|i| i.id.clone()).collect();
+            let file = IdentitiesFile { identities };
+            context.authenticator.change_registry(|registry| {
+                registry.seed(&context.meta, file)?;
+                let stored = ids.iter().filter_map(|id| registry.get(id));
+                Ok::<_, RegistryError>(stored.map(identity_to_proto).collect())
+            })
+        });
+        let identities = imported
+            .await
+            .map_err(|e| tonic::Status::internal(format!("the import failed: {e}")))?
+            .map_err(status)?;
+        Ok(Response::new(pb::ListIdentitiesResponse { identities }))
     }
 
     async fn remove_identity(

@@ -3,7 +3,7 @@
 //! writer, law 3); while a server holds the directory, it goes through the server's admin API
 //! (`--admin-bind`), so the change counts at once and revoked credentials disconnect.
 
-use super::identity::{Credentials, Identity, IdentityId, Status};
+use super::identity::{Credentials, IdentitiesFile, Identity, IdentityId, Status};
 use super::registry::{IdentityRegistry, RegistryError};
 use crate::admin::convert::{identity_from_proto, identity_to_proto, status_to_proto};
 use crate::config::{Config, ServeArgs};
@@ -15,7 +15,9 @@ use spool_proto::admin as pb;
 use spool_proto::admin::admin_client::AdminClient;
 use spool_storage::Meta;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 /// Where the registry is, and the host names connection strings carry: the same settings as
 /// `spool serve`'s, from flags, `SPOOL_*` variables or its `spool.toml`.
@@ -98,6 +100,19 @@ pub enum IdentityCommand {
     },
     /// Prints the environment a module reads with the SDKs' `create_from_edge_environment`.
     Env { id: String },
+    /// Writes identities, keys included, as an identities file (all of them, or those named):
+    /// what `import` and `spool serve --identities` read, for a parent hub to know the
+    /// devices and modules its child sends for.
+    Export {
+        ids: Vec<String>,
+        /// The file to write (JSON if it ends in .json, else TOML), readable by its owner
+        /// only; without it, TOML on standard output.
+        #[arg(long)]
+        output: Option<PathBuf>,
+    },
+    /// Adds the identities of an identities file (TOML or JSON), replacing those with the
+    /// same ids.
+    Import { file: PathBuf },
 }
 
 impl IdentityCommand {
@@ -137,7 +152,10 @@ impl IdentityCommand {
     fn changes_registry(&self) -> bool {
         !matches!(
             self,
-            IdentityCommand::List | IdentityCommand::Show { .. } | IdentityCommand::Env { .. }
+            IdentityCommand::List
+                | IdentityCommand::Show { .. }
+                | IdentityCommand::Env { .. }
+                | IdentityCommand::Export { .. }
         )
     }
 }
@@ -203,6 +221,14 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
             writeln!(out, "rotated the keys of {}", identity.id)?;
             describe_access(&mut out, &identity, &config)?;
         }
+        IdentityCommand::Export { ids, output } => {
+            out.push_str(&export(registry.as_mut(), ids, output.as_deref())?);
+        }
+        IdentityCommand::Import { file } => {
+            let identities = IdentitiesFile::read(file)?.identities;
+            let count = registry.import(identities)?;
+            writeln!(out, "imported {count} identities from {}", file.display())?;
+        }
         IdentityCommand::Env { id } => {
             let identity = registry.get(&IdentityId::parse(id)?)?;
             let settings = &config.settings;
@@ -218,6 +244,41 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
         }
     }
     Ok(out)
+}
+
+/// Writes the identities `ids` names (all when empty) as an identities file at `output`, with
+/// permissions for its owner only (it holds keys), or returns it as TOML to print.
+fn export(
+    registry: &mut dyn Registry,
+    ids: &[String],
+    output: Option<&Path>,
+) -> anyhow::Result<String> {
+    let identities = match ids {
+        [] => registry.list()?,
+        ids => ids
+            .iter()
+            .map(|id| registry.get(&IdentityId::parse(id)?))
+            .collect::<anyhow::Result<_>>()?,
+    };
+    let count = identities.len();
+    let text = IdentitiesFile { identities }.to_text(output)?;
+    let Some(path) = output else {
+        return Ok(text);
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("create {}", path.display()))?;
+    file.write_all(text.as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("write {}", path.display()))?;
+    Ok(format!(
+        "exported {count} identities to {}\n",
+        path.display()
+    ))
 }
 
 fn show(out: &mut String, identity: &Identity, config: &Config) -> anyhow::Result<()> {
@@ -249,6 +310,8 @@ trait Registry {
     fn remove(&mut self, id: &IdentityId) -> anyhow::Result<Identity>;
     fn set_status(&mut self, id: &IdentityId, status: Status) -> anyhow::Result<Identity>;
     fn rotate(&mut self, id: &IdentityId, key: WhichKey) -> anyhow::Result<Identity>;
+    /// Adds `identities`, replacing those with the same ids; returns how many.
+    fn import(&mut self, identities: Vec<Identity>) -> anyhow::Result<usize>;
 }
 
 /// The registry of a data directory no server holds, opened under the store's lock (one
@@ -291,6 +354,11 @@ impl Registry for Offline {
             .registry
             .rotate(&self.meta, id, primary, secondary)?
             .clone())
+    }
+
+    fn import(&mut self, identities: Vec<Identity>) -> anyhow::Result<usize> {
+        let file = IdentitiesFile { identities };
+        Ok(self.registry.seed(&self.meta, file)?)
     }
 }
 
@@ -378,6 +446,18 @@ impl Registry for Online {
             keys: keys.into(),
         };
         self.call(|mut client| async move { client.rotate_identity_keys(request).await })
+    }
+
+    fn import(&mut self, identities: Vec<Identity>) -> anyhow::Result<usize> {
+        let request = pb::ImportIdentitiesRequest {
+            identities: identities.iter().map(identity_to_proto).collect(),
+        };
+        let mut client = self.client.clone();
+        let answer = self
+            .runtime
+            .block_on(client.import_identities(request))
+            .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+        Ok(answer.into_inner().identities.len())
     }
 }
 

@@ -301,7 +301,7 @@ pub fn new_key() -> Result<String, getrandom::Error> {
 /// id = "myEdge/filter"
 /// auth = { type = "sas", primary = "…", secondary = "…" }
 /// ```
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IdentitiesFile {
     #[serde(default)]
@@ -309,6 +309,21 @@ pub struct IdentitiesFile {
 }
 
 impl IdentitiesFile {
+    /// The file as text: JSON if `path` ends in `.json`, else TOML (`spool identity export`).
+    ///
+    /// # Errors
+    /// If the identities cannot be written in that form.
+    pub fn to_text(&self, path: Option<&Path>) -> Result<String, IdentityError> {
+        let error = |why: String| IdentityError::File {
+            path: path.map(|p| p.display().to_string()).unwrap_or_default(),
+            why,
+        };
+        match path.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
+            Some("json") => serde_json::to_string_pretty(self).map_err(|e| error(e.to_string())),
+            _ => toml::to_string(self).map_err(|e| error(e.to_string())),
+        }
+    }
+
     /// Reads and checks the file: every identity valid, none listed twice.
     ///
     /// # Errors
