@@ -21,6 +21,7 @@
 //!   endpoint modules call them through.
 //! - [`http`]: what the HTTP servers (workload API, methods) share.
 //! - [`clock`]: the hub's time, which tests move by hand.
+//! - [`files`]: files written whole (certificates, exported identities).
 //! - [`config`], [`server`] (wiring), [`message`], [`encoding`], [`limits`], [`id_hash`]
 //!   (hashing for maps keyed by the hub's own numbers).
 
@@ -31,6 +32,7 @@ pub mod config;
 pub mod delivery;
 pub mod deployment;
 pub mod encoding;
+pub mod files;
 pub mod http;
 pub mod hub;
 pub mod id_hash;

@@ -438,6 +438,7 @@ impl Server {
         let (twins, desired_patches) = TwinStore::load(Arc::clone(&meta))?;
         let twins = Arc::new(twins);
         let (authenticator, deployment) = admit_and_route(config, &meta, &wal, &router, &twins)?;
+        twins.patch_only_registered(Arc::clone(&authenticator));
         let shutdown = CancellationToken::new();
         // One clock for the hub and the publish path: message expiry is stamped and read on it.
         let clock: Arc<dyn Clock> = Arc::new(SystemClock);

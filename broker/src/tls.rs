@@ -3,6 +3,7 @@
 //! the data directory, so the same CA stays valid across restarts and clients can trust it once.
 
 use crate::auth::x509::OfferClientCertificates;
+use crate::files::write_durably;
 use anyhow::Context;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -11,8 +12,6 @@ use rcgen::{
 use rustls::ServerConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -119,10 +118,10 @@ fn generated_files(dir: &Path) -> anyhow::Result<TlsFiles> {
     let ca_path = files.generated_ca.as_deref().expect("set above");
     // The CA's private key is not kept: nothing more is ever signed with it, and whoever
     // could read it could mint certificates that clients trusting this CA accept.
-    write_file(ca_path, &generated.ca_cert, false)?;
-    write_file(&files.key, &generated.server_key, true)?;
+    write_durably(ca_path, generated.ca_cert.as_bytes(), false)?;
+    write_durably(&files.key, generated.server_key.as_bytes(), true)?;
     // Written last: its presence means the set is complete.
-    write_file(&files.cert, &generated.server_cert, false)?;
+    write_durably(&files.cert, generated.server_cert.as_bytes(), false)?;
     tracing::info!(ca = %ca_path.display(), "generated a TLS CA and server certificate");
     Ok(files)
 }
@@ -196,29 +195,4 @@ fn host_name() -> Option<String> {
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.');
     valid.then(|| name.to_ascii_lowercase())
-}
-
-/// Writes `contents` durably (temporary file, fsync, rename); private keys readable by the owner
-/// only.
-fn write_file(path: &Path, contents: &str, private: bool) -> anyhow::Result<()> {
-    let temporary = path.with_extension("pem.tmp");
-    let mut options = std::fs::OpenOptions::new();
-    options.write(true).create(true).truncate(true);
-    if private {
-        options.mode(0o600);
-    }
-    let mut file = options
-        .open(&temporary)
-        .with_context(|| format!("create {}", temporary.display()))?;
-    file.write_all(contents.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("write {}", temporary.display()))?;
-    std::fs::rename(&temporary, path)
-        .with_context(|| format!("rename {} to {}", temporary.display(), path.display()))?;
-    if let Some(dir) = path.parent() {
-        std::fs::File::open(dir)
-            .and_then(|d| d.sync_all())
-            .with_context(|| format!("fsync directory {}", dir.display()))?;
-    }
-    Ok(())
 }

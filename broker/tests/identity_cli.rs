@@ -340,6 +340,66 @@ fn the_serve_configuration_applies_and_reading_creates_nothing() {
     assert!(data.join("meta.redb").exists(), "the file's data directory");
 }
 
+/// Exports `child`'s identities to `exported.json` in `dir`; returns its path.
+fn export_to(child: &Path, dir: &Path) -> std::path::PathBuf {
+    let file = dir.join("exported.json");
+    let said = ok(child, &["export", "--output", file.to_str().unwrap()]);
+    assert!(said.contains("exported"), "{said}");
+    file
+}
+
+#[test]
+fn exports_are_owner_only_files_that_import_reads_back() {
+    // Goal: an export holds keys, so it is readable by its owner only, even over a file that
+    // was not; it is TOML or JSON, as `import` reads; a module with derived keys comes with
+    // its device, and imported elsewhere (here, a data directory no server holds) it gets
+    // the same keys.
+    let child = tempfile::tempdir().unwrap();
+    ok(child.path(), &["add", "edge"]);
+    ok(child.path(), &["add", "edge/filter"]);
+    let file = child.path().join("exported.json");
+    std::fs::write(&file, "old").unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert_eq!(export_to(child.path(), child.path()), file);
+    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "keys are for its owner only");
+    let toml = ok(child.path(), &["export", "edge/filter"]);
+    assert!(
+        toml.contains("[[identities]]") && toml.contains("edge/filter"),
+        "{toml}"
+    );
+    assert!(
+        !toml.contains("\"edge\""),
+        "only the named identity: {toml}"
+    );
+    let (refused, text) = identity(child.path(), &["export", "--output", "ids.txt"]);
+    assert!(!refused && text.contains(".toml or .json"), "{text}");
+
+    let derived = ["add", "edge/derived", "--derived", "--generation-id", "g1"];
+    ok(child.path(), &derived);
+    let toml_file = child.path().join("derived.toml");
+    let output = toml_file.to_str().unwrap();
+    let said = ok(
+        child.path(),
+        &["export", "edge/derived", "--output", output],
+    );
+    assert!(
+        said.contains("exported 2 identities"),
+        "with its device: {said}"
+    );
+    let offline = tempfile::tempdir().unwrap();
+    ok(offline.path(), &["import", output]);
+    ok(offline.path(), &["import", file.to_str().unwrap()]);
+    for id in ["edge/filter", "edge/derived"] {
+        assert_eq!(
+            sas_keys(offline.path(), id),
+            sas_keys(child.path(), id),
+            "{id}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn identities_exported_from_one_hub_are_imported_by_another() {
     // Goal (nested edge): the identities a child hub knows, exported with their keys from its
@@ -350,21 +410,7 @@ async fn identities_exported_from_one_hub_are_imported_by_another() {
     ok(child.path(), &["add", "edge/filter"]);
     let thumbprint = "ab".repeat(32);
     ok(child.path(), &["add", "leaf", "--thumbprint", &thumbprint]);
-    let file = child.path().join("exported.json");
-    let said = ok(
-        child.path(),
-        &["export", "--output", file.to_str().unwrap()],
-    );
-    assert!(said.contains("exported 2 identities"), "{said}");
-    use std::os::unix::fs::PermissionsExt as _;
-    let mode = std::fs::metadata(&file).unwrap().permissions().mode();
-    assert_eq!(mode & 0o777, 0o600, "keys are for its owner only");
-    let toml = ok(child.path(), &["export", "edge/filter"]);
-    assert!(
-        toml.contains("[[identities]]") && toml.contains("edge/filter"),
-        "{toml}"
-    );
-    assert!(!toml.contains("leaf"), "only the named identity: {toml}");
+    let file = export_to(child.path(), child.path());
 
     let parent = tempfile::tempdir().unwrap();
     let spool = Spool::start(
@@ -390,14 +436,6 @@ async fn identities_exported_from_one_hub_are_imported_by_another() {
     );
     let shown = ok(parent.path(), &["show", "leaf", "--admin-bind", &admin]);
     assert!(shown.contains(&thumbprint), "{shown}");
-
-    // Into a data directory no server holds, too.
-    let offline = tempfile::tempdir().unwrap();
-    ok(offline.path(), &["import", file.to_str().unwrap()]);
-    assert_eq!(
-        sas_keys(offline.path(), "edge/filter"),
-        sas_keys(child.path(), "edge/filter")
-    );
 
     let bad = child.path().join("bad.toml");
     std::fs::write(

@@ -173,16 +173,24 @@ impl AdminService {
     }
 
     /// Runs a change of the registry on a blocking thread (it commits to the metadata
-    /// store), and answers with the identity it returns.
-    async fn change(
+    /// store); returns what it returns.
+    async fn run_change<T: Send + 'static>(
         &self,
-        change: impl FnOnce(&AdminContext) -> Result<Identity, RegistryError> + Send + 'static,
-    ) -> Result<Response<pb::Identity>, tonic::Status> {
+        change: impl FnOnce(&AdminContext) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, tonic::Status> {
         let context = Arc::clone(&self.context);
         let changed = tokio::task::spawn_blocking(move || change(&context))
             .await
             .map_err(|e| tonic::Status::internal(format!("the change failed: {e}")))?;
-        let identity = changed.map_err(status)?;
+        changed.map_err(status)
+    }
+
+    /// [`AdminService::run_change`], answering with the identity the change returns.
+    async fn change(
+        &self,
+        change: impl FnOnce(&AdminContext) -> Result<Identity, RegistryError> + Send + 'static,
+    ) -> Result<Response<pb::Identity>, tonic::Status> {
+        let identity = self.run_change(change).await?;
         Ok(Response::new(identity_to_proto(&identity)))
     }
 }
@@ -214,6 +222,7 @@ impl Admin for AdminService {
             .map_err(|e| tonic::Status::internal(format!("the patch failed: {e}")))?
             .map_err(|e| match e {
                 TwinError::Invalid(why) => tonic::Status::invalid_argument(why),
+                TwinError::NoIdentity(_) => tonic::Status::not_found(e.to_string()),
                 other => tonic::Status::internal(other.to_string()),
             })?;
         Ok(self.twin(&id))
@@ -292,29 +301,27 @@ impl Admin for AdminService {
         &self,
         request: Request<pb::ImportIdentitiesRequest>,
     ) -> Result<Response<pb::ListIdentitiesResponse>, tonic::Status> {
-        let given = request.into_inner().identities;
+        let invalid = |e: anyhow::Error| tonic::Status::invalid_argument(format!("{e:#}"));
         let no_keys = || anyhow::bail!("an identity to import names its credentials");
-        let mut identities = Vec::with_capacity(given.len());
-        for identity in given {
-            let identity = identity_from_proto(identity, no_keys)
-                .and_then(|identity| Ok(identity.validate().map(|()| identity)?))
-                .map_err(|e| tonic::Status::invalid_argument(format!("{e:#}")))?;
-            identities.push(identity);
-        }
-        let context = Arc::clone(&self.context);
-        let imported = tokio::task::spawn_blocking(move || {
-            let ids: Vec<IdentityId> = identities.iter().map(|i| i.id.clone()).collect();
-            let file = IdentitiesFile { identities };
-            context.authenticator.change_registry(|registry| {
-                registry.seed(&context.meta, file)?;
-                let stored = ids.iter().filter_map(|id| registry.get(id));
-                Ok::<_, RegistryError>(stored.map(identity_to_proto).collect())
+        let identities = request
+            .into_inner()
+            .identities
+            .into_iter()
+            .map(|identity| identity_from_proto(identity, no_keys))
+            .collect::<anyhow::Result<Vec<_>>>()
+            .map_err(invalid)?;
+        let file = IdentitiesFile { identities };
+        file.check().map_err(|e| invalid(e.into()))?;
+        let identities = self
+            .run_change(move |context| {
+                let ids: Vec<IdentityId> = file.identities.iter().map(|i| i.id.clone()).collect();
+                context.authenticator.change_registry(|registry| {
+                    registry.seed(&context.meta, file)?;
+                    let stored = ids.iter().filter_map(|id| registry.get(id));
+                    Ok(stored.map(identity_to_proto).collect())
+                })
             })
-        });
-        let identities = imported
-            .await
-            .map_err(|e| tonic::Status::internal(format!("the import failed: {e}")))?
-            .map_err(status)?;
+            .await?;
         Ok(Response::new(pb::ListIdentitiesResponse { identities }))
     }
 
@@ -325,11 +332,8 @@ impl Admin for AdminService {
         let id = parse_id(&request.into_inner().id)?;
         self.change(move |context| {
             let registry = &context.authenticator;
-            let removed = registry.change_registry(|registry| registry.remove(&context.meta, &id));
-            if removed.is_ok() {
-                context.twins.forget(&id); // removed from the store with the identity
-            }
-            removed
+            let remove = || registry.change_registry(|r| r.remove(&context.meta, &id));
+            context.twins.forget_with(&id, remove)
         })
         .await
     }

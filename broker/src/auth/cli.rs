@@ -15,8 +15,6 @@ use spool_proto::admin as pb;
 use spool_proto::admin::admin_client::AdminClient;
 use spool_storage::Meta;
 use std::fmt::Write as _;
-use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Where the registry is, and the host names connection strings carry: the same settings as
@@ -246,35 +244,38 @@ pub fn run(args: &IdentityArgs) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Writes the identities `ids` names (all when empty) as an identities file at `output`, with
-/// permissions for its owner only (it holds keys), or returns it as TOML to print.
+/// Writes the identities `ids` names (all when empty) as an identities file at `output`,
+/// readable by its owner only (it holds keys), or returns it as TOML to print. A module whose
+/// keys are derived comes with its device, whose key they are derived from.
 fn export(
     registry: &mut dyn Registry,
     ids: &[String],
     output: Option<&Path>,
 ) -> anyhow::Result<String> {
-    let identities = match ids {
+    let mut identities: Vec<Identity> = match ids {
         [] => registry.list()?,
         ids => ids
             .iter()
             .map(|id| registry.get(&IdentityId::parse(id)?))
             .collect::<anyhow::Result<_>>()?,
     };
+    let devices: Vec<IdentityId> = identities
+        .iter()
+        .filter(|identity| matches!(identity.credentials, Credentials::Derived { .. }))
+        .map(|module| IdentityId::parse(&module.id.device))
+        .collect::<Result<_, _>>()?;
+    for device in devices {
+        if !identities.iter().any(|identity| identity.id == device) {
+            let device = registry.get(&device)?;
+            identities.insert(0, device); // before its modules
+        }
+    }
     let count = identities.len();
     let text = IdentitiesFile { identities }.to_text(output)?;
     let Some(path) = output else {
         return Ok(text);
     };
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    file.write_all(text.as_bytes())
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("write {}", path.display()))?;
+    crate::files::write_durably(path, text.as_bytes(), true)?;
     Ok(format!(
         "exported {count} identities to {}\n",
         path.display()
@@ -374,6 +375,19 @@ impl Online {
         Ok(Online { runtime, client })
     }
 
+    /// Runs one call; its answer, or the server's reason for refusing it.
+    fn ask<F, T>(
+        &mut self,
+        call: impl FnOnce(AdminClient<tonic::transport::Channel>) -> F,
+    ) -> anyhow::Result<T>
+    where
+        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let answer = self.runtime.block_on(call(self.client.clone()));
+        let answer = answer.map_err(|status| anyhow::anyhow!("{}", status.message()))?;
+        Ok(answer.into_inner())
+    }
+
     /// Runs one call and reads the identity it answers with.
     fn call<F>(
         &mut self,
@@ -382,9 +396,7 @@ impl Online {
     where
         F: std::future::Future<Output = Result<tonic::Response<pb::Identity>, tonic::Status>>,
     {
-        let answer = self.runtime.block_on(call(self.client.clone()));
-        let identity = answer.map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-        answered(identity.into_inner())
+        answered(self.ask(call)?)
     }
 }
 
@@ -397,17 +409,9 @@ fn answered(identity: pb::Identity) -> anyhow::Result<Identity> {
 
 impl Registry for Online {
     fn list(&mut self) -> anyhow::Result<Vec<Identity>> {
-        let mut client = self.client.clone();
-        let answer = self
-            .runtime
-            .block_on(client.list_identities(pb::ListIdentitiesRequest {}))
-            .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-        answer
-            .into_inner()
-            .identities
-            .into_iter()
-            .map(answered)
-            .collect()
+        let request = pb::ListIdentitiesRequest {};
+        let listed = self.ask(|mut client| async move { client.list_identities(request).await })?;
+        listed.identities.into_iter().map(answered).collect()
     }
 
     fn get(&mut self, id: &IdentityId) -> anyhow::Result<Identity> {
@@ -452,12 +456,9 @@ impl Registry for Online {
         let request = pb::ImportIdentitiesRequest {
             identities: identities.iter().map(identity_to_proto).collect(),
         };
-        let mut client = self.client.clone();
-        let answer = self
-            .runtime
-            .block_on(client.import_identities(request))
-            .map_err(|status| anyhow::anyhow!("{}", status.message()))?;
-        Ok(answer.into_inner().identities.len())
+        let imported =
+            self.ask(|mut client| async move { client.import_identities(request).await })?;
+        Ok(imported.identities.len())
     }
 }
 

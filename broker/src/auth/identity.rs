@@ -202,6 +202,10 @@ impl Identity {
                         .into(),
                 ));
             }
+            // Left out, as an identities file does: the registry derives them (and checks
+            // them then).
+            Credentials::Derived { primary, secondary }
+                if primary.is_empty() && secondary.is_empty() => {}
             Credentials::Sas { primary, secondary }
             | Credentials::Derived { primary, secondary } => {
                 for (name, key) in [("primary", primary), ("secondary", secondary)] {
@@ -308,19 +312,44 @@ pub struct IdentitiesFile {
     pub identities: Vec<Identity>,
 }
 
+/// The forms an identities file is written in, by its name's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FileFormat {
+    Toml,
+    Json,
+}
+
+impl FileFormat {
+    /// The form of the file at `path`: `.toml` or `.json`.
+    fn of(path: &Path) -> Result<FileFormat, IdentityError> {
+        match path.extension().and_then(|e| e.to_str()) {
+            Some("toml") => Ok(FileFormat::Toml),
+            Some("json") => Ok(FileFormat::Json),
+            _ => Err(IdentityError::File {
+                path: path.display().to_string(),
+                why: "its name must end in .toml or .json".into(),
+            }),
+        }
+    }
+}
+
 impl IdentitiesFile {
-    /// The file as text: JSON if `path` ends in `.json`, else TOML (`spool identity export`).
+    /// The file as text, in the form `path`'s name says (TOML without a path): what
+    /// [`IdentitiesFile::read`] reads back (`spool identity export`).
     ///
     /// # Errors
-    /// If the identities cannot be written in that form.
+    /// A name that is neither `.toml` nor `.json`, or identities that cannot be written.
     pub fn to_text(&self, path: Option<&Path>) -> Result<String, IdentityError> {
+        let format = path.map_or(Ok(FileFormat::Toml), FileFormat::of)?;
         let error = |why: String| IdentityError::File {
             path: path.map(|p| p.display().to_string()).unwrap_or_default(),
             why,
         };
-        match path.and_then(|p| p.extension()).and_then(|e| e.to_str()) {
-            Some("json") => serde_json::to_string_pretty(self).map_err(|e| error(e.to_string())),
-            _ => toml::to_string(self).map_err(|e| error(e.to_string())),
+        match format {
+            FileFormat::Json => {
+                serde_json::to_string_pretty(self).map_err(|e| error(e.to_string()))
+            }
+            FileFormat::Toml => toml::to_string(self).map_err(|e| error(e.to_string())),
         }
     }
 
@@ -333,20 +362,31 @@ impl IdentitiesFile {
             path: path.display().to_string(),
             why,
         };
+        let format = FileFormat::of(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
-        let file: IdentitiesFile = match path.extension().and_then(|e| e.to_str()) {
-            Some("json") => serde_json::from_str(&text).map_err(|e| file_error(e.to_string()))?,
-            Some("toml") => toml::from_str(&text).map_err(|e| file_error(e.to_string()))?,
-            _ => return Err(file_error("its name must end in .toml or .json".into())),
+        let file: IdentitiesFile = match format {
+            FileFormat::Json => {
+                serde_json::from_str(&text).map_err(|e| file_error(e.to_string()))?
+            }
+            FileFormat::Toml => toml::from_str(&text).map_err(|e| file_error(e.to_string()))?,
         };
+        file.check()?;
+        Ok(file)
+    }
+
+    /// Checks the identities, however they came: every one valid, none listed twice.
+    ///
+    /// # Errors
+    /// The first identity that is wrong.
+    pub fn check(&self) -> Result<(), IdentityError> {
         let mut seen = std::collections::BTreeSet::new();
-        for identity in &file.identities {
+        for identity in &self.identities {
             identity.validate()?;
             if !seen.insert(&identity.id) {
                 return Err(IdentityError::Duplicate(identity.id.clone()));
             }
         }
-        Ok(file)
+        Ok(())
     }
 }
 
@@ -426,5 +466,17 @@ mod tests {
         .expect("write");
         let refused = IdentitiesFile::read(&json_path).expect_err("a module with a certificate");
         assert!(refused.to_string().contains("edge/m"), "{refused}");
+        // Derived keys are left out, as the registry derives them; written back, the file
+        // reads as it was.
+        std::fs::write(
+            &toml_path,
+            "[[identities]]\nid = \"edge/d\"\ngeneration_id = \"g1\"\nauth = { type = \"derived\" }\n",
+        )
+        .expect("write");
+        let derived = IdentitiesFile::read(&toml_path).expect("the documented form reads");
+        let text = derived.to_text(Some(&toml_path)).expect("writes");
+        std::fs::write(&toml_path, text).expect("write");
+        let again = IdentitiesFile::read(&toml_path).expect("reads back");
+        assert_eq!(again.identities, derived.identities);
     }
 }

@@ -127,20 +127,9 @@ pub fn encode_into<'a>(out: &mut String, properties: impl IntoIterator<Item = (&
         if i > 0 {
             out.push('&');
         }
-        escape_into(out, key);
+        out.extend(utf8_percent_encode(key, UNRESERVED));
         out.push('=');
-        escape_into(out, value);
-    }
-}
-
-/// Appends `text` percent-encoded; most keys and values need no escape, and are copied whole.
-fn escape_into(out: &mut String, text: &str) {
-    let unreserved =
-        |byte: u8| byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~');
-    if text.bytes().all(unreserved) {
-        out.push_str(text);
-    } else {
-        out.extend(utf8_percent_encode(text, UNRESERVED));
+        out.extend(utf8_percent_encode(value, UNRESERVED));
     }
 }
 

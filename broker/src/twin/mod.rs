@@ -14,11 +14,12 @@
 
 pub mod cli;
 
+use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::IdentityId;
 use serde_json::{Map, Value};
 use spool_storage::{Commit, Meta, MetaChange, StateTable};
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, OnceLock, PoisonError, RwLock};
 use tokio::sync::mpsc;
 
 /// The desired-property patches the store made, in the order it stored them: the server
@@ -91,6 +92,9 @@ pub enum TwinError {
     /// A stored twin that does not read.
     #[error("the stored twin of {key:?} is corrupt: {why}")]
     Corrupt { key: String, why: String },
+    /// The identity is gone (removed while its client was connected): 404.
+    #[error("no identity {0}")]
+    NoIdentity(IdentityId),
 }
 
 impl TwinError {
@@ -99,6 +103,7 @@ impl TwinError {
     pub fn status(&self) -> u16 {
         match self {
             TwinError::Invalid(_) => 400,
+            TwinError::NoIdentity(_) => 404,
             TwinError::Storage(_) | TwinError::Corrupt { .. } | TwinError::Failed(_) => 500,
         }
     }
@@ -114,6 +119,9 @@ pub struct TwinStore {
     /// order their versions were stored, so a module never gets an older one after a newer.
     changing: Mutex<()>,
     outbox: mpsc::UnboundedSender<DesiredPatch>,
+    /// The registry whose identities twins are patched for, once the server installs it
+    /// ([`TwinStore::patch_only_registered`]).
+    registry: OnceLock<Arc<Authenticator>>,
 }
 
 impl TwinStore {
@@ -138,16 +146,43 @@ impl TwinStore {
             twins: RwLock::new(twins),
             changing: Mutex::new(()),
             outbox,
+            registry: OnceLock::new(),
         };
         Ok((store, patches))
     }
 
-    /// Forgets `id`'s twin, which the registry removed from the store with its identity
-    /// (`IdentityRegistry::remove`).
-    pub fn forget(&self, id: &IdentityId) {
+    /// From now on, patches only the twins of identities `authenticator`'s registry has: a
+    /// module whose identity was just removed cannot bring its twin back.
+    pub fn patch_only_registered(&self, authenticator: Arc<Authenticator>) {
+        let _ = self.registry.set(authenticator);
+    }
+
+    /// Runs `remove`, the removal of identity `id` from the registry, which removes its twin
+    /// from the store in the same commit (`IdentityRegistry::remove`), and forgets the twin if
+    /// it succeeds; no patch of the twin runs meanwhile, so none stores it again.
+    ///
+    /// # Errors
+    /// `remove`'s.
+    pub fn forget_with<T, E>(
+        &self,
+        id: &IdentityId,
+        remove: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        let removed = remove()?;
         let mut twins = self.twins.write().unwrap_or_else(PoisonError::into_inner);
         twins.remove(id);
+        Ok(removed)
+    }
+
+    /// Refuses a patch of `id`'s twin once its identity is gone (checked under `changing`).
+    fn check_registered(&self, id: &IdentityId) -> Result<(), TwinError> {
+        match self.registry.get() {
+            Some(authenticator) if authenticator.registry().get(id).is_none() => {
+                Err(TwinError::NoIdentity(id.clone()))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `id`'s twin (a new one, at version 1, if it has none yet).
@@ -169,6 +204,7 @@ impl TwinStore {
     ) -> Result<ReportedPatch, TwinError> {
         let patch = read_patch(patch)?;
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.check_registered(id)?;
         let mut twin = self.get(id);
         merge(&mut twin.reported, patch.clone());
         check_size(&twin.reported, "reported")?;
@@ -309,6 +345,7 @@ impl TwinStore {
     pub fn patch_desired(&self, id: &IdentityId, patch: &[u8]) -> Result<DesiredPatch, TwinError> {
         let patch = read_patch(patch)?;
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
+        self.check_registered(id)?;
         let mut twin = self.get(id);
         merge(&mut twin.desired, patch.clone());
         check_size(&twin.desired, "desired")?;
@@ -558,6 +595,32 @@ mod tests {
         let dir = tempfile::tempdir().expect("dir");
         let meta = Meta::open(&dir.path().join("meta.redb")).expect("meta");
         (TwinStore::load(Arc::new(meta)).expect("empty").0, dir)
+    }
+
+    /// Goal: once the server installs its registry, a twin is patched only while its
+    /// identity is there, so a module whose identity was just removed cannot store its twin
+    /// again.
+    #[test]
+    fn twins_are_patched_only_for_registered_identities() {
+        let (twins, _dir) = store();
+        let id = IdentityId::parse("edge/gone").expect("id");
+        twins
+            .patch_reported(&id, br#"{"a": 1}"#)
+            .expect("no registry installed yet");
+        let registry = crate::auth::registry::IdentityRegistry::load(&twins.meta).expect("load");
+        let authenticator = Authenticator::new(registry, Vec::new());
+        twins.patch_only_registered(Arc::new(authenticator));
+        let refused = twins.patch_reported(&id, br#"{"a": 2}"#);
+        assert!(
+            matches!(refused, Err(TwinError::NoIdentity(_))),
+            "{refused:?}"
+        );
+        let refused = twins.patch_desired(&id, br#"{"b": 1}"#);
+        assert!(
+            matches!(refused, Err(TwinError::NoIdentity(_))),
+            "{refused:?}"
+        );
+        assert_eq!(twins.get(&id).reported_version, 2, "unchanged");
     }
 
     /// Goal: a reported patch merges (null deletes, objects merge), raises the version, and is
