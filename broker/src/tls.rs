@@ -1,9 +1,11 @@
-//! TLS for the MQTTS listener: the server certificate given by the operator, or, when none is
-//! given, a private CA and a server certificate that spool generates on first start and keeps in
-//! the data directory, so the same CA stays valid across restarts and clients can trust it once.
+//! TLS for the MQTTS and HTTPS listeners: the handshake, within a time limit; the server
+//! certificate given by the operator, or, when none is given, a private CA and a server
+//! certificate that spool generates on first start and keeps in the data directory, so the same
+//! CA stays valid across restarts and clients can trust it once.
 
 use crate::auth::x509::OfferClientCertificates;
 use crate::files::write_durably;
+use crate::limits::TLS_HANDSHAKE_TIMEOUT;
 use anyhow::Context;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -40,6 +42,26 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// The CA that signed a generated certificate: what clients must trust.
     pub generated_ca: Option<PathBuf>,
+}
+
+/// Completes the TLS handshake of a connection from `peer` within `TLS_HANDSHAKE_TIMEOUT`;
+/// `None`, logged, if it fails or takes longer.
+pub async fn handshake(
+    acceptor: &TlsAcceptor,
+    socket: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+) -> Option<tokio_rustls::server::TlsStream<tokio::net::TcpStream>> {
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(socket)).await {
+        Ok(Ok(stream)) => Some(stream),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, "TLS handshake failed: {e}");
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "TLS handshake timed out");
+            None
+        }
+    }
 }
 
 /// A TLS acceptor offering TLS 1.3 and 1.2 (the Azure IoT Python SDK speaks only 1.2).

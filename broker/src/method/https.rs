@@ -27,7 +27,7 @@ use crate::auth::authenticator::Authenticator;
 use crate::auth::identity::IdentityId;
 use crate::clock::Clock;
 use crate::http::{self, Answer};
-use crate::limits::{ACCEPT_BACKOFF, TLS_HANDSHAKE_TIMEOUT};
+use crate::limits::ACCEPT_BACKOFF;
 use hyper::body::Incoming;
 use hyper::{Method, Request, StatusCode};
 use std::sync::Arc;
@@ -85,17 +85,8 @@ pub async fn serve(
         };
         let (tls, endpoint) = (tls.clone(), Arc::clone(&endpoint));
         let serving = async move {
-            let stream = match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(socket)).await
-            {
-                Ok(Ok(stream)) => stream,
-                Ok(Err(e)) => {
-                    tracing::info!(%peer, "HTTPS: TLS handshake failed: {e}");
-                    return;
-                }
-                Err(_) => {
-                    tracing::info!(%peer, "HTTPS: TLS handshake timed out");
-                    return;
-                }
+            let Some(stream) = crate::tls::handshake(&tls, socket, peer).await else {
+                return;
             };
             let answering = move |request| {
                 let endpoint = Arc::clone(&endpoint);

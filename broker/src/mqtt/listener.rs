@@ -1,9 +1,10 @@
 //! The TCP accept loop, with a bound on concurrent connections, for plain MQTT and MQTTS.
 
 use crate::auth::authenticator::ListenerAuth;
-use crate::limits::{ACCEPT_BACKOFF, TLS_HANDSHAKE_TIMEOUT};
+use crate::limits::ACCEPT_BACKOFF;
 use crate::mqtt::connection::ClientTransport;
 use crate::mqtt::{ServerContext, connection};
+use crate::tls;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -68,19 +69,11 @@ async fn serve_tls(
     auth: ListenerAuth,
     context: Arc<ServerContext>,
 ) {
-    let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(socket));
     let stream = tokio::select! {
         () = context.shutdown.cancelled() => return,
-        result = handshake => match result {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(e)) => {
-                tracing::info!(%peer, "TLS handshake failed: {e}");
-                return;
-            }
-            Err(_) => {
-                tracing::info!(%peer, "TLS handshake timed out");
-                return;
-            }
+        stream = tls::handshake(tls, socket, peer) => match stream {
+            Some(stream) => stream,
+            None => return,
         },
     };
     // The chain the client presented, if any: checked at CONNECT against the identity it names.
