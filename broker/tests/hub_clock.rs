@@ -1,10 +1,12 @@
 //! The hub without sockets, on a clock the test moves: an hour of will delay, two hours of
 //! session expiry and a minute of message expiry pass in seconds, and nothing fires early.
+//! Also what a connection whose channel is full gets once it makes room.
 //!
 //! The hub is wired as the server wires it (log, metadata store, appender, reclaimer), with
 //! connections played by the test through the hub's events.
 
 use bytes::Bytes;
+use spool_broker::auth::identity::IdentityId;
 use spool_broker::auth::policy::{Client, Policy};
 use spool_broker::clock::{Clock, ManualClock};
 use spool_broker::delivery::queue::QueueLimits;
@@ -15,6 +17,7 @@ use spool_broker::hub::events::{
 use spool_broker::hub::{Hub, HubHelpers, HubLimits, MetaWriter};
 use spool_broker::ingest::{Ingest, Ingested, Publisher, WhenFull};
 use spool_broker::message::{Message, MessageProperties, QoS, Will};
+use spool_broker::method::{MethodDelivery, MethodRequest};
 use spool_broker::routing::{RetainHandling, Router, SubscriptionOptions};
 use spool_storage::{Meta, Wal, WalOptions, WalReader};
 use std::sync::Arc;
@@ -94,6 +97,17 @@ impl TestHub {
         client_id: &str,
         expiry: Duration,
     ) -> (ConnectOutcome, OutboundReceiver) {
+        self.connect_as(connection, client_id, expiry, None).await
+    }
+
+    /// [`TestHub::connect`] as IoT Hub identity `identity`, if given.
+    async fn connect_as(
+        &self,
+        connection: u64,
+        client_id: &str,
+        expiry: Duration,
+        identity: Option<IdentityId>,
+    ) -> (ConnectOutcome, OutboundReceiver) {
         let (outbound, outbound_rx) = outbound_channel(16);
         let (reply, answer) = oneshot::channel();
         let request = ConnectRequest {
@@ -105,7 +119,7 @@ impl TestHub {
             receive_max: 16,
             outbound,
             released: CancellationToken::new(),
-            identity: None,
+            identity,
             reply,
         };
         self.send(Event::Connect(request)).await;
@@ -308,4 +322,66 @@ async fn a_queued_message_expires_by_the_hubs_clock() {
         Bytes::from_static(b"kept"),
         "the first delivery is the message that does not expire"
     );
+}
+
+#[tokio::test]
+async fn method_requests_waiting_for_room_go_once_their_callers_stop_waiting() {
+    // Goal (law 5): direct-method requests for a connection whose channel is full wait for
+    // room, but only while their callers wait: those abandoned meanwhile are never sent, so
+    // what waits is bounded by the calls under way, however long the connection stays full.
+    let hub = TestHub::start();
+    let module = IdentityId::parse("edge/m").expect("id");
+    let client_id = module.to_string();
+    let (session, mut outbound) = hub
+        .connect_as(1, &client_id, HOUR, Some(module.clone()))
+        .await;
+    hub.subscribe(session.session, "$iothub/methods/POST/#")
+        .await;
+    let request = |name: &str, abandoned: &CancellationToken| {
+        let (reply, answer) = oneshot::channel();
+        let request = MethodRequest {
+            target: module.clone(),
+            topic: format!("$iothub/methods/POST/{name}/?$rid=1"),
+            payload: Bytes::from_static(b"null"),
+            abandoned: abandoned.clone(),
+        };
+        (Event::MethodRequest { request, reply }, answer)
+    };
+    let waiting = CancellationToken::new();
+    let mut topics = Vec::new();
+    for name in ["fills"; 16]
+        .into_iter()
+        .chain(["gives-up"; 20])
+        .chain(["waits"])
+    {
+        let abandoned = match name {
+            "gives-up" => CancellationToken::new(),
+            _ => waiting.clone(),
+        };
+        let (event, answer) = request(name, &abandoned);
+        hub.send(event).await;
+        assert_eq!(answer.await.expect("answered"), MethodDelivery::Sent);
+        if name == "gives-up" {
+            abandoned.cancel(); // its caller timed out
+        }
+    }
+    // Room is made: what still waits goes, what was abandoned does not.
+    while let Some(Outbound::Publish(delivery)) = outbound.try_recv() {
+        topics.push(delivery.message.topic.clone());
+    }
+    hub.send(Event::Drained {
+        session: session.session,
+    })
+    .await;
+    hub.settle().await;
+    while let Some(Outbound::Publish(delivery)) = outbound.try_recv() {
+        topics.push(delivery.message.topic.clone());
+    }
+    let sent: Vec<&str> = topics
+        .iter()
+        .map(|t| t.split('/').nth(3).unwrap())
+        .collect();
+    let mut expected = vec!["fills"; 16];
+    expected.push("waits");
+    assert_eq!(sent, expected);
 }

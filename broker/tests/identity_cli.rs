@@ -12,6 +12,19 @@ use spool_broker::auth::sas::{SasToken, resource_uri, sign};
 use std::path::Path;
 use std::process::Command;
 
+/// The host names the tests' identities are checked against (as `identity` passes them).
+const HOSTS: [&str; 4] = [
+    "--iothub-hostname",
+    "hub.example",
+    "--gateway-hostname",
+    "spool",
+];
+
+/// `spool serve` on `dir`, with the tests' host names.
+fn serve(dir: &Path) -> Spool {
+    Spool::start(dir, &HOSTS)
+}
+
 /// Runs `spool identity ARGS --data-dir DIR`; returns whether it succeeded and what it printed
 /// (stdout, then stderr).
 fn identity(dir: &Path, args: &[&str]) -> (bool, String) {
@@ -20,12 +33,7 @@ fn identity(dir: &Path, args: &[&str]) -> (bool, String) {
         .args(args)
         .arg("--data-dir")
         .arg(dir)
-        .args([
-            "--iothub-hostname",
-            "hub.example",
-            "--gateway-hostname",
-            "spool",
-        ])
+        .args(HOSTS)
         .env("SPOOL_LOG", "warn")
         .output()
         .unwrap();
@@ -177,15 +185,7 @@ async fn a_running_servers_identities_change_through_its_admin_api() {
     // disconnects its clients whose credentials no longer hold, and refuses them after. With
     // the admin API off, the command says the directory is held, and by whom.
     let dir = tempfile::tempdir().unwrap();
-    let spool = Spool::start(
-        dir.path(),
-        &[
-            "--iothub-hostname",
-            "hub.example",
-            "--gateway-hostname",
-            "spool",
-        ],
-    );
+    let spool = serve(dir.path());
     let admin = spool.admin.unwrap().to_string();
     let remote = |args: &[&str]| {
         let mut args = args.to_vec();
@@ -254,13 +254,7 @@ async fn a_module_without_keys_of_its_own_uses_keys_derived_from_its_devices() {
     // string, and follows the device's key: rotating that disconnects the module, and the
     // key derived from the new one lets it in.
     let dir = tempfile::tempdir().unwrap();
-    let hosts = [
-        "--iothub-hostname",
-        "hub.example",
-        "--gateway-hostname",
-        "spool",
-    ];
-    let spool = Spool::start(dir.path(), &hosts);
+    let spool = serve(dir.path());
     let admin = spool.admin.unwrap().to_string();
     let remote = |args: &[&str]| {
         let mut args = args.to_vec();
@@ -413,15 +407,7 @@ async fn identities_exported_from_one_hub_are_imported_by_another() {
     let file = export_to(child.path(), child.path());
 
     let parent = tempfile::tempdir().unwrap();
-    let spool = Spool::start(
-        parent.path(),
-        &[
-            "--iothub-hostname",
-            "hub.example",
-            "--gateway-hostname",
-            "spool",
-        ],
-    );
+    let spool = serve(parent.path());
     let admin = spool.admin.unwrap().to_string();
     let import = ["import", file.to_str().unwrap(), "--admin-bind", &admin];
     let said = ok(parent.path(), &import);

@@ -9,7 +9,7 @@ mod common;
 use common::{Client, Seen, Spool, connect, identities_file, module_options};
 use rumqttc::QoS;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 const KEY: [u8; 32] = [3; 32];
 
@@ -33,6 +33,19 @@ fn start_with(dir: &Path, args: &[&str]) -> Spool {
     let mut all = vec!["--identities", identities.to_str().unwrap()];
     all.extend(args);
     Spool::start(&dir.join("data"), &all)
+}
+
+/// Writes `manifest` as `deployment.json` in `dir`; returns its path.
+fn write_manifest(dir: &Path, manifest: &str) -> PathBuf {
+    std::fs::create_dir_all(dir).unwrap();
+    let path = dir.join("deployment.json");
+    std::fs::write(&path, manifest).unwrap();
+    path
+}
+
+/// [`start_with`] the deployment manifest at `manifest`.
+fn start_deployed(dir: &Path, manifest: &Path) -> Spool {
+    start_with(dir, &["--deployment", manifest.to_str().unwrap()])
 }
 
 /// Module `edge/filter`, connected and subscribed to its twin's answers.
@@ -116,10 +129,8 @@ async fn desired_properties_come_from_the_deployment_and_changes_reach_the_modul
     // Goal: the manifest's desired properties are in the twin a module reads, and a reload
     // that changes them sends the module one patch with the new `$version`.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path()).unwrap();
-    let manifest = dir.path().join("deployment.json");
-    std::fs::write(&manifest, deployment(5)).unwrap();
-    let spool = start_with(dir.path(), &["--deployment", manifest.to_str().unwrap()]);
+    let manifest = write_manifest(dir.path(), &deployment(5));
+    let spool = start_deployed(dir.path(), &manifest);
     let mut filter = module(spool.addr).await;
     let (_, twin) = ask(&mut filter, "$iothub/twin/GET/?$rid=1", "").await;
     assert_eq!(
@@ -168,17 +179,23 @@ async fn desired_properties_come_from_the_deployment_and_changes_reach_the_modul
     assert!(said.contains("not a JSON object"), "{said}");
 }
 
-/// Runs `spool twin ARGS` against the admin API at `admin`; returns the twin it prints.
-fn spool_twin(admin: &str, args: &[&str]) -> serde_json::Value {
+/// Runs `spool ARGS`, which must succeed; returns what it prints.
+fn spool_cli(args: &[&str]) -> Vec<u8> {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_spool"))
-        .arg("twin")
         .args(args)
-        .args(["--admin-bind", admin])
         .output()
         .unwrap();
     let said = String::from_utf8_lossy(&output.stderr);
-    assert!(output.status.success(), "{said}");
-    serde_json::from_slice(&output.stdout).unwrap()
+    assert!(output.status.success(), "spool {args:?}: {said}");
+    output.stdout
+}
+
+/// Runs `spool twin ARGS` against the admin API at `admin`; returns the twin it prints.
+fn spool_twin(admin: &str, args: &[&str]) -> serde_json::Value {
+    let mut all = vec!["twin"];
+    all.extend(args);
+    all.extend(["--admin-bind", admin]);
+    serde_json::from_slice(&spool_cli(&all)).unwrap()
 }
 
 /// The next desired-property patch the module receives.
@@ -199,15 +216,12 @@ async fn reported_changes_reach_routes_as_twin_change_notifications() {
     // Goal: a reported patch becomes a twin change notification routed from
     // `/twinChangeNotifications`, and `twin_change_includes` picks the ones that matter.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path()).unwrap();
-    let manifest = dir.path().join("deployment.json");
-    std::fs::write(
-        &manifest,
+    let manifest = write_manifest(
+        dir.path(),
         r#"{"schemaVersion": "1.1", "storeAndForwardConfiguration": {"timeToLiveSecs": 7200},
             "routes": {"twins": "FROM /twinChangeNotifications WHERE twin_change_includes('properties.reported.temp') INTO BrokeredEndpoint(\"/modules/sink/inputs/twins\")"}}"#,
-    )
-    .unwrap();
-    let spool = start_with(dir.path(), &["--deployment", manifest.to_str().unwrap()]);
+    );
+    let spool = start_deployed(dir.path(), &manifest);
     let mut sink = module_named(spool.addr, "sink").await;
     sink.subscribe("devices/edge/modules/sink/inputs/#", QoS::AtLeastOnce)
         .await;
@@ -249,11 +263,8 @@ async fn a_change_made_while_spool_was_down_reaches_a_persistent_subscriber() {
     // next start, and a module whose persistent session is subscribed to them gets the patch
     // when it comes back, as it would have had it been connected.
     let dir = tempfile::tempdir().unwrap();
-    std::fs::create_dir_all(dir.path()).unwrap();
-    let manifest = dir.path().join("deployment.json");
-    std::fs::write(&manifest, deployment(5)).unwrap();
-    let args = ["--deployment", manifest.to_str().unwrap()];
-    let spool = start_with(dir.path(), &args);
+    let manifest = write_manifest(dir.path(), &deployment(5));
+    let spool = start_deployed(dir.path(), &manifest);
     let mut filter = module_session(spool.addr, "filter", false).await;
     filter
         .subscribe("$iothub/twin/PATCH/properties/desired/#", QoS::AtLeastOnce)
@@ -261,7 +272,7 @@ async fn a_change_made_while_spool_was_down_reaches_a_persistent_subscriber() {
     drop(filter);
     assert!(spool.terminate().success());
     std::fs::write(&manifest, deployment(6)).unwrap();
-    let spool = start_with(dir.path(), &args);
+    let spool = start_deployed(dir.path(), &manifest);
     // Connected only: a subscribe would skip a patch that comes before its SUBACK.
     let mut filter = connect(module_options(spool.addr, "edge/filter", &KEY, false));
     assert!(filter.connected().await, "the session is still there");
@@ -283,18 +294,20 @@ async fn an_identity_removed_and_added_again_starts_with_a_new_twin() {
     assert_eq!(topic, "$iothub/twin/res/204/?$rid=1&$version=2");
     let admin = spool.admin.unwrap().to_string();
     let data = dir.path().join("data");
-    let identity = |args: &[&str]| {
-        let output = std::process::Command::new(env!("CARGO_BIN_EXE_spool"))
-            .arg("identity")
-            .args(args)
-            .args(["--data-dir", data.to_str().unwrap(), "--admin-bind", &admin])
-            .output()
-            .unwrap();
-        let said = String::from_utf8_lossy(&output.stderr);
-        assert!(output.status.success(), "{said}");
+    let identity = |command: &str| {
+        let data = data.to_str().unwrap();
+        spool_cli(&[
+            "identity",
+            command,
+            "edge/filter",
+            "--data-dir",
+            data,
+            "--admin-bind",
+            &admin,
+        ]);
     };
-    identity(&["remove", "edge/filter"]);
-    identity(&["add", "edge/filter"]);
+    identity("remove");
+    identity("add");
     let twin = spool_twin(&admin, &["get", "edge/filter"]);
     let new = serde_json::json!({"desired": {"$version": 1}, "reported": {"$version": 1}});
     assert_eq!(twin, new);

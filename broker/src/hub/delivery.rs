@@ -5,11 +5,13 @@
 use super::appends::{Metering, OwnAppend};
 use super::{Hub, loads, methods};
 use crate::auth::policy::Client;
+use crate::delivery::endpoint::Queue;
 use crate::delivery::queue::QueueEntry;
 use crate::delivery::record::{
     KIND_PUBLISH, KIND_QOS2_RECEIVED, PublishRecord, QueueId, ReceivedRecord,
 };
 use crate::hub::events::{Delivery, Outbound};
+use crate::id_hash::IdMap;
 use crate::iothub;
 use crate::message::{Message, QoS};
 use crate::routing::endpoints::EndpointTarget;
@@ -267,16 +269,15 @@ impl Hub {
     /// Sends the next direct-method request waiting for session `id`'s connection, if there
     /// is one and the channel has room beyond the slots its in-flight messages keep.
     fn send_method_request_due(&mut self, id: u64) -> Step {
-        let Some(session) = self.sessions.get(&id) else {
+        let Some(session) = self.sessions.get_mut(&id) else {
             return Step::Stop;
         };
-        match session.attachment() {
+        let reserved = match session.attachment() {
             None => return Step::Stop,
             Some(attachment) if attachment.method_requests.is_empty() => return Step::Go,
-            Some(_) => {}
-        }
-        let reserved = self.in_flight(session);
-        let Some(attachment) = self.sessions.get_mut(&id).and_then(Session::attachment_mut) else {
+            Some(_) => in_flight(session, &self.queues),
+        };
+        let Some(attachment) = session.attachment_mut() else {
             return Step::Stop;
         };
         if attachment.outbound.capacity() <= reserved {
@@ -294,25 +295,15 @@ impl Hub {
         }
     }
 
-    /// How many messages `session`'s connection has in flight, over all its queues: the
-    /// channel keeps a slot for each.
-    fn in_flight(&self, session: &Session) -> usize {
-        session
-            .sources()
-            .filter_map(|(queue, _)| self.queues.get(&queue))
-            .map(|queue| queue.entries.in_flight_len())
-            .sum()
-    }
-
     /// The next entry session `id` sends, with the queue it comes from, its QoS capped by the
     /// subscription and its packet id given, if the window and the connection's channel have
     /// room. Its sources are tried in order: one whose next message must be read back first
     /// stops the round (a load is asked for), one whose next message's packet id is taken by
     /// another in flight is passed over until that one is acknowledged.
     fn next_to_send(&mut self, id: u64) -> Result<(QueueId, QueueEntry), Step> {
-        let reserved = self.in_flight(self.sessions.get(&id).ok_or(Step::Stop)?);
         let session = self.sessions.get_mut(&id).ok_or(Step::Stop)?;
         let attachment = session.attachment().ok_or(Step::Stop)?;
+        let reserved = in_flight(session, &self.queues);
         let window = attachment.window;
         if attachment.outbound.capacity() <= reserved {
             return Err(match attachment.outbound.ask_for_room(reserved + 1) {
@@ -428,6 +419,16 @@ impl Hub {
         debug_assert!(message.is_some() || self.unreadable.contains(&seq));
         message
     }
+}
+
+/// How many messages `session`'s connection has in flight, over all its queues (in `queues`):
+/// the channel keeps a slot for each.
+fn in_flight(session: &Session, queues: &IdMap<QueueId, Queue>) -> usize {
+    session
+        .sources()
+        .filter_map(|(queue, _)| queues.get(&queue))
+        .map(|queue| queue.entries.in_flight_len())
+        .sum()
 }
 
 /// What `pump` does after a step.

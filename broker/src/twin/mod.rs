@@ -37,6 +37,13 @@ const DOCUMENT_BYTES_MAX: usize = 32 * 1024;
 /// Integers must fit a double exactly: within ±2^52.
 const INTEGER_MAX: i64 = (1 << 52) - 1;
 
+/// The two halves of a twin, each patched and versioned on its own.
+#[derive(Debug, Clone, Copy)]
+enum Side {
+    Reported,
+    Desired,
+}
+
 /// One identity's twin.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Twin {
@@ -204,13 +211,7 @@ impl TwinStore {
     ) -> Result<ReportedPatch, TwinError> {
         let patch = read_patch(patch)?;
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
-        self.check_registered(id)?;
-        let mut twin = self.get(id);
-        merge(&mut twin.reported, patch.clone());
-        check_size(&twin.reported, "reported")?;
-        twin.reported_version += 1;
-        let version = twin.reported_version;
-        self.store(vec![(id.clone(), twin)])?;
+        let version = self.merge_and_store(id, Side::Reported, &patch)?;
         Ok(ReportedPatch { version, patch })
     }
 }
@@ -343,17 +344,10 @@ impl TwinStore {
     /// # Errors
     /// `Invalid` for a patch IoT Hub refuses (nothing changes), or the store's failure.
     pub fn patch_desired(&self, id: &IdentityId, patch: &[u8]) -> Result<DesiredPatch, TwinError> {
-        let patch = read_patch(patch)?;
+        let mut patch = read_patch(patch)?;
         let _changing = self.changing.lock().unwrap_or_else(PoisonError::into_inner);
-        self.check_registered(id)?;
-        let mut twin = self.get(id);
-        merge(&mut twin.desired, patch.clone());
-        check_size(&twin.desired, "desired")?;
-        twin.desired_version += 1;
-        let mut patch = patch;
-        patch.insert("$version".into(), twin.desired_version.into());
-        let version = twin.desired_version;
-        self.store(vec![(id.clone(), twin)])?;
+        let version = self.merge_and_store(id, Side::Desired, &patch)?;
+        patch.insert("$version".into(), version.into());
         let patch = DesiredPatch {
             identity: id.clone(),
             version,
@@ -361,6 +355,29 @@ impl TwinStore {
         };
         let _ = self.outbox.send(patch.clone()); // gone only when the server stops
         Ok(patch)
+    }
+
+    /// Merges `patch` into `id`'s `side` properties, holds them to IoT Hub's size, raises their
+    /// `$version` and stores the twin durably; returns the new version. The caller holds
+    /// `changing`, under which the identity is checked to be registered.
+    fn merge_and_store(
+        &self,
+        id: &IdentityId,
+        side: Side,
+        patch: &Map<String, Value>,
+    ) -> Result<u64, TwinError> {
+        self.check_registered(id)?;
+        let mut twin = self.get(id);
+        let (properties, version, name) = match side {
+            Side::Reported => (&mut twin.reported, &mut twin.reported_version, "reported"),
+            Side::Desired => (&mut twin.desired, &mut twin.desired_version, "desired"),
+        };
+        merge(properties, patch.clone());
+        check_size(properties, name)?;
+        *version += 1;
+        let version = *version;
+        self.store(vec![(id.clone(), twin)])?;
+        Ok(version)
     }
 
     /// Stores `twins` durably in one commit, then puts them in place.
